@@ -1,0 +1,42 @@
+"""Typed configuration of ``scripts/demo.py`` (the job behind ``make demo``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DemoConfig:
+    """The representation-landscape demo on the embedded SmolLM2-135M and embedded MMLU.
+
+    Args:
+        model: model to study (default: the embedded SmolLM2-135M).
+        shots: in-context shot counts to extract, one run each (0-5).
+        subjects: MMLU subjects of the subset (underscore names).
+        samples_per_subject: questions per subject.
+        extract_preset: YAML preset of scripts/extract_repr.py the runs start from.
+        output_dir: where each run's folder (``{k}shot``) goes.
+        batch_size: prompts per forward pass.
+    """
+
+    model: str = "embedded:smollm2-135m"
+    shots: list[int] = field(default_factory=lambda: [0, 2, 5])
+    subjects: list[str] = field(
+        default_factory=lambda: [
+            "high_school_geography",
+            "high_school_psychology",
+            "marketing",
+            "nutrition",
+        ]
+    )
+    samples_per_subject: int = 40
+    extract_preset: str = "scripts/configs/extract_demo.yaml"
+    output_dir: str = "results/demo"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.shots if not 0 <= k <= 5]
+        if bad or not self.shots:
+            raise ValueError(f"shots={self.shots}: give one or more shot counts between 0 and 5.")
+        if self.samples_per_subject < 1:
+            raise ValueError("samples_per_subject must be at least 1.")

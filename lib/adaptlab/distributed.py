@@ -1,0 +1,102 @@
+"""Process-group helpers shared by the scripts: rank/world, gathers, FSDP2 sharding.
+
+Scripts run the same code under ``python``, ``torchrun`` and ``accelerate launch``; the process
+group is initialised by accelerate's :class:`~accelerate.PartialState` (NCCL on GPUs, gloo on
+CPUs), so a two-process CPU run exercises the same collectives as a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world``, on ``device``."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info(cpu: bool = False) -> DistInfo:
+    """Initialise (once) and describe the process group; ``cpu`` forces the CPU.
+
+    On a machine without CUDA the CPU is asked for explicitly: accelerate only joins a
+    multi-process launch into a (gloo) process group on CPUs when told so, and would otherwise
+    start independent single-rank processes.
+    """
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    return DistInfo(state.process_index, state.num_processes, state.device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def all_gather_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Stack equal-shaped tensors from every rank: ``[*s] -> [world, *s]``."""
+    if info.world == 1:
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(info.world)]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
+def all_gather_object(obj: object, info: DistInfo) -> list[object]:
+    if info.world == 1:
+        return [obj]
+    out: list[object] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def fsdp_requested() -> bool:
+    """True when launched with an accelerate FSDP config (``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def shard_fsdp2(model: nn.Module, blocks: nn.ModuleList, info: DistInfo) -> nn.Module:
+    """Shard ``model`` with FSDP2 (``fully_shard`` per block, then the root).
+
+    Each rank keeps ``1/world`` of every parameter; a block's full weights exist only while it
+    runs. Module objects are unchanged, so hooks attached by reference keep working. The same
+    call serves CUDA (NCCL) and CPU (gloo) process groups.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    # Explicit for the root too: FSDP2 otherwise keeps the root's weights (embeddings, head)
+    # gathered after forward, expecting a backward; inference wants them sharded again.
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def local_parameter_fraction(model: nn.Module) -> float:
+    """Fraction of all parameter entries stored on this rank (1.0 unsharded, ~1/world FSDP)."""
+    local = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return local / max(total, 1)
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leave the process group cleanly (a live gloo group at interpreter exit can abort)."""
+    if info.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

