@@ -109,6 +109,7 @@ def test_killed_run_resumes_to_the_same_arrays(
         (["--num_shots", "5", "--dataset_path", "FEW_SHOTS"], "shot"),
         (["--max_seq_len", "3"], "max_seq_len=3"),
         (["--subjects", "[astrology]"], "astrology"),
+        (["--dataset_path", "MALFORMED"], "malformed.jsonl"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -116,7 +117,10 @@ def test_bad_input_is_one_line_and_writes_nothing(
 ):
     few = tmp_path / "few.jsonl"  # one subject with 4 questions: at most 3 can be shots
     few.write_text("".join(line + "\n" for line in mmlu_file.read_text().splitlines()[:4]))
-    extra = [str(few) if x == "FEW_SHOTS" else x for x in extra]
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"question": "What?", "answer_a": "x"}\n')
+    files = {"FEW_SHOTS": str(few), "MALFORMED": str(malformed)}
+    extra = [files.get(x, x) for x in extra]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         extract_repr.main(args_for(tiny_model_dir, mmlu_file, out) + extra)
@@ -177,3 +181,31 @@ def test_two_processes_equal_one(reference, tiny_model_dir, mmlu_file, tmp_path,
     stats_1 = json.loads((reference / "statistics.json").read_text())
     stats_2 = json.loads((out / "statistics.json").read_text())
     assert stats_1["rows"] == stats_2["rows"]
+
+
+def test_extraction_from_a_peft_adapter_equals_the_merged_model(
+    reference, tiny_model_dir, mmlu_file, tmp_path
+):
+    from peft import LoraConfig, get_peft_model
+
+    from adaptlab.models import load_model, load_tokenizer
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(load_model(tiny_model_dir), lora)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "merged")
+    extract_repr.main(args_for(tmp_path / "adapter", mmlu_file, tmp_path / "a"))
+    extract_repr.main(args_for(tmp_path / "merged", mmlu_file, tmp_path / "m"))
+    got, expected = arrays(tmp_path / "a"), arrays(tmp_path / "m")
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    # the adapter really changed the representations (the base model's differ)
+    assert not torch.allclose(
+        got["norm1/l1.safetensors"], arrays(reference)["norm1/l1.safetensors"]
+    )

@@ -1,0 +1,1 @@
+"""Figures drawn from the files the stages write (manifests, statistics, metrics)."""
