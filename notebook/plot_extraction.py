@@ -23,11 +23,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from adaptlab.plotting.extraction import load_runs, plot_accuracy_by_subject, plot_layer_norms
+from adaptlab.extract.reader import find_runs
+from adaptlab.plotting.extraction import plot_accuracy_by_subject, plot_layer_norms
 
 RESULTS = Path(os.environ.get("ADAPTLAB_RESULTS", "results/demo"))
 FIGURES = RESULTS / "figures"
-runs = load_runs(RESULTS)
+runs = find_runs(RESULTS)
 for run in runs:
     acc = run.manifest["accuracy"]
     print(f"{run.name}: N={run.manifest['n_examples']} accuracy A-D {acc['constrained_micro']:.3f}")

@@ -56,7 +56,14 @@ from adaptlab.extract.config import ExtractConfig
 from adaptlab.extract.points import decoder_layers, hook_sites
 from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_columns
 from adaptlab.io import read_json, write_json
-from adaptlab.models import describe_model, load_model, load_tokenizer, pick_dtype, resolve_model
+from adaptlab.models import (
+    describe_model,
+    load_model,
+    load_tokenizer,
+    model_skeleton,
+    pick_dtype,
+    resolve_model,
+)
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 
 
@@ -98,6 +105,8 @@ def setup(cfg: ExtractConfig) -> Job:
     started = time.perf_counter()
     info = dist_info(cpu=cfg.cpu)
     model_ref = resolve_model(cfg.model)
+    skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
+    hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
     splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.split)
     examples = [splits.test[i] for i in select_rows(cfg, splits.test)]
     if not examples:
@@ -209,8 +218,11 @@ def finalize(job: Job, sites: list, n_layers: int, stats: dict) -> None:
     layout = merge_chunks(parts, n, cfg.chunk_size, list(files), files)
     cols = read_chunk_columns(parts, n, cfg.chunk_size, ["index", "pred_id", "letter_logits"])
     assert cols["index"].tolist() == list(range(n)), "chunk rows out of order"
-    decoded = [job.tokenizer.decode([int(t)]).strip() for t in cols["pred_id"]]
-    constrained = ["ABCD"[int(i)] for i in cols["letter_logits"].argmax(1)]
+    has_head = bool((cols["pred_id"] >= 0).all())  # encoders have no LM head to predict with
+    decoded = (
+        [job.tokenizer.decode([int(t)]).strip() for t in cols["pred_id"]] if has_head else None
+    )
+    constrained = ["ABCD"[int(i)] for i in cols["letter_logits"].argmax(1)] if has_head else None
     stats_json = outputs.statistics(
         [p.index for p in job.prompts],
         [p.subject for p in job.prompts],
@@ -238,12 +250,7 @@ def finalize(job: Job, sites: list, n_layers: int, stats: dict) -> None:
         ],
         "padding_side": cfg.padding_side,
         "letter_token_ids": job.letter_ids,
-        "accuracy": {
-            "micro": stats_json["accuracy"]["micro"],
-            "macro": stats_json["accuracy"]["macro"],
-            "constrained_micro": stats_json["constrained_accuracy"]["micro"],
-            "constrained_macro": stats_json["constrained_accuracy"]["macro"],
-        },
+        "accuracy": outputs.accuracy_summary(stats_json),
         "timings": {**stats, "total_seconds": round(time.perf_counter() - job.started, 3)},
         "config": to_dict(cfg),
         "versions": package_versions(),
@@ -267,11 +274,15 @@ def main(argv: list[str] | None = None) -> None:
         if job.info.is_main:
             finalize(job, sites, n_layers, stats)
             acc = read_json(job.out / outputs.MANIFEST)["accuracy"]
-            print(
-                f"{len(job.prompts)} prompts -> {job.out}  accuracy {acc['micro']:.3f} "
-                f"(constrained {acc['constrained_micro']:.3f}, "
-                f"macro {acc['constrained_macro']:.3f})"
+            scores = (
+                ""
+                if acc is None
+                else (
+                    f"  accuracy {acc['micro']:.3f} (constrained {acc['constrained_micro']:.3f}, "
+                    f"macro {acc['constrained_macro']:.3f})"
+                )
             )
+            print(f"{len(job.prompts)} prompts -> {job.out}{scores}")
     shutdown(job.info)
 
 

@@ -208,3 +208,25 @@ def test_real_mmlu_fetch() -> None:
     with open(path) as f:
         first = json.loads(f.readline())
     assert isinstance(first, dict) and first
+
+
+def test_sha256_file_cached_is_remembered_across_calls(tmp_path, monkeypatch):
+    import hashlib
+
+    from adaptlab import embedded
+
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert embedded.sha256_file_cached(weights) == expected
+
+    def must_not_reread(path):
+        raise AssertionError("hash recomputed although the file did not change")
+
+    monkeypatch.setattr(embedded, "sha256_file", must_not_reread)
+    assert embedded.sha256_file_cached(weights) == expected
+    weights.write_bytes(b"changed")  # a new size/mtime is a new file version
+    monkeypatch.undo()
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path / "cache"))
+    assert embedded.sha256_file_cached(weights) == hashlib.sha256(b"changed").hexdigest()

@@ -209,3 +209,30 @@ def test_extraction_from_a_peft_adapter_equals_the_merged_model(
     assert not torch.allclose(
         got["norm1/l1.safetensors"], arrays(reference)["norm1/l1.safetensors"]
     )
+
+
+def test_encoder_without_lm_head_extracts_block_outputs(mmlu_file, tmp_path, capsys):
+    from transformers import BertModel
+
+    from adaptlab.models.tiny import tiny_bert, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    encoder = BertModel(tiny_bert(vocab_size=len(tokenizer)).config).eval()
+    encoder.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    out = tmp_path / "enc"
+    base = args_for(tmp_path / "bert", mmlu_file, out)
+    with pytest.raises(SystemExit):  # default points include final_norm/logits: a clear error
+        extract_repr.main(base)
+    assert "block" in capsys.readouterr().err.splitlines()[-1]
+    extract_repr.main(base + ["--points", "[block]", "--token", "mean", "--num_shots", "0"])
+    stats = json.loads((out / "statistics.json").read_text())
+    assert stats["predictions"] is None and stats["accuracy"] is None
+    rows = arrays(out)["block/l1.safetensors"]
+    from adaptlab.data import load_mmlu, tokenize_prompts
+
+    splits = load_mmlu(mmlu_file)
+    first = tokenize_prompts(splits.test[:1], splits.dev, tokenizer, 0, 42, None)[0]
+    with torch.no_grad():
+        hidden = encoder(torch.tensor([first.input_ids]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(rows[0], hidden[2][0].mean(0), atol=1e-5, rtol=1e-4)

@@ -348,3 +348,12 @@ def test_quantized_tiny_llama_on_cpu(
     assert torch.isfinite(logits).all()
     cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0)
     assert cosine > 0.9
+
+
+def test_model_skeleton_has_the_real_module_tree_and_no_weights(tiny_dir: Path) -> None:
+    from adaptlab.models import model_skeleton
+
+    skeleton = model_skeleton(tiny_dir)
+    real = load_model(tiny_dir)
+    assert [n for n, _ in skeleton.named_modules()] == [n for n, _ in real.named_modules()]
+    assert all(p.is_meta for p in skeleton.parameters())

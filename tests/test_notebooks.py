@@ -9,7 +9,8 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 
-from adaptlab.plotting.extraction import layer_norms, load_runs
+from adaptlab.extract.reader import find_runs
+from adaptlab.plotting.extraction import layer_norms
 from tests.conftest import ROOT, load_script
 
 
@@ -21,7 +22,7 @@ def test_plot_extraction_notebook(tiny_model_dir, mmlu_file, tmp_path):
             "--num_shots", str(shots), "--output_dir", str(tmp_path / f"{shots}shot"),
             "--progress", "false",
         ])  # fmt: skip
-    runs = load_runs(tmp_path)
+    runs = find_runs(tmp_path)
     assert [r.name for r in runs] == ["0shot", "1shot"]
     layers, norms = layer_norms(runs[1])
     assert layers == [0, 1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -111,6 +112,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file_cached(path: Path) -> str:
+    """sha256 of a (large) file, remembered across runs by path, size and modification time.
+
+    Manifests record the hash of a model's weights; for a 70B checkpoint that is minutes of
+    reading, so it is computed once per file version and kept in ``cache_dir()/digests.json``.
+    """
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_dir() / "digests.json"
+    with file_lock(cache_dir() / ".digests.lock"):
+        known = json.loads(store.read_text()) if store.exists() else {}
+        if key not in known:
+            known[key] = sha256_file(path)
+            tmp = store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, store)
+        return known[key]
 
 
 @contextmanager

@@ -103,26 +103,43 @@ def statistics(
     rows: Sequence[int],
     subjects: Sequence[str],
     answers: Sequence[str],
-    predictions: Sequence[str],
-    constrained: Sequence[str],
+    predictions: Sequence[str] | None,
+    constrained: Sequence[str] | None,
 ) -> dict:
     """Per-example records and accuracies, unconstrained and constrained to A-D.
 
     Args:
         rows: dataset row of each example (the row order of every ``[N, ...]`` file).
         subjects, answers: subject and gold letter of each example.
-        predictions: decoded argmax over the vocabulary at the last token, stripped.
-        constrained: argmax over the four answer-letter tokens.
+        predictions: decoded argmax over the vocabulary at the last token, stripped (None for a
+            model without an LM head; accuracies are then None too).
+        constrained: argmax over the four answer-letter tokens (None likewise).
     """
+
+    def scored(preds: Sequence[str] | None) -> dict | None:
+        if preds is None:
+            return None
+        return accuracy([p == a for p, a in zip(preds, answers, strict=True)], subjects)
+
     return {
         "n_examples": len(rows),
         "rows": list(rows),
         "subjects": list(subjects),
         "answers": list(answers),
-        "predictions": list(predictions),
-        "constrained_predictions": list(constrained),
-        "accuracy": accuracy([p == a for p, a in zip(predictions, answers, strict=True)], subjects),
-        "constrained_accuracy": accuracy(
-            [p == a for p, a in zip(constrained, answers, strict=True)], subjects
-        ),
+        "predictions": None if predictions is None else list(predictions),
+        "constrained_predictions": None if constrained is None else list(constrained),
+        "accuracy": scored(predictions),
+        "constrained_accuracy": scored(constrained),
+    }
+
+
+def accuracy_summary(stats: dict) -> dict | None:
+    """The four headline accuracies of :func:`statistics` output (None without predictions)."""
+    if stats["accuracy"] is None:
+        return None
+    return {
+        "micro": stats["accuracy"]["micro"],
+        "macro": stats["accuracy"]["macro"],
+        "constrained_micro": stats["constrained_accuracy"]["micro"],
+        "constrained_macro": stats["constrained_accuracy"]["macro"],
     }

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptlab.distributed import DistInfo, all_gather_rows, barrier
-from adaptlab.extract.points import HookSite
+from adaptlab.extract.points import HookSite, unwrap
 from adaptlab.io import concat_to_safetensors, save_tensors
 
 
@@ -199,6 +199,8 @@ def extract_chunks(
     barrier(info)  # every rank has listed the finished chunks before rank 0 writes new ones
     stats = ExtractionStats(examples_per_rank=[0] * info.world)
     letter_index = torch.as_tensor(list(letter_ids), device=info.device)
+    # causal LMs must not build a KV cache here; encoders take no such argument
+    forward_kwargs = {"use_cache": False} if unwrap(model).can_generate() else {}
     bar = tqdm(total=n_total, unit="ex", desc="extract", dynamic_ncols=True,
                disable=not (progress and info.is_main))  # fmt: skip
     finished = sum(len(_chunk_rows(c, chunk_size, n_total)) for c in done)
@@ -221,13 +223,21 @@ def extract_chunks(
                 )
                 capture.attention_mask = mask
                 t0 = time.perf_counter()
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-                ).logits
+                output = model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, **forward_kwargs
+                )
                 stats.forward_seconds += time.perf_counter() - t0
-                last = logits[torch.arange(len(batch), device=logits.device), last_index(mask)]
-                pred_ids.append(last.argmax(-1))
-                letter_logits.append(last[:, letter_index].float())
+                logits = getattr(output, "logits", None)
+                if logits is None:  # an encoder without an LM head: representations only
+                    pred_ids.append(torch.full((len(batch),), -1, device=info.device))
+                    letter_logits.append(
+                        torch.full((len(batch), len(letter_ids)), torch.nan, device=info.device)
+                    )
+                else:
+                    rows_ = torch.arange(len(batch), device=logits.device)
+                    last = logits[rows_, last_index(mask)]
+                    pred_ids.append(last.argmax(-1))
+                    letter_logits.append(last[:, letter_index].float())
                 if info.is_main:  # rank 0's share times world: an estimate until the gather
                     real = [i for i, ok in zip(batch, valid[b:], strict=False) if ok]
                     seen_tokens += sum(len(sequences[i]) for i in real) * info.world

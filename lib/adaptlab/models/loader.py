@@ -60,7 +60,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _MAX_ADAPTER_DEPTH = 8
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 class ModelNotFoundError(UserError):
@@ -521,7 +520,7 @@ def load_model(
             adapter given twice.
         ImportError: quantization asked for without bitsandbytes installed.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig
 
     if kind not in _KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; use one of {', '.join(_KINDS)}.")
@@ -540,12 +539,7 @@ def load_model(
     assert root.path is not None  # _as_ref materializes embedded models
 
     config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
-    resolved_kind = _kind_from_config(config) if kind == "auto" else kind
-    auto_cls = {
-        "causal": AutoModelForCausalLM,
-        "masked": AutoModelForMaskedLM,
-        "encoder": AutoModel,
-    }[resolved_kind]
+    auto_cls = _auto_class(config, kind)
     torch_dtype = pick_dtype(dtype, device)
     attn = pick_attn_implementation(attn_implementation, device, torch_dtype)
     if str(attn_implementation).lower() == "auto":
@@ -576,6 +570,35 @@ def load_model(
     return model.eval()
 
 
+def _auto_class(config: Any, kind: str) -> Any:
+    """The transformers auto class for ``kind`` (``auto``: from the config's architectures)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    resolved = _kind_from_config(config) if kind == "auto" else kind
+    return {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "encoder": AutoModel}[
+        resolved
+    ]
+
+
+def model_skeleton(
+    ref_or_name: ModelRef | str | os.PathLike[str],
+    *,
+    kind: Literal["causal", "masked", "encoder", "auto"] = "auto",
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """The model's module tree on the ``meta`` device: no weights read, no memory used.
+
+    Lets a script check module-level choices (which layers and norms exist) against the real
+    architecture in milliseconds, before any heavy work.
+    """
+    from transformers import AutoConfig
+
+    root = _as_ref(ref_or_name).root
+    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return _auto_class(config, kind).from_config(config, trust_remote_code=trust_remote_code)
+
+
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -585,13 +608,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    from adaptlab.embedded import sha256_file
+    from adaptlab.embedded import sha256_file_cached
 
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
+    return sha256_file_cached(path)
 
 
 def _local_revision(folder: Path) -> tuple[str | None, dict[str, str]]:

@@ -1,62 +1,25 @@
 """Figures of extraction runs: accuracy by subject and a per-layer profile of the representations.
 
-Reads only what ``scripts/extract_repr.py`` writes (``manifest.json``, ``statistics.json`` and
-the per-layer safetensors files), so the figures can be redrawn without the model.
+Reads only what ``scripts/extract_repr.py`` writes (through :mod:`adaptlab.extract.reader`),
+so the figures can be redrawn without the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import matplotlib.pyplot as plt
+import numpy as np
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless by default; notebooks may switch backends
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from adaptlab.io import read_json  # noqa: E402
+from adaptlab.extract.reader import ExtractionRun
 
 
-@dataclass
-class Run:
-    """One extraction folder: its name, manifest and statistics."""
-
-    name: str
-    path: Path
-    manifest: dict
-    statistics: dict
-
-
-def load_runs(folder: str | Path) -> list[Run]:
-    """Every finished extraction run under ``folder`` (a run folder itself, or its parent)."""
-    folder = Path(folder)
-    paths = [folder] if (folder / "manifest.json").exists() else sorted(folder.glob("*/"))
-    runs = [
-        Run(p.name, p, read_json(p / "manifest.json"), read_json(p / "statistics.json"))
-        for p in paths
-        if (p / "manifest.json").exists()
-    ]
-    if not runs:
-        raise FileNotFoundError(f"No finished extraction run (manifest.json) under {folder}.")
-    return sorted(runs, key=lambda r: r.manifest["prompt"]["num_shots"])
-
-
-def layer_norms(run: Run, point: str = "norm1") -> tuple[list[int], list[float]]:
+def layer_norms(run: ExtractionRun, point: str = "norm1") -> tuple[list[int], list[float]]:
     """Mean L2 norm of the rows of each layer file of ``point``: ``([layer], [norm])``."""
-    layers, norms = [], []
-    for entry in run.manifest["layers"]:
-        if entry["point"] != point:
-            continue
-        with safe_open(str(run.path / entry["file"]), framework="pt") as f:
-            rows = f.get_tensor("repr").to(torch.float64)
-        layers.append(entry["layer"])
-        norms.append(rows.norm(dim=1).mean().item())
+    layers = [e["layer"] for e in run.entries(point)]
+    norms = [float(np.linalg.norm(run.layer(point, i), axis=1).mean()) for i in layers]
     return layers, norms
 
 
-def plot_accuracy_by_subject(runs: list[Run], ax: plt.Axes | None = None) -> plt.Axes:
+def plot_accuracy_by_subject(runs: list[ExtractionRun], ax: plt.Axes | None = None) -> plt.Axes:
     """Constrained (A-D) accuracy per subject, one bar group per subject, one bar per run."""
     ax = ax or plt.subplots(figsize=(8, 3.5))[1]
     subjects = sorted(runs[0].statistics["constrained_accuracy"]["subjects"])
@@ -73,7 +36,7 @@ def plot_accuracy_by_subject(runs: list[Run], ax: plt.Axes | None = None) -> plt
     return ax
 
 
-def plot_layer_norms(runs: list[Run], point: str = "norm1", ax: plt.Axes | None = None):
+def plot_layer_norms(runs: list[ExtractionRun], point: str = "norm1", ax: plt.Axes | None = None):
     """Mean representation norm vs layer, one line per run."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
     for run in runs:
