@@ -204,6 +204,8 @@ def extract(job: Job, model: torch.nn.Module, sites: list, use_fsdp: bool) -> di
         progress=cfg.progress,
     ).as_dict()
     stats["param_fraction_per_rank"] = all_gather_object(local_parameter_fraction(model), info)
+    stats["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    stats["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     stats["fsdp"] = use_fsdp
     stats["world_size"] = info.world
     stats["peak_memory_mib"] = peak_memory_mib(info.device)

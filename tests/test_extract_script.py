@@ -64,6 +64,8 @@ def test_outputs_manifest_and_statistics(reference, mmlu_file):
     macro = sum(sum(v) / len(v) for v in per_subject.values()) / len(per_subject)
     assert stats["constrained_accuracy"]["macro"] == pytest.approx(macro)
     assert manifest["timings"]["examples_per_rank"] == [n]
+    assert manifest["timings"]["model_dtype"] == "float32"  # fp32 on CPU
+    assert manifest["timings"]["attn_implementation"] == "sdpa"
 
 
 def test_rerun_with_same_arguments_is_a_no_op(reference, tiny_model_dir, mmlu_file, capsys):
