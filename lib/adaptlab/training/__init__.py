@@ -1,0 +1,121 @@
+"""Fine-tuning building blocks: optimisers, schedules, objectives, metrics and freezing.
+
+- :mod:`~adaptlab.training.optim`: AdamW / SGD / SignGD / IVON by name, no-decay groups, the
+  IVON sampling context for every micro-batch;
+- :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
+- :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
+  linear head on the first token;
+- :mod:`~adaptlab.training.metrics`: micro/macro accuracy, ECE and reliability bins;
+- :mod:`~adaptlab.training.freezing`: freeze head / embeddings / first blocks, BitFit.
+
+A training step with gradient accumulation, correct for every optimiser::
+
+    freeze(model, fix_embeddings=True)
+    optimizer = build_optimizer("adamw", model, lr=5e-5)
+    scheduler = build_scheduler("cosine", optimizer, total_steps, warmup_ratio=0.05,
+                                min_lr_ratio=0.01)
+    scale = accumulation_loss_scale(optimizer, len(micro_batches))
+    for batch in micro_batches:
+        for _ in range(train_mc_samples(optimizer)):
+            with ivon_step_context(optimizer):
+                (OBJECTIVES["answer_only"](model, batch).loss * scale).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from adaptlab.training.freezing import ParameterRoles, freeze, parameter_roles
+from adaptlab.training.metrics import (
+    ReliabilityBins,
+    accuracy_report,
+    expected_calibration_error,
+    reliability_bins,
+)
+from adaptlab.training.objectives import (
+    IGNORE_INDEX,
+    OBJECTIVES,
+    AnswerOnlyExample,
+    LinearHead,
+    Objective,
+    ObjectiveOutput,
+    answer_only_labels,
+    causal_lm_loss,
+    collate_answer_only,
+    encode_answer_only,
+    first_token_positions,
+    get_objective,
+    label_word_logits,
+    label_word_loss,
+    last_token_positions,
+    mask_positions,
+    per_example_lm_loss,
+    weighted_mean,
+)
+from adaptlab.training.optim import (
+    OPTIMIZERS,
+    CheckedIVON,
+    OptimizerSettings,
+    SignSGD,
+    TrainingError,
+    accumulation_loss_scale,
+    build_optimizer,
+    is_norm,
+    ivon_step_context,
+    param_groups,
+    train_mc_samples,
+    trainable_parameters,
+    unwrap_optimizer,
+)
+from adaptlab.training.schedules import (
+    SCHEDULES,
+    build_scheduler,
+    lr_factor,
+    resolve_warmup_steps,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "AnswerOnlyExample",
+    "CheckedIVON",
+    "LinearHead",
+    "Objective",
+    "ObjectiveOutput",
+    "OptimizerSettings",
+    "ParameterRoles",
+    "ReliabilityBins",
+    "SignSGD",
+    "TrainingError",
+    "accumulation_loss_scale",
+    "accuracy_report",
+    "answer_only_labels",
+    "build_optimizer",
+    "build_scheduler",
+    "causal_lm_loss",
+    "collate_answer_only",
+    "encode_answer_only",
+    "expected_calibration_error",
+    "first_token_positions",
+    "freeze",
+    "get_objective",
+    "is_norm",
+    "ivon_step_context",
+    "label_word_logits",
+    "label_word_loss",
+    "last_token_positions",
+    "lr_factor",
+    "mask_positions",
+    "param_groups",
+    "parameter_roles",
+    "per_example_lm_loss",
+    "reliability_bins",
+    "resolve_warmup_steps",
+    "train_mc_samples",
+    "trainable_parameters",
+    "unwrap_optimizer",
+    "weighted_mean",
+]

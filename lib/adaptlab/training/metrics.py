@@ -1,0 +1,134 @@
+"""Evaluation metrics of fine-tuned models: accuracy (micro, macro over subjects) and calibration.
+
+Example::
+
+    >>> accuracy_report(["A", "B", "C"], ["A", "B", "D"], ["x", "x", "y"])
+    {'micro': 0.6666666666666666, 'macro': 0.5, 'subjects': {'x': 1.0, 'y': 0.0}}
+    >>> probs = [[0.9, 0.1], [0.3, 0.7]]
+    >>> round(expected_calibration_error(probs, [0, 0], n_bins=10), 6)
+    0.4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from adaptlab.training.optim import TrainingError
+
+
+def accuracy_report(
+    pred: Sequence[Hashable], gold: Sequence[Hashable], subjects: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Micro accuracy, per-subject accuracy and their mean (macro, landscape.md §4).
+
+    Args:
+        pred: ``[N]`` predicted labels (letters, ids, ...).
+        gold: ``[N]`` gold labels, same kind.
+        subjects: ``[N]`` subject of each example, or ``None`` (then macro = micro).
+
+    Returns:
+        ``{"micro": float, "macro": float, "subjects": {subject: accuracy}}``, subjects sorted.
+
+    Raises:
+        TrainingError: empty input or lengths that differ.
+    """
+    lengths = {len(pred), len(gold)} | ({len(subjects)} if subjects is not None else set())
+    if len(lengths) != 1:
+        raise TrainingError(
+            f"pred ({len(pred)}), gold ({len(gold)}) and subjects "
+            f"({'-' if subjects is None else len(subjects)}) must have one entry per example."
+        )
+    if not len(pred):
+        raise TrainingError("No predictions to score; the evaluation set is empty.")
+    correct = np.array([p == g for p, g in zip(pred, gold, strict=True)], dtype=np.float64)
+    micro = float(correct.mean())
+    if subjects is None:
+        return {"micro": micro, "macro": micro, "subjects": {}}
+    names = np.asarray(subjects)
+    per_subject = {str(s): float(correct[names == s].mean()) for s in sorted(set(subjects))}
+    return {
+        "micro": micro,
+        "macro": float(np.mean(list(per_subject.values()))),
+        "subjects": per_subject,
+    }
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Equal-width confidence bins, for ECE and reliability diagrams.
+
+    Bin b covers (edges[b], edges[b + 1]]; the first also holds confidence 0.
+
+    Attributes:
+        edges: ``[n_bins + 1]`` bin edges from 0 to 1.
+        confidence: ``[n_bins]`` mean max-probability in each bin (NaN when empty).
+        accuracy: ``[n_bins]`` fraction of correct argmax predictions (NaN when empty).
+        count: ``[n_bins]`` examples in each bin.
+    """
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+
+def _as_float64(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def reliability_bins(probs: Any, labels: Any, n_bins: int = 10) -> ReliabilityBins:
+    """Bin examples by confidence (max probability) and measure accuracy in each bin.
+
+    Args:
+        probs: ``[N, C]`` class probabilities (softmax over the label logits), array or tensor.
+        labels: ``[N]`` gold class indices.
+        n_bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        The bins.
+
+    Raises:
+        TrainingError: bad shapes, empty input or ``n_bins`` < 1.
+    """
+    probs = _as_float64(probs)
+    labels = _as_float64(labels).astype(np.int64)
+    if probs.ndim != 2 or labels.shape != probs.shape[:1] or not len(labels):
+        raise TrainingError(
+            f"probs {list(probs.shape)} and labels {list(labels.shape)} do not match; expected "
+            "[N, C] and [N] with N > 0."
+        )
+    if n_bins < 1:
+        raise TrainingError(f"n_bins={n_bins} must be at least 1 (10 is usual).")
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, weights=confidence, minlength=n_bins) / count
+        mean_acc = np.bincount(which, weights=correct, minlength=n_bins) / count
+    return ReliabilityBins(edges, mean_conf, mean_acc, count)
+
+
+def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> float:
+    """ECE = Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| over equal-width confidence bins (graft.md).
+
+    Args:
+        probs: ``[N, C]`` class probabilities.
+        labels: ``[N]`` gold class indices.
+        n_bins: number of bins.
+
+    Returns:
+        ECE in [0, 1].
+    """
+    bins = reliability_bins(probs, labels, n_bins)
+    full = bins.count > 0
+    gaps = np.abs(bins.accuracy[full] - bins.confidence[full])
+    return float(np.sum(bins.count[full] / bins.count.sum() * gaps))

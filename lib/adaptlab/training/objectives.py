@@ -1,0 +1,478 @@
+"""Training objectives: answer-only causal LM loss, label-word loss, linear head on the first token.
+
+| objective      | scores                                         | loss                          |
+|----------------|------------------------------------------------|-------------------------------|
+| ``answer_only``| next-token logits on the answer tokens         | token CE, mean per example    |
+| ``label_words``| LM logits of C label words at one position [B, C] | CE over the C label words  |
+| ``linear_head``| ``nn.Linear(H, C)`` on the first token [B, C]   | CE over C classes             |
+
+Every objective reduces a per-example loss ℓ_i with optional weights:
+L = Σ_i w_i ℓ_i / Σ_i w_i (plain mean without weights; landscape.md §4 ``--weight_samples``).
+
+Answer-only MMLU data (landscape.md §4): the prompt is the question block without header, the
+target is ``" " + letter``, labels are the input ids with the prompt positions set to -100, no
+EOS::
+
+    examples = encode_answer_only(splits.test, tokenizer, max_seq_len=512, weighted=True)
+    batch = collate_answer_only(examples[:4], tokenizer.pad_token_id)
+    out = OBJECTIVES["answer_only"](model, batch)
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from adaptlab.data import MMLUExample, build_train_text, sample_weights
+from adaptlab.training.optim import TrainingError
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer-only data
+
+
+class AnswerOnlyExample(TypedDict):
+    """One tokenised answer-only training example.
+
+    Keys:
+        index: ``MMLUExample.index``.
+        subject: subject of the question.
+        input_ids: ``[seq_len]`` prompt then answer tokens.
+        labels: ``[seq_len]`` -100 on the prompt, the answer ids after it.
+        weight: loss weight (``sample_weights`` when weighted, else 1.0).
+        n_truncated: prompt tokens cut from the left to fit ``max_seq_len``.
+    """
+
+    index: int
+    subject: str
+    input_ids: list[int]
+    labels: list[int]
+    weight: float
+    n_truncated: int
+
+
+def answer_only_labels(
+    prompt_ids: Sequence[int], full_ids: Sequence[int], name: str = "the example"
+) -> list[int]:
+    """Labels that put the loss on the tokens after the prompt only.
+
+    Args:
+        prompt_ids: tokenisation of the prompt, ``[P]``.
+        full_ids: tokenisation of prompt + target, ``[L]``.
+        name: how to name the example in errors.
+
+    Returns:
+        ``[L]`` labels: ``full_ids`` with the first P positions set to -100.
+
+    Raises:
+        TrainingError: the prompt's tokens are not a prefix of the full text's (the target
+            merged with the end of the prompt), or no token follows the prompt.
+    """
+    n_prompt = len(prompt_ids)
+    if list(full_ids[:n_prompt]) != list(prompt_ids):
+        raise TrainingError(
+            f"The prompt tokens of {name} are not a prefix of its prompt + answer tokens, so the "
+            "answer merged with the prompt's last token; use a tokenizer that keeps ' A' separate "
+            "from 'Answer:'."
+        )
+    if len(full_ids) <= n_prompt:
+        raise TrainingError(f"{name} has no answer token after its prompt; check its answer.")
+    return [IGNORE_INDEX] * n_prompt + list(full_ids[n_prompt:])
+
+
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS), without trailing ones (EOS)."""
+    probe = "Answer:"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise TrainingError(
+        f"Tokenizer {name} changes the text's tokens when it adds special tokens, so answer-only "
+        "labels cannot be placed; use the model's own tokenizer."
+    )
+
+
+def encode_answer_only(
+    examples: Sequence[MMLUExample],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int | None,
+    weighted: bool = False,
+) -> list[AnswerOnlyExample]:
+    """Tokenise MMLU training examples for answer-only fine-tuning.
+
+    Prompt and prompt + answer are tokenised without special tokens, then the tokenizer's
+    leading specials (BOS) are prepended; no EOS is added. Sequences longer than ``max_seq_len``
+    lose prompt tokens from the left (BOS first, as evaluation prompts do), never answer tokens.
+
+    Args:
+        examples: training questions, ``[N]``.
+        tokenizer: the model's tokenizer.
+        max_seq_len: longest sequence kept, in tokens; ``None`` for no limit.
+        weighted: attach w_i = N / (S · n_subject) (``adaptlab.data.sample_weights``).
+
+    Returns:
+        ``[N]`` examples in input order.
+
+    Raises:
+        TrainingError: a prompt whose tokens are not a prefix of prompt + answer, or a
+            ``max_seq_len`` that cannot hold an answer and one prompt token.
+    """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise TrainingError(
+            f"max_seq_len={max_seq_len} cannot hold a prompt token and an answer; use at least 2."
+        )
+    if not examples:
+        return []
+    leading = _leading_special_ids(tokenizer)
+    texts = [build_train_text(ex) for ex in examples]
+    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([p + t for p, t in texts], add_special_tokens=False)["input_ids"]
+    weights = sample_weights([ex.subject for ex in examples]) if weighted else None
+    encoded: list[AnswerOnlyExample] = []
+    for i, ex in enumerate(examples):
+        name = f"MMLU example {ex.index} ({ex.subject})"
+        ids = leading + list(full_ids[i])
+        labels = answer_only_labels(leading + list(prompt_ids[i]), ids, name)
+        n_answer = len(ids) - len(leading) - len(prompt_ids[i])
+        if max_seq_len is not None and n_answer >= max_seq_len:
+            raise TrainingError(
+                f"max_seq_len={max_seq_len} cannot hold the {n_answer} answer tokens of {name} "
+                "and a prompt token; raise max_seq_len."
+            )
+        cut = 0 if max_seq_len is None else max(0, len(ids) - max_seq_len)
+        encoded.append(
+            AnswerOnlyExample(
+                index=ex.index,
+                subject=ex.subject,
+                input_ids=ids[cut:],
+                labels=labels[cut:],
+                weight=1.0 if weights is None else float(weights[i]),
+                n_truncated=cut,
+            )
+        )
+    return encoded
+
+
+def collate_answer_only(examples: Sequence[AnswerOnlyExample], pad_token_id: int) -> dict:
+    """Right-pad answer-only examples into a batch.
+
+    Args:
+        examples: ``[B]`` examples from :func:`encode_answer_only`.
+        pad_token_id: id written into padding positions (their labels are -100).
+
+    Returns:
+        ``input_ids`` ``[B, T]`` long, ``attention_mask`` ``[B, T]`` long, ``labels`` ``[B, T]``
+        long, ``weights`` ``[B]`` float32.
+    """
+    if not examples:
+        raise TrainingError("collate_answer_only got no examples; batches need at least one.")
+    length = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        attention_mask[row, :n] = 1
+    weights = torch.tensor([ex["weight"] for ex in examples], dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "weights": weights,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def weighted_mean(
+    per_example: Tensor, weights: Tensor | None = None, weight_norm: float | Tensor | None = None
+) -> Tensor:
+    """Σ_i w_i ℓ_i / Σ_i w_i, or the plain mean without weights.
+
+    Args:
+        per_example: ``[B]`` losses ℓ_i.
+        weights: ``[B]`` weights w_i, or ``None`` for w_i = 1.
+        weight_norm: denominator to use instead of this batch's Σ w_i. When one optimiser step
+            spans A micro-batches, pass Σ_step w / A: the mean of the micro-batch losses is then
+            Σ_step w ℓ / Σ_step w (scale them with ``accumulation_loss_scale``).
+
+    Returns:
+        Scalar loss.
+    """
+    if weights is None:
+        weights = torch.ones_like(per_example)
+    elif weights.shape != per_example.shape:
+        raise TrainingError(
+            f"weights have shape {list(weights.shape)} but the batch has "
+            f"{per_example.shape[0]} examples; pass one weight per example."
+        )
+    weights = weights.to(per_example)
+    norm = weights.sum() if weight_norm is None else weight_norm
+    return (weights * per_example).sum() / norm
+
+
+def per_example_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over each example's label tokens.
+
+    Position t's logits predict label t + 1, as in Hugging Face causal LMs; labels equal to
+    -100 are ignored. Only label positions are upcast to float32.
+
+    Args:
+        logits: ``[B, T, V]`` LM logits.
+        labels: ``[B, T]`` token ids or -100.
+
+    Returns:
+        ``[B]`` float32 losses.
+
+    Raises:
+        TrainingError: shapes that do not match, or an example without label tokens.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise TrainingError(
+            f"logits {list(logits.shape)} and labels {list(labels.shape)} do not match; expected "
+            "[B, T, V] and [B, T]."
+        )
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    counts = mask.sum(dim=1)
+    if bool((counts == 0).any()):
+        rows = (counts == 0).nonzero().flatten().tolist()
+        raise TrainingError(
+            f"Batch rows {rows} have no label token after the first position; every example "
+            "needs at least one answer token (see answer_only_labels)."
+        )
+    token_loss = F.cross_entropy(logits[:, :-1][mask].float(), shift_labels[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+    return sums.index_add(0, rows, token_loss) / counts
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    weight_norm: float | Tensor | None = None,
+    return_per_example: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Answer-only loss: per-example mean token CE, then the weighted mean over the batch.
+
+    Args:
+        logits: ``[B, T, V]`` LM logits.
+        labels: ``[B, T]`` token ids, -100 where no loss is taken.
+        weights: ``[B]`` example weights, or ``None`` for the plain mean.
+        weight_norm: see :func:`weighted_mean`.
+        return_per_example: also return the ``[B]`` per-example losses.
+
+    Returns:
+        Scalar loss, or ``(loss, per_example)``.
+    """
+    per_example = per_example_lm_loss(logits, labels)
+    loss = weighted_mean(per_example, weights, weight_norm)
+    return (loss, per_example) if return_per_example else loss
+
+
+def label_word_logits(logits: Tensor, positions: Tensor, label_word_ids: Tensor) -> Tensor:
+    """LM logits of the label words at one position per example.
+
+    Args:
+        logits: ``[B, T, V]`` LM logits.
+        positions: ``[B]`` position of the mask token (masked LMs) or of the last prompt token
+            (causal LMs).
+        label_word_ids: ``[C]`` vocabulary id of each class's label word.
+
+    Returns:
+        ``[B, C]`` logits.
+    """
+    if logits.dim() != 3 or positions.shape != logits.shape[:1]:
+        raise TrainingError(
+            f"logits {list(logits.shape)} and positions {list(positions.shape)} do not match; "
+            "expected [B, T, V] and [B]."
+        )
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, positions.to(logits.device)][:, label_word_ids.to(logits.device)]
+
+
+def label_word_loss(
+    logits: Tensor,
+    positions: Tensor,
+    label_word_ids: Tensor,
+    targets: Tensor,
+    weights: Tensor | None = None,
+    weight_norm: float | Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy over the C label words (prompt-based fine-tuning, kernel.md §4).
+
+    Args:
+        logits: ``[B, T, V]`` LM logits.
+        positions: ``[B]`` see :func:`label_word_logits`.
+        label_word_ids: ``[C]`` label-word ids.
+        targets: ``[B]`` class indices in 0..C-1.
+        weights: ``[B]`` example weights, or ``None``.
+        weight_norm: see :func:`weighted_mean`.
+
+    Returns:
+        Scalar loss.
+    """
+    scores = label_word_logits(logits, positions, label_word_ids)
+    per_example = F.cross_entropy(scores.float(), targets, reduction="none")
+    return weighted_mean(per_example, weights, weight_norm)
+
+
+def mask_positions(input_ids: Tensor, mask_token_id: int) -> Tensor:
+    """``[B]`` position of the single mask token of each row of ``input_ids`` ``[B, T]``."""
+    is_mask = input_ids == mask_token_id
+    counts = is_mask.sum(dim=1)
+    if bool((counts != 1).any()):
+        rows = (counts != 1).nonzero().flatten().tolist()
+        raise TrainingError(
+            f"Batch rows {rows} do not contain exactly one mask token; the template must put "
+            "one mask where the label word goes (and truncation must keep it)."
+        )
+    return is_mask.long().argmax(dim=1)
+
+
+def last_token_positions(attention_mask: Tensor) -> Tensor:
+    """``[B]`` position of the last attended token of each row (left or right padding)."""
+    index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * index).argmax(dim=1)
+
+
+def first_token_positions(attention_mask: Tensor) -> Tensor:
+    """``[B]`` position of the first attended token of each row (left or right padding)."""
+    return attention_mask.long().argmax(dim=1)
+
+
+class LinearHead(nn.Module):
+    """``nn.Linear(hidden, n_classes)`` on the first token (``[CLS]``/``<s>``): no-prompt FT.
+
+    Args:
+        hidden_size: H, the model's hidden size.
+        n_classes: C.
+    """
+
+    def __init__(self, hidden_size: int, n_classes: int) -> None:
+        super().__init__()
+        if hidden_size < 1 or n_classes < 2:
+            raise TrainingError(
+                f"LinearHead({hidden_size}, {n_classes}) needs a positive hidden size and at "
+                "least 2 classes."
+            )
+        self.linear = nn.Linear(hidden_size, n_classes)
+
+    def forward(self, hidden_states: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Class logits ``[B, C]`` from ``hidden_states`` ``[B, T, H]``.
+
+        Args:
+            hidden_states: last-layer states.
+            positions: ``[B]`` token to read per row; ``None`` reads position 0.
+        """
+        if positions is None:
+            first = hidden_states[:, 0]
+        else:
+            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+            first = hidden_states[rows, positions.to(hidden_states.device)]
+        return self.linear(first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives by name
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """What an objective returns for one batch.
+
+    Attributes:
+        loss: scalar training loss.
+        per_example: ``[B]`` unweighted losses ℓ_i.
+        scores: ``[B, C]`` class scores (label words, linear head), ``None`` for answer-only.
+    """
+
+    loss: Tensor
+    per_example: Tensor
+    scores: Tensor | None
+
+
+def _require(batch: Mapping[str, Any], keys: tuple[str, ...], objective: str) -> None:
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise TrainingError(
+            f"The {objective} objective needs batch keys {', '.join(missing)}; build batches "
+            "with the matching collate function."
+        )
+
+
+def _forward(model: nn.Module, batch: Mapping[str, Any], **kwargs: Any) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+
+
+def answer_only_objective(
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+) -> ObjectiveOutput:
+    """Causal LM loss on the answer tokens (batch: ``input_ids``, ``labels``, opt. ``weights``)."""
+    _require(batch, ("input_ids", "labels"), "answer_only")
+    logits = _forward(model, batch).logits
+    per_example = per_example_lm_loss(logits, batch["labels"])
+    loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(loss, per_example, None)
+
+
+def label_words_objective(
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+) -> ObjectiveOutput:
+    """CE over label-word logits (batch: ``positions``, ``label_word_ids``, ``class_labels``)."""
+    _require(batch, ("input_ids", "positions", "label_word_ids", "class_labels"), "label_words")
+    logits = _forward(model, batch).logits
+    scores = label_word_logits(logits, batch["positions"], batch["label_word_ids"])
+    per_example = F.cross_entropy(scores.float(), batch["class_labels"], reduction="none")
+    loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(loss, per_example, scores)
+
+
+def linear_head_objective(
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+) -> ObjectiveOutput:
+    """CE of a :class:`LinearHead` on the first attended token (batch: ``class_labels``)."""
+    if head is None:
+        raise TrainingError(
+            "The linear_head objective needs a head; pass LinearHead(hidden_size, n_classes)."
+        )
+    _require(batch, ("input_ids", "class_labels"), "linear_head")
+    hidden = _forward(model, batch, output_hidden_states=True).hidden_states[-1]
+    mask = batch.get("attention_mask")
+    scores = head(hidden, None if mask is None else first_token_positions(mask))
+    per_example = F.cross_entropy(scores.float(), batch["class_labels"], reduction="none")
+    loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(loss, per_example, scores)
+
+
+Objective = Callable[[nn.Module, Mapping[str, Any], LinearHead | None], ObjectiveOutput]
+
+OBJECTIVES: dict[str, Objective] = {
+    "answer_only": answer_only_objective,
+    "label_words": label_words_objective,
+    "linear_head": linear_head_objective,
+}
+
+
+def get_objective(name: str) -> Objective:
+    """The objective called ``name``; raises :class:`TrainingError` listing the choices."""
+    if name not in OBJECTIVES:
+        raise TrainingError(f"Unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]
