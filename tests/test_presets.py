@@ -9,9 +9,16 @@ import pytest
 from adaptlab.config import parse_config
 from adaptlab.demo import DemoConfig
 from adaptlab.extract.config import ExtractConfig
+from adaptlab.geometry.study import AnalyzeConfig
+from adaptlab.training.config import FinetuneConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
-CONFIG_CLASSES = {"extract": ExtractConfig, "demo": DemoConfig}
+CONFIG_CLASSES = {
+    "analyze": AnalyzeConfig,
+    "extract": ExtractConfig,
+    "demo": DemoConfig,
+    "finetune": FinetuneConfig,
+}
 
 
 def config_class(path: Path) -> type:

@@ -41,9 +41,9 @@ def parse_config(
     """
     parser = build_parser(cls, description)
     namespace = parser.parse_args(argv)
-    values = {f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init}
     try:
-        return cls(**values)
+        namespace = parser.instantiate(namespace)  # nested dataclasses become instances
+        return cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.init})
     except ValueError as err:
         parser.error(str(err))
         raise  # parser.error exits; this keeps type checkers satisfied

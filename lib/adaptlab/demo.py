@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DemoConfig:
-    """The representation-landscape demo on the embedded SmolLM2-135M and embedded MMLU.
+    """The representation-landscape study on the embedded SmolLM2-135M and embedded MMLU.
 
     Args:
         model: model to study (default: the embedded SmolLM2-135M).
@@ -15,7 +15,8 @@ class DemoConfig:
         subjects: MMLU subjects of the subset (underscore names).
         samples_per_subject: questions per subject.
         extract_preset: YAML preset of scripts/extract_repr.py the runs start from.
-        output_dir: where each run's folder (``{k}shot``) goes.
+        analyze_preset: YAML preset of scripts/analyze_repr.py for the landscape metrics.
+        output_dir: where each run's folder (``{k}shot``), ``analysis/`` and ``report.md`` go.
         batch_size: prompts per forward pass.
     """
 
@@ -23,14 +24,15 @@ class DemoConfig:
     shots: list[int] = field(default_factory=lambda: [0, 2, 5])
     subjects: list[str] = field(
         default_factory=lambda: [
+            "elementary_mathematics",
+            "electrical_engineering",
             "high_school_geography",
-            "high_school_psychology",
-            "marketing",
-            "nutrition",
+            "world_religions",
         ]
     )
-    samples_per_subject: int = 40
+    samples_per_subject: int = 60
     extract_preset: str = "scripts/configs/extract_demo.yaml"
+    analyze_preset: str = "scripts/configs/analyze_demo.yaml"
     output_dir: str = "results/demo"
     batch_size: int = 8
 
