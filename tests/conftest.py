@@ -73,6 +73,17 @@ def write_mmlu_jsonl(path: Path, per_subject: int = 14, seed: int = 0) -> Path:
     return path
 
 
+def extract_shot_runs(model_dir: Path, data: Path, root: Path, shots=(0, 1)) -> Path:
+    """Extraction runs ``root/{k}shot`` of ``model_dir`` on ``data``, one per shot count."""
+    extract_repr = load_script("extract_repr")
+    for k in shots:
+        extract_repr.main([
+            "--model", str(model_dir), "--dataset_path", str(data), "--num_shots", str(k),
+            "--output_dir", str(root / f"{k}shot"), "--progress", "false",
+        ])  # fmt: skip
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")

@@ -13,9 +13,8 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from adaptlab.extract.reader import open_run
-from tests.conftest import ROOT, load_script, write_mmlu_jsonl
+from tests.conftest import ROOT, extract_shot_runs, load_script, write_mmlu_jsonl
 
-extract_repr = load_script("extract_repr")
 analyze_repr = load_script("analyze_repr")
 SMALL = [
     "--metrics.maxk", "20", "--metrics.gride_range_max", "16", "--metrics.id_scale", "4",
@@ -27,13 +26,7 @@ SMALL = [
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = write_mmlu_jsonl(root / "mmlu.jsonl", per_subject=30, seed=1)
-    for shots in (0, 1):
-        extract_repr.main([
-            "--model", str(tiny_model_dir), "--dataset_path", str(data),
-            "--num_shots", str(shots), "--output_dir", str(root / f"{shots}shot"),
-            "--progress", "false",
-        ])  # fmt: skip
-    return root
+    return extract_shot_runs(tiny_model_dir, data, root)
 
 
 @pytest.fixture(scope="module")

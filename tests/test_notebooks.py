@@ -11,17 +11,11 @@ from safetensors.numpy import load_file
 
 from adaptlab.extract.reader import find_runs
 from adaptlab.plotting.extraction import layer_norms
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, extract_shot_runs
 
 
 def test_plot_extraction_notebook(tiny_model_dir, mmlu_file, tmp_path):
-    extract_repr = load_script("extract_repr")
-    for shots in (0, 1):
-        extract_repr.main([
-            "--model", str(tiny_model_dir), "--dataset_path", str(mmlu_file),
-            "--num_shots", str(shots), "--output_dir", str(tmp_path / f"{shots}shot"),
-            "--progress", "false",
-        ])  # fmt: skip
+    extract_shot_runs(tiny_model_dir, mmlu_file, tmp_path)
     runs = find_runs(tmp_path)
     assert [r.name for r in runs] == ["0shot", "1shot"]
     layers, norms = layer_norms(runs[1])
