@@ -1,0 +1,417 @@
+"""Checkpoints and exact resume of fine-tuning runs.
+
+A run folder holds::
+
+    run.json                   fingerprint and config of the run (written first)
+    checkpoints/step_{s}/      weights at the log-spaced steps (and step_0, epoch_{e})
+    best/                      weights at the best evaluation so far
+    final/                     weights at the end
+    resume/                    trainer state for an exact resume (removed when the run ends)
+    metrics.jsonl, result.json
+
+Weights are in the Hugging Face on-disk format: an adapter folder (``adapter_config.json``,
+``adapter_model.safetensors``) for PEFT methods, which ``PeftModel.from_pretrained`` and
+``scripts/extract_repr.py --model`` load; a ``save_pretrained`` model folder with its tokenizer
+otherwise. Each carries ``adaptlab_checkpoint.json`` (step, epoch, run fingerprint).
+
+``resume/`` holds the trainable parameters, the optimiser and scheduler states (with IVON's
+step counter, which its ``state_dict`` omits), every
+process's RNG states (python, numpy, torch, CUDA), method state (AdaLoRA's allocator) and
+``trainer_state.json`` (step, data position, evaluations so far). Restored onto a model
+prepared exactly as in a fresh run, the remaining steps are the same computation as in an
+uninterrupted run.
+
+Every folder is written under a temporary name and renamed into place (the previous version
+is moved aside first and deleted after), so a kill never leaves a half-written checkpoint
+under a real name.
+
+Log-spaced steps (landscape.md §4), e.g. for the paper's T = 1140::
+
+    >>> log_spaced_steps(1140, 10)
+    [1, 2, 4, 8, 17, 34, 68, 138, 279, 564]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from adaptlab.errors import UserError
+from adaptlab.io import read_json, save_tensors, write_json
+from adaptlab.training.optim import unwrap_optimizer
+
+RUN_FILE = "run.json"
+RESULT_FILE = "result.json"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+FINAL = "final"
+STATE = "resume"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_FILE = "adaptlab_checkpoint.json"
+_TRAINABLE = "trainable.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_SCHEDULER = "scheduler.pt"
+_METHOD = "method_state.pt"
+# Optimiser attributes that state_dict() leaves out: IVON counts its steps in ``current_step``
+# (its momentum debiasing reads it), so a resume without it takes different steps.
+_OPTIMIZER_ATTRIBUTES = ("current_step",)
+
+
+class ResumeError(UserError):
+    """A run folder that cannot be resumed or reused by this config."""
+
+
+def log_spaced_steps(total_steps: int, n: int) -> list[int]:
+    """Checkpoint steps ``unique(round(geomspace(1, T, n, endpoint=False)))`` (landscape.md §4).
+
+    Args:
+        total_steps: T, optimiser steps of the run.
+        n: number of checkpoints asked for (fewer come back when rounding merges steps).
+
+    Returns:
+        Sorted steps in 1..T-1 (``[]`` for n = 0 or T = 1).
+    """
+    if n <= 0 or total_steps <= 1:
+        return []
+    steps = np.unique(np.round(np.geomspace(1, total_steps, n, endpoint=False)))
+    return [int(s) for s in steps]
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """sha256 of the JSON of ``identity`` (keys sorted): equal runs share it."""
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic folders
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` onto ``path``, moving an older ``path`` aside first."""
+    old = _aside(path)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def existing(path: Path) -> Path | None:
+    """``path``, or its previous version when a kill fell between the two renames of a swap."""
+    if path.exists():
+        return path
+    return _aside(path) if _aside(path).exists() else None
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; it becomes ``path`` only on success."""
+    path = Path(path)
+    tmp = _temporary(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove(path: Path) -> None:
+    """Delete a folder written by :func:`atomic_dir`, with any leftover of a swap."""
+    for candidate in (path, _aside(path), _temporary(path)):
+        shutil.rmtree(candidate, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights in the HF / PEFT format
+
+
+def save_weights(
+    accelerator: Any,
+    model: torch.nn.Module,
+    folder: str | Path,
+    *,
+    adapter: bool,
+    tokenizer: Any = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the model (``adapter``: only the PEFT adapter) to ``folder``, atomically.
+
+    Every process must call it: gathering a sharded model's state dict is a collective. Only
+    the main process writes.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator``.
+        model: the prepared (possibly wrapped) model.
+        folder: destination; replaced if it exists.
+        adapter: save ``adapter_config.json`` + ``adapter_model.safetensors`` only.
+        tokenizer: saved next to a whole model, so the folder loads on its own.
+        meta: written as ``adaptlab_checkpoint.json``.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with atomic_dir(folder) as tmp:
+            # The vocabulary is never resized here, so PEFT need not look for embedding changes
+            # (its check reads the base model's config, which fails for embedded: names).
+            extra = {"save_embedding_layers": False} if adapter else {}
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, **extra)
+            if tokenizer is not None and not adapter:
+                tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / CHECKPOINT_FILE, dict(meta or {}))
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer state
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; saved as ``trainer_state.json``.
+
+    Attributes:
+        fingerprint: the run's fingerprint (:func:`fingerprint` of its identity).
+        config: the run's config, to say what differs when a resume is refused.
+        step: optimiser steps done.
+        epoch: epoch of the next step.
+        batch_in_epoch: position of the next step's batch in its epoch.
+        tokens: training tokens seen (all processes).
+        train_seconds: time spent in training steps so far.
+        eval_seconds: time spent evaluating so far.
+        evals: evaluation records so far (``{"step", metrics...}``).
+        best: ``{"step", "metric", "value"}`` of the best evaluation, or ``None``.
+        checkpoints: checkpoint folders written so far, relative to the run folder.
+    """
+
+    fingerprint: str
+    config: dict[str, Any]
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch and CUDA generator states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of the parameters that train, each once, on the CPU."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param.detach().cpu().clone()
+    return out
+
+
+def save_state(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    method_state: Mapping[str, Any],
+    state: TrainerState,
+    folder: str | Path,
+) -> None:
+    """Write everything an exact resume needs to ``folder``, atomically; every process calls it.
+
+    The optimiser state is that of the main process: parameters and optimiser states are
+    replicated across data-parallel processes (sharded FSDP/ZeRO states are not handled).
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator``.
+        model: the prepared model.
+        optimizer: the optimiser (plain or accelerate-wrapped).
+        scheduler: the learning-rate scheduler.
+        method_state: ``Method.state(model)``.
+        state: the trainer state to record.
+        folder: destination (``{run}/resume``); replaced if it exists.
+    """
+    folder = Path(folder)
+    tmp = _temporary(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / _rng_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        save_tensors(tmp / _TRAINABLE, trainable_tensors(accelerator.unwrap_model(model)))
+        inner = unwrap_optimizer(optimizer)
+        attributes = {a: getattr(inner, a) for a in _OPTIMIZER_ATTRIBUTES if hasattr(inner, a)}
+        optimizer_state = {"state_dict": optimizer.state_dict(), "attributes": attributes}
+        torch.save(optimizer_state, tmp / _OPTIMIZER)
+        torch.save(scheduler.state_dict(), tmp / _SCHEDULER)
+        torch.save(dict(method_state), tmp / _METHOD)
+        write_json(tmp / STATE_FILE, asdict(state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _swap_into_place(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def read_state(folder: str | Path) -> TrainerState | None:
+    """The trainer state saved in ``folder`` (or its swap leftover), or ``None``."""
+    found = existing(Path(folder))
+    if found is None or not (found / STATE_FILE).is_file():
+        return None
+    return TrainerState(**read_json(found / STATE_FILE))
+
+
+def _load(path: Path) -> Any:
+    # Our own files; RNG states hold numpy arrays, which the weights-only unpickler refuses.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_state(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    folder: str | Path,
+) -> tuple[TrainerState, dict[str, Any]]:
+    """Restore parameters, optimiser, scheduler and this process's RNG from ``folder``.
+
+    Call it on a model, optimiser and scheduler built exactly as for a fresh run, right before
+    the first step to run; restore the method state (returned) before the RNG matters.
+
+    Returns:
+        The trainer state and the saved method state.
+
+    Raises:
+        ResumeError: no state in ``folder``, a state from another number of processes, or
+            saved parameters that do not match the model's trainable ones.
+    """
+    found = existing(Path(folder))
+    state = read_state(folder)
+    if found is None or state is None:
+        raise ResumeError(f"{folder} holds no trainer state to resume from.")
+    rng_path = found / _rng_file(accelerator.process_index)
+    if not rng_path.is_file():
+        raise ResumeError(
+            f"{found} was saved by fewer processes than this run has "
+            f"({accelerator.num_processes}); resume with the same number of processes."
+        )
+    saved = load_file(found / _TRAINABLE)
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        differ = sorted(set(saved) ^ expected)
+        raise ResumeError(
+            f"The trainable parameters saved in {found} do not match the model's (e.g. "
+            f"{differ[0]}); resume with the method and freezing flags of the saved run."
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer_state = _load(found / _OPTIMIZER)
+    optimizer.load_state_dict(optimizer_state["state_dict"])
+    for name, value in optimizer_state["attributes"].items():
+        setattr(unwrap_optimizer(optimizer), name, value)
+    scheduler.load_state_dict(_load(found / _SCHEDULER))
+    method_state = _load(found / _METHOD)
+    set_rng_state(_load(rng_path))
+    return state, method_state
+
+
+def check_same_run(
+    saved_fingerprint: str,
+    saved_config: Mapping[str, Any],
+    run_fingerprint: str,
+    config: Mapping[str, Any],
+    where: str | Path,
+) -> None:
+    """Refuse to continue (or overwrite) a run folder written by a different run.
+
+    Args:
+        saved_fingerprint: fingerprint recorded in the folder.
+        saved_config: config recorded with it.
+        run_fingerprint: this run's fingerprint.
+        config: this run's config (same keys as ``saved_config``).
+        where: the folder, for the message.
+
+    Raises:
+        ResumeError: the fingerprints differ; the message names the config keys that changed
+            (or says the data or model files did).
+    """
+    if saved_fingerprint == run_fingerprint:
+        return
+    changed = sorted(
+        key for key in set(config) | set(saved_config) if config.get(key) != saved_config.get(key)
+    )
+    what = (
+        f"a different config (changed: {', '.join(changed)})"
+        if changed
+        else "the same config but other data, model files or process count"
+    )
+    raise ResumeError(
+        f"{where} holds a run from {what}; pass that run's config to resume it, or another "
+        "output_dir (overwrite=true replaces it)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep-best
+
+
+LOWER_IS_BETTER = frozenset({"loss", "ece"})
+
+
+def is_better(metric: str, value: float, best: Mapping[str, Any] | None) -> bool:
+    """Whether ``value`` of ``metric`` beats the recorded ``best`` (loss and ECE: lower)."""
+    if best is None:
+        return True
+    if metric in LOWER_IS_BETTER:
+        return value < best["value"]
+    return value > best["value"]

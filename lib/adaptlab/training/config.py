@@ -1,0 +1,326 @@
+"""Typed configuration of ``scripts/finetune.py`` (answer-only MMLU fine-tuning).
+
+Every field is documented in the class docstring; presets live in ``scripts/configs/finetune_*``
+and any field can be overridden on the command line::
+
+    python scripts/finetune.py --config scripts/configs/finetune_demo.yaml --max_steps 4
+
+Names that select an implementation (``method``, ``optimizer``, ``schedule``, ``objective``)
+are checked against their registries here, so a typo fails before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adaptlab.training.optim import OPTIMIZERS, TrainingError
+from adaptlab.training.schedules import SCHEDULES
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BEST_METRICS = (
+    "constrained_macro",
+    "constrained_micro",
+    "accuracy_macro",
+    "accuracy_micro",
+    "loss",
+    "ece",
+)
+"""Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better)."""
+
+# Fields that change where and how a run is reported, never its trajectory: a run resumed with
+# other values of these is the same run.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "output_dir",
+        "overwrite",
+        "resume_from",
+        "progress",
+        "report_to",
+        "wandb_project",
+        "run_name",
+        "peak_flops",
+        "log_every",
+        "eval_batch_size",
+    }
+)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune a causal LM on answer-only MMLU prompts: full, LoRA, DoRA, AdaLoRA, BitFit, QLoRA.
+
+    Args:
+        model: model to fine-tune: ``embedded:smollm2-135m``, an HF name or a local folder.
+        method: what trains, a key of ``adaptlab.training.methods.METHODS``: ``full``,
+            ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only) or ``qlora`` (LoRA on a
+            bitsandbytes 4-bit base).
+        target_modules: module names the adapters wrap (a name matches a module whose dotted
+            path ends with it); ``[all-linear]`` wraps every linear layer but the output head.
+        lora_r: LoRA/DoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: dropout on the adapter input (LoRA, DoRA, AdaLoRA, QLoRA).
+        adalora_init_r: AdaLoRA starting rank of every matrix.
+        adalora_target_r: AdaLoRA average final rank (budget = target_r x matrices).
+        adalora_tinit: AdaLoRA steps before the budget starts to shrink.
+        adalora_tfinal: AdaLoRA last steps with the final rank pattern frozen.
+        adalora_delta_t: AdaLoRA steps between two rank reallocations.
+        adalora_beta1: AdaLoRA EMA rate of the sensitivity.
+        adalora_beta2: AdaLoRA EMA rate of the uncertainty.
+        adalora_orth_reg_weight: weight of AdaLoRA's orthogonality regulariser in the loss.
+        fix_head: freeze the head (final norm and output layer).
+        fix_embeddings: freeze the input embeddings.
+        fix_first_n_layers: freeze transformer blocks 0..n-1.
+        dtype: weight dtype: ``auto`` (fp32 on CPU, bf16 on GPUs that have it), float32,
+            bfloat16, float16; QLoRA computes in it.
+        mixed_precision: accelerate autocast: ``no`` or ``bf16`` (fp16 loss scaling is not
+            offered: IVON cannot read scaled gradients).
+        attn_implementation: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``.
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        trust_remote_code: allow model code from the hub (off unless you trust the source).
+        dataset_path: MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
+            embedded copy (test split only), then the hub.
+        train_split: split to train on: ``dev+validation`` with a full copy (spec), ``test``
+            for the embedded copy (then evaluation rows are held out of training).
+        subjects: restrict training and evaluation to these subjects (None: all).
+        train_samples_per_subject: training questions per subject (None: all left).
+        train_mask_path: ``.npy`` of training-split rows to train on (e.g. upstream mask.npy).
+        train_seed: seed of the training subset.
+        train_exclude_samples_per_subject: keep out of training the subset
+            ``samples_per_subject``/``train_exclude_seed`` of ``subjects`` drawn from the
+            training split, e.g. the rows a later extraction analyses (the demo's 40/42).
+        train_exclude_seed: seed of that excluded subset.
+        eval_split: split evaluated during training; its rows are never trained on when it is
+            the training split.
+        eval_samples_per_subject: evaluation questions per subject (None: all).
+        eval_mask_path: ``.npy`` of evaluation-split rows (e.g. upstream test_mask_200.npy).
+        eval_seed: seed of the evaluation subset and of the shot order.
+        eval_num_shots: in-context examples in evaluation prompts (0-5, same subject).
+        max_seq_len: longest training/evaluation sequence; prompts lose tokens from the left.
+        weighted_loss: weight examples by w = N / (S n_subject), so every subject counts alike.
+        objective: training loss, a key of ``adaptlab.training.objectives.OBJECTIVES`` with a
+            data builder in ``adaptlab.training.loop.TRAIN_DATA`` (``answer_only`` for now).
+        optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
+        lr: peak learning rate (IVON: O(0.1-1)).
+        weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
+        momentum: SGD / SignGD momentum.
+        betas: AdamW betas (IVON uses the first as beta1).
+        eps: AdamW epsilon.
+        ivon_ess: IVON effective sample size (None: the number of training examples).
+        ivon_hess_init: IVON initial Hessian diagonal.
+        ivon_mc_samples: IVON posterior draws per micro-batch.
+        ivon_beta2: IVON Hessian EMA rate.
+        ivon_clip_radius: IVON elementwise clip of the update (None: no clipping).
+        ivon_hess_approx: IVON Hessian estimator, ``price`` or ``gradsq``.
+        max_grad_norm: clip the gradient norm to this (None: no clipping; not with IVON).
+        schedule: ``linear``, ``cosine`` (to a floor) or ``constant``, after warmup.
+        warmup_steps: warmup in optimiser steps (give this or ``warmup_ratio``).
+        warmup_ratio: warmup as a fraction of the total steps.
+        min_lr_ratio: floor of the decay as a fraction of ``lr`` (upstream 0.01).
+        batch_size: examples per optimiser step over all processes (the global batch).
+        micro_batch_size: examples per forward pass per process; the rest is accumulated.
+        epochs: passes over the training set (ignored when ``max_steps`` is set).
+        max_steps: optimiser steps of the run (None: ``epochs`` x steps per epoch).
+        eval_points: evaluations during training, evenly spaced in steps, the last at the end
+            (a count, not an interval; 0: none).
+        eval_at_start: also evaluate before the first step (the baseline).
+        eval_batch_size: prompts per evaluation forward pass per process.
+        best_metric: evaluation metric whose best value keeps a copy in ``best/``.
+        checkpoints: log-spaced checkpoints (steps unique(round(geomspace(1, T, n,
+            endpoint=False)))) saved as ``checkpoints/step_{s}``; 0: none.
+        save_init: save the weights before training as ``checkpoints/step_0``.
+        save_epochs: save ``checkpoints/epoch_{e}`` at the end of every epoch.
+        save_state_every: also write the resume state every this many steps (it is always
+            written with each checkpoint); None: only then.
+        log_every: log training metrics every this many steps.
+        report_to: ``tensorboard`` (default; metrics.jsonl when it is not installed),
+            ``wandb`` or ``none``; ``metrics.jsonl`` is always written.
+        wandb_project: W&B project when ``report_to`` is ``wandb``.
+        run_name: name of the run in TensorBoard/W&B (default: the output folder's name).
+        peak_flops: peak FLOP/s of one device for MFU (None: known GPUs, else no MFU).
+        progress: show a progress bar.
+        seed: seed of the data order, adapter initialisation and dropout.
+        output_dir: where checkpoints, the resume state, metrics and result.json go; running
+            the same command again resumes an unfinished run there.
+        overwrite: replace a different, earlier run in ``output_dir``.
+        resume_from: a run folder to continue (its files are copied into ``output_dir``
+            first); it must come from the same config.
+        cpu: train on the CPU even when a GPU is present.
+    """
+
+    model: str = "embedded:smollm2-135m"
+    method: str = "lora"
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    adalora_init_r: int = 12
+    adalora_target_r: int = 8
+    adalora_tinit: int = 0
+    adalora_tfinal: int = 0
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg_weight: float = 0.5
+    fix_head: bool = False
+    fix_embeddings: bool = False
+    fix_first_n_layers: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    mixed_precision: Literal["no", "bf16"] = "no"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    dataset_path: str | None = None
+    train_split: str = "test"
+    subjects: list[str] | None = None
+    train_samples_per_subject: int | None = None
+    train_mask_path: str | None = None
+    train_seed: int = 0
+    train_exclude_samples_per_subject: int | None = None
+    train_exclude_seed: int = 42
+    eval_split: str = "test"
+    eval_samples_per_subject: int | None = 20
+    eval_mask_path: str | None = None
+    eval_seed: int = 42
+    eval_num_shots: int = 0
+    max_seq_len: int = 512
+    weighted_loss: bool = False
+    objective: str = "answer_only"
+    optimizer: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    ivon_ess: float | None = None
+    ivon_hess_init: float = 1.0
+    ivon_mc_samples: int = 1
+    ivon_beta2: float = 0.99999
+    ivon_clip_radius: float | None = None
+    ivon_hess_approx: Literal["price", "gradsq"] = "price"
+    max_grad_norm: float | None = None
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    min_lr_ratio: float = 0.01
+    batch_size: int = 16
+    micro_batch_size: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_points: int = 10
+    eval_at_start: bool = True
+    eval_batch_size: int = 8
+    best_metric: str = "constrained_macro"
+    checkpoints: int = 10
+    save_init: bool = True
+    save_epochs: bool = True
+    save_state_every: int | None = None
+    log_every: int = 1
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    wandb_project: str = "adaptlab"
+    run_name: str | None = None
+    peak_flops: float | None = None
+    progress: bool = True
+    seed: int = 42
+    output_dir: str = "results/finetune"
+    overwrite: bool = False
+    resume_from: str | None = None
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        from adaptlab.training.loop import TRAIN_DATA
+        from adaptlab.training.methods import METHODS
+        from adaptlab.training.objectives import OBJECTIVES
+
+        self.betas = tuple(self.betas)
+        for name, registry, what in (
+            (self.method, METHODS, "method"),
+            (self.optimizer, OPTIMIZERS, "optimizer"),
+            (self.schedule, SCHEDULES, "schedule"),
+            (self.objective, OBJECTIVES, "objective"),
+        ):
+            if name not in registry:
+                raise TrainingError(f"Unknown {what} {name!r}; choose from {', '.join(registry)}.")
+        if self.objective not in TRAIN_DATA:
+            raise TrainingError(
+                f"objective={self.objective!r} has no MMLU training data builder yet (the few-shot "
+                f"task layer brings it); use {', '.join(TRAIN_DATA)}."
+            )
+        checks = [
+            (self.lora_r >= 1, f"lora_r={self.lora_r} must be at least 1."),
+            (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is not in [0, 1)."),
+            (
+                1 <= self.adalora_target_r <= self.adalora_init_r,
+                f"adalora_target_r={self.adalora_target_r} must be between 1 and "
+                f"adalora_init_r={self.adalora_init_r}.",
+            ),
+            (
+                min(self.adalora_tinit, self.adalora_tfinal) >= 0 and self.adalora_delta_t >= 1,
+                "adalora_tinit and adalora_tfinal must be >= 0 and adalora_delta_t >= 1.",
+            ),
+            (bool(self.target_modules), "target_modules is empty; name the modules to adapt."),
+            (self.fix_first_n_layers >= 0, "fix_first_n_layers must be 0 or more."),
+            (
+                self.train_samples_per_subject is None or self.train_samples_per_subject >= 1,
+                "train_samples_per_subject must be at least 1 (or omitted for all questions).",
+            ),
+            (
+                self.eval_samples_per_subject is None or self.eval_samples_per_subject >= 1,
+                "eval_samples_per_subject must be at least 1 (or omitted for all questions).",
+            ),
+            (
+                self.train_exclude_samples_per_subject is None
+                or self.train_exclude_samples_per_subject >= 1,
+                "train_exclude_samples_per_subject must be at least 1 (or omitted).",
+            ),
+            (0 <= self.eval_num_shots <= 5, f"eval_num_shots={self.eval_num_shots}: use 0 to 5."),
+            (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
+            (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
+            (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
+            (
+                not (self.optimizer == "ivon" and self.max_grad_norm is not None),
+                "max_grad_norm has no effect on IVON (it reads each gradient sample before "
+                "clipping); drop it and use ivon_clip_radius.",
+            ),
+            (
+                self.warmup_steps is None or self.warmup_ratio is None,
+                "Both warmup_steps and warmup_ratio are set; give one.",
+            ),
+            (
+                self.warmup_ratio is None or 0.0 <= self.warmup_ratio <= 1.0,
+                f"warmup_ratio={self.warmup_ratio} is outside [0, 1]; pick e.g. 0.05.",
+            ),
+            (
+                0.0 <= self.min_lr_ratio <= 1.0,
+                f"min_lr_ratio={self.min_lr_ratio} is outside [0, 1]; upstream uses 0.01.",
+            ),
+            (self.batch_size >= 1 and self.micro_batch_size >= 1, "Batch sizes must be >= 1."),
+            (
+                self.batch_size % self.micro_batch_size == 0,
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size="
+                f"{self.micro_batch_size}; the global batch is whole micro-batches.",
+            ),
+            (self.epochs >= 1, f"epochs={self.epochs} must be at least 1."),
+            (
+                self.max_steps is None or self.max_steps >= 1,
+                f"max_steps={self.max_steps} must be at least 1 (or omitted to use epochs).",
+            ),
+            (self.eval_points >= 0 and self.checkpoints >= 0, "Counts must be 0 or more."),
+            (self.eval_batch_size >= 1, "eval_batch_size must be at least 1."),
+            (
+                self.best_metric in BEST_METRICS,
+                f"Unknown best_metric {self.best_metric!r}; choose from {', '.join(BEST_METRICS)}.",
+            ),
+            (
+                self.save_state_every is None or self.save_state_every >= 1,
+                "save_state_every must be at least 1 (or omitted).",
+            ),
+            (self.log_every >= 1, "log_every must be at least 1."),
+            (
+                self.peak_flops is None or self.peak_flops > 0,
+                "peak_flops must be positive (or omitted).",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainingError(message)

@@ -1,0 +1,397 @@
+"""Fine-tuning methods by name: which parameters train and how the model is wrapped.
+
+| method    | trains                               | base weights        | checkpoints           |
+|-----------|--------------------------------------|---------------------|-----------------------|
+| ``full``  | every parameter                      | as loaded           | whole model (HF)      |
+| ``lora``  | LoRA A, B on ``target_modules``       | frozen              | adapter only (PEFT)   |
+| ``dora``  | LoRA + magnitude vector (DoRA)       | frozen              | adapter only (PEFT)   |
+| ``adalora``| SVD-form LoRA with rank reallocation | frozen              | adapter + rank_pattern|
+| ``bitfit``| biases only                          | frozen              | whole model (HF)      |
+| ``qlora`` | LoRA                                 | bitsandbytes NF4    | adapter only (PEFT)   |
+
+The adapters are PEFT's; this module only builds their configs, checks the names in
+``target_modules`` against the real model before anything is loaded (PEFT silently skips a name
+that matches nothing as long as another one matches), and applies the freezing flags on top.
+
+AdaLoRA reallocates ranks only when ``update_and_allocate(step)`` runs after every optimiser
+step with the true number of steps in its config (peft #432, #1801); :class:`Method` carries
+that hook, its orthogonality regulariser (PEFT adds it only when the model computes its own
+loss) and the allocator state a resumed run needs::
+
+    method = get_method(cfg.method)
+    check_method(cfg, model_skeleton(cfg.model), total_steps)   # before loading
+    model = method.prepare(load_model(cfg.model, quantization=method.quantization), cfg,
+                           total_steps)
+    ...
+    loss = objective(model, batch).loss + method.regularizer(model)
+    optimizer.step()
+    method.after_step(model, step)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from adaptlab.extract.points import unwrap
+from adaptlab.training.freezing import freeze
+from adaptlab.training.optim import TrainingError
+
+if TYPE_CHECKING:
+    from adaptlab.training.config import FinetuneConfig
+
+ALL_LINEAR = "all-linear"
+
+
+def _no_regularizer(model: nn.Module) -> torch.Tensor | None:
+    return None
+
+
+def _no_after_step(model: nn.Module, step: int) -> None:
+    return None
+
+
+def _no_state(model: nn.Module) -> dict[str, Any]:
+    return {}
+
+
+def _no_load_state(model: nn.Module, state: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method.
+
+    Attributes:
+        name: the name users type.
+        prepare: ``(model, cfg, total_steps) -> model``: wraps (PEFT) and freezes the loaded
+            model and returns it in train mode.
+        adapter: checkpoints hold only the adapter (PEFT format) instead of the whole model.
+        quantization: how the base model is loaded (``"4bit"`` for QLoRA).
+        requires: packages that must import before the model is loaded.
+        uses_targets: whether ``target_modules`` is read (and so checked).
+        regularizer: extra loss term of the model, or ``None``.
+        after_step: called with the 1-based step after every optimiser step.
+        state: method state a resumed run needs (beyond parameters and optimiser).
+        load_state: restores :attr:`state`.
+    """
+
+    name: str
+    prepare: Callable[[nn.Module, FinetuneConfig, int], nn.Module]
+    adapter: bool
+    quantization: str | None = None
+    requires: tuple[str, ...] = ()
+    uses_targets: bool = False
+    regularizer: Callable[[nn.Module], torch.Tensor | None] = _no_regularizer
+    after_step: Callable[[nn.Module, int], None] = _no_after_step
+    state: Callable[[nn.Module], dict[str, Any]] = _no_state
+    load_state: Callable[[nn.Module, dict[str, Any]], None] = _no_load_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation
+
+
+def _targets(cfg: FinetuneConfig) -> list[str] | str:
+    return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else list(cfg.target_modules)
+
+
+def _finish(model: nn.Module, cfg: FinetuneConfig, biases_only: bool = False) -> nn.Module:
+    freeze(
+        model,
+        fix_head=cfg.fix_head,
+        fix_embeddings=cfg.fix_embeddings,
+        fix_first_n_layers=cfg.fix_first_n_layers,
+        biases_only=biases_only,
+    )
+    return model.train()
+
+
+def _checkpointing(model: nn.Module, cfg: FinetuneConfig) -> None:
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (PEFT) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _prepare_full(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    _checkpointing(model, cfg)
+    return _finish(model, cfg)
+
+
+def _prepare_bitfit(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    _checkpointing(model, cfg)
+    return _finish(model, cfg, biases_only=True)
+
+
+def _lora_config(cfg: FinetuneConfig, use_dora: bool = False) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_targets(cfg),
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _wrap(model: nn.Module, peft_config: Any, cfg: FinetuneConfig) -> nn.Module:
+    from peft import get_peft_model
+
+    _checkpointing(model, cfg)
+    return _finish(get_peft_model(model, peft_config), cfg)
+
+
+def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    return _wrap(model, _lora_config(cfg), cfg)
+
+
+def _prepare_dora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    return _wrap(model, _lora_config(cfg, use_dora=True), cfg)
+
+
+def _prepare_qlora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    # Casts the non-quantized weights (norms, embeddings) to fp32 and freezes the base.
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return _finish(get_peft_model(model, _lora_config(cfg)), cfg)
+
+
+def _prepare_adalora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+    from peft import AdaLoraConfig
+
+    config = AdaLoraConfig(
+        init_r=cfg.adalora_init_r,
+        target_r=cfg.adalora_target_r,
+        tinit=cfg.adalora_tinit,
+        tfinal=cfg.adalora_tfinal,
+        deltaT=cfg.adalora_delta_t,
+        beta1=cfg.adalora_beta1,
+        beta2=cfg.adalora_beta2,
+        orth_reg_weight=cfg.adalora_orth_reg_weight,
+        total_step=total_steps,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_targets(cfg),
+        task_type="CAUSAL_LM",
+    )
+    return _wrap(model, config, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLoRA hooks
+
+
+def _peft_model(model: nn.Module) -> Any:
+    """The PeftModel under DDP-style wrappers."""
+    while not hasattr(model, "peft_config") and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = model.module
+    return model
+
+
+def _adalora_parts(model: nn.Module) -> tuple[Any, Any, str]:
+    peft_model = _peft_model(model)
+    tuner = peft_model.base_model
+    name = tuner.trainable_adapter_name
+    return tuner, tuner.peft_config[name], name
+
+
+def adalora_orth_regularizer(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty, as ``AdaLoraModel.forward`` adds it to a model loss.
+
+    w * mean over the adapter's matrices of ||A Aᵀ - I||_F (``lora_A`` [r, d_in]) and
+    ||Bᵀ B - I||_F (``lora_B`` [d_out, r]), w = ``orth_reg_weight``.
+
+    Returns:
+        Scalar tensor, or ``None`` when the weight is 0.
+    """
+    tuner, config, name = _adalora_parts(model)
+    if config.orth_reg_weight == 0:
+        return None
+    terms = []
+    for param_name, param in tuner.model.named_parameters():
+        if ("lora_A" in param_name or "lora_B" in param_name) and name in param_name:
+            cov = param @ param.T if "lora_A" in param_name else param.T @ param
+            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+            terms.append(torch.linalg.matrix_norm(cov - eye, ord="fro"))
+    if not terms:
+        return None
+    return config.orth_reg_weight * torch.stack(terms).mean()
+
+
+def adalora_after_step(model: nn.Module, step: int) -> None:
+    """Reallocate AdaLoRA ranks after optimiser step ``step`` (1-based), before ``zero_grad``."""
+    tuner, _, _ = _adalora_parts(model)
+    tuner.update_and_allocate(step)
+
+
+def adalora_state(model: nn.Module) -> dict[str, Any]:
+    """The rank allocator's EMAs and the current rank pattern (for an exact resume)."""
+    tuner, config, _ = _adalora_parts(model)
+    allocator = tuner.rankallocator
+    return {
+        "rank_pattern": config.rank_pattern,
+        "ipt": allocator.ipt,
+        "exp_avg_ipt": allocator.exp_avg_ipt,
+        "exp_avg_unc": allocator.exp_avg_unc,
+    }
+
+
+def adalora_load_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore :func:`adalora_state` onto a freshly prepared AdaLoRA model."""
+    tuner, config, _ = _adalora_parts(model)
+    config.rank_pattern = state["rank_pattern"]
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(tuner.rankallocator, key, {k: v.to(device) for k, v in state[key].items()})
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", _prepare_full, adapter=False),
+    "lora": Method("lora", _prepare_lora, adapter=True, uses_targets=True),
+    "dora": Method("dora", _prepare_dora, adapter=True, uses_targets=True),
+    "adalora": Method(
+        "adalora",
+        _prepare_adalora,
+        adapter=True,
+        uses_targets=True,
+        regularizer=adalora_orth_regularizer,
+        after_step=adalora_after_step,
+        state=adalora_state,
+        load_state=adalora_load_state,
+    ),
+    "bitfit": Method("bitfit", _prepare_bitfit, adapter=False),
+    "qlora": Method(
+        "qlora",
+        _prepare_qlora,
+        adapter=True,
+        quantization="4bit",
+        requires=("bitsandbytes",),
+        uses_targets=True,
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; raises :class:`TrainingError` listing the choices."""
+    if name not in METHODS:
+        raise TrainingError(f"Unknown method {name!r}; choose from {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before loading
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Sorted distinct last names of the linear layers of ``model`` (the usual targets)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)})
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def check_target_modules(targets: list[str], model: nn.Module) -> None:
+    """Every entry of ``targets`` names at least one module of ``model`` (PEFT's suffix rule).
+
+    Args:
+        targets: module names; a name matches a module whose dotted path equals it or ends
+            with ``"." + name``. ``["all-linear"]`` is always valid.
+        model: the model, e.g. its meta-device skeleton.
+
+    Raises:
+        TrainingError: a name that matches no module.
+    """
+    if targets == [ALL_LINEAR]:
+        return
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise TrainingError(
+                f"target_modules entry {target!r} matches no module of "
+                f"{type(unwrap(model)).__name__}; its linear layers are "
+                f"{', '.join(linear_module_names(model))}."
+            )
+
+
+def check_method(cfg: FinetuneConfig, skeleton: nn.Module, total_steps: int) -> Method:
+    """Check ``cfg``'s method against the model and the run length, before loading weights.
+
+    Args:
+        cfg: the run config.
+        skeleton: the model's module tree (``adaptlab.models.model_skeleton``).
+        total_steps: optimiser steps of the run.
+
+    Returns:
+        The method.
+
+    Raises:
+        TrainingError: a missing package (bitsandbytes for QLoRA), a target module the model
+            lacks, BitFit on a model without biases, too many frozen blocks, or an AdaLoRA
+            schedule that leaves no budgeting phase.
+    """
+    method = get_method(cfg.method)
+    for package in method.requires:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise TrainingError(
+                f"method={cfg.method} needs the {package} package, which does not import here; "
+                f"install it (pip install {package}) or pick method=lora."
+            ) from None
+    if method.uses_targets:
+        check_target_modules(list(cfg.target_modules), skeleton)
+    if cfg.method == "bitfit" and not any(
+        name.rsplit(".", 1)[-1] == "bias" for name, _ in skeleton.named_parameters()
+    ):
+        raise TrainingError(
+            f"method=bitfit trains biases only, but {type(skeleton).__name__} has no bias "
+            "parameters; pick lora or full."
+        )
+    n_layers = getattr(getattr(skeleton, "config", None), "num_hidden_layers", None)
+    if n_layers is not None and cfg.fix_first_n_layers > n_layers:
+        raise TrainingError(
+            f"fix_first_n_layers={cfg.fix_first_n_layers} is more than the model's {n_layers} "
+            "blocks."
+        )
+    if cfg.method == "adalora" and cfg.adalora_tinit >= total_steps - cfg.adalora_tfinal:
+        raise TrainingError(
+            f"AdaLoRA needs adalora_tinit < total steps - adalora_tfinal, but tinit="
+            f"{cfg.adalora_tinit}, tfinal={cfg.adalora_tfinal} and the run has {total_steps} "
+            "steps; lower them or train longer."
+        )
+    return method
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, shared weights once, 4-bit weights unpacked."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,594 @@
+"""Fine-tune a causal LM on answer-only MMLU prompts (Doimo et al. 2024, landscape.md §4).
+
+Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters; freezing of the
+head, the embeddings or the first blocks on top). Optimisers AdamW / SGD / SignGD / IVON with
+linear, cosine-to-floor or constant schedules after warmup. The loss is taken on the answer
+letter only (optionally weighted so every subject counts alike). During training the model is
+evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
+letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
+are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
+the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
+
+Launch:
+    # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
+    python scripts/finetune.py --config scripts/configs/finetune_demo.yaml
+
+    # one GPU: the landscape SFT recipe (LoRA r64 on all projections, cosine to 1%)
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_landscape_lora.yaml --model meta-llama/Meta-Llama-3-8B
+
+    # several GPUs, data parallel (batch_size stays the global batch)
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_landscape_lora.yaml --output_dir results/sft/llama3-8b
+
+    # QLoRA on a 7B model in one 24 GB GPU
+    accelerate launch scripts/finetune.py --config scripts/configs/finetune_qlora_7b.yaml
+
+    # two CPU processes (gloo), to check a distributed run without a GPU
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_demo.yaml --output_dir results/finetune/demo_2proc
+
+    # the fine-tuned adapter feeds the extraction like any model
+    python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
+
+Trade-offs: ``gradient_checkpointing`` saves activation memory at ~30% more compute;
+``micro_batch_size`` trades memory for speed at a fixed global batch; ``checkpoints`` and
+``save_state_every`` trade disk (a full-model state is ~3x the weights) for lost work on a kill;
+IVON needs lr O(0.1-1) and no gradient clipping; sharded (FSDP/ZeRO) optimiser states are not
+saved for resume yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from adaptlab import data as mmlu
+from adaptlab.config import parse_config, to_dict
+from adaptlab.distributed import fsdp_requested
+from adaptlab.errors import report_user_errors
+from adaptlab.io import read_json, write_json
+from adaptlab.models import (
+    describe_model,
+    load_model,
+    load_tokenizer,
+    model_skeleton,
+    resolve_model,
+)
+from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
+from adaptlab.training import checkpoint as ckpt
+from adaptlab.training.checkpoint import ResumeError, TrainerState
+from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
+from adaptlab.training.loop import (
+    TRAIN_DATA,
+    BatchPlan,
+    RunLogger,
+    StepResult,
+    check_reporter,
+    device_peak_flops,
+    eval_schedule,
+    evaluate,
+    mfu,
+    step_micro_batches,
+    train_step,
+)
+from adaptlab.training.methods import Method, check_method, count_parameters
+from adaptlab.training.objectives import OBJECTIVES
+from adaptlab.training.optim import TrainingError, build_optimizer
+from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
+
+
+@dataclass
+class Job:
+    """Everything validated before the model is loaded."""
+
+    cfg: FinetuneConfig
+    accelerator: Accelerator
+    out: Path
+    run_id: str
+    run_config: dict
+    state: str  # "new", "resume" or "complete"
+    resume_dir: Path | None
+    method: Method
+    model_ref: object
+    tokenizer: object
+    train_items: list
+    eval_prompts: list
+    letter_ids: dict[str, int]
+    plan: BatchPlan
+    total_steps: int
+    data: dict
+    started: float
+
+
+@dataclass
+class Run:
+    """The loaded model and optimiser, and where training stands."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainerState
+    logger: RunLogger
+    n_trainable: int
+    n_params: int
+    bar: tqdm | None = None
+
+
+def select(
+    examples: list,
+    n_rows: int,
+    mask_path: str | None,
+    samples_per_subject: int | None,
+    seed: int,
+    subjects: list[str] | None,
+) -> list:
+    """Rows of ``examples`` in an index mask over the ``n_rows`` split, then per-subject subset."""
+    if mask_path:
+        keep = set(mmlu.load_index_mask(mask_path, n_rows).tolist())
+        examples = [ex for ex in examples if ex.index in keep]
+    if samples_per_subject:
+        rows = mmlu.subset_by_subject(examples, samples_per_subject, seed, subjects)
+        return [examples[i] for i in rows]
+    if subjects:
+        unknown = sorted(set(subjects) - {ex.subject for ex in examples})
+        if unknown:
+            raise mmlu.DataError(f"No questions of subject(s) {', '.join(unknown)} are left.")
+        return [ex for ex in examples if ex.subject in set(subjects)]
+    return list(examples)
+
+
+def choose_data(cfg: FinetuneConfig) -> tuple[list, list, list | None, dict]:
+    """Training and evaluation questions, disjoint whenever they come from one split."""
+    eval_splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.eval_split)
+    same = cfg.train_split == cfg.eval_split
+    train_splits = eval_splits if same else mmlu.load_mmlu(cfg.dataset_path, split=cfg.train_split)
+    split = train_splits.test
+    evals = select(
+        eval_splits.test,
+        len(eval_splits.test),
+        cfg.eval_mask_path,
+        cfg.eval_samples_per_subject,
+        cfg.eval_seed,
+        cfg.subjects,
+    )
+    held_out = {ex.index for ex in evals} if same else set()
+    if cfg.train_exclude_samples_per_subject:
+        n, seed = cfg.train_exclude_samples_per_subject, cfg.train_exclude_seed
+        held_out |= {split[i].index for i in mmlu.subset_by_subject(split, n, seed, cfg.subjects)}
+    pool = [ex for ex in split if ex.index not in held_out]
+    train = select(
+        pool,
+        len(split),
+        cfg.train_mask_path,
+        cfg.train_samples_per_subject,
+        cfg.train_seed,
+        cfg.subjects,
+    )
+    overlap = sorted({ex.index for ex in train} & held_out)
+    if overlap:  # a guard: the pool above already excludes these rows
+        raise mmlu.DataError(f"Training rows {overlap[:5]} are also held out; report this bug.")
+    if not train or not evals:
+        raise mmlu.DataError(
+            f"The data options leave {len(train)} training and {len(evals)} evaluation questions; "
+            "loosen the subset, mask or exclusion options."
+        )
+    record = {
+        "train": {"split": cfg.train_split, "n": len(train), "rows": [ex.index for ex in train]},
+        "eval": {"split": cfg.eval_split, "n": len(evals), "rows": [ex.index for ex in evals]},
+        "held_out_of_training": sorted(held_out),
+        "provenance": train_splits.provenance,
+    }
+    return train, evals, eval_splits.dev, record
+
+
+def output_state(
+    cfg: FinetuneConfig, out: Path, run_id: str, run_config: dict
+) -> tuple[str, Path | None]:
+    """Whether this run is new, resumes (and from where) or is already complete."""
+    if cfg.resume_from:
+        source = Path(cfg.resume_from)
+        folder = source if (source / ckpt.STATE_FILE).is_file() else source / ckpt.STATE
+        saved = ckpt.read_state(folder)
+        if saved is None:
+            raise ResumeError(
+                f"resume_from={source} holds no resume state ({ckpt.STATE}/{ckpt.STATE_FILE}); "
+                "pass the folder of an unfinished run."
+            )
+        ckpt.check_same_run(saved.fingerprint, saved.config, run_id, run_config, source)
+        if folder.parent.resolve() != out.resolve() and out.exists() and not cfg.overwrite:
+            raise ResumeError(
+                f"output_dir {out} already exists; pick a new folder to continue {source} in, or "
+                "pass overwrite=true."
+            )
+        return "resume", folder.parent
+    if not out.exists() or cfg.overwrite:
+        return "new", None
+    if not (out / ckpt.RUN_FILE).is_file():
+        if any(out.iterdir()):
+            raise ResumeError(
+                f"output_dir {out} holds files that are not a fine-tuning run; pick another "
+                "folder or pass overwrite=true."
+            )
+        return "new", None
+    recorded = read_json(out / ckpt.RUN_FILE)
+    ckpt.check_same_run(recorded["fingerprint"], recorded["config"], run_id, run_config, out)
+    if (out / ckpt.RESULT_FILE).is_file():
+        return "complete", None
+    if ckpt.read_state(out / ckpt.STATE) is not None:
+        return "resume", out
+    return "new", None
+
+
+def setup(cfg: FinetuneConfig) -> Job:
+    """Validate every input and prepare the data; nothing heavy, nothing written."""
+    started = time.perf_counter()
+    accelerator = Accelerator(
+        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+    )
+    check_reporter(cfg.report_to)
+    if cfg.optimizer == "ivon" and (
+        fsdp_requested() or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    ):
+        raise TrainingError(
+            "IVON keeps one flat state over replicated parameters and cannot run under FSDP or "
+            "ZeRO; launch with plain data parallelism (accelerate_configs/multi_gpu.yaml)."
+        )
+    model_ref = resolve_model(cfg.model)
+    skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
+    train, evals, shots, data = choose_data(cfg)
+    tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
+    items = TRAIN_DATA[cfg.objective].encode(train, tokenizer, cfg.max_seq_len, cfg.weighted_loss)
+    prompts = mmlu.tokenize_prompts(
+        evals, shots, tokenizer, cfg.eval_num_shots, cfg.eval_seed, cfg.max_seq_len
+    )
+    letter_ids = mmlu.answer_letter_ids(tokenizer)
+    plan = BatchPlan(
+        len(items),
+        cfg.batch_size,
+        cfg.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.seed,
+    )
+    total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
+    method = check_method(cfg, skeleton, total_steps)
+    resolve_warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL_FIELDS}
+    run_config = json.loads(json.dumps(settings, default=str))
+    identity = {
+        "config": run_config,
+        "model": describe_model(model_ref),
+        "rows": {"train": data["train"]["rows"], "eval": data["eval"]["rows"]},
+        "dataset": data["provenance"].get("sha256"),
+        "processes": accelerator.num_processes,
+    }
+    run_id = ckpt.fingerprint(identity)
+    out = Path(cfg.output_dir)
+    state, resume_dir = output_state(cfg, out, run_id, run_config)
+    return Job(
+        cfg=cfg,
+        accelerator=accelerator,
+        out=out,
+        run_id=run_id,
+        run_config=run_config,
+        state=state,
+        resume_dir=resume_dir,
+        method=method,
+        model_ref=model_ref,
+        tokenizer=tokenizer,
+        train_items=items,
+        eval_prompts=prompts,
+        letter_ids=letter_ids,
+        plan=plan,
+        total_steps=total_steps,
+        data=data,
+        started=started,
+    )
+
+
+def prepare_output(job: Job) -> None:
+    """Clear the folder of a new run or copy the run to continue, then record this run."""
+    if job.accelerator.is_main_process:
+        if job.state == "new":
+            shutil.rmtree(job.out, ignore_errors=True)
+        elif job.resume_dir is not None and job.resume_dir.resolve() != job.out.resolve():
+            shutil.rmtree(job.out, ignore_errors=True)
+            shutil.copytree(job.resume_dir, job.out)
+        record = {"fingerprint": job.run_id, "config": job.run_config, "started": now()}
+        write_json(job.out / ckpt.RUN_FILE, record)
+    job.accelerator.wait_for_everyone()
+
+
+def load(job: Job) -> Run:
+    """Load and wrap the model, build the optimiser, prepare the folder, resume if asked."""
+    cfg, acc = job.cfg, job.accelerator
+    set_seed(cfg.seed)
+    model = load_model(
+        job.model_ref,
+        dtype=cfg.dtype,
+        device=acc.device,
+        attn_implementation=cfg.attn_implementation,
+        quantization=job.method.quantization,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model = job.method.prepare(model, cfg, job.total_steps)
+    n_trainable, n_params = count_parameters(model)
+    optimizer = build_optimizer(
+        cfg.optimizer,
+        model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        ivon_ess=cfg.ivon_ess or len(job.train_items),
+        ivon_hess_init=cfg.ivon_hess_init,
+        ivon_mc_samples=cfg.ivon_mc_samples,
+        ivon_beta2=cfg.ivon_beta2,
+        ivon_clip_radius=math.inf if cfg.ivon_clip_radius is None else cfg.ivon_clip_radius,
+        ivon_hess_approx=cfg.ivon_hess_approx,
+        ivon_sync=acc.num_processes > 1,
+    )
+    scheduler = build_scheduler(
+        cfg.schedule,
+        optimizer,
+        job.total_steps,
+        cfg.warmup_steps,
+        cfg.warmup_ratio,
+        cfg.min_lr_ratio,
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    prepare_output(job)
+
+    resume_step = None
+    if job.state == "resume":
+        folder = job.out / ckpt.STATE
+        state, method_state = ckpt.load_state(acc, model, optimizer, scheduler, folder)
+        job.method.load_state(model, method_state)
+        resume_step = state.step
+    else:
+        state = TrainerState(fingerprint=job.run_id, config=job.run_config)
+    logger = RunLogger(
+        job.out,
+        cfg.report_to,
+        acc.is_main_process,
+        cfg.run_name or job.out.name,
+        cfg.wandb_project,
+        job.run_id[:16],
+        to_dict(cfg),
+        resume_step,
+    )
+    if acc.is_main_process:
+        resumed = f", resumed at step {resume_step}" if resume_step is not None else ""
+        print(
+            f"{cfg.method} on {cfg.model}: {len(job.train_items)} training / "
+            f"{len(job.eval_prompts)} evaluation questions, {job.total_steps} steps of "
+            f"{cfg.batch_size} ({job.plan.accumulation} micro-batches per process), "
+            f"{n_trainable:,} of {n_params:,} parameters train{resumed}."
+        )
+    return Run(model, optimizer, scheduler, state, logger, n_trainable, n_params)
+
+
+def save_weights(job: Job, run: Run, name: str) -> None:
+    """Write the weights to ``{out}/{name}`` (HF/PEFT format) and record the checkpoint."""
+    step = run.state.step
+    last_eval = (
+        run.state.evals[-1] if run.state.evals and run.state.evals[-1]["step"] == step else None
+    )
+    meta = {
+        "step": step,
+        "epoch": step / job.plan.steps_per_epoch,
+        "fingerprint": job.run_id,
+        "method": job.cfg.method,
+        "base_model": job.cfg.model,
+        "eval": last_eval,
+    }
+    ckpt.save_weights(
+        job.accelerator,
+        run.model,
+        job.out / name,
+        adapter=job.method.adapter,
+        tokenizer=job.tokenizer,
+        meta=meta,
+    )
+    if name.startswith(ckpt.CHECKPOINTS) and name not in run.state.checkpoints:
+        run.state.checkpoints.append(name)
+
+
+def evaluate_and_keep(job: Job, run: Run) -> None:
+    """Evaluate at the current step, log it and keep the weights when they are the best."""
+    cfg, state = job.cfg, run.state
+    started = time.perf_counter()
+    metrics = evaluate(
+        run.model,
+        job.eval_prompts,
+        job.letter_ids,
+        job.tokenizer,
+        job.accelerator,
+        cfg.eval_batch_size,
+    )
+    state.eval_seconds += time.perf_counter() - started
+    state.evals.append({"step": state.step, **metrics})
+    run.logger.log(state.step, metrics, "eval")
+    value = metrics[cfg.best_metric]
+    if ckpt.is_better(cfg.best_metric, value, state.best):
+        state.best = {"step": state.step, "metric": cfg.best_metric, "value": value}
+        save_weights(job, run, ckpt.BEST)
+
+
+def log_step(job: Job, run: Run, result: StepResult, seconds: float) -> None:
+    """Progress bar and logged training metrics of the step just taken."""
+    acc, step = job.accelerator, run.state.step
+    tokens_per_second = result.tokens / max(seconds, 1e-9)
+    run.bar.update(1)
+    run.bar.set_postfix(
+        loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_second:.0f}"
+    )
+    if step % job.cfg.log_every and step != job.total_steps:
+        return
+    peak_flops = device_peak_flops(acc.device, job.cfg.peak_flops)
+    metrics = {
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "tokens_per_second": tokens_per_second,
+        "peak_memory_mib": peak_memory_mib(acc.device),
+        "mfu": mfu(run.n_params, tokens_per_second, peak_flops, acc.num_processes),
+        "epoch": step / job.plan.steps_per_epoch,
+    }
+    run.logger.log(step, metrics, "train")
+
+
+def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> None:
+    """Log-spaced and end-of-epoch checkpoints, then the resume state when one is due."""
+    cfg, step, per_epoch = job.cfg, run.state.step, job.plan.steps_per_epoch
+    names = []
+    if step in checkpoint_steps:
+        names.append(f"{ckpt.CHECKPOINTS}/step_{step}")
+    if cfg.save_epochs and step % per_epoch == 0:
+        names.append(f"{ckpt.CHECKPOINTS}/epoch_{step // per_epoch}")
+    for name in names:
+        save_weights(job, run, name)
+    periodic = cfg.save_state_every is not None and step % cfg.save_state_every == 0
+    if (names or periodic) and step < job.total_steps:  # the end has final/ instead
+        model, folder = run.model, job.out / ckpt.STATE
+        extra = job.method.state(model)
+        ckpt.save_state(
+            job.accelerator, model, run.optimizer, run.scheduler, extra, run.state, folder
+        )
+
+
+def train(job: Job, run: Run) -> None:
+    """The optimiser steps, with evaluations, checkpoints and resume states in between."""
+    cfg, acc, state = job.cfg, job.accelerator, run.state
+    eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
+    checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
+    objective, collate = OBJECTIVES[cfg.objective], TRAIN_DATA[cfg.objective].collate
+    if state.step == 0:
+        if cfg.save_init:
+            save_weights(job, run, f"{ckpt.CHECKPOINTS}/step_0")
+        if 0 in eval_steps:
+            evaluate_and_keep(job, run)
+    run.bar = tqdm(
+        total=job.total_steps,
+        initial=state.step,
+        desc=f"{cfg.method} fine-tuning",
+        unit="step",
+        disable=not (cfg.progress and acc.is_main_process),
+    )
+    for step in range(state.step + 1, job.total_steps + 1):
+        batches = step_micro_batches(
+            job.train_items, job.plan, step - 1, collate, job.tokenizer.pad_token_id, acc.device
+        )
+        started = time.perf_counter()
+        result = train_step(
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            batches,
+            objective,
+            acc,
+            job.method,
+            step,
+            cfg.max_grad_norm,
+        )
+        seconds = time.perf_counter() - started
+        state.step, state.tokens = step, state.tokens + result.tokens
+        state.train_seconds += seconds
+        state.epoch, state.batch_in_epoch = job.plan.position(step)
+        log_step(job, run, result, seconds)
+        if step in eval_steps:
+            evaluate_and_keep(job, run)
+        save_due(job, run, checkpoint_steps)
+    run.bar.close()
+
+
+def finalize(job: Job, run: Run) -> dict:
+    """Save the final weights, write result.json and drop the resume state."""
+    cfg, acc, state = job.cfg, job.accelerator, run.state
+    save_weights(job, run, ckpt.FINAL)
+    result = {}
+    if acc.is_main_process:
+        total_seconds = time.perf_counter() - job.started
+        result = {
+            "format": "adaptlab.finetune/1",
+            "fingerprint": job.run_id,
+            "config": to_dict(cfg),
+            "model": describe_model(job.model_ref),
+            "data": job.data,
+            "method": {
+                "name": cfg.method,
+                "adapter_checkpoints": job.method.adapter,
+                "trainable_parameters": run.n_trainable,
+                "total_parameters": run.n_params,
+            },
+            "schedule": {
+                "total_steps": job.total_steps,
+                "steps_per_epoch": job.plan.steps_per_epoch,
+                "accumulation": job.plan.accumulation,
+                "processes": acc.num_processes,
+            },
+            "metrics": {
+                "final": state.evals[-1] if state.evals else None,
+                "best": state.best,
+                "evals": state.evals,
+            },
+            "checkpoints": [*state.checkpoints, ckpt.FINAL] + ([ckpt.BEST] if state.best else []),
+            "timings": {
+                "train_seconds": round(state.train_seconds, 3),
+                "eval_seconds": round(state.eval_seconds, 3),
+                "total_seconds_this_session": round(total_seconds, 3),
+                "tokens": state.tokens,
+                "tokens_per_second": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+                "peak_memory_mib": peak_memory_mib(acc.device),
+                "mfu": mfu(
+                    run.n_params,
+                    state.tokens / max(state.train_seconds, 1e-9),
+                    device_peak_flops(acc.device, cfg.peak_flops),
+                    acc.num_processes,
+                ),
+            },
+            "versions": package_versions(),
+            "hardware": hardware(),
+            "created": now(),
+        }
+        write_json(job.out / ckpt.RESULT_FILE, result)
+        ckpt.remove(job.out / ckpt.STATE)
+    run.logger.close()
+    acc.wait_for_everyone()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(FinetuneConfig, argv)
+    with report_user_errors():
+        job = setup(cfg)
+        if job.state == "complete":
+            if job.accelerator.is_main_process:
+                print(f"{job.out} already holds this run's results; nothing to do.")
+            return
+        run = load(job)
+    train(job, run)
+    result = finalize(job, run)
+    if job.accelerator.is_main_process:
+        final = result["metrics"]["final"] or {}
+        print(
+            f"{cfg.method}: {job.total_steps} steps -> {job.out}  "
+            f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
