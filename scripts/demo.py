@@ -13,6 +13,8 @@ Launch:
     make demo
     python scripts/demo.py --shots '[0,5]' --samples_per_subject 20
     python scripts/demo.py --config scripts/configs/demo.yaml
+    # the paper-size study (Llama-3-8B, all subjects, 0/1/2/5 shots) on a GPU node
+    python scripts/demo.py --config scripts/configs/demo_full.yaml
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ def extract(cfg: DemoConfig, shots: int) -> Path:
         "--config", cfg.extract_preset,
         "--model", cfg.model,
         "--num_shots", str(shots),
-        "--subjects", "[" + ",".join(cfg.subjects) + "]",
         "--samples_per_subject", str(cfg.samples_per_subject),
         "--batch_size", str(cfg.batch_size),
         "--output_dir", str(out),
         "--overwrite", "true",  # the demo owns its folder: a changed setting replaces the run
     ]  # fmt: skip
+    if cfg.subjects is not None:
+        cmd += ["--subjects", "[" + ",".join(cfg.subjects) + "]"]
     print(f"\n== {shots}-shot extraction -> {out}", flush=True)
     subprocess.run(cmd, check=True)
     return out

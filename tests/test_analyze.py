@@ -125,3 +125,26 @@ def test_bad_inputs_are_one_line(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_are_compared_with_the_reference(runs, tmp_path):
+    import shutil
+
+    ckpts = tmp_path / "ckpt"
+    for step in (1, 4):  # stand-ins for log-spaced checkpoints: copies of the 0-shot run
+        shutil.copytree(runs / "0shot", ckpts / f"step_{step}")
+    out = tmp_path / "out"
+    analyze_repr.main(
+        [
+            "--runs", f"[{runs / '0shot'},{runs / '1shot'}]", "--reference", "0shot",
+            "--checkpoints", f"[{ckpts / 'step_1'},{ckpts / 'step_4'}]",
+            "--output_dir", str(out), "--plot", "true", "--progress", "false",
+            "--metrics.probe", "false", *SMALL,
+        ]
+    )  # fmt: skip
+    records = json.loads((out / "metrics.json").read_text())
+    ckpt = [r for r in records if r["kind"] == "checkpoint"]
+    assert {r["run"] for r in ckpt} == {"step_1", "step_4"} and len(ckpt) == 6
+    # a representation's neighbourhoods overlap their own copy exactly
+    assert all(r["overlap_reference"] == pytest.approx(1.0) for r in ckpt)
+    assert (out / "figures" / "checkpoint_overlap.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ class DemoConfig:
     Args:
         model: model to study (default: the embedded SmolLM2-135M).
         shots: in-context shot counts to extract, one run each (0-5).
-        subjects: MMLU subjects of the subset (underscore names).
+        subjects: MMLU subjects of the subset (underscore names); None: all 57.
         samples_per_subject: questions per subject.
         extract_preset: YAML preset of scripts/extract_repr.py the runs start from.
         analyze_preset: YAML preset of scripts/analyze_repr.py for the landscape metrics.
@@ -22,7 +22,7 @@ class DemoConfig:
 
     model: str = "embedded:smollm2-135m"
     shots: list[int] = field(default_factory=lambda: [0, 2, 5])
-    subjects: list[str] = field(
+    subjects: list[str] | None = field(
         default_factory=lambda: [
             "elementary_mathematics",
             "electrical_engineering",
