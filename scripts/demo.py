@@ -2,11 +2,15 @@
 
 1. extracts every layer's last-token representation of a subject-balanced MMLU subset, once
    per shot count (0, 2 and 5 shots by default) with scripts/extract_repr.py;
-2. analyses every layer of every run with scripts/analyze_repr.py (intrinsic dimension,
-   density peaks, ARI with subjects and letters, overlaps) and draws the figures;
-3. writes a one-page report, results/demo/report.md, with a table per run and the figures.
+3. fine-tunes SmolLM2 with LoRA on MMLU questions of the same subjects that are never analysed
+   (scripts/finetune.py), and extracts the fine-tuned model and its log-spaced checkpoints
+   0-shot on the analysis subset;
+4. analyses every layer of every run with scripts/analyze_repr.py (intrinsic dimension,
+   density peaks, ARI with subjects and letters, overlaps; checkpoints against the pretrained
+   0-shot representation) and draws the figures;
+5. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in under 10 minutes; a
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 12 minutes; a
 rerun reuses finished extractions.
 
 Launch:
@@ -19,6 +23,7 @@ Launch:
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +37,15 @@ from adaptlab.plotting.report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def extract(cfg: DemoConfig, shots: int) -> Path:
-    """One extraction run, exactly as a user would launch it."""
-    out = Path(cfg.output_dir) / f"{shots}shot"
-    cmd = [
-        sys.executable, str(ROOT / "scripts" / "extract_repr.py"),
+def run_script(name: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], check=True)
+
+
+def extract(cfg: DemoConfig, model: str, shots: int, out: Path) -> Path:
+    """One extraction run of the analysis subset, exactly as a user would launch it."""
+    args = [
         "--config", cfg.extract_preset,
-        "--model", cfg.model,
+        "--model", model,
         "--num_shots", str(shots),
         "--samples_per_subject", str(cfg.samples_per_subject),
         "--batch_size", str(cfg.batch_size),
@@ -46,43 +53,76 @@ def extract(cfg: DemoConfig, shots: int) -> Path:
         "--overwrite", "true",  # the demo owns its folder: a changed setting replaces the run
     ]  # fmt: skip
     if cfg.subjects is not None:
-        cmd += ["--subjects", "[" + ",".join(cfg.subjects) + "]"]
-    print(f"\n== {shots}-shot extraction -> {out}", flush=True)
-    subprocess.run(cmd, check=True)
+        args += ["--subjects", "[" + ",".join(cfg.subjects) + "]"]
+    print(f"\n== extraction of {model} ({shots}-shot) -> {out}", flush=True)
+    run_script("extract_repr.py", *args)
     return out
 
 
-def report(runs: dict[int, Path]) -> None:
+def finetune(cfg: DemoConfig) -> Path:
+    """A short LoRA fine-tune on questions the analysis never sees (its preset checks that)."""
+    out = Path(cfg.output_dir) / "finetune"
+    print(f"\n== LoRA fine-tuning -> {out}", flush=True)
+    run_script("finetune.py", "--config", cfg.finetune_preset, "--model", cfg.model,
+               "--output_dir", str(out))  # fmt: skip
+    return out
+
+
+def checkpoint_steps(finetuned: Path) -> list[Path]:
+    """The log-spaced ``step_{s}`` checkpoints (s >= 1), in step order."""
+    steps = [p for p in (finetuned / "checkpoints").glob("step_*") if p.name != "step_0"]
+    return sorted(steps, key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+
+
+def print_runs(runs: dict[str, Path]) -> None:
     """Accuracy and throughput of each run, one line each."""
-    columns = ("shots", "N", "acc", "acc A-D", "macro A-D", "tok/s", "layers")
+    columns = ("run", "N", "acc", "acc A-D", "macro A-D", "tok/s", "layers")
     print("\n" + "  ".join(f"{c:>9}" for c in columns))
-    for shots, out in runs.items():
+    for name, out in runs.items():
         m = read_json(out / "manifest.json")
         acc, t = m["accuracy"], m["timings"]
         values = (
-            shots, m["n_examples"], f"{acc['micro']:.3f}", f"{acc['constrained_micro']:.3f}",
+            name, m["n_examples"], f"{acc['micro']:.3f}", f"{acc['constrained_micro']:.3f}",
             f"{acc['constrained_macro']:.3f}", f"{t['tokens_per_second']:.0f}", len(m["layers"]),
         )  # fmt: skip
         print("  ".join(f"{v:>9}" for v in values))
-    print(f"\nRepresentations, manifests and statistics are in {Path(out).parent}/")
 
 
-def analyse(cfg: DemoConfig, runs: dict[int, Path]) -> Path:
-    """Landscape metrics of every layer of every run, and their figures."""
+def analyse(cfg: DemoConfig, runs: dict[str, Path], checkpoints: list[Path]) -> Path:
+    """Landscape metrics of every layer of every run (checkpoints against 0-shot), figures."""
     out = Path(cfg.output_dir) / "analysis"
-    cmd = [
-        sys.executable, str(ROOT / "scripts" / "analyze_repr.py"),
+    args = [
         "--config", cfg.analyze_preset,
         "--runs", "[" + ",".join(str(p) for p in runs.values()) + "]",
+        "--reference", next(iter(runs)),
         "--output_dir", str(out),
         "--plot", "true",
     ]  # fmt: skip
-    print(f"\n== analysis of {len(runs)} runs -> {out}", flush=True)
-    subprocess.run(cmd, check=True)
+    if checkpoints:
+        args += ["--checkpoints", "[" + ",".join(str(p) for p in checkpoints) + "]"]
+    print(f"\n== analysis of {len(runs) + len(checkpoints)} runs -> {out}", flush=True)
+    run_script("analyze_repr.py", *args)
     return out
 
 
-def write_demo_report(cfg: DemoConfig, runs: dict[int, Path], analysis: Path) -> Path:
+def finetune_note(finetuned: Path) -> str:
+    """One paragraph on how the fine-tuned runs were trained, from the run's result.json."""
+    result = read_json(finetuned / "result.json")
+    evals = result["metrics"]["evals"]
+    first, last = evals[0], evals[-1]
+    return (
+        f"Fine-tuned: {result['method']['name']} on {result['data']['train']['n']} held-out "
+        "questions of the same subjects for "
+        f"{last['step']} steps (loss on the answer letter only). On {last['n']} evaluation "
+        f"questions: accuracy (A-D) {first['constrained_micro']:.3f} -> "
+        f"{last['constrained_micro']:.3f}, ECE {first['ece']:.3f} -> {last['ece']:.3f}, loss "
+        f"{first['loss']:.2f} -> {last['loss']:.2f}. Checkpoints at steps "
+        f"{', '.join(p.name.split('_')[-1] for p in checkpoint_steps(finetuned))} are compared "
+        "with the pretrained 0-shot representation by data overlap (k=30)."
+    )
+
+
+def write_demo_report(cfg: DemoConfig, runs: dict[str, Path], analysis: Path) -> Path:
     manifest = read_json(analysis / "analysis_manifest.json")
     figures = sorted((analysis / "figures").glob("*.png"))
     path = write_report(
@@ -91,6 +131,7 @@ def write_demo_report(cfg: DemoConfig, runs: dict[int, Path], analysis: Path) ->
         manifest["summary"],
         figures,
         title="Representation landscape of SmolLM2-135M on MMLU (make demo)",
+        notes=[finetune_note(Path(cfg.output_dir) / "finetune")] if cfg.finetune_preset else None,
     )
     print(f"report -> {path}")
     return path
@@ -98,9 +139,18 @@ def write_demo_report(cfg: DemoConfig, runs: dict[int, Path], analysis: Path) ->
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(DemoConfig, argv)
-    runs = {k: extract(cfg, k) for k in cfg.shots}
-    report(runs)
-    analysis = analyse(cfg, runs)
+    out = Path(cfg.output_dir)
+    runs = {f"{k}shot": extract(cfg, cfg.model, k, out / f"{k}shot") for k in cfg.shots}
+    checkpoints = []
+    if cfg.finetune_preset:
+        tuned = finetune(cfg)
+        runs["finetuned"] = extract(cfg, str(tuned / "final"), 0, out / "finetuned")
+        checkpoints = [
+            extract(cfg, str(step), 0, out / "checkpoints" / step.name)
+            for step in checkpoint_steps(tuned)
+        ]
+    print_runs(runs)
+    analysis = analyse(cfg, runs, checkpoints)
     write_demo_report(cfg, runs, analysis)
 
 

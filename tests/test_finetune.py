@@ -353,8 +353,8 @@ def test_demo_preset_trains_on_rows_outside_the_demo_analysis(tmp_path):
         test[i].index for i in subset_by_subject(test, demo.samples_per_subject, 42, demo.subjects)
     }
     train, evals = set(job.data["train"]["rows"]), set(job.data["eval"]["rows"])
-    assert len(analysed) == 240 and len(train) == 32 and len(evals) == 16
+    assert len(analysed) == 240 and len(train) == 64 and len(evals) == 16
     assert not train & analysed and not train & evals
     per_subject = {s: sum(test[i].subject == s for i in train) for s in cfg.subjects}
-    assert per_subject == dict.fromkeys(cfg.subjects, 8)
-    assert job.total_steps == 8 and not (tmp_path / "d").exists()
+    assert per_subject == dict.fromkeys(cfg.subjects, 16)
+    assert job.total_steps == 16 and not (tmp_path / "d").exists()

@@ -16,6 +16,8 @@ class DemoConfig:
         samples_per_subject: questions per subject.
         extract_preset: YAML preset of scripts/extract_repr.py the runs start from.
         analyze_preset: YAML preset of scripts/analyze_repr.py for the landscape metrics.
+        finetune_preset: YAML preset of scripts/finetune.py for the fine-tuned runs (its
+            training rows must be disjoint from the analysis subset); None skips fine-tuning.
         output_dir: where each run's folder (``{k}shot``), ``analysis/`` and ``report.md`` go.
         batch_size: prompts per forward pass.
     """
@@ -33,6 +35,7 @@ class DemoConfig:
     samples_per_subject: int = 60
     extract_preset: str = "scripts/configs/extract_demo.yaml"
     analyze_preset: str = "scripts/configs/analyze_demo.yaml"
+    finetune_preset: str | None = "scripts/configs/finetune_demo.yaml"
     output_dir: str = "results/demo"
     batch_size: int = 8
 

@@ -15,6 +15,7 @@ def write_report(
     summary: list[dict],
     figures: list[Path],
     title: str = "Representation landscape",
+    notes: list[str] | None = None,
 ) -> Path:
     """Write ``path`` (Markdown): model and data, a row per run, then every figure.
 
@@ -24,6 +25,8 @@ def write_report(
         summary: per-run rows with ``run``, ``n``, ``id_peak_layer``, ``id_peak``,
             ``ari_subjects_peak_layer``, ``ari_subjects_peak``.
         figures: PNG files to include (linked relative to the report).
+        title: the report's heading.
+        notes: paragraphs added after the table (e.g. how a fine-tuned run was trained).
     """
     by_name = {row["run"]: row for row in summary}
     first = runs[0].manifest
@@ -54,6 +57,8 @@ def write_report(
     shots = runs[0].manifest["prompt"].get("shots_source")
     if shots:
         lines += ["", f"Few-shot pool: {shots}."]
+    for note in notes or []:
+        lines += ["", note]
     lines.append("")
     for figure in figures:
         rel = os.path.relpath(figure, path.parent)

@@ -1,0 +1,49 @@
+"""The demo pipeline end to end on a tiny model: extraction, fine-tuning, analysis, report."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import SUBJECTS, load_script, write_mmlu_jsonl
+
+demo = load_script("demo")
+
+
+def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, tmp_path):
+    data = write_mmlu_jsonl(tmp_path / "mmlu.jsonl", per_subject=40, seed=2)
+    presets = {
+        "extract": f"dataset_path: {data}\npoints: [norm1, final_norm, logits]\nprogress: false\n",
+        "analyze": (
+            "metrics:\n  maxk: 20\n  gride_range_max: 16\n  id_scale: 4\n  density_k: 4\n"
+            "  overlap_k: 5\n  probe: false\nprogress: false\n"
+        ),
+        "finetune": (
+            f"dataset_path: {data}\nmethod: lora\ntarget_modules: [q_proj, v_proj]\nlora_r: 4\n"
+            f"subjects: [{', '.join(SUBJECTS)}]\ntrain_split: test\n"
+            "train_exclude_samples_per_subject: 20\ntrain_exclude_seed: 42\n"
+            "train_samples_per_subject: 8\neval_samples_per_subject: 2\nbatch_size: 4\n"
+            "micro_batch_size: 2\nepochs: 1\nlr: 0.01\neval_points: 1\ncheckpoints: 3\n"
+            "max_seq_len: 256\nreport_to: none\nprogress: false\n"
+        ),
+    }
+    for name, text in presets.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    out = tmp_path / "demo"
+    demo.main([
+        "--model", str(tiny_model_dir), "--shots", "[0,1]",
+        "--subjects", f"[{','.join(SUBJECTS)}]", "--samples_per_subject", "20",
+        "--extract_preset", str(tmp_path / "extract.yaml"),
+        "--analyze_preset", str(tmp_path / "analyze.yaml"),
+        "--finetune_preset", str(tmp_path / "finetune.yaml"),
+        "--output_dir", str(out),
+    ])  # fmt: skip
+    records = json.loads((out / "analysis" / "metrics.json").read_text())
+    assert {r["run"] for r in records if r["kind"] == "run"} == {"0shot", "1shot", "finetuned"}
+    steps = {r["run"] for r in records if r["kind"] == "checkpoint"}
+    assert steps == {"step_1", "step_2", "step_3"}  # log-spaced over the 6 training steps
+    assert all(0 <= r["overlap_reference"] <= 1 for r in records if r["kind"] == "checkpoint")
+    report = (out / "report.md").read_text()
+    for row in ("| 0shot | 0 | 60 ", "| 1shot | 1 | 60 ", "| finetuned | 0 | 60 "):
+        assert row in report
+    assert "Fine-tuned: lora on 24 held-out questions" in report
+    assert "![checkpoint_overlap](analysis/figures/checkpoint_overlap.png)" in report
