@@ -152,6 +152,7 @@ def setup(cfg: ExtractConfig) -> Job:
     run_id = outputs.fingerprint(identity)
     out = Path(cfg.output_dir)
     state = outputs.check_output_dir(out, run_id, cfg.overwrite)
+    barrier(info)  # every rank has judged the folder before rank 0 writes into it
     return Job(cfg, info, out, run_id, state, tokenizer, prompts, letter_ids, identity, started)
 
 
@@ -165,6 +166,7 @@ def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
         cfg.model,
         dtype=cfg.dtype,
         device="cpu" if use_fsdp else info.device,
+        compute_device=info.device,  # dtype/attention chosen for where it runs, not where it loads
         attn_implementation=cfg.attn_implementation,
         quantization=cfg.quantization,
         adapter=cfg.adapter,

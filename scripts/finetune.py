@@ -24,18 +24,45 @@ Launch:
     # QLoRA on a 7B model in one 24 GB GPU
     accelerate launch scripts/finetune.py --config scripts/configs/finetune_qlora_7b.yaml
 
-    # two CPU processes (gloo), to check a distributed run without a GPU
+    # weights, gradients and optimiser state sharded over 8 GPUs: FSDP2 full shard with
+    # activation checkpointing, FSDP + QLoRA, or DeepSpeed ZeRO-2 / ZeRO-3
+    accelerate launch --config_file accelerate_configs/fsdp_full_shard_ac.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_landscape_lora.yaml --model meta-llama/Meta-Llama-3-70B
+    accelerate launch --config_file accelerate_configs/fsdp_qlora.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_qlora_7b.yaml --model meta-llama/Meta-Llama-3-70B
+    accelerate launch --config_file accelerate_configs/zero3.yaml scripts/finetune.py \
+        --config scripts/configs/finetune_landscape_lora.yaml --mixed_precision bf16
+
+    # the same under torchrun (--fsdp true, or --deepspeed with the ZeRO JSON)
+    torchrun --nproc_per_node 8 scripts/finetune.py --config ... --fsdp true
+    torchrun --nproc_per_node 8 scripts/finetune.py --config ... \
+        --deepspeed accelerate_configs/deepspeed_zero2.json
+
+    # two nodes x 8 GPUs on SLURM (FSDP2; one launcher per node, ranks from SLURM)
+    ACCEL_CONFIG=accelerate_configs/multi_node.yaml sbatch --nodes=2 --gpus-per-node=8 \
+        slurm/submit_finetune --config scripts/configs/finetune_landscape_lora.yaml
+
+    # two CPU processes (gloo), to check a distributed run without a GPU (add --fsdp true to
+    # shard; DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 ... --deepspeed ... for ZeRO)
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/finetune.py \
         --config scripts/configs/finetune_demo.yaml --output_dir results/finetune/demo_2proc
 
     # the fine-tuned adapter feeds the extraction like any model
     python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
 
+On a GPU the weights load in bf16 with flash-attention 2 when it is installed (SDPA otherwise);
+``batch_size`` is always the global batch, so a run gives the same steps on 1, 2 or 16
+processes. FSDP2 and the DeepSpeed engine are set up by this script, not by accelerate
+(``adaptlab.training.parallel``), so the two-process CPU tests run the cluster code.
+
 Trade-offs: ``gradient_checkpointing`` saves activation memory at ~30% more compute;
 ``micro_batch_size`` trades memory for speed at a fixed global batch; ``checkpoints`` and
 ``save_state_every`` trade disk (a full-model state is ~3x the weights) for lost work on a kill;
-IVON needs lr O(0.1-1) and no gradient clipping; sharded (FSDP/ZeRO) optimiser states are not
-saved for resume yet.
+FSDP shards everything (1/N memory) for an all-gather per block, but each process first loads
+the whole model into CPU memory; ZeRO-2 shards only the optimiser state and gradients (no extra
+traffic), ZeRO-3 also the weights, loaded straight into partitions; ZeRO runs write no resume
+state (a killed run restarts; FSDP and data-parallel runs resume exactly); IVON and AdaLoRA need
+replicated weights (data parallel only); IVON needs lr O(0.1-1) and no gradient clipping.
 """
 
 from __future__ import annotations
@@ -50,12 +77,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
-from adaptlab.distributed import fsdp_requested
+from adaptlab.distributed import DistInfo
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, write_json
 from adaptlab.models import (
@@ -85,6 +112,19 @@ from adaptlab.training.loop import (
 from adaptlab.training.methods import Method, check_method, count_parameters
 from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import TrainingError, build_optimizer
+from adaptlab.training.parallel import (
+    Strategy,
+    deepspeed_engine,
+    fill_deepspeed_config,
+    hidden_from_accelerate,
+    optimizer_state_fraction,
+    param_fraction,
+    requested_strategy,
+    resolve_strategy,
+    shard_fsdp,
+    zero3_loading,
+    zero_train_step,
+)
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
 
 
@@ -94,6 +134,8 @@ class Job:
 
     cfg: FinetuneConfig
     accelerator: Accelerator
+    strategy: Strategy
+    deepspeed_config: dict | None  # the DeepSpeed JSON with its "auto" entries filled
     out: Path
     run_id: str
     run_config: dict
@@ -233,16 +275,23 @@ def output_state(
 def setup(cfg: FinetuneConfig) -> Job:
     """Validate every input and prepare the data; nothing heavy, nothing written."""
     started = time.perf_counter()
-    accelerator = Accelerator(
-        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
-    )
+    requested = requested_strategy(cfg.fsdp, cfg.deepspeed)
+    with hidden_from_accelerate(requested):
+        accelerator = Accelerator(
+            cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+        )
+    strategy = resolve_strategy(requested, accelerator.num_processes)
     check_reporter(cfg.report_to)
-    if cfg.optimizer == "ivon" and (
-        fsdp_requested() or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-    ):
-        raise TrainingError(
-            "IVON keeps one flat state over replicated parameters and cannot run under FSDP or "
-            "ZeRO; launch with plain data parallelism (accelerate_configs/multi_gpu.yaml)."
+    for name in (cfg.optimizer, cfg.method):
+        if name in ("ivon", "adalora") and strategy.name != "ddp":
+            raise TrainingError(
+                f"{name} needs whole, replicated parameters and gradients, so it cannot run under "
+                f"{strategy.name}; use data parallelism (accelerate_configs/multi_gpu.yaml)."
+            )
+    if cfg.resume_from and not strategy.resumable:
+        raise ResumeError(
+            f"Runs under {strategy.name} write no resume state, so resume_from cannot continue "
+            "one; train with FSDP or data parallelism to resume."
         )
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
@@ -264,6 +313,17 @@ def setup(cfg: FinetuneConfig) -> Job:
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
     method = check_method(cfg, skeleton, total_steps)
     resolve_warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+    deepspeed_config = None
+    if strategy.zero_stage is not None:
+        deepspeed_config = fill_deepspeed_config(
+            strategy.deepspeed_config,
+            micro_batch_size=cfg.micro_batch_size,
+            accumulation=plan.accumulation,
+            world=accelerator.num_processes,
+            max_grad_norm=cfg.max_grad_norm,
+            bf16=cfg.mixed_precision == "bf16",
+            hidden_size=skeleton.config.hidden_size,
+        )
 
     settings = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL_FIELDS}
     run_config = json.loads(json.dumps(settings, default=str))
@@ -273,13 +333,17 @@ def setup(cfg: FinetuneConfig) -> Job:
         "rows": {"train": data["train"]["rows"], "eval": data["eval"]["rows"]},
         "dataset": data["provenance"].get("sha256"),
         "processes": accelerator.num_processes,
+        "strategy": strategy.name,
     }
     run_id = ckpt.fingerprint(identity)
     out = Path(cfg.output_dir)
     state, resume_dir = output_state(cfg, out, run_id, run_config)
+    accelerator.wait_for_everyone()  # every process reads the folder before the main one writes
     return Job(
         cfg=cfg,
         accelerator=accelerator,
+        strategy=strategy,
+        deepspeed_config=deepspeed_config,
         out=out,
         run_id=run_id,
         run_config=run_config,
@@ -312,19 +376,30 @@ def prepare_output(job: Job) -> None:
 
 
 def load(job: Job) -> Run:
-    """Load and wrap the model, build the optimiser, prepare the folder, resume if asked."""
-    cfg, acc = job.cfg, job.accelerator
+    """Load, wrap and shard the model, build the optimiser, prepare the folder, resume if asked."""
+    cfg, acc, strategy = job.cfg, job.accelerator, job.strategy
     set_seed(cfg.seed)
-    model = load_model(
-        job.model_ref,
-        dtype=cfg.dtype,
-        device=acc.device,
-        attn_implementation=cfg.attn_implementation,
-        quantization=job.method.quantization,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    model = job.method.prepare(model, cfg, job.total_steps)
+    quantized = job.method.quantization is not None
+    # 4-bit weights are quantized while loading, which zero.Init cannot partition: ZeRO-3
+    # partitions them (packed in the compute dtype) when the engine starts, as FSDP does.
+    with zero3_loading(None if quantized else job.deepspeed_config):
+        model = load_model(
+            job.model_ref,
+            dtype=cfg.dtype,
+            # FSDP moves only this rank's shards to the device (4-bit weights quantize there)
+            device="cpu" if strategy.name == "fsdp" and not quantized else acc.device,
+            compute_device=acc.device,  # bf16 and flash-attention 2 on GPUs, also under FSDP
+            attn_implementation=cfg.attn_implementation,
+            quantization=job.method.quantization,
+            trust_remote_code=cfg.trust_remote_code,
+            shardable_4bit=strategy.name in ("fsdp", "zero3"),
+        )
+        # PEFT gathers partitioned base weights where an adapter's init reads them (DoRA)
+        model = job.method.prepare(model, cfg, job.total_steps)
     n_trainable, n_params = count_parameters(model)
+    if strategy.name == "fsdp":
+        info = DistInfo(acc.process_index, acc.num_processes, acc.device)
+        model = shard_fsdp(model, info, mixed_precision=cfg.mixed_precision)
     optimizer = build_optimizer(
         cfg.optimizer,
         model,
@@ -349,7 +424,10 @@ def load(job: Job) -> Run:
         cfg.warmup_ratio,
         cfg.min_lr_ratio,
     )
-    model, optimizer = acc.prepare(model, optimizer)
+    if strategy.zero_stage is not None:
+        model = deepspeed_engine(model, optimizer, job.deepspeed_config)
+    elif strategy.name == "ddp":
+        model, optimizer = acc.prepare(model, optimizer)
     prepare_output(job)
 
     resume_step = None
@@ -462,7 +540,8 @@ def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> None:
     for name in names:
         save_weights(job, run, name)
     periodic = cfg.save_state_every is not None and step % cfg.save_state_every == 0
-    if (names or periodic) and step < job.total_steps:  # the end has final/ instead
+    resumable = job.strategy.resumable
+    if (names or periodic) and step < job.total_steps and resumable:  # the end has final/
         model, folder = run.model, job.out / ckpt.STATE
         extra = job.method.state(model)
         ckpt.save_state(
@@ -475,7 +554,9 @@ def train(job: Job, run: Run) -> None:
     cfg, acc, state = job.cfg, job.accelerator, run.state
     eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
     checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
-    objective, collate = OBJECTIVES[cfg.objective], TRAIN_DATA[cfg.objective].collate
+    objective = OBJECTIVES[cfg.objective]
+    collate = TRAIN_DATA[cfg.objective].collator(cfg.packing, cfg.max_seq_len)
+    step_fn = zero_train_step if job.strategy.zero_stage is not None else train_step
     if state.step == 0:
         if cfg.save_init:
             save_weights(job, run, f"{ckpt.CHECKPOINTS}/step_0")
@@ -493,7 +574,7 @@ def train(job: Job, run: Run) -> None:
             job.train_items, job.plan, step - 1, collate, job.tokenizer.pad_token_id, acc.device
         )
         started = time.perf_counter()
-        result = train_step(
+        result = step_fn(
             run.model,
             run.optimizer,
             run.scheduler,
@@ -519,6 +600,15 @@ def finalize(job: Job, run: Run) -> dict:
     """Save the final weights, write result.json and drop the resume state."""
     cfg, acc, state = job.cfg, job.accelerator, run.state
     save_weights(job, run, ckpt.FINAL)
+    parallel = {  # what each rank held: the proof that sharding happened
+        "strategy": job.strategy.name,
+        "processes": acc.num_processes,
+        "param_fraction_per_rank": gather_object([param_fraction(run.model)]),
+        "optimizer_state_fraction_per_rank": gather_object([optimizer_state_fraction(run.model)]),
+        "activation_checkpointing": any(
+            getattr(module, "gradient_checkpointing", False) for module in run.model.modules()
+        ),
+    }
     result = {}
     if acc.is_main_process:
         total_seconds = time.perf_counter() - job.started
@@ -540,6 +630,7 @@ def finalize(job: Job, run: Run) -> dict:
                 "accumulation": job.plan.accumulation,
                 "processes": acc.num_processes,
             },
+            "parallel": parallel,
             "metrics": {
                 "final": state.evals[-1] if state.evals else None,
                 "best": state.best,
@@ -588,6 +679,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{cfg.method}: {job.total_steps} steps -> {job.out}  "
             f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
         )
+    job.accelerator.end_training()  # leave the process group: a live gloo one can abort at exit
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process launch's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_mmlu_jsonl(path: Path, per_subject: int = 14, seed: int = 0) -> Path:

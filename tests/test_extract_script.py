@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaptlab.extract import runner
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, free_port, load_script
 
 extract_repr = load_script("extract_repr")
 
@@ -144,12 +143,6 @@ def test_output_dir_of_a_different_run_is_refused(reference, tiny_model_dir, mml
     with pytest.raises(SystemExit):
         extract_repr.main(args_for(tiny_model_dir, mmlu_file, reference, "--num_shots", "2"))
     assert "different run" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,22 +68,47 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def shard_fsdp2(model: nn.Module, blocks: nn.ModuleList, info: DistInfo) -> nn.Module:
+def shard_fsdp2(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    info: DistInfo,
+    *,
+    reshard_after_forward: bool = True,
+    mp_policy: Any = None,
+    offload_policy: Any = None,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> nn.Module:
     """Shard ``model`` with FSDP2 (``fully_shard`` per block, then the root).
 
     Each rank keeps ``1/world`` of every parameter; a block's full weights exist only while it
     runs. Module objects are unchanged, so hooks attached by reference keep working. The same
     call serves CUDA (NCCL) and CPU (gloo) process groups.
+
+    Args:
+        model: the model, on the CPU or on ``info.device``.
+        blocks: its transformer blocks, one FSDP unit each.
+        info: rank, world and device of this process.
+        reshard_after_forward: free each block's gathered weights after its forward (training
+            gathers them again in backward; ``False`` trades memory for one all-gather less).
+        mp_policy: a ``MixedPrecisionPolicy`` (default: compute in the parameters' dtype).
+        offload_policy: an ``OffloadPolicy`` (``CPUOffloadPolicy`` keeps shards in CPU memory).
+        ignored_params: parameters left whole on every rank.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world,))
+    given = {
+        "mp_policy": mp_policy,
+        "offload_policy": offload_policy,
+        "ignored_params": ignored_params,
+    }
+    options = {"mesh": mesh, **{key: value for key, value in given.items() if value is not None}}
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     # Explicit for the root too: FSDP2 otherwise keeps the root's weights (embeddings, head)
     # gathered after forward, expecting a backward; inference wants them sharded again.
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True, **options)
     return model
 
 

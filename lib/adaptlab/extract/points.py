@@ -45,12 +45,20 @@ def _first_attr(module: nn.Module, names: tuple[str, ...], what: str) -> nn.Modu
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain HF model under PEFT/DDP wrappers (same module objects, no copies)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The plain HF model under PEFT/DDP wrappers in any nesting (same module objects, no copies).
+
+    DDP around PEFT (``DDP(PeftModel(model))``) is how a LoRA run trains on several GPUs.
+    """
+    while True:
+        if hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

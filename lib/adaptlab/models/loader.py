@@ -436,7 +436,7 @@ def _supported_attn(auto_cls: Any, config: Any, attn: str) -> str:
     return attn
 
 
-def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+def _quantization_config(quantization: str, dtype: torch.dtype, shardable: bool = False) -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             f"quantization={quantization!r} needs the bitsandbytes package; install it with "
@@ -445,10 +445,19 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        # FSDP and ZeRO-3 shard floating-point tensors only: then the packed 4-bit values are
+        # stored in the compute dtype instead of uint8 (same bits, shardable).
+        storage = {"bnb_4bit_quant_storage": dtype} if shardable else {}
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, **storage
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _zero3_init_active() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _device_map_target(device: str | torch.device) -> str:
@@ -490,6 +499,8 @@ def load_model(
     quantization: Quantization = None,
     adapter: str | None = None,
     trust_remote_code: bool = False,
+    shardable_4bit: bool = False,
+    compute_device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Load a model, optionally quantized and with PEFT adapters, in eval mode.
 
@@ -508,6 +519,11 @@ def load_model(
         quantization: ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` via bitsandbytes.
         adapter: a PEFT adapter folder or hub id to load on top of the model.
         trust_remote_code: allow model code shipped with the checkpoint to run.
+        shardable_4bit: store 4-bit weights in ``dtype`` (``bnb_4bit_quant_storage``) so that
+            FSDP or ZeRO-3 can shard them (FSDP + QLoRA).
+        compute_device: the device the model will run on when it is loaded on another one
+            first (FSDP loads on the CPU, then moves each rank's shards to its GPU): ``"auto"``
+            dtype and attention are picked for it. Default: ``device``.
 
     Returns:
         The model (a ``peft.PeftModel`` when an adapter was loaded), in eval mode. For an
@@ -540,8 +556,9 @@ def load_model(
 
     config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
     auto_cls = _auto_class(config, kind)
-    torch_dtype = pick_dtype(dtype, device)
-    attn = pick_attn_implementation(attn_implementation, device, torch_dtype)
+    runs_on = device if compute_device is None else compute_device
+    torch_dtype = pick_dtype(dtype, runs_on)
+    attn = pick_attn_implementation(attn_implementation, runs_on, torch_dtype)
     if str(attn_implementation).lower() == "auto":
         attn = _supported_attn(auto_cls, config, attn)
 
@@ -552,8 +569,12 @@ def load_model(
     }
     on_cpu = torch.device(device).type == "cpu"
     if quantization is not None:
-        kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
-    if quantization is not None or not on_cpu:
+        kwargs["quantization_config"] = _quantization_config(
+            quantization, torch_dtype, shardable_4bit
+        )
+    # Under ZeRO-3 initialisation (transformers' HfDeepSpeedConfig alive) zero.Init places the
+    # weight partitions itself and transformers refuses a device_map.
+    if quantization is not None or not (on_cpu or _zero3_init_active()):
         kwargs["device_map"] = {"": _device_map_target(device)}
     model = auto_cls.from_pretrained(root.path, **kwargs)
     if root.source == "embedded":

@@ -5,8 +5,11 @@
 - :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
+- :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
 - :mod:`~adaptlab.training.metrics`: micro/macro accuracy, ECE and reliability bins;
-- :mod:`~adaptlab.training.freezing`: freeze head / embeddings / first blocks, BitFit.
+- :mod:`~adaptlab.training.freezing`: freeze head / embeddings / first blocks, BitFit;
+- :mod:`~adaptlab.training.parallel`: data parallel, FSDP2 or DeepSpeed ZeRO over the
+  processes of a run, whole state dicts from shards, the ZeRO training step.
 
 A training step with gradient accumulation, correct for every optimiser::
 
@@ -43,6 +46,7 @@ from adaptlab.training.objectives import (
     answer_only_labels,
     causal_lm_loss,
     collate_answer_only,
+    collate_packed_answer_only,
     encode_answer_only,
     first_token_positions,
     get_objective,
@@ -97,6 +101,7 @@ __all__ = [
     "build_scheduler",
     "causal_lm_loss",
     "collate_answer_only",
+    "collate_packed_answer_only",
     "encode_answer_only",
     "expected_calibration_error",
     "first_token_positions",

@@ -19,7 +19,9 @@ step counter, which its ``state_dict`` omits), every
 process's RNG states (python, numpy, torch, CUDA), method state (AdaLoRA's allocator) and
 ``trainer_state.json`` (step, data position, evaluations so far). Restored onto a model
 prepared exactly as in a fresh run, the remaining steps are the same computation as in an
-uninterrupted run.
+uninterrupted run. Under FSDP every process writes its own slices of the trainable parameters
+and of the optimiser state (``shard_rank{r}.safetensors``, no pickle) instead of the first two
+files; the run resumes with the same number of processes.
 
 Every folder is written under a temporary name and renamed into place (the previous version
 is moved aside first and deleted after), so a kill never leaves a half-written checkpoint
@@ -46,11 +48,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptlab.errors import UserError
 from adaptlab.io import read_json, save_tensors, write_json
 from adaptlab.training.optim import unwrap_optimizer
+from adaptlab.training.parallel import full_state_dict, is_fsdp
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -160,8 +164,9 @@ def save_weights(
 ) -> None:
     """Write the model (``adapter``: only the PEFT adapter) to ``folder``, atomically.
 
-    Every process must call it: gathering a sharded model's state dict is a collective. Only
-    the main process writes.
+    Every process must call it: gathering a sharded (FSDP2, ZeRO-3) model's state dict is a
+    collective; for an adapter only the trainable parameters are gathered. Only the main
+    process writes.
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
@@ -171,7 +176,7 @@ def save_weights(
         tokenizer: saved next to a whole model, so the folder loads on its own.
         meta: written as ``adaptlab_checkpoint.json``.
     """
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model, trainable_only=adapter)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with atomic_dir(folder) as tmp:
@@ -256,6 +261,81 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_PARAM = "param/"
+_OPTIM = "optimizer/"
+
+
+def _shard_file(rank: int) -> str:
+    return f"shard_rank{rank}.safetensors"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a ``DTensor`` (FSDP2 shard), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def sharded_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's slices of the trainable parameters and of the optimiser state (FSDP2).
+
+    Returns:
+        Tensors named ``param/{name}`` and ``optimizer/{index}/{key}``, and safetensors
+        metadata: ``param_groups`` (JSON), ``sharded`` (JSON list of the optimiser entries that
+        are ``DTensor`` slices) and ``values`` (JSON of the non-tensor state entries).
+    """
+    tensors = {
+        _PARAM + name: _local(param.detach()).cpu().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+    state = unwrap_optimizer(optimizer).state_dict()
+    sharded, values = [], {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            name = f"{_OPTIM}{index}/{key}"
+            if not isinstance(value, torch.Tensor):
+                values[name] = value
+                continue
+            if hasattr(value, "to_local"):
+                sharded.append(name)
+            tensors[name] = _local(value.detach()).cpu().clone()
+    metadata = {
+        "param_groups": json.dumps(state["param_groups"]),
+        "sharded": json.dumps(sharded),
+        "values": json.dumps(values),
+    }
+    return tensors, metadata
+
+
+def load_sharded_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], metadata: dict
+) -> None:
+    """Restore the optimiser state written by :func:`sharded_state` on the same mesh."""
+    from torch.distributed.tensor import DTensor
+
+    inner = unwrap_optimizer(optimizer)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    sharded = set(json.loads(metadata["sharded"]))
+    entries: dict[str, Any] = dict(json.loads(metadata["values"]))
+    entries.update({k: v for k, v in tensors.items() if k.startswith(_OPTIM)})
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in entries.items():
+        index, key = name.removeprefix(_OPTIM).split("/", 1)
+        param = params[int(index)]
+        if name in sharded:
+            value = DTensor.from_local(
+                value.to(param.device),
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            )
+        state.setdefault(int(index), {})[key] = value
+    inner.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+
+
 def save_state(
     accelerator: Any,
     model: torch.nn.Module,
@@ -268,7 +348,8 @@ def save_state(
     """Write everything an exact resume needs to ``folder``, atomically; every process calls it.
 
     The optimiser state is that of the main process: parameters and optimiser states are
-    replicated across data-parallel processes (sharded FSDP/ZeRO states are not handled).
+    replicated across data-parallel processes. Under FSDP each process writes its shards
+    (:func:`sharded_state`). ZeRO states are not handled.
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
@@ -286,12 +367,17 @@ def save_state(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / _rng_file(accelerator.process_index))
+    sharded = is_fsdp(model)
+    if sharded:
+        tensors, metadata = sharded_state(model, optimizer)
+        save_tensors(tmp / _shard_file(accelerator.process_index), tensors, metadata)
     if accelerator.is_main_process:
-        save_tensors(tmp / _TRAINABLE, trainable_tensors(accelerator.unwrap_model(model)))
-        inner = unwrap_optimizer(optimizer)
-        attributes = {a: getattr(inner, a) for a in _OPTIMIZER_ATTRIBUTES if hasattr(inner, a)}
-        optimizer_state = {"state_dict": optimizer.state_dict(), "attributes": attributes}
-        torch.save(optimizer_state, tmp / _OPTIMIZER)
+        if not sharded:
+            save_tensors(tmp / _TRAINABLE, trainable_tensors(accelerator.unwrap_model(model)))
+            inner = unwrap_optimizer(optimizer)
+            attributes = {a: getattr(inner, a) for a in _OPTIMIZER_ATTRIBUTES if hasattr(inner, a)}
+            optimizer_state = {"state_dict": optimizer.state_dict(), "attributes": attributes}
+            torch.save(optimizer_state, tmp / _OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / _SCHEDULER)
         torch.save(dict(method_state), tmp / _METHOD)
         write_json(tmp / STATE_FILE, asdict(state))
@@ -343,7 +429,19 @@ def load_state(
             f"{found} was saved by fewer processes than this run has "
             f"({accelerator.num_processes}); resume with the same number of processes."
         )
-    saved = load_file(found / _TRAINABLE)
+    sharded = is_fsdp(model)
+    if sharded != (found / _shard_file(accelerator.process_index)).is_file():
+        raise ResumeError(
+            f"{found} was saved {'without' if sharded else 'with'} FSDP; resume it the way it was "
+            "launched."
+        )
+    if sharded:
+        with safe_open(found / _shard_file(accelerator.process_index), "pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(found / _shard_file(accelerator.process_index))
+        saved = {k.removeprefix(_PARAM): v for k, v in tensors.items() if k.startswith(_PARAM)}
+    else:
+        saved = load_file(found / _TRAINABLE)
     params = dict(accelerator.unwrap_model(model).named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(saved) != expected:
@@ -354,11 +452,14 @@ def load_state(
         )
     with torch.no_grad():
         for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer_state = _load(found / _OPTIMIZER)
-    optimizer.load_state_dict(optimizer_state["state_dict"])
-    for name, value in optimizer_state["attributes"].items():
-        setattr(unwrap_optimizer(optimizer), name, value)
+            _local(params[name]).copy_(tensor)
+    if sharded:
+        load_sharded_optimizer(optimizer, tensors, metadata)
+    else:
+        optimizer_state = _load(found / _OPTIMIZER)
+        optimizer.load_state_dict(optimizer_state["state_dict"])
+        for name, value in optimizer_state["attributes"].items():
+            setattr(unwrap_optimizer(optimizer), name, value)
     scheduler.load_state_dict(_load(found / _SCHEDULER))
     method_state = _load(found / _METHOD)
     set_rng_state(_load(rng_path))

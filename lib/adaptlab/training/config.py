@@ -42,6 +42,8 @@ OPERATIONAL_FIELDS = frozenset(
         "peak_flops",
         "log_every",
         "eval_batch_size",
+        "fsdp",  # how the run is spread over processes: recorded in its fingerprint as resolved
+        "deepspeed",
     }
 )
 
@@ -98,6 +100,10 @@ class FinetuneConfig:
         eval_num_shots: in-context examples in evaluation prompts (0-5, same subject).
         max_seq_len: longest training/evaluation sequence; prompts lose tokens from the left.
         weighted_loss: weight examples by w = N / (S n_subject), so every subject counts alike.
+        packing: pack each micro-batch's examples into rows of at most ``max_seq_len`` tokens
+            instead of padding them (no attention across examples, position ids restart, the
+            same per-example losses; ``adaptlab.training.packing``). Faster when
+            ``micro_batch_size`` > 1; with dropout the masks differ from a padded run's.
         objective: training loss, a key of ``adaptlab.training.objectives.OBJECTIVES`` with a
             data builder in ``adaptlab.training.loop.TRAIN_DATA`` (``answer_only`` for now).
         optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
@@ -146,6 +152,11 @@ class FinetuneConfig:
         resume_from: a run folder to continue (its files are copied into ``output_dir``
             first); it must come from the same config.
         cpu: train on the CPU even when a GPU is present.
+        fsdp: shard parameters, gradients and optimiser state over the processes with FSDP2
+            (None: when launched with an accelerate FSDP config; ignored with one process).
+        deepspeed: DeepSpeed JSON config (``accelerate_configs/deepspeed_zero{2,3}.json``) to
+            train through the ZeRO engine; its ``"auto"`` entries are filled from this config
+            (None: the file an accelerate DeepSpeed config names; ignored with one process).
     """
 
     model: str = "embedded:smollm2-135m"
@@ -185,6 +196,7 @@ class FinetuneConfig:
     eval_num_shots: int = 0
     max_seq_len: int = 512
     weighted_loss: bool = False
+    packing: bool = False
     objective: str = "answer_only"
     optimizer: str = "adamw"
     lr: float = 5e-5
@@ -226,6 +238,8 @@ class FinetuneConfig:
     overwrite: bool = False
     resume_from: str | None = None
     cpu: bool = False
+    fsdp: bool | None = None
+    deepspeed: str | None = None
 
     def __post_init__(self) -> None:
         from adaptlab.training.loop import TRAIN_DATA
@@ -247,6 +261,10 @@ class FinetuneConfig:
                 f"task layer brings it); use {', '.join(TRAIN_DATA)}."
             )
         checks = [
+            (
+                not self.packing or TRAIN_DATA[self.objective].pack is not None,
+                f"objective={self.objective!r} cannot pack its batches; use packing=false.",
+            ),
             (self.lora_r >= 1, f"lora_r={self.lora_r} must be at least 1."),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is not in [0, 1)."),
             (

@@ -90,7 +90,8 @@ def parameter_roles(model: nn.Module) -> ParameterRoles:
 
 
 def _count(params: list[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
+    # ZeRO-3 partitioned parameters are empty locally; ds_numel is their full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
 def freeze(

@@ -7,6 +7,9 @@
     result = train_step(model, optimizer, scheduler, batches, objective, accelerator, method,
                         step + 1)
 
+``TRAIN_DATA[objective].collator(packing, max_seq_len)`` is a run's collate function: padded
+batches, or packed ones (several examples per row, ``adaptlab.training.packing``).
+
 Data order is a function of (seed, epoch) only: epoch e visits the training set in the order
 ``numpy.random.default_rng([seed, e]).permutation(N)``, step s takes batch ``s mod S`` of epoch
 ``s // S`` (S = N // batch_size, the tail of each epoch is dropped), and process r takes
@@ -26,6 +29,7 @@ letter token over the vocabulary (``loss``). Micro = over questions, macro = mea
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -46,7 +50,12 @@ from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.training.methods import Method
 from adaptlab.training.metrics import accuracy_report, expected_calibration_error
-from adaptlab.training.objectives import Objective, collate_answer_only, encode_answer_only
+from adaptlab.training.objectives import (
+    Objective,
+    collate_answer_only,
+    collate_packed_answer_only,
+    encode_answer_only,
+)
 from adaptlab.training.optim import (
     TrainingError,
     accumulation_loss_scale,
@@ -72,14 +81,29 @@ class TrainData:
             with at least ``input_ids`` (list of ids) and ``weight`` (float).
         collate: ``(items, pad_token_id) -> batch`` of tensors with ``attention_mask`` and
             whatever the objective reads.
+        pack: ``(items, pad_token_id, max_len) -> batch`` packed into rows (``packing=true``,
+            see ``adaptlab.training.packing``), or ``None`` where the objective cannot pack.
     """
 
     encode: Callable[..., list[Any]]
     collate: Callable[[Sequence[Any], int], dict[str, torch.Tensor]]
+    pack: Callable[[Sequence[Any], int, int], dict[str, torch.Tensor]] | None = None
+
+    def collator(
+        self, packing: bool, max_seq_len: int
+    ) -> Callable[[Sequence[Any], int], dict[str, torch.Tensor]]:
+        """The run's ``(items, pad_token_id) -> batch``: padded, or packed into ``max_seq_len``."""
+        if not packing:
+            return self.collate
+        if self.pack is None:
+            raise TrainingError("This objective cannot pack its batches; use packing=false.")
+        return functools.partial(self.pack, max_len=max_seq_len)
 
 
 TRAIN_DATA: dict[str, TrainData] = {
-    "answer_only": TrainData(encode_answer_only, collate_answer_only),
+    "answer_only": TrainData(
+        encode_answer_only, collate_answer_only, pack=collate_packed_answer_only
+    ),
 }
 """Objectives the fine-tuning script can train, by name; the few-shot task layer adds
 ``label_words`` and ``linear_head`` here."""

@@ -381,16 +381,19 @@ def check_method(cfg: FinetuneConfig, skeleton: nn.Module, total_steps: int) -> 
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, shared weights once, 4-bit weights unpacked."""
+    """``(trainable, total)`` parameter counts, shared weights once, 4-bit weights unpacked.
+
+    ZeRO-3 partitioned parameters count with their full size (``ds_numel``).
+    """
     trainable = total = 0
     seen: set[int] = set()
     for param in model.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        n = param.numel()
+        n = getattr(param, "ds_numel", param.numel())
         if type(param).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+            n *= 2 * param.element_size()  # two 4-bit values per stored byte (uint8 or packed)
         total += n
         if param.requires_grad:
             trainable += n

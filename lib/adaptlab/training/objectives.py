@@ -15,12 +15,15 @@ EOS::
 
     examples = encode_answer_only(splits.test, tokenizer, max_seq_len=512, weighted=True)
     batch = collate_answer_only(examples[:4], tokenizer.pad_token_id)
+    # or packed into rows of <= 512 tokens, same per-example losses (adaptlab.training.packing)
+    batch = collate_packed_answer_only(examples[:4], tokenizer.pad_token_id, max_len=512)
     out = OBJECTIVES["answer_only"](model, batch)
     out.loss.backward()
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -31,7 +34,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from adaptlab.data import MMLUExample, build_train_text, sample_weights
+from adaptlab.extract.points import unwrap
 from adaptlab.training.optim import TrainingError
+from adaptlab.training.packing import pack_sequences, packed_model_inputs
 
 IGNORE_INDEX = -100
 
@@ -196,6 +201,30 @@ def collate_answer_only(examples: Sequence[AnswerOnlyExample], pad_token_id: int
     }
 
 
+def collate_packed_answer_only(
+    examples: Sequence[AnswerOnlyExample], pad_token_id: int, max_len: int
+) -> dict:
+    """Pack answer-only examples into rows of at most ``max_len`` tokens (no cross-attention).
+
+    See :mod:`adaptlab.training.packing`; :func:`answer_only_objective` takes the result as it
+    takes a padded batch and gives the same per-example losses.
+
+    Args:
+        examples: ``[B]`` examples from :func:`encode_answer_only`.
+        pad_token_id: id written into padding positions (their labels are -100).
+        max_len: most tokens in one row (the run's ``max_seq_len``).
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids``, ``segment_ids``, ``attention_mask``
+        ``[R, W]`` long and ``weights`` ``[B]`` float32 (in the order of ``examples``).
+    """
+    if not examples:
+        raise TrainingError("collate_packed_answer_only got no examples; batches need one.")
+    batch = pack_sequences(examples, {"input_ids": pad_token_id, "labels": IGNORE_INDEX}, max_len)
+    batch["weights"] = torch.tensor([ex["weight"] for ex in examples], dtype=torch.float32)
+    return batch
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 
@@ -227,40 +256,77 @@ def weighted_mean(
     return (weights * per_example).sum() / norm
 
 
-def per_example_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def per_example_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    segment_ids: Tensor | None = None,
+    n_examples: int = 0,
+    positions: Tensor | None = None,
+) -> Tensor:
     """Mean next-token cross-entropy over each example's label tokens.
 
     Position t's logits predict label t + 1, as in Hugging Face causal LMs; labels equal to
-    -100 are ignored. Only label positions are upcast to float32.
+    -100 are ignored. Only label positions are upcast to float32. In a packed batch a label
+    counts for the example of its position, and only when position t + 1 belongs to that
+    example too.
 
     Args:
-        logits: ``[B, T, V]`` LM logits.
-        labels: ``[B, T]`` token ids or -100.
+        logits: ``[R, T, V]`` LM logits, or ``[R, K, V]`` at ``positions`` only.
+        labels: ``[R, T]`` token ids or -100.
+        segment_ids: ``[R, T]`` example of every position of a packed batch (-1 on padding),
+            or ``None``: row b is example b.
+        n_examples: B, the examples of a packed batch.
+        positions: ``[K]`` the positions ``logits`` holds (:func:`label_positions`), or
+            ``None`` for all T.
 
     Returns:
-        ``[B]`` float32 losses.
+        ``[B]`` float32 losses (B = R without ``segment_ids``).
 
     Raises:
         TrainingError: shapes that do not match, or an example without label tokens.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+    width = labels.shape[1] if positions is None else len(positions)
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != (labels.shape[0], width):
         raise TrainingError(
             f"logits {list(logits.shape)} and labels {list(labels.shape)} do not match; expected "
-            "[B, T, V] and [B, T]."
+            "[B, T, V] and [B, T] (or [B, K, V] at K positions)."
         )
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    counts = mask.sum(dim=1)
+    if positions is None:
+        positions = torch.arange(labels.shape[1] - 1, device=labels.device)
+        logits = logits[:, :-1]
+    targets = labels[:, positions + 1]
+    mask = targets != IGNORE_INDEX
+    if segment_ids is None:
+        n_examples = labels.shape[0]
+        owners = mask.nonzero()[:, 0]
+    else:
+        here = segment_ids[:, positions]
+        mask &= segment_ids[:, positions + 1] == here
+        owners = here[mask]
+    counts = torch.bincount(owners, minlength=n_examples)
     if bool((counts == 0).any()):
         rows = (counts == 0).nonzero().flatten().tolist()
+        what = "rows" if segment_ids is None else "examples"
         raise TrainingError(
-            f"Batch rows {rows} have no label token after the first position; every example "
+            f"Batch {what} {rows} have no label token after the first position; every example "
             "needs at least one answer token (see answer_only_labels)."
         )
-    token_loss = F.cross_entropy(logits[:, :-1][mask].float(), shift_labels[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
-    return sums.index_add(0, rows, token_loss) / counts
+    token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    sums = torch.zeros(n_examples, dtype=token_loss.dtype, device=token_loss.device)
+    return sums.index_add(0, owners, token_loss) / counts
+
+
+def label_positions(labels: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+    """``[K]`` positions t whose logits some row needs: label t + 1 is not -100 (same example).
+
+    Answer-only batches need the LM head at K <= B positions, not at all T: passed to the
+    model as ``logits_to_keep``, this skips most of the head's compute and its ``[R, T, V]``
+    logits.
+    """
+    needed = labels[:, 1:] != IGNORE_INDEX
+    if segment_ids is not None:
+        needed &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    return needed.any(dim=0).nonzero().flatten()
 
 
 def causal_lm_loss(
@@ -422,13 +488,33 @@ def _forward(model: nn.Module, batch: Mapping[str, Any], **kwargs: Any) -> Any:
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
 
 
+def _skips_head(model: nn.Module) -> bool:
+    """Whether the model computes logits at chosen positions only (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
 def answer_only_objective(
     model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
 ) -> ObjectiveOutput:
-    """Causal LM loss on the answer tokens (batch: ``input_ids``, ``labels``, opt. ``weights``)."""
+    """Causal LM loss on the answer tokens (batch: ``input_ids``, ``labels``, opt. ``weights``).
+
+    A packed batch (:func:`collate_packed_answer_only`, with ``segment_ids``) gives the same
+    per-example losses. The LM head runs only where a label is (:func:`label_positions`) when
+    the model takes ``logits_to_keep``.
+    """
     _require(batch, ("input_ids", "labels"), "answer_only")
-    logits = _forward(model, batch).logits
-    per_example = per_example_lm_loss(logits, batch["labels"])
+    if "segment_ids" in batch:
+        _require(batch, ("position_ids", "weights"), "answer_only")
+        inputs, labels, segments = packed_model_inputs(model, batch)
+        n_examples = len(batch["weights"])
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        inputs["use_cache"] = False
+        labels, segments, n_examples = batch["labels"], None, 0
+    positions = label_positions(labels, segments) if _skips_head(model) else None
+    keep = {} if positions is None else {"logits_to_keep": positions}
+    logits = model(**inputs, **keep).logits
+    per_example = per_example_lm_loss(logits, labels, segments, n_examples, positions)
     loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
     return ObjectiveOutput(loss, per_example, None)
 

@@ -1,0 +1,508 @@
+"""How a fine-tuning run is spread over processes: data parallel, FSDP2 or DeepSpeed ZeRO.
+
+| strategy | parameters          | gradients        | optimiser state | resume |
+|----------|---------------------|------------------|-----------------|--------|
+| ``ddp``  | replicated          | all-reduced      | replicated      | exact  |
+| ``fsdp`` | sharded (FSDP2)     | reduce-scattered | sharded         | exact  |
+| ``zero1``| replicated          | all-reduced      | partitioned     | no     |
+| ``zero2``| replicated          | partitioned      | partitioned     | no     |
+| ``zero3``| partitioned         | partitioned      | partitioned     | no     |
+
+``fsdp`` is asked for with ``fsdp=true`` or an accelerate FSDP config (``ACCELERATE_USE_FSDP``);
+``zero{1,2,3}`` with ``deepspeed=CONFIG.json`` or an accelerate DeepSpeed config that names one.
+With one process every strategy falls back to ``ddp`` (nothing to shard across).
+
+Both sharded strategies are set up here rather than by ``accelerator.prepare``: accelerate
+builds its FSDP state only on GPUs and runs DeepSpeed only on GPUs, so a CPU launch would
+silently train unsharded. Doing it ourselves makes a two-process CPU (gloo) run execute the
+same code as a GPU cluster::
+
+    strategy = requested_strategy(cfg.fsdp, cfg.deepspeed)   # before the Accelerator exists
+    ...
+    model = shard_fsdp(model, info, mixed_precision="bf16")  # FSDP2: per block, then the root
+    engine = deepspeed_engine(model, optimizer, fill_deepspeed_config(...))  # ZeRO
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps the module objects, so PEFT, the hooks and
+the optimiser see the same modules; parameters become ``DTensor`` shards. The DeepSpeed engine
+is driven directly (:func:`zero_train_step`): ``engine.backward`` and ``engine.step`` after every
+micro-batch, the optimiser step happening at the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptlab.distributed import DistInfo, fsdp_requested, local_parameter_fraction, shard_fsdp2
+from adaptlab.extract.points import decoder_layers, unwrap
+from adaptlab.training.loop import StepResult
+from adaptlab.training.methods import Method
+from adaptlab.training.objectives import Objective
+from adaptlab.training.optim import TrainingError
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the run is spread over its processes.
+
+    Attributes:
+        name: ``ddp``, ``fsdp`` or ``zero{stage}``.
+        deepspeed_config: the DeepSpeed JSON as written (``"auto"`` entries unfilled).
+    """
+
+    name: str
+    deepspeed_config: Mapping[str, Any] | None = None
+
+    @property
+    def zero_stage(self) -> int | None:
+        return int(self.name[4:]) if self.name.startswith("zero") else None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the run writes resume states (ZeRO's partitioned optimiser does not)."""
+        return self.zero_stage is None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
+def requested_strategy(fsdp: bool | None, deepspeed: str | None) -> Strategy:
+    """The strategy asked for by the config or the launcher, before any process group exists.
+
+    Args:
+        fsdp: ``FinetuneConfig.fsdp`` (None: from ``ACCELERATE_USE_FSDP``).
+        deepspeed: ``FinetuneConfig.deepspeed`` (None: the JSON an accelerate DeepSpeed config
+            names in ``deepspeed_config_file``).
+
+    Raises:
+        TrainingError: both FSDP and DeepSpeed asked for, an accelerate DeepSpeed config without
+            a JSON file, or an unreadable or unsupported DeepSpeed JSON.
+    """
+    from_accelerate = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    path = deepspeed or (
+        os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if from_accelerate else None
+    )
+    if from_accelerate and not path:
+        raise TrainingError(
+            "The accelerate DeepSpeed config names no deepspeed_config_file; point it to a JSON "
+            "such as accelerate_configs/deepspeed_zero3.json or pass --deepspeed."
+        )
+    use_fsdp = fsdp_requested() if fsdp is None else fsdp
+    if path and use_fsdp:
+        raise TrainingError(
+            "Both FSDP and DeepSpeed are asked for (fsdp, deepspeed or the accelerate config); "
+            "pick one."
+        )
+    if path:
+        config = read_deepspeed_config(path)
+        return Strategy(f"zero{config['zero_optimization']['stage']}", config)
+    return Strategy("fsdp" if use_fsdp else "ddp")
+
+
+def read_deepspeed_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a DeepSpeed JSON config for this script.
+
+    Raises:
+        TrainingError: a missing or invalid file, a ZeRO stage other than 1-3, an ``optimizer``
+            or ``scheduler`` section (the run config builds both) or fp16 turned on.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise TrainingError(
+            f"The DeepSpeed config {file} does not exist; pass a JSON file such as "
+            "accelerate_configs/deepspeed_zero3.json."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise TrainingError(f"The DeepSpeed config {file} is not valid JSON ({err}).") from None
+    stage = config.get("zero_optimization", {}).get("stage")
+    checks = [
+        (
+            stage in (1, 2, 3),
+            f"{file} sets zero_optimization.stage={stage}; use 1, 2 or 3 (or plain data "
+            "parallelism without --deepspeed).",
+        ),
+        (
+            not {"optimizer", "scheduler"} & set(config),
+            f"{file} has an optimizer or scheduler section, but the run config builds both; "
+            "remove them.",
+        ),
+        (
+            config.get("fp16", {}).get("enabled", False) in (False, "auto"),
+            f"{file} turns fp16 on, which this script does not offer; use bf16.",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+    return config
+
+
+def resolve_strategy(requested: Strategy, world: int) -> Strategy:
+    """``requested``, or ``ddp`` when there is a single process (nothing to shard across)."""
+    return requested if world > 1 else Strategy("ddp")
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_fsdp(
+    model: nn.Module,
+    info: DistInfo,
+    *,
+    mixed_precision: str = "no",
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Shard a (PEFT-wrapped) causal LM with FSDP2: each decoder block, then the root.
+
+    Call it after the method has wrapped and frozen the model and before the optimiser is
+    built, so the optimiser holds the sharded parameters. Frozen and trainable parameters of a
+    block share one FSDP unit (FSDP2 accepts mixed ``requires_grad``).
+
+    Settings an accelerate FSDP config exports are honoured: ``fsdp_activation_checkpointing``
+    (``FSDP_ACTIVATION_CHECKPOINTING``), ``fsdp_reshard_after_forward``
+    (``FSDP_RESHARD_AFTER_FORWARD``) and ``fsdp_offload_params`` (``FSDP_OFFLOAD_PARAMS``).
+
+    Args:
+        model: the prepared model, on the CPU or on this process's device.
+        info: rank, world and device of this process.
+        mixed_precision: ``bf16`` computes in bfloat16 and reduces gradients in float32.
+        activation_checkpointing: recompute each block's activations in backward (also on
+            when the accelerate config asks for it).
+
+    Returns:
+        The same model object, sharded, on ``info.device``.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    if activation_checkpointing or _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        # Non-reentrant: works with frozen inputs (PEFT) and with FSDP2's hooks.
+        unwrap(model).gradient_checkpointing_enable({"use_reentrant": False})
+    mp_policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    offload = CPUOffloadPolicy() if _env_flag("FSDP_OFFLOAD_PARAMS") else OffloadPolicy()
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("1", "true")
+    # 4-bit weights packed in uint8 lose their quantisation state when FSDP turns them into
+    # DTensors: they stay whole on every rank (packed in a float dtype, they shard).
+    packed = {
+        p
+        for p in model.parameters()
+        if type(p).__name__ == "Params4bit" and not p.is_floating_point()
+    }
+    keep_4bit_packing(model)
+    shard_fsdp2(
+        model,
+        decoder_layers(model),
+        info,
+        reshard_after_forward=reshard,
+        mp_policy=mp_policy,
+        offload_policy=offload,
+        ignored_params=packed,
+    )
+    return model if isinstance(offload, CPUOffloadPolicy) else model.to(info.device)
+
+
+def keep_4bit_packing(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (a no-op on GPUs).
+
+    On first use in eval mode it repacks a weight and its quantisation state in place; FSDP and
+    ZeRO-3 gather a fresh copy of the weight at every forward, which the repacked state would
+    no longer match.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO
+
+
+def fill_deepspeed_config(
+    config: Mapping[str, Any],
+    *,
+    micro_batch_size: int,
+    accumulation: int,
+    world: int,
+    max_grad_norm: float | None,
+    bf16: bool,
+    hidden_size: int,
+) -> dict[str, Any]:
+    """A copy of ``config`` with its ``"auto"`` entries set from the run.
+
+    Batch sizes come from the batch plan, ``gradient_clipping`` from ``max_grad_norm`` (0: none),
+    ``bf16.enabled`` from ``mixed_precision``; ZeRO bucket sizes follow the hidden size as in
+    the transformers integration. ZeRO-3 always gathers weights for saving.
+
+    Raises:
+        TrainingError: a set value that disagrees with the run, or an ``"auto"`` left that
+            nothing fills.
+    """
+    filled = json.loads(json.dumps(config))
+    run = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch_size * accumulation * world,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+    }
+    for key, value in run.items():
+        given = filled.get(key, "auto")
+        if given != "auto" and given != value:
+            raise TrainingError(
+                f"The DeepSpeed config sets {key}={given} but the run needs {value}; set it to "
+                '"auto".'
+            )
+        filled[key] = value
+    filled.setdefault("bf16", {})
+    if filled["bf16"].get("enabled", "auto") == "auto":
+        filled["bf16"]["enabled"] = bf16
+    filled["fp16"] = {"enabled": False}
+    filled.setdefault("zero_allow_untested_optimizer", True)  # SGD / SignGD are plain torch
+    zero = filled["zero_optimization"]
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if zero["stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    left = [key for key, value in _flat_items(filled) if value == "auto"]
+    if left:
+        raise TrainingError(
+            f'The DeepSpeed config leaves {left[0]}="auto", which this script does not fill; '
+            "give a value."
+        )
+    return filled
+
+
+def _flat_items(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            items += _flat_items(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _join_deepspeed() -> None:
+    """Point DeepSpeed's communicator at the process group accelerate created."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def deepspeed_engine(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
+) -> nn.Module:
+    """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine over the existing process group.
+
+    The optimiser stays the caller's (its ``param_groups`` keep the learning rate the
+    scheduler sets); ZeRO partitions its state and, with stage 3, the parameters.
+    """
+    import deepspeed
+
+    keep_4bit_packing(model)
+    _join_deepspeed()
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=dict(config), dist_init_required=False
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def zero3_loading(config: Mapping[str, Any] | None) -> Iterator[None]:
+    """While open, ``from_pretrained`` loads every weight straight into its ZeRO-3 partition.
+
+    No process ever holds the whole model (transformers' ``HfDeepSpeedConfig``, which it and
+    PEFT read through a weak reference; PEFT then gathers the weights an adapter's
+    initialisation reads). A no-op without a ZeRO-3 ``config``.
+    """
+    if config is None or config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    _join_deepspeed()  # zero.Init reads the world size from DeepSpeed's own communicator
+    keep = HfDeepSpeedConfig(dict(config))
+    try:
+        yield
+    finally:
+        del keep
+
+
+def zero_train_step(
+    engine: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    micro_batches: Sequence[Mapping[str, Any]],
+    objective: Objective,
+    accelerator: Any,
+    method: Method,
+    step: int,
+    max_grad_norm: float | None = None,
+) -> StepResult:
+    """One optimiser step through a DeepSpeed engine (same arguments as ``loop.train_step``).
+
+    ``engine.backward`` divides each micro-batch loss by the engine's accumulation steps and
+    ``engine.step`` after every micro-batch reduces, clips and steps at the last one, so the
+    update is the one ``train_step`` makes; the engine clips to its ``gradient_clipping``.
+
+    Raises:
+        TrainingError: the engine accumulates over another number of micro-batches.
+    """
+    if engine.gradient_accumulation_steps() != len(micro_batches):
+        raise TrainingError(
+            f"The DeepSpeed engine accumulates {engine.gradient_accumulation_steps()} "
+            f"micro-batches but the step has {len(micro_batches)}; report this bug."
+        )
+    engine.train()
+    lr = float(optimizer.param_groups[0]["lr"])
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = 0
+    for batch in micro_batches:
+        out = objective(engine, batch)
+        extra = method.regularizer(engine)
+        engine.backward(out.loss if extra is None else out.loss + extra)
+        engine.step()
+        loss_sum += out.loss.detach().float() / len(micro_batches)
+        tokens += int(batch["attention_mask"].sum())
+    scheduler.step()
+    method.after_step(engine, step)
+    grad_norm = None if max_grad_norm is None else float(engine.get_global_grad_norm())
+    loss_mean = accelerator.reduce(loss_sum, reduction="mean")
+    token_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
+    return StepResult(float(loss_mean), int(token_total), lr, grad_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole state dicts and what each rank holds
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def full_state_dict(accelerator: Any, model: nn.Module, trainable_only: bool) -> dict:
+    """The unsharded state dict of ``model`` on the main process (``{}`` elsewhere).
+
+    Every process must call it (gathering shards is a collective). ``trainable_only`` gathers
+    just the trainable parameters (an adapter), never the frozen base weights.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator``.
+        model: plain, DDP-, FSDP2-sharded or a DeepSpeed engine.
+        trainable_only: a sharded model gathers only the parameters that train (all an adapter
+            needs); a replicated one has nothing to gather and returns everything.
+
+    Returns:
+        ``{name: tensor}`` with the names of the unwrapped model, on the CPU for sharded models.
+    """
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+        )
+        return get_model_state_dict(model, options=options)
+    if is_deepspeed(model):
+        return _deepspeed_state_dict(accelerator, model, trainable_only)
+    return accelerator.get_state_dict(model)
+
+
+def _deepspeed_state_dict(accelerator: Any, engine: nn.Module, trainable_only: bool) -> dict:
+    module = engine.module
+    if engine.zero_optimization_partition_weights():  # ZeRO-3
+        if not trainable_only:
+            return engine._zero3_consolidated_16bit_state_dict() or {}
+        import deepspeed
+
+        params = _trainable(module)
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            state_dict = {n: p.detach().cpu().clone() for n, p in params}
+        return state_dict if accelerator.is_main_process else {}
+    if not accelerator.is_main_process:
+        return {}
+    if trainable_only:
+        return {n: p.detach().cpu().clone() for n, p in _trainable(module)}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def param_fraction(model: nn.Module) -> float:
+    """Fraction of all parameter entries stored on this rank (ZeRO-3 partitions included)."""
+    if not is_deepspeed(model):
+        return local_parameter_fraction(model)
+    local = total = 0
+    for param in model.module.parameters():
+        total += getattr(param, "ds_numel", param.numel())
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    return local / max(total, 1)
+
+
+def optimizer_state_fraction(model: nn.Module) -> float:
+    """Fraction of the trainable parameters whose optimiser state lives on this rank.
+
+    Data parallel: 1.0. FSDP: the local share of the ``DTensor`` states. ZeRO: the share of
+    the flat fp32 partition the engine's optimiser steps.
+    """
+    trainable = model.module if is_deepspeed(model) else model
+    total = sum(getattr(p, "ds_numel", p.numel()) for _, p in _trainable(trainable))
+    if is_deepspeed(model):
+        zero = model.optimizer
+        groups = getattr(zero, "single_partition_of_fp32_groups", None)
+        if groups is None:  # stage 3
+            groups = zero.fp32_partitioned_groups_flat
+        return sum(g.numel() for g in groups) / max(total, 1)
+    local = 0
+    for _, param in _trainable(trainable):
+        local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return local / max(total, 1)
+
+
+@contextlib.contextmanager
+def hidden_from_accelerate(strategy: Strategy) -> Iterator[None]:
+    """Hide an accelerate DeepSpeed launch while the Accelerator is built.
+
+    With ``ACCELERATE_USE_DEEPSPEED`` set, accelerate on a GPU expects to build and drive the
+    engine itself; this script drives it (:func:`zero_train_step`), so the Accelerator must see
+    a plain multi-process launch.
+    """
+    saved = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    if strategy.zero_stage is not None and saved is not None:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = saved

@@ -1,0 +1,246 @@
+"""scripts/finetune.py over two CPU processes: data parallel, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3.
+
+Every two-process run trains the tiny Llama with LoRA for 4 steps of a global batch of 4 and must
+give the loss curve and final adapter of one process with the same global batch, while its
+result.json shows what each rank held (FSDP2 and ZeRO-3: half of the weights; FSDP2, ZeRO-2 and
+ZeRO-3: half of the optimiser state). The processes join a gloo group and run the code a GPU
+cluster runs. The first ZeRO run JIT-builds DeepSpeed's CPU communication op (~1 min, cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from adaptlab.models.tiny import save_tiny_llama
+from adaptlab.training.loop import read_metrics
+from adaptlab.training.optim import TrainingError
+from adaptlab.training.parallel import (
+    fill_deepspeed_config,
+    read_deepspeed_config,
+    requested_strategy,
+)
+from tests.conftest import ROOT, free_port, load_script
+
+finetune = load_script("finetune")
+CONFIGS = ROOT / "accelerate_configs"
+SCRIPT = ROOT / "scripts" / "finetune.py"
+KILLED_AT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.conftest import load_script
+
+finetune = load_script("finetune")
+step = finetune.train_step
+
+
+def killed(*args, **kwargs):
+    if args[7] == {step}:
+        raise SystemExit(3)
+    return step(*args, **kwargs)
+
+
+finetune.train_step = killed
+finetune.main(sys.argv[1:])
+"""
+
+
+def args_for(model_dir, data, out, *extra: str) -> list[str]:
+    # No dropout: each rank draws its own dropout masks, so those runs differ by design.
+    return [
+        "--model", str(model_dir), "--dataset_path", str(data), "--output_dir", str(out),
+        "--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "4",
+        "--eval_samples_per_subject", "2", "--eval_points", "2", "--checkpoints", "2",
+        "--save_state_every", "2", "--lr", "1e-2", "--lora_dropout", "0",
+        "--report_to", "none", "--progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def accelerate(config: str, *flags: str) -> list[str]:
+    return [
+        "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *flags,
+        "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+
+
+def torchrun() -> list[str]:
+    return ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+
+
+def launch(launcher: list[str], script: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Two processes of ``script`` from the repository root (config paths are relative)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", *launcher, str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def train_losses(out: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+
+
+def assert_same_training(out: Path, reference: Path) -> None:
+    """Same per-step losses (1e-5 relative), evaluations and final adapter as ``reference``."""
+    assert train_losses(out) == pytest.approx(train_losses(reference), rel=1e-5)
+    eval_losses = [[e["loss"] for e in result(r)["metrics"]["evals"]] for r in (out, reference)]
+    assert eval_losses[0] == pytest.approx(eval_losses[1], rel=1e-5)
+    got, expected = (load_file(r / "final" / "adapter_model.safetensors") for r in (out, reference))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, mmlu_file, tmp_path_factory) -> Path:
+    """The same LoRA run in a single process (plain, unsharded)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    finetune.main(args_for(tiny_model_dir, mmlu_file, out))
+    return out
+
+
+# (accelerate config and flags, or None for torchrun; script flags; strategy; fraction of the
+# weights and of the optimiser state each rank holds)
+CASES = {
+    "data-parallel": (["cpu_2proc.yaml"], [], "ddp", 1.0, 1.0),
+    "fsdp2-accelerate-config": (
+        ["fsdp_full_shard_ac.yaml", "--num_processes", "2", "--mixed_precision", "no"],
+        [], "fsdp", 0.5, 0.5,
+    ),
+    "zero2-accelerate-config": (["zero2.yaml", "--num_processes", "2"], [], "zero2", 1.0, 0.5),
+    "zero3-torchrun": (
+        None, ["--deepspeed", str(CONFIGS / "deepspeed_zero3.json")], "zero3", 0.5, 0.5,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_train_like_one(case, one_process, tiny_model_dir, mmlu_file, tmp_path):
+    config, flags, strategy, params, optimizer_state = CASES[case]
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    out = tmp_path / "two"
+    launcher = accelerate(*config) if config else torchrun()
+    run = launch(launcher, SCRIPT, args_for(tiny_model_dir, mmlu_file, out, *flags))
+    assert run.returncode == 0, run.stderr[-4000:]
+    parallel = result(out)["parallel"]
+    assert parallel["strategy"] == strategy and parallel["processes"] == 2
+    # what each rank stored: the proof that the weights / optimiser state were split
+    assert parallel["param_fraction_per_rank"] == pytest.approx([params] * 2, abs=0.02)
+    assert parallel["optimizer_state_fraction_per_rank"] == pytest.approx(
+        [optimizer_state] * 2, abs=0.02
+    )
+    # fsdp_full_shard_ac.yaml turns activation checkpointing on: same numbers, less memory
+    assert parallel["activation_checkpointing"] == (strategy == "fsdp")
+    assert_same_training(out, one_process)
+
+
+@pytest.mark.multiprocess
+def test_killed_fsdp_run_resumes_exactly(one_process, tiny_model_dir, mmlu_file, tmp_path):
+    out = tmp_path / "fsdp"
+    args = args_for(tiny_model_dir, mmlu_file, out, "--fsdp", "true")
+    killed = tmp_path / "killed.py"
+    killed.write_text(KILLED_AT.format(root=str(ROOT), step=4))
+    first = launch(accelerate("cpu_2proc.yaml"), killed, args)
+    assert first.returncode != 0 and not (out / "result.json").exists()
+    state = json.loads((out / "resume" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    # each rank wrote its own slices; none holds the whole adapter
+    shards = [load_file(out / "resume" / f"shard_rank{r}.safetensors") for r in (0, 1)]
+    whole = load_file(one_process / "final" / "adapter_model.safetensors")
+    params = [sum(v.numel() for k, v in s.items() if k.startswith("param/")) for s in shards]
+    assert params == [sum(v.numel() for v in whole.values()) // 2] * 2
+
+    second = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed at step 2" in second.stdout
+    assert_same_training(out, one_process)
+    assert not (out / "resume").exists()
+
+
+@pytest.mark.multiprocess
+def test_fsdp_shards_a_4bit_qlora_base(mmlu_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = save_tiny_llama(str(tmp_path / "tiny64"), hidden_size=64, intermediate_size=128)
+    # no evaluation: bitsandbytes' CPU inference repacks 4-bit weights, which changes the
+    # single-process numbers after the first evaluation (FSDP turns that path off)
+    flags = ["--method", "qlora", "--max_steps", "3", "--eval_points", "0"]
+    flags += ["--eval_at_start", "false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune.main(args_for(model, mmlu_file, one, *flags))
+    args = args_for(model, mmlu_file, two, *flags, "--fsdp", "true")
+    run = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
+    assert run.returncode == 0, run.stderr[-4000:]
+    parallel = result(two)["parallel"]
+    # the packed 4-bit weights (stored as float32 here) are sharded like any weight
+    assert parallel["param_fraction_per_rank"] == pytest.approx([0.5, 0.5], abs=0.02)
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-5)
+
+
+def test_deepspeed_auto_entries_come_from_the_run():
+    config = read_deepspeed_config(CONFIGS / "deepspeed_zero3.json")
+    filled = fill_deepspeed_config(
+        config, micro_batch_size=2, accumulation=3, world=2, max_grad_norm=None, bf16=True,
+        hidden_size=32,
+    )  # fmt: skip
+    assert filled["train_batch_size"] == 12 and filled["gradient_accumulation_steps"] == 3
+    assert filled["train_micro_batch_size_per_gpu"] == 2 and filled["gradient_clipping"] == 0.0
+    assert filled["bf16"] == {"enabled": True} and filled["fp16"] == {"enabled": False}
+    zero = filled["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 32 * 32
+    assert zero["stage3_param_persistence_threshold"] == 10 * 32
+    assert config["train_batch_size"] == "auto"  # the file's dict is left as it was
+    with pytest.raises(TrainingError, match="sets train_micro_batch_size_per_gpu=8 but"):
+        fill_deepspeed_config(
+            {**config, "train_micro_batch_size_per_gpu": 8}, micro_batch_size=2, accumulation=3,
+            world=2, max_grad_norm=None, bf16=False, hidden_size=32,
+        )  # fmt: skip
+
+
+def test_bad_strategy_requests_fail_in_one_sentence(tmp_path, monkeypatch):
+    zero3 = str(CONFIGS / "deepspeed_zero3.json")
+    assert requested_strategy(None, zero3).name == "zero3"
+    assert requested_strategy(True, None).name == "fsdp"
+    assert requested_strategy(None, None).name == "ddp"
+    with pytest.raises(TrainingError, match="Both FSDP and DeepSpeed"):
+        requested_strategy(True, zero3)
+    bad = tmp_path / "ds.json"
+    for content, message in [
+        ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage=0; use 1, 2 or 3"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {}}, "has an optimizer or scheduler"),
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "turns fp16 on"),
+    ]:
+        bad.write_text(json.dumps(content))
+        with pytest.raises(TrainingError, match=message):
+            requested_strategy(None, str(bad))
+    with pytest.raises(TrainingError, match="does not exist"):
+        requested_strategy(None, str(tmp_path / "missing.json"))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(TrainingError, match="names no deepspeed_config_file"):
+        requested_strategy(None, None)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", zero3)
+    assert requested_strategy(None, None).name == "zero3"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_config_is_one_this_script_can_run(path):
+    config = yaml.safe_load(path.read_text())
+    kind = config["distributed_type"]
+    assert kind in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}, kind
+    assert config["num_processes"] % config.get("num_machines", 1) == 0
+    if kind == "FSDP":
+        assert config["fsdp_config"]["fsdp_version"] == 2  # the script shards with FSDP2
+    if kind == "DEEPSPEED":  # the JSON it names exists and passes the script's checks
+        json_file = config["deepspeed_config"]["deepspeed_config_file"]
+        assert read_deepspeed_config(ROOT / json_file)["zero_optimization"]["stage"] in (2, 3)
