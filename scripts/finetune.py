@@ -55,7 +55,10 @@ On a GPU the weights load in bf16 with flash-attention 2 when it is installed (S
 processes. FSDP2 and the DeepSpeed engine are set up by this script, not by accelerate
 (``adaptlab.training.parallel``), so the two-process CPU tests run the cluster code.
 
-Trade-offs: ``gradient_checkpointing`` saves activation memory at ~30% more compute;
+Trade-offs: ``packing`` puts several examples in one row (positions restart, no attention
+across examples, same per-example losses) and roughly halves padded token slots on short
+MMLU prompts; it does nothing at ``micro_batch_size=1``. ``gradient_checkpointing`` saves
+activation memory at ~30% more compute;
 ``micro_batch_size`` trades memory for speed at a fixed global batch; ``checkpoints`` and
 ``save_state_every`` trade disk (a full-model state is ~3x the weights) for lost work on a kill;
 FSDP shards everything (1/N memory) for an all-gather per block, but each process first loads

@@ -508,8 +508,11 @@ def answer_only_objective(
         inputs, labels, segments = packed_model_inputs(model, batch)
         n_examples = len(batch["weights"])
     else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-        inputs["use_cache"] = False
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "use_cache": False,
+        }
         labels, segments, n_examples = batch["labels"], None, 0
     positions = label_positions(labels, segments) if _skips_head(model) else None
     keep = {} if positions is None else {"logits_to_keep": positions}
