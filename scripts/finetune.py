@@ -1,4 +1,5 @@
-"""Fine-tune a causal LM on answer-only MMLU prompts (Doimo et al. 2024, landscape.md §4).
+"""Fine-tune an LM on answer-only MMLU prompts (Doimo et al. 2024, landscape.md §4) or on a
+few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.md §4, §10).
 
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters; freezing of the
 head, the embeddings or the first blocks on top). Optimisers AdamW / SGD / SignGD / IVON with
@@ -8,6 +9,12 @@ evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrai
 letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
 are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
 the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
+
+With ``--task SST-2`` (any few-shot task of ``adaptlab.data.TASKS``) the run trains on the k-shot
+split (``shots`` per label, ``data_seed``) with cross-entropy over the label-word logits at the
+mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
+and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
+upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
 
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
@@ -47,6 +54,12 @@ Launch:
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml scripts/finetune.py \
         --config scripts/configs/finetune_demo.yaml --output_dir results/finetune/demo_2proc
 
+    # prompt-based few-shot fine-tuning with SGD (kernel.md §10), offline task or a k-shot split
+    python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
+        --task mmlu-topics --data_seed 13
+    python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
+        --model roberta-base --task SST-2 --task_dir data/k-shot --data_seed 42
+
     # the fine-tuned adapter feeds the extraction like any model
     python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
 
@@ -75,7 +88,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -99,6 +114,12 @@ from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
+from adaptlab.training.fewshot import (
+    collate_label_words,
+    evaluate_classification,
+    model_kind,
+    prepare_fewshot,
+)
 from adaptlab.training.loop import (
     TRAIN_DATA,
     BatchPlan,
@@ -132,6 +153,19 @@ from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
 
 
 @dataclass
+class Data:
+    """What a run trains on and how it is evaluated."""
+
+    train_items: list
+    collate: Callable  # (items, pad_token_id) -> batch
+    evaluate: Callable  # (model, accelerator) -> metrics of the evaluation (dev) set
+    test: Callable | None  # (model, accelerator) -> test metrics, few-shot tasks only
+    identity: dict  # the rows and dataset that make a run this run
+    record: dict  # what was loaded, for result.json
+    summary: str  # "N training / M evaluation questions"
+
+
+@dataclass
 class Job:
     """Everything validated before the model is loaded."""
 
@@ -147,12 +181,9 @@ class Job:
     method: Method
     model_ref: object
     tokenizer: object
-    train_items: list
-    eval_prompts: list
-    letter_ids: dict[str, int]
+    data: Data
     plan: BatchPlan
     total_steps: int
-    data: dict
     started: float
 
 
@@ -237,6 +268,68 @@ def choose_data(cfg: FinetuneConfig) -> tuple[list, list, list | None, dict]:
     return train, evals, eval_splits.dev, record
 
 
+def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
+    """Answer-only MMLU training items and the evaluation prompts."""
+    train, evals, shots, record = choose_data(cfg)
+    items = TRAIN_DATA[cfg.objective].encode(train, tokenizer, cfg.max_seq_len, cfg.weighted_loss)
+    prompts = mmlu.tokenize_prompts(
+        evals, shots, tokenizer, cfg.eval_num_shots, cfg.eval_seed, cfg.max_seq_len
+    )
+    letter_ids = mmlu.answer_letter_ids(tokenizer)
+    return Data(
+        train_items=items,
+        collate=TRAIN_DATA[cfg.objective].collator(cfg.packing, cfg.max_seq_len),
+        evaluate=lambda model, acc: evaluate(
+            model, prompts, letter_ids, tokenizer, acc, cfg.eval_batch_size
+        ),
+        test=None,
+        identity={
+            "rows": {"train": record["train"]["rows"], "eval": record["eval"]["rows"]},
+            "dataset": record["provenance"].get("sha256"),
+        },
+        record=record,
+        summary=f"{len(items)} training / {len(prompts)} evaluation questions",
+    )
+
+
+def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
+    """A few-shot task's k-shot split, encoded with its prompt; dev evaluates, test reports."""
+    data = prepare_fewshot(
+        cfg.task,
+        tokenizer,
+        model_kind(config),
+        data_dir=cfg.task_dir,
+        k=cfg.shots,
+        seed=cfg.data_seed,
+        mode=cfg.kshot_mode,
+        template=cfg.template,
+        label_words=cfg.label_words,
+        test_limit=cfg.test_limit,
+    )
+    pad = tokenizer.pad_token_id
+
+    def scores(examples: list, model: torch.nn.Module, acc: Accelerator) -> dict:
+        metrics = evaluate_classification(model, examples, data, acc, cfg.eval_batch_size, pad)
+        metrics.pop("logits")
+        return metrics
+
+    return Data(
+        train_items=data.train,
+        collate=partial(collate_label_words, label_word_ids=data.label_word_ids),
+        evaluate=partial(scores, data.dev),
+        test=partial(scores, data.test),
+        identity={
+            "rows": {"train": [ex["guid"] for ex in data.train]},
+            "dataset": data.record,
+        },
+        record=data.record,
+        summary=(
+            f"{data.task.name} {cfg.shots}-shot (seed {cfg.data_seed}): {len(data.train)} "
+            f"training / {len(data.dev)} dev / {len(data.test)} test examples"
+        ),
+    )
+
+
 def output_state(
     cfg: FinetuneConfig, out: Path, run_id: str, run_config: dict
 ) -> tuple[str, Path | None]:
@@ -298,15 +391,13 @@ def setup(cfg: FinetuneConfig) -> Job:
         )
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
-    train, evals, shots, data = choose_data(cfg)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
-    items = TRAIN_DATA[cfg.objective].encode(train, tokenizer, cfg.max_seq_len, cfg.weighted_loss)
-    prompts = mmlu.tokenize_prompts(
-        evals, shots, tokenizer, cfg.eval_num_shots, cfg.eval_seed, cfg.max_seq_len
-    )
-    letter_ids = mmlu.answer_letter_ids(tokenizer)
+    if cfg.task == "mmlu":
+        data = mmlu_data(cfg, tokenizer)
+    else:
+        data = task_data(cfg, tokenizer, skeleton.config)
     plan = BatchPlan(
-        len(items),
+        len(data.train_items),
         cfg.batch_size,
         cfg.micro_batch_size,
         accelerator.num_processes,
@@ -333,8 +424,7 @@ def setup(cfg: FinetuneConfig) -> Job:
     identity = {
         "config": run_config,
         "model": describe_model(model_ref),
-        "rows": {"train": data["train"]["rows"], "eval": data["eval"]["rows"]},
-        "dataset": data["provenance"].get("sha256"),
+        **data.identity,
         "processes": accelerator.num_processes,
         "strategy": strategy.name,
     }
@@ -355,12 +445,9 @@ def setup(cfg: FinetuneConfig) -> Job:
         method=method,
         model_ref=model_ref,
         tokenizer=tokenizer,
-        train_items=items,
-        eval_prompts=prompts,
-        letter_ids=letter_ids,
+        data=data,
         plan=plan,
         total_steps=total_steps,
-        data=data,
         started=started,
     )
 
@@ -411,7 +498,7 @@ def load(job: Job) -> Run:
         momentum=cfg.momentum,
         betas=cfg.betas,
         eps=cfg.eps,
-        ivon_ess=cfg.ivon_ess or len(job.train_items),
+        ivon_ess=cfg.ivon_ess or len(job.data.train_items),
         ivon_hess_init=cfg.ivon_hess_init,
         ivon_mc_samples=cfg.ivon_mc_samples,
         ivon_beta2=cfg.ivon_beta2,
@@ -454,8 +541,7 @@ def load(job: Job) -> Run:
     if acc.is_main_process:
         resumed = f", resumed at step {resume_step}" if resume_step is not None else ""
         print(
-            f"{cfg.method} on {cfg.model}: {len(job.train_items)} training / "
-            f"{len(job.eval_prompts)} evaluation questions, {job.total_steps} steps of "
+            f"{cfg.method} on {cfg.model}: {job.data.summary}, {job.total_steps} steps of "
             f"{cfg.batch_size} ({job.plan.accumulation} micro-batches per process), "
             f"{n_trainable:,} of {n_params:,} parameters train{resumed}."
         )
@@ -492,21 +578,17 @@ def evaluate_and_keep(job: Job, run: Run) -> None:
     """Evaluate at the current step, log it and keep the weights when they are the best."""
     cfg, state = job.cfg, run.state
     started = time.perf_counter()
-    metrics = evaluate(
-        run.model,
-        job.eval_prompts,
-        job.letter_ids,
-        job.tokenizer,
-        job.accelerator,
-        cfg.eval_batch_size,
-    )
-    state.eval_seconds += time.perf_counter() - started
+    metrics = job.data.evaluate(run.model, job.accelerator)
     state.evals.append({"step": state.step, **metrics})
     run.logger.log(state.step, metrics, "eval")
     value = metrics[cfg.best_metric]
     if ckpt.is_better(cfg.best_metric, value, state.best):
         state.best = {"step": state.step, "metric": cfg.best_metric, "value": value}
+        if job.data.test is not None:  # the upstream protocol: test the best-dev weights
+            state.best["test"] = job.data.test(run.model, job.accelerator)
+            run.logger.log(state.step, state.best["test"], "test")
         save_weights(job, run, ckpt.BEST)
+    state.eval_seconds += time.perf_counter() - started
 
 
 def log_step(job: Job, run: Run, result: StepResult, seconds: float) -> None:
@@ -558,7 +640,6 @@ def train(job: Job, run: Run) -> None:
     eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
     checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
     objective = OBJECTIVES[cfg.objective]
-    collate = TRAIN_DATA[cfg.objective].collator(cfg.packing, cfg.max_seq_len)
     step_fn = zero_train_step if job.strategy.zero_stage is not None else train_step
     if state.step == 0:
         if cfg.save_init:
@@ -574,7 +655,12 @@ def train(job: Job, run: Run) -> None:
     )
     for step in range(state.step + 1, job.total_steps + 1):
         batches = step_micro_batches(
-            job.train_items, job.plan, step - 1, collate, job.tokenizer.pad_token_id, acc.device
+            job.data.train_items,
+            job.plan,
+            step - 1,
+            job.data.collate,
+            job.tokenizer.pad_token_id,
+            acc.device,
         )
         started = time.perf_counter()
         result = step_fn(
@@ -603,6 +689,7 @@ def finalize(job: Job, run: Run) -> dict:
     """Save the final weights, write result.json and drop the resume state."""
     cfg, acc, state = job.cfg, job.accelerator, run.state
     save_weights(job, run, ckpt.FINAL)
+    test = job.data.test(run.model, acc) if job.data.test is not None else None
     parallel = {  # what each rank held: the proof that sharding happened
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
@@ -620,7 +707,7 @@ def finalize(job: Job, run: Run) -> dict:
             "fingerprint": job.run_id,
             "config": to_dict(cfg),
             "model": describe_model(job.model_ref),
-            "data": job.data,
+            "data": job.data.record,
             "method": {
                 "name": cfg.method,
                 "adapter_checkpoints": job.method.adapter,
@@ -638,6 +725,11 @@ def finalize(job: Job, run: Run) -> dict:
                 "final": state.evals[-1] if state.evals else None,
                 "best": state.best,
                 "evals": state.evals,
+                **(
+                    {"test_final": test, "test_at_best": (state.best or {}).get("test")}
+                    if test is not None
+                    else {}
+                ),
             },
             "checkpoints": [*state.checkpoints, ckpt.FINAL] + ([ckpt.BEST] if state.best else []),
             "timings": {
@@ -678,10 +770,15 @@ def main(argv: list[str] | None = None) -> None:
     result = finalize(job, run)
     if job.accelerator.is_main_process:
         final = result["metrics"]["final"] or {}
-        print(
-            f"{cfg.method}: {job.total_steps} steps -> {job.out}  "
-            f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
-        )
+        if cfg.task == "mmlu":
+            score = f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
+        else:
+            best = result["metrics"]["test_at_best"] or {}
+            score = (
+                f"dev accuracy {final.get('accuracy', float('nan')):.3f}, test accuracy at the "
+                f"best dev step {best.get('accuracy', float('nan')):.3f}"
+            )
+        print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
     job.accelerator.end_training()  # leave the process group: a live gloo one can abort at exit
 
 

@@ -102,3 +102,41 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mmlu_file(tmp_path_factory) -> Path:
     return write_mmlu_jsonl(tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl")
+
+
+def write_sst2_kshot(root: Path, k: int = 8, seed: int = 42, n_test: int = 12) -> Path:
+    """A synthetic SST-2 k-shot folder ``root/k-shot/SST-2/{k}-{seed}`` (GLUE TSV, header)."""
+    rng = random.Random(seed)
+    folder = root / "k-shot" / "SST-2" / f"{k}-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": k, "dev": k, "test": n_test // 2}
+    for split, per_label in sizes.items():
+        lines = ["sentence\tlabel"]
+        for label, mood in ((0, "bad"), (1, "good")):
+            for _ in range(per_label):
+                words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 9))]
+                words.insert(rng.randint(0, len(words)), mood)
+                lines.append(" ".join(words) + f"\t{label}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory) -> Path:
+    """k-shot root with SST-2 8-42 (8 per label in train and dev, 12 test examples)."""
+    return write_sst2_kshot(tmp_path_factory.mktemp("kshot"), k=8, seed=42)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT masked LM with the tiny tokenizer, as an HF folder (no dropout, so
+    a training step can be recomputed exactly)."""
+    from adaptlab.models.tiny import tiny_bert, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tok = tiny_tokenizer()
+    model = tiny_bert(vocab_size=len(tok))
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -272,13 +272,14 @@ def test_qlora_trains_a_4bit_model_on_cpu(tiny64_dir, mmlu_file, tmp_path, monke
     [
         (["--method", "lorax"], None, "Unknown method 'lorax'; choose from full, lora"),
         (["--optimizer", "adam"], None, "Unknown optimizer 'adam'; choose from adamw"),
-        (["--objective", "label_words"], None, "has no MMLU training data builder yet"),
+        (["--objective", "label_words"], None, "objective='label_words' does not apply to task"),
+        (["--task", "sst-3"], None, "Unknown task"),
         (["--target_modules", "[q_proj,qkv_proj]"], None, "entry 'qkv_proj' matches no module"),
         (["--method", "qlora"], "bitsandbytes", "method=qlora needs the bitsandbytes package"),
         (["--report_to", "wandb"], "wandb", "report_to=wandb needs the wandb package"),
         (["--batch_size", "30"], None, "fewer than batch_size=30"),
     ],
-    ids=["method", "optimizer", "objective", "target", "qlora", "wandb", "batch"],
+    ids=["method", "optimizer", "objective", "task", "target", "qlora", "wandb", "batch"],
 )
 def test_bad_input_fails_in_one_line_before_training(
     flags, missing, message, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
@@ -352,7 +353,7 @@ def test_demo_preset_trains_on_rows_outside_the_demo_analysis(tmp_path):
     analysed = {
         test[i].index for i in subset_by_subject(test, demo.samples_per_subject, 42, demo.subjects)
     }
-    train, evals = set(job.data["train"]["rows"]), set(job.data["eval"]["rows"])
+    train, evals = set(job.data.record["train"]["rows"]), set(job.data.record["eval"]["rows"])
     assert len(analysed) == 240 and len(train) == 64 and len(evals) == 16
     assert not train & analysed and not train & evals
     per_subject = {s: sum(test[i].subject == s for i in train) for s in cfg.subjects}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from adaptlab.config import parse_config
+from adaptlab.data import PrepareConfig
 from adaptlab.demo import DemoConfig
 from adaptlab.extract.config import ExtractConfig
 from adaptlab.geometry.study import AnalyzeConfig
@@ -18,6 +19,7 @@ CONFIG_CLASSES = {
     "extract": ExtractConfig,
     "demo": DemoConfig,
     "finetune": FinetuneConfig,
+    "prepare": PrepareConfig,
 }
 
 

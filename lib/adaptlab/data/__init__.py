@@ -7,11 +7,37 @@ Everything a script needs from MMLU is re-exported here::
     splits = load_mmlu()  # embedded copy by default; splits.provenance goes in the manifest
     prompts = tokenize_prompts(splits.test, splits.dev, tokenizer, num_shots=5, seed=42,
                                max_seq_len=4090)
+
+and so is the few-shot (LM-BFF) task layer::
+
+    from adaptlab.data import load_task, encode_examples, collate_prompts, label_word_ids
+
+    splits = load_task("mmlu-topics-2", k=16, seed=13)  # offline; "SST-2" etc. need data_dir
+    examples = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
 """
 
 from __future__ import annotations
 
 from adaptlab.data.errors import DataError
+from adaptlab.data.fewshot import (
+    FewShotExample,
+    PromptExample,
+    TaskSplits,
+    collate_prompts,
+    encode_examples,
+    label_word_ids,
+    load_task,
+    read_examples,
+    task_metrics,
+)
+from adaptlab.data.kshot import (
+    MODES,
+    UPSTREAM_SEEDS,
+    PrepareConfig,
+    generate_kshot,
+    kshot_split,
+    read_original,
+)
 from adaptlab.data.mmlu import (
     LETTERS,
     MAX_SHOTS,
@@ -34,27 +60,52 @@ from adaptlab.data.mmlu import (
     subset_by_subject,
     tokenize_prompts,
 )
+from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task
+from adaptlab.data.templates import TemplatePart, check_template, parse_template
 
 __all__ = [
     "LETTERS",
     "MAX_SHOTS",
+    "MODES",
+    "PAPER_TASKS",
+    "TASKS",
+    "UPSTREAM_SEEDS",
     "DataError",
+    "FewShotExample",
+    "FileLayout",
     "MMLUExample",
     "MMLUSplits",
+    "PrepareConfig",
+    "PromptExample",
+    "Task",
+    "TaskSplits",
+    "TemplatePart",
     "TokenizedPrompt",
     "answer_letter_ids",
     "build_prompt",
     "build_prompts",
     "build_train_text",
+    "check_template",
+    "collate_prompts",
     "dataset_fingerprint",
+    "encode_examples",
     "format_shot",
+    "generate_kshot",
+    "get_task",
     "group_by_subject",
     "header",
+    "kshot_split",
+    "label_word_ids",
     "load_index_mask",
     "load_mmlu",
+    "load_task",
+    "parse_template",
     "question_block",
+    "read_examples",
+    "read_original",
     "sample_weights",
     "select_shots",
     "subset_by_subject",
+    "task_metrics",
     "tokenize_prompts",
 ]

@@ -1,4 +1,4 @@
-"""Typed configuration of ``scripts/finetune.py`` (answer-only MMLU fine-tuning).
+"""Typed configuration of ``scripts/finetune.py`` (answer-only MMLU or few-shot task fine-tuning).
 
 Every field is documented in the class docstring; presets live in ``scripts/configs/finetune_*``
 and any field can be overridden on the command line::
@@ -19,6 +19,9 @@ from adaptlab.training.schedules import SCHEDULES
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BEST_METRICS = (
+    "accuracy",
+    "f1",
+    "mcc",
     "constrained_macro",
     "constrained_micro",
     "accuracy_macro",
@@ -26,7 +29,10 @@ BEST_METRICS = (
     "loss",
     "ece",
 )
-"""Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better)."""
+"""Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better); ``accuracy``,
+``f1`` and ``mcc`` are few-shot task metrics, the others MMLU ones."""
+TASK_METRICS = frozenset({"accuracy", "f1", "mcc"})
+MMLU_METRICS = frozenset(BEST_METRICS) - TASK_METRICS
 
 # Fields that change where and how a run is reported, never its trajectory: a run resumed with
 # other values of these is the same run.
@@ -50,7 +56,8 @@ OPERATIONAL_FIELDS = frozenset(
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tune a causal LM on answer-only MMLU prompts: full, LoRA, DoRA, AdaLoRA, BitFit, QLoRA.
+    """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
+    BitFit, QLoRA.
 
     Args:
         model: model to fine-tune: ``embedded:smollm2-135m``, an HF name or a local folder.
@@ -80,6 +87,18 @@ class FinetuneConfig:
         attn_implementation: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
         trust_remote_code: allow model code from the hub (off unless you trust the source).
+        task: ``mmlu`` (answer-only SFT on MMLU questions) or a few-shot task of
+            ``adaptlab.data.TASKS`` (``SST-2``, ``mmlu-topics``, ...): prompt-based fine-tuning
+            with the label-word loss on k examples per label, evaluated on the dev split (model
+            selection) and the test split (at the end and at every new best).
+        task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
+            other than the offline ``mmlu-topics*``).
+        shots: k, training (and dev) examples per label of a few-shot task.
+        data_seed: seed of the few-shot split (13, 21, 42, 87, 100 upstream).
+        kshot_mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        template: prompt template overriding the task's (kernel.md §2 mini-language).
+        label_words: label -> word overriding the task's (each must be one token).
+        test_limit: evaluate at most this many test examples of a few-shot task (None: all).
         dataset_path: MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
             embedded copy (test split only), then the hub.
         train_split: split to train on: ``dev+validation`` with a full copy (spec), ``test``
@@ -104,8 +123,8 @@ class FinetuneConfig:
             instead of padding them (no attention across examples, position ids restart, the
             same per-example losses; ``adaptlab.training.packing``). Faster when
             ``micro_batch_size`` > 1; with dropout the masks differ from a padded run's.
-        objective: training loss, a key of ``adaptlab.training.objectives.OBJECTIVES`` with a
-            data builder in ``adaptlab.training.loop.TRAIN_DATA`` (``answer_only`` for now).
+        objective: training loss, a key of ``adaptlab.training.objectives.OBJECTIVES``:
+            ``answer_only`` (MMLU) or ``label_words`` (few-shot tasks); None: the task's.
         optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
@@ -131,7 +150,8 @@ class FinetuneConfig:
             (a count, not an interval; 0: none).
         eval_at_start: also evaluate before the first step (the baseline).
         eval_batch_size: prompts per evaluation forward pass per process.
-        best_metric: evaluation metric whose best value keeps a copy in ``best/``.
+        best_metric: evaluation metric whose best value keeps a copy in ``best/``; None:
+            ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks.
         checkpoints: log-spaced checkpoints (steps unique(round(geomspace(1, T, n,
             endpoint=False)))) saved as ``checkpoints/step_{s}``; 0: none.
         save_init: save the weights before training as ``checkpoints/step_0``.
@@ -181,6 +201,14 @@ class FinetuneConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    task: str = "mmlu"
+    task_dir: str | None = None
+    shots: int = 16
+    data_seed: int = 42
+    kshot_mode: Literal["k-shot", "k-shot-10x", "k-shot-1k-test"] = "k-shot"
+    template: str | None = None
+    label_words: dict[str, str] | None = None
+    test_limit: int | None = None
     dataset_path: str | None = None
     train_split: str = "test"
     subjects: list[str] | None = None
@@ -197,7 +225,7 @@ class FinetuneConfig:
     max_seq_len: int = 512
     weighted_loss: bool = False
     packing: bool = False
-    objective: str = "answer_only"
+    objective: str | None = None
     optimizer: str = "adamw"
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -222,7 +250,7 @@ class FinetuneConfig:
     eval_points: int = 10
     eval_at_start: bool = True
     eval_batch_size: int = 8
-    best_metric: str = "constrained_macro"
+    best_metric: str | None = None
     checkpoints: int = 10
     save_init: bool = True
     save_epochs: bool = True
@@ -247,6 +275,7 @@ class FinetuneConfig:
         from adaptlab.training.objectives import OBJECTIVES
 
         self.betas = tuple(self.betas)
+        self._resolve_task()
         for name, registry, what in (
             (self.method, METHODS, "method"),
             (self.optimizer, OPTIMIZERS, "optimizer"),
@@ -255,14 +284,10 @@ class FinetuneConfig:
         ):
             if name not in registry:
                 raise TrainingError(f"Unknown {what} {name!r}; choose from {', '.join(registry)}.")
-        if self.objective not in TRAIN_DATA:
-            raise TrainingError(
-                f"objective={self.objective!r} has no MMLU training data builder yet (the few-shot "
-                f"task layer brings it); use {', '.join(TRAIN_DATA)}."
-            )
         checks = [
             (
-                not self.packing or TRAIN_DATA[self.objective].pack is not None,
+                not self.packing
+                or (self.objective in TRAIN_DATA and TRAIN_DATA[self.objective].pack is not None),
                 f"objective={self.objective!r} cannot pack its batches; use packing=false.",
             ),
             (self.lora_r >= 1, f"lora_r={self.lora_r} must be at least 1."),
@@ -342,3 +367,39 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+
+    def _resolve_task(self) -> None:
+        """Fill the task-dependent defaults and check the task's options fit together."""
+        from adaptlab.data import get_task
+
+        if self.task == "mmlu":
+            self.objective = self.objective or "answer_only"
+            self.best_metric = self.best_metric or "constrained_macro"
+            wrong = [
+                (self.objective != "answer_only", f"objective={self.objective!r}", "answer_only"),
+                (self.best_metric in TASK_METRICS, f"best_metric={self.best_metric!r}", ""),
+            ]
+        else:
+            task = get_task(self.task)
+            self.task = task.name
+            self.objective = self.objective or "label_words"
+            self.best_metric = self.best_metric or "accuracy"
+            wrong = [
+                (self.objective != "label_words", f"objective={self.objective!r}", "label_words"),
+                (
+                    self.best_metric in MMLU_METRICS - {"loss", "ece"}
+                    or (
+                        self.best_metric in TASK_METRICS - {"accuracy"}
+                        and self.best_metric not in task.metrics
+                    ),
+                    f"best_metric={self.best_metric!r}",
+                    "",
+                ),
+                (self.weighted_loss, "weighted_loss=true", ""),
+                (self.packing, "packing=true", ""),
+                (self.shots < 1, f"shots={self.shots}", ""),
+            ]
+        for bad, option, fix in wrong:
+            if bad:
+                hint = f"use {fix}" if fix else "drop it or pick a metric/value of this task"
+                raise TrainingError(f"{option} does not apply to task={self.task!r}; {hint}.")

@@ -105,8 +105,8 @@ TRAIN_DATA: dict[str, TrainData] = {
         encode_answer_only, collate_answer_only, pack=collate_packed_answer_only
     ),
 }
-"""Objectives the fine-tuning script can train, by name; the few-shot task layer adds
-``label_words`` and ``linear_head`` here."""
+"""MMLU objectives the fine-tuning script can train, by name (few-shot tasks train
+``label_words`` through ``adaptlab.training.fewshot``)."""
 
 
 # ---------------------------------------------------------------------------------------------

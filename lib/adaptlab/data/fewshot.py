@@ -1,0 +1,556 @@
+"""Few-shot tasks: loading k-shot splits, prompt encoding, batching and metrics.
+
+The LM-BFF pipeline of spec ``kernel.md`` §1-§4 for masked and causal LMs::
+
+    from adaptlab.data import load_task, encode_examples, label_word_ids, collate_prompts
+
+    splits = load_task("SST-2", "data", k=16, seed=13)      # data/k-shot/SST-2/16-13/
+    words = label_word_ids(splits.task, tokenizer)            # [C] ids of " terrible", " great"
+    train = encode_examples(splits.train, splits.task, tokenizer, kind="masked")
+    batch = collate_prompts(train[:8], tokenizer.pad_token_id, words)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scores = logits[torch.arange(8), batch["positions"]][:, batch["label_word_ids"]]   # [B, C]
+
+``head="prompt"`` encodes the task's template; the scored position is the mask (masked LMs) or
+the last prompt token (causal LMs, whose next-token logits score the label words).
+``head="linear"`` (the ``finetune`` setting of §4) encodes ``cls sent_0 sep [sent_1 sep]`` with
+no sentence limits, as upstream does, scored at the first token (masked) or the last (causal).
+See :mod:`adaptlab.data.templates` for the template language and the truncation rules.
+
+Encoded examples can be cached as JSON (``cache_dir``). Unlike upstream's cache, whose name
+omitted the template and label words and went stale silently (§11), the key is a sha256 over
+everything the encoding depends on: template, label words, head, kind, tokenizer (name, class,
+size, a hash of its vocabulary, special ids), length limits, ``truncate_head`` and the examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptlab import embedded
+from adaptlab.data.errors import DataError
+from adaptlab.data.kshot import check_mode, csv_label, read_tsv
+from adaptlab.data.tasks import FileLayout, Task, get_task
+from adaptlab.data.templates import (
+    Kind,
+    TemplatePart,
+    check_template,
+    encode_parts,
+    special_ids,
+    tokenizer_name,
+)
+from adaptlab.data.topics import topic_splits
+from adaptlab.io import atomic_open
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+Head = Literal["prompt", "linear"]
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FewShotExample:
+    """One example of a few-shot task.
+
+    Attributes:
+        guid: ``<split>-<row>`` (row number in its file) or ``mmlu-<index>``.
+        text_a: first sentence.
+        text_b: second sentence of a pair task, else ``None``.
+        label: the label string, one of ``task.labels``.
+    """
+
+    guid: str
+    text_a: str
+    text_b: str | None
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """A task's k-shot train / dev / test examples and where they came from.
+
+    Attributes:
+        task: the task.
+        train: ``[k * C]`` training examples, grouped by label.
+        dev: ``[k * C]`` (``10k * C`` in k-shot-10x) development examples.
+        test: test examples (all, or the first ``test_limit``).
+        provenance: JSON-ready: ``task``, ``source`` (``files`` or ``offline``), ``data_dir``,
+            ``k``, ``seed``, ``mode``, ``test_limit``, ``sha256`` (file name -> hash) and split
+            sizes; offline tasks add the MMLU provenance and their subject groups.
+    """
+
+    task: Task
+    train: list[FewShotExample]
+    dev: list[FewShotExample]
+    test: list[FewShotExample]
+    provenance: dict
+
+
+class PromptExample(TypedDict):
+    """One encoded example: ``input_ids`` ``[T]``, the scored ``position``, the class index."""
+
+    guid: str
+    input_ids: list[int]
+    position: int
+    label: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_task(
+    name: str,
+    data_dir: str | Path | None = None,
+    k: int = 16,
+    seed: int = 42,
+    mode: str = "k-shot",
+    test_limit: int | None = None,
+) -> TaskSplits:
+    """Load the k-shot train / dev / test examples of a task.
+
+    Args:
+        name: a key of :data:`adaptlab.data.TASKS` (case-insensitive).
+        data_dir: the k-shot root holding ``<mode>/<TASK>/<K>-<SEED>/`` (as written by
+            ``scripts/prepare_fewshot.py``), or that ``<K>-<SEED>`` folder itself. Ignored by
+            the offline ``mmlu-topics`` tasks.
+        k: training examples per label.
+        seed: data seed.
+        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        test_limit: keep the first ``test_limit`` test examples (file order; None: all).
+
+    Returns:
+        The splits and their provenance.
+
+    Raises:
+        DataError: unknown task or mode, no data folder, a missing or malformed file, an
+            unknown label, or (offline) too few questions for k.
+    """
+    task = get_task(name)
+    check_mode(mode)
+    if k < 1:
+        raise DataError(f"k={k} must be at least 1 (training examples per label).")
+    if test_limit is not None and test_limit < 1:
+        raise DataError(f"test_limit={test_limit} must be positive (or None for all).")
+    provenance: dict[str, Any] = {"task": task.name, "k": k, "seed": seed, "mode": mode}
+    if task.offline:
+        train, dev, test, offline = topic_splits(task.labels, k, seed, mode, task_name=task.name)
+        splits = [
+            [FewShotExample(r.guid, r.text, None, r.label) for r in rows]
+            for rows in (train, dev, test)
+        ]
+        provenance.update(offline)
+    else:
+        folder = _setting_dir(task, data_dir, k, seed, mode)
+        assert task.layout is not None
+        splits, hashes = [], {}
+        for split, stem in (
+            ("train", "train"),
+            ("dev", task.layout.dev),
+            ("test", task.layout.test),
+        ):
+            path = folder / f"{stem}.{task.layout.format}"
+            splits.append(read_examples(path, task, split))
+            hashes[path.name] = embedded.sha256_file(path)
+        provenance.update(source="files", data_dir=str(folder), sha256=hashes)
+    train, dev, test = splits
+    if test_limit is not None:
+        test = test[:test_limit]
+    provenance.update(test_limit=test_limit, n_train=len(train), n_dev=len(dev), n_test=len(test))
+    return TaskSplits(task, train, dev, test, provenance)
+
+
+def _setting_dir(task: Task, data_dir: str | Path | None, k: int, seed: int, mode: str) -> Path:
+    setting = f"{mode}/{task.data_name}/{k}-{seed}"
+    if data_dir is None:
+        raise DataError(
+            f"Task {task.name} reads k-shot files; pass data_dir, the folder holding {setting}/ "
+            "(write it with scripts/prepare_fewshot.py)."
+        )
+    root = Path(data_dir).expanduser()
+    assert task.layout is not None
+    train_file = f"train.{task.layout.format}"
+    if (root / setting / train_file).is_file():
+        return root / setting
+    if (root / train_file).is_file():
+        return root
+    raise DataError(
+        f"Neither {root / setting} nor {root} holds {train_file}; data_dir must be the k-shot "
+        f"root (holding {setting}/) or that {k}-{seed} folder itself (write it with "
+        "scripts/prepare_fewshot.py)."
+    )
+
+
+def read_examples(path: Path, task: Task, split: str) -> list[FewShotExample]:
+    """Read one split file as the task's upstream processor does.
+
+    Raises:
+        DataError: a missing file, a row without the needed columns (unless the processor
+            skips such rows, as QQP's does) or a label the task does not have.
+    """
+    layout = task.layout
+    assert layout is not None
+    if not path.is_file():
+        raise DataError(
+            f"Task {task.name}: {path} does not exist; regenerate the split with "
+            "scripts/prepare_fewshot.py."
+        )
+    rows = _read_rows(path, layout)
+    examples = []
+    for number, row in enumerate(rows):
+        if layout.header and number == 0:
+            continue
+        try:
+            texts = [row[column] for column in layout.text_columns]
+            raw = row[layout.label_column]
+        except IndexError:
+            if layout.skip_short_rows:
+                continue
+            raise DataError(
+                f"Row {number + 1} of {path} has {len(row)} column(s); task {task.name} reads "
+                f"columns {[*layout.text_columns, layout.label_column]}. Check the file layout."
+            ) from None
+        label = str(raw) if layout.format == "tsv" else csv_label(raw, layout.label_offset)
+        if label not in task.labels:
+            raise DataError(
+                f"Row {number + 1} of {path} has label {label!r}; task {task.name} has labels "
+                f"{list(task.labels)}. Check the file layout."
+            )
+        text_a, text_b = (_text(t) for t in texts) if len(texts) == 2 else (_text(texts[0]), None)
+        examples.append(FewShotExample(f"{split}-{number}", text_a, text_b, label))
+    return examples
+
+
+def _read_rows(path: Path, layout: FileLayout) -> list[list[Any]]:
+    if layout.format == "tsv":
+        return read_tsv(path)
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, header=None).values.tolist()
+    except pd.errors.EmptyDataError:
+        return []
+
+
+def _text(value: Any) -> str:
+    """A text cell; a missing one (pandas NaN) is the empty string, as upstream."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label words and encoding
+
+
+def label_word_ids(
+    task_or_words: Task | Mapping[str, str] | Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> list[int]:
+    """Vocabulary ids of the label words: the single token of ``" " + word`` for each.
+
+    Args:
+        task_or_words: a task (its words in ``task.labels`` order), a label -> word mapping
+            (taken in its own order) or the words in class order.
+        tokenizer: the model's tokenizer.
+
+    Returns:
+        ``[C]`` token ids.
+
+    Raises:
+        DataError: a word that is not one token (the message names its tokens and the
+            tokenizer), or two classes with the same token.
+    """
+    if isinstance(task_or_words, Task):
+        words = list(task_or_words.words)
+    elif isinstance(task_or_words, Mapping):
+        words = list(task_or_words.values())
+    else:
+        words = list(task_or_words)
+    ids = []
+    for word in words:
+        tokens = list(tokenizer.encode(" " + word, add_special_tokens=False))
+        if len(tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            raise DataError(
+                f"Label word {word!r} is {len(tokens)} tokens {pieces} of tokenizer "
+                f"{tokenizer_name(tokenizer)}, not one (' ' + word must be a single token); "
+                "pick another word with label_words."
+            )
+        ids.append(int(tokens[0]))
+    if len(set(ids)) != len(ids):
+        shared = {w: i for w, i in zip(words, ids, strict=True) if ids.count(i) > 1}
+        raise DataError(
+            f"Label words {shared} map two classes to one token of tokenizer "
+            f"{tokenizer_name(tokenizer)}; give every class its own word."
+        )
+    return ids
+
+
+def encode_examples(
+    examples: Sequence[FewShotExample],
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    kind: Kind,
+    head: Head = "prompt",
+    template: str | None = None,
+    label_words: dict[str, str] | None = None,
+    max_length: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[PromptExample]:
+    """Tokenise examples with the task's prompt (or as plain sentences for a linear head).
+
+    Args:
+        examples: ``[N]`` examples of ``task``.
+        task: the task (template, words, limits, labels).
+        tokenizer: the model's tokenizer.
+        kind: ``masked`` (RoBERTa/BERT) or ``causal`` (Llama, GPT-2, ...).
+        head: ``prompt`` (template) or ``linear`` (``cls sent_0 sep [sent_1 sep]``).
+        template: template overriding the task's.
+        label_words: label -> word overriding the task's (checked to be single tokens).
+        max_length: token limit overriding ``task.max_seq_length``.
+        cache_dir: when given, read / write the encoded list as JSON here.
+
+    Returns:
+        ``[N]`` encoded examples, in input order; ``label`` indexes ``task.labels``.
+
+    Raises:
+        DataError: bad kind or head, a template without mask (masked) or with the mask before
+            the sentence (causal), multi-token label words, an unknown label, or a mask that
+            ``max_length`` cuts off.
+    """
+    if kind not in ("masked", "causal"):
+        raise DataError(f"kind={kind!r}: choose 'masked' or 'causal'.")
+    if head not in ("prompt", "linear"):
+        raise DataError(f"head={head!r}: choose 'prompt' or 'linear'.")
+    spec = task.with_overrides(template=template, label_words=label_words, max_length=max_length)
+    if spec.max_seq_length < 1:
+        raise DataError(f"max_length={spec.max_seq_length} must be positive.")
+    specials = special_ids(tokenizer, kind)
+    if head == "prompt":
+        parts = check_template(spec.template, kind, spec.n_sentences)
+        label_word_ids(spec, tokenizer)
+        limits = (spec.first_sent_limit, spec.other_sent_limit)
+        position = "mask" if kind == "masked" else "last"
+    else:
+        parts = _linear_parts(spec.n_sentences)
+        limits = (None, None)
+        position = "first" if kind == "masked" else "last"
+
+    cache_path = None
+    if cache_dir is not None:
+        settings = _cache_settings(spec, tokenizer, kind, head, limits, examples)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        cache_path = Path(cache_dir).expanduser() / f"prompts-{_safe(spec.name)}-{key}.json"
+        cached = _read_cache(cache_path, key)
+        if cached is not None:
+            return cached
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    encoded: list[PromptExample] = []
+    n_cut = 0
+    bar = tqdm(examples, desc=f"encoding {spec.name}", unit="ex", disable=len(examples) < 2000)
+    for ex in bar:
+        if ex.label not in spec.labels:
+            raise DataError(
+                f"Example {ex.guid} has label {ex.label!r}; task {spec.name} has labels "
+                f"{list(spec.labels)}."
+            )
+        if spec.n_sentences == 2 and ex.text_b is None:
+            raise DataError(f"Example {ex.guid} lacks text_b; task {spec.name} takes pairs.")
+        sentences = [ex.text_a] if ex.text_b is None else [ex.text_a, ex.text_b]
+        try:
+            out = encode_parts(
+                parts,
+                sentences,
+                encode,
+                specials,
+                kind=kind,
+                max_length=spec.max_seq_length,
+                first_sent_limit=limits[0],
+                other_sent_limit=limits[1],
+                truncate_head=spec.truncate_head,
+                position=position,
+            )
+        except DataError as err:
+            raise DataError(f"Example {ex.guid} of task {spec.name}: {err}") from None
+        n_cut += out.n_truncated > 0
+        encoded.append(
+            PromptExample(
+                guid=ex.guid,
+                input_ids=out.input_ids,
+                position=out.position,
+                label=spec.labels.index(ex.label),
+            )
+        )
+    if n_cut:
+        logger.info(
+            "Truncated %d of %d %s examples to max_length=%d.",
+            n_cut,
+            len(encoded),
+            spec.name,
+            spec.max_seq_length,
+        )
+    if cache_path is not None:
+        with atomic_open(cache_path) as handle:
+            json.dump({"key": key, "settings": settings, "examples": encoded}, handle)
+    return encoded
+
+
+def _linear_parts(n_sentences: int) -> list[TemplatePart]:
+    parts = [TemplatePart("cls")]
+    for index in range(n_sentences):
+        parts += [TemplatePart("sent", sent_id=index), TemplatePart("sep")]
+    return parts
+
+
+def _cache_settings(
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: Kind,
+    head: Head,
+    limits: tuple[int | None, int | None],
+    examples: Sequence[FewShotExample],
+) -> dict[str, Any]:
+    """Everything an encoding depends on (the cache key is its sha256)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    examples_hash = hashlib.sha256()
+    for ex in examples:
+        examples_hash.update(json.dumps(asdict(ex), sort_keys=True).encode() + b"\n")
+    return {
+        "version": CACHE_VERSION,
+        "task": task.name,
+        "labels": list(task.labels),
+        "head": head,
+        "kind": kind,
+        "template": task.template if head == "prompt" else None,
+        "label_words": task.label_words if head == "prompt" else None,
+        "max_length": task.max_seq_length,
+        "first_sent_limit": limits[0],
+        "other_sent_limit": limits[1],
+        "truncate_head": task.truncate_head,
+        "tokenizer": {
+            "name": tokenizer_name(tokenizer),
+            "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+            "vocab_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+            "special_ids": asdict(special_ids(tokenizer, kind)),
+        },
+        "examples_sha256": examples_hash.hexdigest(),
+        "n_examples": len(examples),
+    }
+
+
+def _read_cache(path: Path, key: str) -> list[PromptExample] | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("Ignoring unreadable prompt cache %s (%s); re-encoding.", path, err)
+        return None
+    if data.get("key") != key:
+        logger.warning("Prompt cache %s holds another key; re-encoding.", path)
+        return None
+    logger.info("Loaded %d encoded examples from %s.", len(data["examples"]), path)
+    return [PromptExample(**ex) for ex in data["examples"]]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and metrics
+
+
+def collate_prompts(
+    examples: Sequence[PromptExample],
+    pad_token_id: int,
+    label_word_ids: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into a batch.
+
+    Args:
+        examples: ``[B]`` encoded examples.
+        pad_token_id: id written after each sequence.
+        label_word_ids: ``[C]`` label-word ids to include (optional).
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` ``[B, T]`` (long, T = longest example),
+        ``positions`` and ``class_labels`` ``[B]`` (long), and ``label_word_ids`` ``[C]``
+        (long) when given.
+
+    Raises:
+        DataError: no examples.
+    """
+    if not examples:
+        raise DataError("collate_prompts got no examples; pass at least one.")
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "positions": torch.tensor([ex["position"] for ex in examples], dtype=torch.long),
+        "class_labels": torch.tensor([ex["label"] for ex in examples], dtype=torch.long),
+    }
+    if label_word_ids is not None:
+        batch["label_word_ids"] = torch.tensor(list(label_word_ids), dtype=torch.long)
+    return batch
+
+
+def task_metrics(
+    task: Task | str, predictions: Sequence[int], labels: Sequence[int]
+) -> dict[str, float]:
+    """The task's metrics of predicted vs gold class indices.
+
+    ``acc`` always; ``f1`` (positive class = index 1) for MRPC / QQP; ``mcc`` (Matthews) for
+    CoLA, computed with scikit-learn.
+
+    Args:
+        task: the task or its name.
+        predictions: ``[M]`` predicted class indices.
+        labels: ``[M]`` gold class indices.
+
+    Returns:
+        Metric name -> value.
+
+    Raises:
+        DataError: empty or unequal-length inputs.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    spec = get_task(task) if isinstance(task, str) else task
+    if len(predictions) != len(labels) or not len(labels):
+        raise DataError(
+            f"task_metrics got {len(predictions)} predictions and {len(labels)} labels; pass "
+            "one prediction per labelled example (at least one)."
+        )
+    preds, gold = [int(p) for p in predictions], [int(y) for y in labels]
+    scores = {"acc": float(accuracy_score(gold, preds))}
+    if "f1" in spec.metrics:
+        scores["f1"] = float(f1_score(gold, preds, pos_label=1, zero_division=0))
+    if "mcc" in spec.metrics:
+        scores["mcc"] = float(matthews_corrcoef(gold, preds))
+    return scores

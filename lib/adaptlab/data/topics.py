@@ -1,0 +1,183 @@
+"""An offline few-shot task: which subject area a real MMLU question is about.
+
+``mmlu-topics`` (4 classes) and ``mmlu-topics-2`` (math vs history) need no download: the
+questions come from the embedded MMLU copy (``adaptlab.data.load_mmlu``, all 14,042 test
+questions, none held out). Each class is a group of MMLU subjects:
+
+=========  ==================================================================================
+label      subjects
+=========  ==================================================================================
+math       abstract_algebra, college_mathematics, elementary_mathematics,
+           high_school_mathematics, high_school_statistics
+history    high_school_european_history, high_school_us_history, high_school_world_history,
+           prehistory
+law        international_law, jurisprudence, professional_law
+health     anatomy, clinical_knowledge, college_medicine, professional_medicine, nutrition,
+           virology
+=========  ==================================================================================
+
+The label words are the labels themselves; ``" math"``, ``" history"``, ``" law"`` and
+``" health"`` are single tokens of the SmolLM2 tokenizer (4119, 1463, 1525, 864). The template,
+``*cls**sent_0*_This_question_is_about*mask*.*sep+*``, ends its causal-LM prompt with
+"This question is about", so it serves causal and masked LMs alike.
+
+The "original" data is fixed once for all seeds:
+
+1. Questions are taken in file order (grouped by subject); a question text seen before (MMLU
+   repeats a few) is dropped, so no text is in two splits.
+2. Test: ``TEST_PER_CLASS = 100`` questions per class, drawn without replacement by one
+   ``numpy.random.default_rng(POOL_SEED)`` in label order (math, history, law, health), so the
+   binary task's test set is the math and history part of the 4-class one. The test set is
+   balanced and ordered by label, then by position in the file.
+3. The rest of each class is the training pool.
+
+Train and dev for ``(k, seed)`` then come from the same generator logic as the LM-BFF tasks
+(:func:`adaptlab.data.kshot.kshot_split`): seeded shuffle, label buckets, k train + k dev per
+label (10k dev in ``k-shot-10x``). Questions are long-tailed (median ~280 characters, a few
+thousand at most), so the task limits sentence 0 to ``FIRST_SENT_LIMIT`` tokens.
+
+Example (needs the embedded MMLU copy)::
+
+    >>> from adaptlab.data import load_task
+    >>> splits = load_task("mmlu-topics-2", k=4, seed=13)
+    >>> len(splits.train), len(splits.dev), len(splits.test)
+    (8, 8, 200)
+    >>> sorted({ex.label for ex in splits.train})
+    ['history', 'math']
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from adaptlab.data.errors import DataError
+from adaptlab.data.kshot import cap_test, kshot_split
+
+TEMPLATE = "*cls**sent_0*_This_question_is_about*mask*.*sep+*"
+MAX_SEQ_LENGTH = 128
+FIRST_SENT_LIMIT = 96
+TEST_PER_CLASS = 100
+POOL_SEED = 0
+SUBJECT_GROUPS: dict[str, tuple[str, ...]] = {
+    "math": (
+        "abstract_algebra",
+        "college_mathematics",
+        "elementary_mathematics",
+        "high_school_mathematics",
+        "high_school_statistics",
+    ),
+    "history": (
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "prehistory",
+    ),
+    "law": ("international_law", "jurisprudence", "professional_law"),
+    "health": (
+        "anatomy",
+        "clinical_knowledge",
+        "college_medicine",
+        "professional_medicine",
+        "nutrition",
+        "virology",
+    ),
+}
+TOPIC_TASKS: dict[str, tuple[str, ...]] = {
+    "mmlu-topics": ("math", "history", "law", "health"),
+    "mmlu-topics-2": ("math", "history"),
+}
+
+
+class TopicRow(NamedTuple):
+    """One question: ``guid`` (``mmlu-<index>``), its text and its topic label."""
+
+    guid: str
+    text: str
+    label: str
+
+
+def topic_splits(
+    labels: tuple[str, ...],
+    k: int,
+    seed: int,
+    mode: str = "k-shot",
+    *,
+    task_name: str = "mmlu-topics",
+    allow_short: bool = False,
+) -> tuple[list[TopicRow], list[TopicRow], list[TopicRow], dict[str, Any]]:
+    """Train, dev and test rows of a topic task, and their provenance.
+
+    Args:
+        labels: topic labels, keys of :data:`SUBJECT_GROUPS`, in class order.
+        k: train (and dev) questions per label.
+        seed: data seed.
+        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        task_name: for error messages.
+        allow_short: give short splits instead of raising when a pool is too small.
+
+    Returns:
+        ``(train, dev, test, provenance)``.
+
+    Raises:
+        DataError: an unknown label, or k larger than a class's training pool allows.
+    """
+    pool, test, provenance = _pool(tuple(labels))
+    train, dev = kshot_split(
+        pool,
+        lambda row: row.label,
+        k,
+        seed,
+        mode,
+        labels=labels,
+        task_name=task_name,
+        allow_short=allow_short,
+    )
+    return train, dev, cap_test(test, mode), dict(provenance)
+
+
+@lru_cache(maxsize=4)
+def _pool(labels: tuple[str, ...]) -> tuple[list[TopicRow], list[TopicRow], dict[str, Any]]:
+    from adaptlab.data.mmlu import load_mmlu
+
+    unknown = [label for label in labels if label not in SUBJECT_GROUPS]
+    if unknown:
+        raise DataError(
+            f"Unknown topic label(s) {unknown}; choose from {', '.join(SUBJECT_GROUPS)}."
+        )
+    splits = load_mmlu(holdout_per_subject=0)
+    by_subject: dict[str, list[TopicRow]] = {}
+    seen: set[str] = set()
+    for ex in splits.test:
+        text = ex.question.strip()
+        if text in seen:
+            continue
+        seen.add(text)
+        by_subject.setdefault(ex.subject, []).append(TopicRow(f"mmlu-{ex.index}", text, ""))
+    rng = np.random.default_rng(POOL_SEED)
+    pool: list[TopicRow] = []
+    test: list[TopicRow] = []
+    sizes: dict[str, int] = {}
+    for label in labels:
+        missing = [s for s in SUBJECT_GROUPS[label] if s not in by_subject]
+        if missing:
+            raise DataError(
+                f"The MMLU copy lacks subject(s) {missing} of topic {label!r}; use the full "
+                "cais/mmlu test split (the embedded copy has it)."
+            )
+        group = [row._replace(label=label) for s in SUBJECT_GROUPS[label] for row in by_subject[s]]
+        held_out = set(rng.choice(len(group), TEST_PER_CLASS, replace=False).tolist())
+        test += [row for i, row in enumerate(group) if i in held_out]
+        pool += [row for i, row in enumerate(group) if i not in held_out]
+        sizes[label] = len(group) - TEST_PER_CLASS
+    provenance = {
+        "source": "offline",
+        "mmlu": splits.provenance,
+        "subject_groups": {label: list(SUBJECT_GROUPS[label]) for label in labels},
+        "test_per_class": TEST_PER_CLASS,
+        "pool_seed": POOL_SEED,
+        "train_pool_sizes": sizes,
+    }
+    return pool, test, provenance

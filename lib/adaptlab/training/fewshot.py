@@ -1,0 +1,306 @@
+"""Prompt-based few-shot fine-tuning on LM-BFF tasks (kernel.md §4, §10).
+
+The fine-tuning the eNTK predicts: a pretrained LM trained on k examples per label with the
+label-word loss, i.e. cross-entropy over the C label-word logits at the mask position (masked
+LMs) or at the last prompt token (causal LMs). ``scripts/finetune.py`` takes this path when
+``task`` names a few-shot task::
+
+    data = prepare_fewshot("mmlu-topics-2", tokenizer, "causal", k=16, seed=13)
+    batch = collate_label_words(data.train[:4], tokenizer.pad_token_id, data.label_word_ids)
+    out = OBJECTIVES["label_words"](model, batch)
+    metrics = evaluate_classification(model, data.dev, data, accelerator, batch_size=16,
+                                      pad_token_id=tokenizer.pad_token_id)
+
+Evaluation scores every example's label-word logits: accuracy (argmax over the C words), the
+task's extra metrics (F1 for MRPC/QQP, MCC for CoLA), the expected calibration error of the
+softmax over the words and the mean cross-entropy (``loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptlab.data import (
+    PromptExample,
+    Task,
+    TaskSplits,
+    collate_prompts,
+    encode_examples,
+    label_word_ids,
+    load_task,
+    task_metrics,
+)
+from adaptlab.training.metrics import expected_calibration_error
+from adaptlab.training.objectives import label_word_logits
+from adaptlab.training.optim import TrainingError
+
+Kind = Literal["causal", "masked"]
+
+
+@dataclass
+class FewShotData:
+    """A few-shot task encoded for one tokenizer.
+
+    Attributes:
+        task: the task (template, label words, metrics).
+        kind: ``causal`` or ``masked``, how the prompt was built.
+        label_word_ids: ``[C]`` vocabulary ids of the label words, in label order.
+        train: ``[N]`` training examples, each with ``weight`` 1.0.
+        dev: ``[M_dev]`` development examples (model selection).
+        test: ``[M_test]`` test examples.
+        record: what was loaded, for result records (task, k, seed, mode, sizes, provenance).
+    """
+
+    task: Task
+    kind: Kind
+    label_word_ids: list[int]
+    train: list[dict[str, Any]]
+    dev: list[PromptExample]
+    test: list[PromptExample]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def model_kind(config: Any) -> Kind:
+    """``causal`` or ``masked`` from a model config's architectures (encoders have no LM head).
+
+    Raises:
+        TrainingError: the model is neither a causal nor a masked LM.
+    """
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal"
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    raise TrainingError(
+        f"Model architectures {architectures or '(none)'} have no LM head to score label words; "
+        "use a causal LM (…ForCausalLM) or a masked LM (…ForMaskedLM)."
+    )
+
+
+def prepare_fewshot(
+    task: str,
+    tokenizer: Any,
+    kind: Kind,
+    *,
+    data_dir: str | Path | None = None,
+    k: int = 16,
+    seed: int = 42,
+    mode: str = "k-shot",
+    template: str | None = None,
+    label_words: Mapping[str, str] | None = None,
+    max_length: int | None = None,
+    test_limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    head: Literal["prompt", "linear"] = "prompt",
+) -> FewShotData:
+    """Load a task's k-shot split and encode it with the task's (or the given) prompt.
+
+    Args:
+        task: a key of ``adaptlab.data.TASKS``.
+        tokenizer: the model's tokenizer.
+        kind: how prompts are built (see :func:`model_kind`).
+        data_dir: the k-shot data root (``scripts/prepare_fewshot.py``); unused by offline tasks.
+        k: examples per label in train and dev.
+        seed: data seed of the split.
+        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        template: prompt template overriding the task's.
+        label_words: label -> word overriding the task's.
+        max_length: token limit overriding the task's ``max_seq_length``.
+        test_limit: evaluate at most this many test examples (the first ones; None: all).
+        cache_dir: cache of encoded examples (keyed by template and label words too).
+        head: ``prompt`` (the template) or ``linear`` (no prompt: the sentences alone, scored
+            by a linear head at the first (masked) or last (causal) token).
+
+    Raises:
+        DataError: unknown task, missing data, too few examples, multi-token label words.
+    """
+    splits: TaskSplits = load_task(task, data_dir, k=k, seed=seed, mode=mode)
+    spec = splits.task
+    words = dict(label_words) if label_words else None
+    ids = label_word_ids(words or spec, tokenizer)
+    encode = dict(
+        task=spec,
+        tokenizer=tokenizer,
+        kind=kind,
+        head=head,
+        template=template,
+        label_words=words,
+        max_length=max_length,
+        cache_dir=cache_dir,
+    )
+    test = splits.test[:test_limit] if test_limit else splits.test
+    train = [dict(ex, weight=1.0) for ex in encode_examples(splits.train, **encode)]
+    record = {
+        "task": spec.name,
+        "k": k,
+        "seed": seed,
+        "mode": mode,
+        "head": head,
+        "template": (template or spec.template) if head == "prompt" else None,
+        "label_words": words or dict(spec.label_words),
+        "label_word_ids": ids,
+        "n": {"train": len(splits.train), "dev": len(splits.dev), "test": len(test)},
+        "provenance": splits.provenance,
+    }
+    return FewShotData(
+        task=spec,
+        kind=kind,
+        label_word_ids=ids,
+        train=train,
+        dev=encode_examples(splits.dev, **encode),
+        test=encode_examples(test, **encode),
+        record=record,
+    )
+
+
+def collate_label_words(
+    items: Sequence[Mapping[str, Any]], pad_token_id: int, label_word_ids: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """A right-padded label-word batch with its example weights.
+
+    Returns:
+        ``input_ids`` / ``attention_mask`` ``[B, T]``, ``positions`` / ``class_labels`` ``[B]``,
+        ``label_word_ids`` ``[C]`` and ``weights`` ``[B]`` float32.
+    """
+    batch = collate_prompts(items, pad_token_id, label_word_ids)
+    batch["weights"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in items])
+    return batch
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: nn.Module,
+    examples: Sequence[PromptExample],
+    data: FewShotData,
+    accelerator: Any,
+    batch_size: int,
+    pad_token_id: int,
+) -> dict[str, Any]:
+    """Label-word accuracy, task metrics, ECE and loss; every process runs the same batches.
+
+    Examples are sorted by length and dealt round-robin to the processes (short processes
+    repeat one, dropped after the gather).
+
+    Args:
+        model: the (possibly wrapped) model; put back in its previous train/eval mode.
+        examples: ``[M]`` encoded examples.
+        data: the task (metrics, label-word ids).
+        accelerator: the run's ``accelerate.Accelerator``.
+        batch_size: examples per forward pass per process.
+        pad_token_id: padding id.
+
+    Returns:
+        ``accuracy``, the task's other metrics, ``ece``, ``loss``, ``n`` and ``logits``
+        (``[M, C]`` label-word logits in input order, as nested lists).
+    """
+    if not examples:
+        raise TrainingError("The evaluation set is empty; check the task's dev/test split.")
+    was_training = model.training
+    model.eval()
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    mine = order[rank::world]
+    per_rank = math.ceil(len(examples) / world)
+    valid = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [order[0]] * (per_rank - len(mine))
+    rows = []
+    for start in range(0, per_rank, batch_size):
+        chunk = mine[start : start + batch_size]
+        batch = collate_prompts([examples[i] for i in chunk], pad_token_id, data.label_word_ids)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores = label_word_logits(logits, batch["positions"], batch["label_word_ids"]).double()
+        meta = torch.tensor(
+            [[i, v] for i, v in zip(chunk, valid[start : start + batch_size], strict=True)],
+            device=device,
+            dtype=torch.float64,
+        )
+        rows.append(torch.cat([meta, batch["class_labels"][:, None].double(), scores], 1))
+    table = accelerator.gather(torch.cat(rows)).cpu()
+    table = table[table[:, 1] == 1]
+    table = table[table[:, 0].argsort()]
+    model.train(was_training)
+
+    labels = table[:, 2].long()
+    scores = table[:, 3:]
+    predictions = scores.argmax(1)
+    metrics = task_metrics(data.task, predictions.tolist(), labels.tolist())
+    metrics["accuracy"] = metrics.pop("acc", float((predictions == labels).double().mean()))
+    metrics["ece"] = expected_calibration_error(torch.softmax(scores, 1), labels.tolist())
+    metrics["loss"] = float(F.cross_entropy(scores, labels))
+    metrics["n"] = len(labels)
+    metrics["logits"] = scores.tolist()
+    return metrics
+
+
+@torch.no_grad()
+def head_features(
+    model: nn.Module, examples: Sequence[PromptExample], pad_token_id: int, batch_size: int = 16
+) -> torch.Tensor:
+    """``[N, H]`` last-layer hidden states at each example's position (the head's input)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_prompts(examples[start : start + batch_size], pad_token_id)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1]
+        index = torch.arange(hidden.shape[0], device=device)
+        rows.append(hidden[index, batch["positions"]].double().cpu())
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+def fit_linear_head(features: torch.Tensor, labels: Sequence[int], n_classes: int) -> nn.Linear:
+    """A linear head initialised by logistic regression on frozen features (kernel.md §10).
+
+    Upstream's ``LinearHeadTrainer`` (``--from_linearhead``): scikit-learn
+    ``LogisticRegressionCV(max_iter=5000)`` on the pretrained features; a binary problem's
+    single row (w, b) becomes the two rows (-w/2, -b/2) and (w/2, b/2), which give the same
+    probabilities.
+
+    Args:
+        features: ``[N, H]`` from :func:`head_features`.
+        labels: ``[N]`` class indices.
+        n_classes: C.
+
+    Returns:
+        ``nn.Linear(H, C)`` in float32 holding the fitted weights.
+    """
+    from sklearn.linear_model import LogisticRegressionCV
+
+    x = features.double().numpy()
+    y = list(labels)
+    if len(set(y)) < 2:
+        raise TrainingError("The linear head needs training examples of at least two labels.")
+    folds = min(5, min(y.count(c) for c in set(y)))
+    clf = LogisticRegressionCV(max_iter=5000, cv=max(folds, 2), random_state=0).fit(x, y)
+    weight = torch.as_tensor(clf.coef_)
+    bias = torch.as_tensor(clf.intercept_)
+    if weight.shape[0] == 1:
+        weight = torch.cat([-weight / 2, weight / 2])
+        bias = torch.cat([-bias / 2, bias / 2])
+    if weight.shape[0] != n_classes:
+        raise TrainingError(
+            f"The training split holds {weight.shape[0]} of the task's {n_classes} labels; "
+            "every label needs training examples."
+        )
+    head = nn.Linear(features.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head

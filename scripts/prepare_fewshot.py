@@ -1,0 +1,106 @@
+"""Write LM-BFF k-shot splits: k train + k dev examples per label for each task and seed.
+
+Reads the original data (``<original_dir>/<TASK>/``: GLUE-style ``train.tsv`` + ``dev.tsv``,
+MNLI ``dev_matched.tsv`` / ``dev_mismatched.tsv``, other tasks header-less ``train.csv`` +
+``test.csv``, as in the LM-BFF data tarball) and writes, exactly as upstream's
+``tools/generate_k_shot_data.py`` does (same shuffles, same bytes)::
+
+    <out_dir>/<mode>/<TASK>/<K>-<SEED>/{train,dev,test}.{tsv|csv}
+
+plus a JSON record ``<out_dir>/<mode>/prepare-k<K>.json`` (config, input and output sha256,
+package versions). With ``--from_hub true`` the tasks are first downloaded with ``datasets`` and
+converted to the original layout (GLUE, SNLI, trec, ag_news and the OOD sentiment sets; the
+LM-BFF-only sets sst-5, mr, cr, mpqa, subj need the tarball).
+
+Launch:
+    # the kernel paper's splits (16-shot, 1k-test cap, upstream's seeds in upstream's order)
+    python scripts/prepare_fewshot.py --config scripts/configs/prepare_fewshot.yaml
+
+    # a few tasks, other shots and seeds (seed 0 is the grafting repo's)
+    python scripts/prepare_fewshot.py --original_dir data/original --out_dir data \
+        --mode k-shot --k 64 --seeds [13,21,42,87,100] --tasks [SST-2,MNLI,trec]
+
+    # from the hub (needs a network)
+    python scripts/prepare_fewshot.py --from_hub true --tasks [SST-2,RTE] --seeds [0]
+
+Trade-offs: upstream's CoLA splits depend on the seed order (its file is shuffled in place
+from seed to seed), so the default seeds keep upstream's order 100, 13, 21, 42, 87; a label
+with too few examples stops the run unless ``--allow_short true`` (upstream wrote short,
+unbalanced splits silently). The offline ``mmlu-topics`` tasks need no files.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from adaptlab import embedded
+from adaptlab.config import parse_config, to_dict
+from adaptlab.data import PrepareConfig, Task, generate_kshot, get_task, read_original
+from adaptlab.data.hub import download_original, hub_source
+from adaptlab.data.kshot import original_files
+from adaptlab.errors import report_user_errors
+from adaptlab.io import write_json
+from adaptlab.telemetry import now, package_versions
+
+
+def setup(cfg: PrepareConfig) -> dict[str, Task]:
+    """Resolve the tasks (one per data folder) and fetch them from the hub when asked."""
+    tasks: dict[str, Task] = {}
+    for name in cfg.tasks:
+        task = get_task(name)
+        tasks.setdefault(task.data_name + "." + task.layout.format, task)
+    if cfg.from_hub:
+        for task in tasks.values():
+            hub_source(task)  # every task has a source: fail before the first download
+        for task in tasks.values():
+            download_original(task, cfg.original_dir)
+    return tasks
+
+
+def prepare(cfg: PrepareConfig, tasks: dict[str, Task]) -> dict:
+    """Check that every original file exists, then read and write the tasks one by one."""
+    for task in tasks.values():
+        original_files(task, cfg.original_dir)
+    record = {}
+    for task in tasks.values():
+        started = time.perf_counter()
+        original = read_original(task, cfg.original_dir)
+        folders = generate_kshot(
+            task,
+            cfg.original_dir,
+            cfg.out_dir,
+            k=cfg.k,
+            seeds=cfg.seeds,
+            mode=cfg.mode,
+            allow_short=cfg.allow_short,
+            original=original,
+        )
+        record[task.name] = {
+            "original": {str(path): embedded.sha256_file(path) for path in original.files},
+            "splits": {folder.name: _hashes(folder) for folder in folders},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        print(f"{task.name}: {len(folders)} split(s) -> {folders[0].parent}")
+    return record
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: embedded.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PrepareConfig, argv)
+    with report_user_errors():
+        tasks = setup(cfg)
+        record = prepare(cfg, tasks)
+    record_path = Path(cfg.out_dir) / cfg.mode / f"prepare-k{cfg.k}.json"
+    write_json(
+        record_path,
+        {"config": to_dict(cfg), "tasks": record, "versions": package_versions(), "created": now()},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

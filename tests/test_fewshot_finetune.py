@@ -1,0 +1,132 @@
+"""Prompt-based few-shot fine-tuning through scripts/finetune.py (kernel.md §4, §10)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from adaptlab.data import collate_prompts, encode_examples, label_word_ids, load_task
+from adaptlab.models import load_tokenizer
+from adaptlab.training.loop import read_metrics
+from tests.conftest import load_script
+
+finetune = load_script("finetune")
+
+
+def fewshot_args(model_dir, data_dir, out, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--task", "sst-2", "--task_dir", str(data_dir),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(out),
+        "--method", "full", "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant",
+        "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "4",
+        "--eval_points", "2", "--checkpoints", "0", "--save_init", "false",
+        "--report_to", "none", "--progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def label_word_scores(model, examples, tokenizer, ids) -> torch.Tensor:
+    """[M, C] label-word logits, one example at a time (no padding involved)."""
+    rows = []
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            rows.append(logits[ex["position"], ids])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_fewshot_sgd_run_trains_on_label_words(
+    kind, tiny_model_dir, tiny_bert_dir, sst2_dir, tmp_path
+):
+    model_dir = tiny_model_dir if kind == "causal" else tiny_bert_dir
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    out = tmp_path / "run"
+    finetune.main(fewshot_args(model_dir, sst2_dir, out))
+    result = json.loads((out / "result.json").read_text())
+
+    tokenizer = load_tokenizer(str(model_dir))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    ids = label_word_ids(splits.task, tokenizer)
+    encode = dict(task=splits.task, tokenizer=tokenizer, kind=kind)
+    train = encode_examples(splits.train, **encode)
+    dev = encode_examples(splits.dev, **encode)
+    test = encode_examples(splits.test, **encode)
+    assert result["data"]["n"] == {"train": 16, "dev": 16, "test": 12}
+
+    # the first step's loss is the CE over the label words of the pretrained model
+    base = auto.from_pretrained(model_dir).eval()
+    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    first = [train[i] for i in plan.global_indices(0)]
+    scores = label_word_scores(base, first, tokenizer, ids)
+    expected = F.cross_entropy(scores, torch.tensor([ex["label"] for ex in first]))
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+    assert losses[1] == pytest.approx(float(expected), rel=1e-5)
+
+    # one SGD step on that batch, by hand, then the rest of the run: the final weights'
+    # dev/test accuracy in result.json is what an independent evaluation finds
+    final = auto.from_pretrained(out / "final").eval()
+    for split, examples in (("final", dev), ("test_final", test)):
+        logits = label_word_scores(final, examples, tokenizer, ids)
+        labels = torch.tensor([ex["label"] for ex in examples])
+        accuracy = float((logits.argmax(1) == labels).double().mean())
+        metrics = result["metrics"][split]
+        assert metrics["accuracy"] == pytest.approx(accuracy)
+        assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    best = result["metrics"]["best"]
+    assert best["metric"] == "accuracy" and "accuracy" in result["metrics"]["test_at_best"]
+    changed = [
+        name
+        for name, p in final.state_dict().items()
+        if not torch.equal(p, base.state_dict()[name])
+    ]
+    assert changed  # SGD moved the weights
+
+
+def test_first_sgd_step_matches_a_hand_step(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "one"
+    finetune.main(fewshot_args(tiny_model_dir, sst2_dir, out, "--max_steps", "1",
+                               "--eval_points", "1"))  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    ids = label_word_ids(splits.task, tokenizer)
+    train = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    batch = collate_prompts([train[i] for i in plan.global_indices(0)], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows = torch.arange(4)
+    loss = F.cross_entropy(logits[rows, batch["positions"]][:, ids], batch["class_labels"])
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    tuned = AutoModelForCausalLM.from_pretrained(out / "final")
+    for name, value in tuned.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--label_words", "{'0': terrible, '1': great good}"], "great good"),
+        (["--shots", "9"], "SST-2/9-42 nor"),
+        (["--best_metric", "constrained_macro"], "does not apply to task='SST-2'"),
+        (["--packing", "true"], "packing=true does not apply"),
+    ],
+    ids=["multi-token-word", "no-split-for-k", "mmlu-metric", "packing"],
+)
+def test_fewshot_bad_input_fails_in_one_line(
+    flags, message, tiny_model_dir, sst2_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(fewshot_args(tiny_model_dir, sst2_dir, out, *flags))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
