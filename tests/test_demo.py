@@ -9,7 +9,7 @@ from tests.conftest import SUBJECTS, load_script, write_mmlu_jsonl
 demo = load_script("demo")
 
 
-def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, tmp_path):
+def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
     data = write_mmlu_jsonl(tmp_path / "mmlu.jsonl", per_subject=40, seed=2)
     presets = {
         "extract": f"dataset_path: {data}\npoints: [norm1, final_norm, logits]\nprogress: false\n",
@@ -25,6 +25,17 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, tmp_path):
             "micro_batch_size: 2\nepochs: 1\nlr: 0.01\neval_points: 1\ncheckpoints: 3\n"
             "max_seq_len: 256\nreport_to: none\nprogress: false\n"
         ),
+        "kernel": (
+            f"task: sst-2\ntask_dir: {sst2_dir}\nshots: 8\nseeds: [42]\nbinary: true\n"
+            "lora: true\nlora_r: 4\ntarget_modules: [q_proj, v_proj]\nsolvers: [lstsq]\n"
+            "progress: false\n"
+        ),
+        "fewshot": (
+            f"task: sst-2\ntask_dir: {sst2_dir}\nshots: 8\nmethod: lora\nlora_r: 4\n"
+            "target_modules: [q_proj, v_proj]\noptimizer: sgd\nlr: 0.1\nbatch_size: 4\n"
+            "max_steps: 2\neval_points: 1\ncheckpoints: 0\nsave_init: false\n"
+            "report_to: none\nprogress: false\n"
+        ),
     }
     for name, text in presets.items():
         (tmp_path / f"{name}.yaml").write_text(text)
@@ -35,6 +46,8 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, tmp_path):
         "--extract_preset", str(tmp_path / "extract.yaml"),
         "--analyze_preset", str(tmp_path / "analyze.yaml"),
         "--finetune_preset", str(tmp_path / "finetune.yaml"),
+        "--kernel_preset", str(tmp_path / "kernel.yaml"),
+        "--fewshot_preset", str(tmp_path / "fewshot.yaml"),
         "--output_dir", str(out),
     ])  # fmt: skip
     records = json.loads((out / "analysis" / "metrics.json").read_text())
@@ -47,3 +60,9 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert row in report
     assert "Fine-tuned: lora on 24 held-out questions" in report
     assert "![checkpoint_overlap](analysis/figures/checkpoint_overlap.png)" in report
+    comparison = json.loads((out / "kernel_vs_ft" / "comparison.json").read_text())
+    tuned = json.loads((out / "kernel_vs_ft" / "finetune" / "8-42" / "result.json").read_text())
+    accuracy = tuned["metrics"]["test_at_best"]["accuracy"]
+    assert comparison["seeds"] == [42] and comparison["finetune"]["mean"] == 100 * accuracy
+    assert f"LoRA SGD fine-tuning reaches {100 * accuracy:.1f}% test accuracy" in report
+    assert (out / "kernel_vs_ft" / "figures" / "kernel_vs_finetune.png").is_file()

@@ -415,7 +415,10 @@ def test_load_task_from_root_or_folder(original, tmp_path):
     generate_kshot(get_task("MNLI"), original, tmp_path, k=2, seeds=[13], mode="k-shot")
     splits = load_task("mnli-mm", tmp_path, k=2, seed=13, test_limit=5)
     assert (len(splits.train), len(splits.dev), len(splits.test)) == (6, 6, 5)
-    assert splits.test[0].guid == "test-1" and splits.test[0].text_a.endswith(".")
+    full = load_task("mnli-mm", tmp_path, k=2, seed=13).test
+    keep = sorted(np.random.default_rng(0).choice(len(full), 5, replace=False))
+    assert [ex.guid for ex in splits.test] == [full[i].guid for i in keep]
+    assert splits.test[0].text_a.endswith(".")
     assert splits.provenance["data_dir"] == str(tmp_path / "k-shot" / "MNLI" / "2-13")
     assert set(splits.provenance["sha256"]) == {
         "train.tsv",

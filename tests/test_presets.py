@@ -11,6 +11,7 @@ from adaptlab.data import PrepareConfig
 from adaptlab.demo import DemoConfig
 from adaptlab.extract.config import ExtractConfig
 from adaptlab.geometry.study import AnalyzeConfig
+from adaptlab.ntk.config import KernelConfig
 from adaptlab.training.config import FinetuneConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
@@ -19,6 +20,7 @@ CONFIG_CLASSES = {
     "extract": ExtractConfig,
     "demo": DemoConfig,
     "finetune": FinetuneConfig,
+    "kernel": KernelConfig,
     "prepare": PrepareConfig,
 }
 

@@ -18,6 +18,10 @@ class DemoConfig:
         analyze_preset: YAML preset of scripts/analyze_repr.py for the landscape metrics.
         finetune_preset: YAML preset of scripts/finetune.py for the fine-tuned runs (its
             training rows must be disjoint from the analysis subset); None skips fine-tuning.
+        kernel_preset: YAML preset of scripts/compute_kernel.py for the kernel-vs-fine-tuning
+            comparison (the eNTK on a few-shot task); None skips it.
+        fewshot_preset: YAML preset of scripts/finetune.py for the few-shot fine-tuning the
+            kernel is compared with (run once per seed of the kernel preset).
         output_dir: where each run's folder (``{k}shot``), ``analysis/`` and ``report.md`` go.
         batch_size: prompts per forward pass.
     """
@@ -36,6 +40,8 @@ class DemoConfig:
     extract_preset: str = "scripts/configs/extract_demo.yaml"
     analyze_preset: str = "scripts/configs/analyze_demo.yaml"
     finetune_preset: str | None = "scripts/configs/finetune_demo.yaml"
+    kernel_preset: str | None = "scripts/configs/kernel_demo.yaml"
+    fewshot_preset: str = "scripts/configs/finetune_fewshot_demo.yaml"
     output_dir: str = "results/demo"
     batch_size: int = 8
 

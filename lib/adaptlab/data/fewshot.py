@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -86,7 +87,7 @@ class TaskSplits:
         task: the task.
         train: ``[k * C]`` training examples, grouped by label.
         dev: ``[k * C]`` (``10k * C`` in k-shot-10x) development examples.
-        test: test examples (all, or the first ``test_limit``).
+        test: test examples (all, or a seeded sample of ``test_limit`` in file order).
         provenance: JSON-ready: ``task``, ``source`` (``files`` or ``offline``), ``data_dir``,
             ``k``, ``seed``, ``mode``, ``test_limit``, ``sha256`` (file name -> hash) and split
             sizes; offline tasks add the MMLU provenance and their subject groups.
@@ -130,7 +131,9 @@ def load_task(
         k: training examples per label.
         seed: data seed.
         mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
-        test_limit: keep the first ``test_limit`` test examples (file order; None: all).
+        test_limit: keep ``test_limit`` test examples drawn without replacement by
+            ``numpy.random.default_rng(0)``, in file order (a plain head would keep one label
+            of a file sorted by label); None: all.
 
     Returns:
         The splits and their provenance.
@@ -167,8 +170,9 @@ def load_task(
             hashes[path.name] = embedded.sha256_file(path)
         provenance.update(source="files", data_dir=str(folder), sha256=hashes)
     train, dev, test = splits
-    if test_limit is not None:
-        test = test[:test_limit]
+    if test_limit is not None and test_limit < len(test):
+        keep = np.sort(np.random.default_rng(0).choice(len(test), test_limit, replace=False))
+        test = [test[i] for i in keep]
     provenance.update(test_limit=test_limit, n_train=len(train), n_dev=len(dev), n_test=len(test))
     return TaskSplits(task, train, dev, test, provenance)
 

@@ -53,6 +53,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "float64": torch.float64,  # exact kernels (adaptlab.ntk) on small models
+    "fp64": torch.float64,
 }
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _KINDS = ("causal", "masked", "encoder", "auto")
@@ -287,7 +289,9 @@ def pick_dtype(
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"Unsupported dtype {dtype}; use float32, bfloat16 or float16.")
+            raise ValueError(
+                f"Unsupported dtype {dtype}; use float32, bfloat16, float16 or float64."
+            )
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key == "auto":

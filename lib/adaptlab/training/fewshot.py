@@ -114,7 +114,7 @@ def prepare_fewshot(
         template: prompt template overriding the task's.
         label_words: label -> word overriding the task's.
         max_length: token limit overriding the task's ``max_seq_length``.
-        test_limit: evaluate at most this many test examples (the first ones; None: all).
+        test_limit: evaluate a seeded sample of this many test examples (None: all).
         cache_dir: cache of encoded examples (keyed by template and label words too).
         head: ``prompt`` (the template) or ``linear`` (no prompt: the sentences alone, scored
             by a linear head at the first (masked) or last (causal) token).
@@ -122,7 +122,7 @@ def prepare_fewshot(
     Raises:
         DataError: unknown task, missing data, too few examples, multi-token label words.
     """
-    splits: TaskSplits = load_task(task, data_dir, k=k, seed=seed, mode=mode)
+    splits: TaskSplits = load_task(task, data_dir, k=k, seed=seed, mode=mode, test_limit=test_limit)
     spec = splits.task
     words = dict(label_words) if label_words else None
     ids = label_word_ids(words or spec, tokenizer)
@@ -136,7 +136,6 @@ def prepare_fewshot(
         max_length=max_length,
         cache_dir=cache_dir,
     )
-    test = splits.test[:test_limit] if test_limit else splits.test
     train = [dict(ex, weight=1.0) for ex in encode_examples(splits.train, **encode)]
     record = {
         "task": spec.name,
@@ -147,7 +146,7 @@ def prepare_fewshot(
         "template": (template or spec.template) if head == "prompt" else None,
         "label_words": words or dict(spec.label_words),
         "label_word_ids": ids,
-        "n": {"train": len(splits.train), "dev": len(splits.dev), "test": len(test)},
+        "n": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
         "provenance": splits.provenance,
     }
     return FewShotData(
@@ -156,7 +155,7 @@ def prepare_fewshot(
         label_word_ids=ids,
         train=train,
         dev=encode_examples(splits.dev, **encode),
-        test=encode_examples(test, **encode),
+        test=encode_examples(splits.test, **encode),
         record=record,
     )
 

@@ -1,0 +1,421 @@
+"""Compute the empirical NTK of a pretrained LM on a few-shot task and solve it (kernel.md).
+
+Does prompt-based fine-tuning behave like kernel regression with the model's eNTK? For every
+data seed this recipe computes K[i, c, j, c'] = <J_c(x_i), J_c'(x_j)> between the k-shot
+training examples and the train, dev and test examples (f = the label-word logits, or
+logit_1 - logit_0 with ``binary``), with the ``sgd``, ``signgd`` or ``asymmetric_signgd``
+formula over all parameters or a subset (no embeddings, no head, biases, LoRA), then solves
+it (lstsq, logistic, SVR/SVC, the asymmetric LS-SVM) over a grid of solver settings, keeps
+the best dev setting per seed and reports test accuracy mean (std) over seeds.
+
+Kernels are saved in the upstream format (``{split}_kernels_{task}.pt`` holding
+``(kernel [N, C, M, C] float64, targets)``; ``[2, N, C, M, C]`` for A-SignGD) next to a
+manifest, so the kernels released with the paper re-solve with ``--load_kernels DIR`` and a
+rerun reuses kernels computed with the same settings (a different setting is an error unless
+``overwrite_kernels``).
+
+Launch:
+    # the offline demo task (topic classification of embedded MMLU questions), SmolLM2-135M
+    python scripts/compute_kernel.py --config scripts/configs/kernel_demo.yaml
+
+    # RoBERTa-base on SST-2, 16-shot, five seeds, as in the paper (k-shot data from
+    # scripts/prepare_fewshot.py); rows of the kernel split over 4 GPUs without duplicates
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 \\
+        scripts/compute_kernel.py --config scripts/configs/kernel_paper.yaml \\
+        --model roberta-base --task SST-2 --task_dir data/k-shot
+
+    # the A-SignGD kernel (Adam) with the asymmetric solver, binary mode
+    python scripts/compute_kernel.py --config scripts/configs/kernel_paper.yaml \\
+        --formula asymmetric_signgd --binary true --solvers '[asym]' --gamma '[0.1,1,10]'
+
+    # a 7B model: the kernel of LoRA fine-tuning, or a random-projection kernel
+    sbatch slurm/submit_kernel --config scripts/configs/kernel_lora_7b.yaml
+
+    # re-solve saved (or released) kernels without a model
+    python scripts/compute_kernel.py --task SST-2 --load_kernels kernels/SST-2/prompt-sgd \\
+        --seeds '[42]' --solvers '[lstsq,logistic]'
+
+Trade-offs: ``row_batch_size`` x ``col_batch_size`` x ``param_block_numel`` bound the memory of
+per-example gradients (blocks are accumulated in float64, never the whole [N, P] matrix);
+multi-class kernels cost (N C)^2 entries against N^2 in binary mode; A-SignGD doubles the
+dev/test work (its flipped kernel); ``projection_dim`` trades exactness for memory at 7B scale
+(E[K_proj] = K; the error falls as 1/sqrt(d)).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptlab import ntk
+from adaptlab.config import parse_config, to_dict
+from adaptlab.distributed import DistInfo, all_gather_object, dist_info, shutdown
+from adaptlab.errors import report_user_errors
+from adaptlab.io import read_json, write_json
+from adaptlab.models import (
+    describe_model,
+    load_model,
+    load_tokenizer,
+    model_skeleton,
+    resolve_model,
+)
+from adaptlab.ntk.config import SPLITS, KernelConfig
+from adaptlab.ntk.errors import KernelError
+from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
+from adaptlab.training.fewshot import (
+    FewShotData,
+    fit_linear_head,
+    head_features,
+    model_kind,
+    prepare_fewshot,
+)
+
+MANIFEST = "manifest.json"
+IDENTITY_FIELDS = (
+    "model",
+    "task",
+    "shots",
+    "kshot_mode",
+    "template",
+    "label_words",
+    "test_limit",
+    "head",
+    "binary",
+    "formula",
+    "exclude_embeddings",
+    "exclude_head",
+    "only_biases",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
+    "projection_dim",
+    "projection_seed",
+    "dtype",
+    "adjust_for_init",
+)
+"""Settings that change a kernel's values: kernels on disk are reused only when all match."""
+
+
+@dataclass
+class Job:
+    """Everything checked before the model is loaded."""
+
+    cfg: KernelConfig
+    info: DistInfo
+    out: Path
+    data: dict[int, FewShotData]  # by data seed; empty when re-solving saved kernels
+    todo: dict[int, list[str]]  # splits whose kernel must be computed, by seed
+    model_ref: object | None
+    tokenizer: object | None
+    started: float
+
+
+def seed_dir(root: Path, cfg: KernelConfig, seed: int) -> Path:
+    """``{root}/{K}-{seed}``, upstream's folder name for one data split."""
+    return root / f"{cfg.shots}-{seed}"
+
+
+def identity(cfg: KernelConfig, seed: int) -> dict:
+    """The settings that make a seed's kernels what they are."""
+    settings = {key: getattr(cfg, key) for key in IDENTITY_FIELDS}
+    return json.loads(json.dumps({**settings, "seed": seed}, default=str))
+
+
+def splits_to_compute(cfg: KernelConfig, folder: Path, seed: int) -> list[str]:
+    """The splits of one seed without a reusable kernel on disk."""
+    if cfg.overwrite_kernels or not (folder / MANIFEST).is_file():
+        return list(SPLITS)
+    saved = read_json(folder / MANIFEST).get("identity")
+    if saved != identity(cfg, seed):
+        changed = sorted(
+            k for k in identity(cfg, seed) if (saved or {}).get(k) != identity(cfg, seed)[k]
+        )
+        raise KernelError(
+            f"{folder} holds kernels computed with other settings ({', '.join(changed)}); pass "
+            "overwrite_kernels=true to replace them or pick another output_dir."
+        )
+    return [s for s in SPLITS if not ntk.kernel_path(folder, s, cfg.task).is_file()]
+
+
+def setup(cfg: KernelConfig) -> Job:
+    """Check the data, label words and the output folder; load nothing heavy."""
+    started = time.perf_counter()
+    info = dist_info(cpu=cfg.cpu)
+    out = Path(cfg.output_dir)
+    if cfg.load_kernels:
+        source = Path(cfg.load_kernels)
+        if not source.is_dir():
+            raise KernelError(f"load_kernels={source} is not a folder of saved kernels.")
+        return Job(cfg, info, out, {}, {}, None, None, started)
+    model_ref = resolve_model(cfg.model)
+    skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
+    kind = model_kind(skeleton.config)
+    tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
+    data, todo = {}, {}
+    for seed in cfg.seeds:
+        data[seed] = prepare_fewshot(
+            cfg.task,
+            tokenizer,
+            kind,
+            data_dir=cfg.task_dir,
+            k=cfg.shots,
+            seed=seed,
+            mode=cfg.kshot_mode,
+            template=cfg.template,
+            label_words=cfg.label_words,
+            test_limit=cfg.test_limit,
+            head=cfg.head,
+        )
+        todo[seed] = splits_to_compute(cfg, seed_dir(out, cfg, seed), seed)
+    return Job(cfg, info, out, data, todo, model_ref, tokenizer, started)
+
+
+def load(job: Job) -> torch.nn.Module:
+    """The pretrained model in eval mode, with LoRA adapters when the kernel is LoRA's."""
+    cfg = job.cfg
+    model = load_model(
+        job.model_ref,
+        dtype=cfg.dtype,
+        device=job.info.device,
+        # not eager: its softmax runs in float32 even for float64 weights
+        attn_implementation="auto",
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(cfg.projection_seed)
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules
+        )
+        model = get_peft_model(model, lora)
+    return model.eval()
+
+
+def kernel_function(job: Job, model: torch.nn.Module, data: FewShotData) -> ntk.KernelFunction:
+    """f(x) of this seed: label-word logits, or a linear head fitted on this seed's train set."""
+    cfg = job.cfg
+    if cfg.head == "prompt":
+        return ntk.KernelFunction(
+            model, head="label_words", label_word_ids=data.label_word_ids, binary=cfg.binary
+        )
+    pad = job.tokenizer.pad_token_id
+    features = head_features(model, data.train, pad, cfg.col_batch_size)
+    head = fit_linear_head(features, [ex["label"] for ex in data.train], len(data.task.labels))
+    head = head.to(device=job.info.device, dtype=next(model.parameters()).dtype)
+    return ntk.KernelFunction(model, head="linear_head", linear_head=head, binary=cfg.binary)
+
+
+def batches(examples: list, size: int, job: Job, data: FewShotData) -> list[dict]:
+    """Right-padded batches of ``size`` examples on the device, in order."""
+    from adaptlab.data import collate_prompts
+
+    out = []
+    for start in range(0, len(examples), size):
+        batch = collate_prompts(
+            examples[start : start + size], job.tokenizer.pad_token_id, data.label_word_ids
+        )
+        out.append({key: value.to(job.info.device) for key, value in batch.items()})
+    return out
+
+
+def targets(data: FewShotData, examples: list, binary: bool) -> torch.Tensor:
+    """Label ids ``[M]`` (long), or ``2 label - 1`` in {-1, +1} (float64) in binary mode."""
+    labels = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
+    return (2 * labels - 1).double() if binary else labels
+
+
+def gather_rows(local: torch.Tensor, info: DistInfo, axis: int) -> torch.Tensor:
+    """Concatenate every rank's rows along ``axis`` (ranks hold different numbers of rows)."""
+    if info.world == 1:
+        return local
+    parts = all_gather_object(local.cpu(), info)
+    return torch.cat(parts, dim=axis)
+
+
+def compute_seed(job: Job, model: torch.nn.Module, seed: int) -> dict:
+    """Kernels (and f0 logits) of one seed's splits; returns the seed's manifest."""
+    cfg, info, data = job.cfg, job.info, job.data[seed]
+    folder = seed_dir(job.out, cfg, seed)
+    fn = kernel_function(job, model, data)
+    params = ntk.select_parameters(
+        model,
+        exclude_embeddings=cfg.exclude_embeddings,
+        exclude_head=cfg.exclude_head,
+        only_biases=cfg.only_biases,
+        only_lora=cfg.lora,
+        linear_head=getattr(fn, "linear_head", None),
+    )
+    # rows (training examples) are split into contiguous shards, one per process, no padding
+    n = len(data.train)
+    lo, hi = n * info.rank // info.world, n * (info.rank + 1) // info.world
+    rows = batches(data.train[lo:hi], cfg.row_batch_size, job, data)
+    shards = all_gather_object([lo, hi], info)  # the proof that rows were split, not repeated
+    splits = {"train": data.train, "dev": data.dev, "test": data.test}
+    timings = {}
+    for split in job.todo[seed]:
+        started = time.perf_counter()
+        cols = batches(splits[split], cfg.col_batch_size, job, data)
+        desc = f"seed {seed} {split}"
+        if cfg.projection_dim is not None:
+            phi_rows = ntk.projected_features(
+                fn, params, rows, cfg.projection_dim, seed=cfg.projection_seed
+            )
+            phi_cols = ntk.projected_features(
+                fn, params, cols, cfg.projection_dim, seed=cfg.projection_seed
+            )
+            local = ntk.projected_kernel(phi_rows, phi_cols)
+        elif cfg.formula == "asymmetric_signgd":
+            local = ntk.asymmetric_pair(
+                fn,
+                params,
+                rows,
+                cols,
+                param_block_numel=cfg.param_block_numel,
+                progress=cfg.progress and info.rank == 0,
+                desc=desc,
+            )
+        else:
+            local = ntk.compute_kernel(
+                fn,
+                params,
+                rows,
+                cols,
+                cfg.formula,
+                param_block_numel=cfg.param_block_numel,
+                progress=cfg.progress and info.rank == 0,
+                desc=desc,
+            )
+        kernel = gather_rows(local, info, axis=1 if local.dim() == 5 else 0)
+        if info.rank == 0:
+            ntk.save_kernel(
+                ntk.kernel_path(folder, split, cfg.task),
+                kernel,
+                targets(data, splits[split], cfg.binary),
+            )
+            if cfg.adjust_for_init:
+                with torch.no_grad():
+                    f0 = torch.cat([fn(dict(params), b).double().cpu() for b in cols])
+                ntk.save_logits(
+                    ntk.logits_path(folder, split, cfg.task),
+                    f0,
+                    targets(data, splits[split], cfg.binary),
+                )
+        timings[split] = round(time.perf_counter() - started, 3)
+    manifest = {
+        "format": "adaptlab.kernel/1",
+        "identity": identity(cfg, seed),
+        "model": describe_model(job.model_ref),
+        "data": data.record,
+        "grad_dim": ntk.grad_dim(params),
+        "processes": info.world,
+        "rows_per_rank": shards,
+        "seconds": timings,
+        "peak_memory_mib": peak_memory_mib(info.device),
+        "created": now(),
+    }
+    if info.rank == 0 and job.todo[seed]:
+        write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def compute(job: Job) -> dict[int, dict]:
+    """Every seed's kernels that are not on disk yet."""
+    manifests = {}
+    if not any(job.todo.values()):
+        return manifests
+    model = load(job)
+    for seed in tqdm(job.cfg.seeds, desc="seeds", disable=not job.cfg.progress or job.info.rank):
+        if job.todo[seed]:
+            manifests[seed] = compute_seed(job, model, seed)
+    return manifests
+
+
+def kernel_folder(source: Path, cfg: KernelConfig, seed: int) -> Path:
+    """A seed's kernel folder: ``{source}/{K}-{seed}``, or ``source`` itself for one seed."""
+    folder = seed_dir(source, cfg, seed)
+    if folder.is_dir() or len(cfg.seeds) > 1:
+        return folder
+    return source
+
+
+def kernel_task_name(folder: Path, task: str) -> str:
+    """The task name in the file names: ours, or upstream's lower-case one."""
+    for name in (task, task.lower()):
+        if ntk.kernel_path(folder, "train", name).is_file():
+            return name
+    raise KernelError(
+        f"{folder} holds no {ntk.kernel_path(folder, 'train', task).name}; point load_kernels "
+        "at a folder of saved kernels (one {K}-{seed} folder per seed) or drop it to compute."
+    )
+
+
+def solve(job: Job, manifests: dict[int, dict]) -> dict:
+    """Sweep the solver grid on every seed's kernels; write sweep.json and result.json."""
+    cfg = job.cfg
+    source = Path(cfg.load_kernels) if cfg.load_kernels else job.out
+    kernels = {}
+    for seed in cfg.seeds:
+        folder = kernel_folder(source, cfg, seed)
+        kernels[seed] = ntk.KernelSet.load(
+            folder, kernel_task_name(folder, cfg.task), logits=cfg.adjust_for_init or None
+        )
+    sweep = ntk.run_sweep(kernels, cfg.grid, progress=cfg.progress)
+    by_solver = {}
+    for name in cfg.solvers:
+        trials = [t for t in sweep["trials"] if t["settings"]["solver"] == name]
+        by_solver[name] = ntk.gather(trials)["summary"] | {
+            "best": [
+                {k: b[k] for k in ("seed", "settings", "dev", "test")}
+                for b in ntk.gather(trials)["best"]
+            ]
+        }
+    sweep["by_solver"] = by_solver
+    job.out.mkdir(parents=True, exist_ok=True)
+    ntk.write_sweep(job.out / "sweep.json", sweep)
+    result = {
+        "format": "adaptlab.kernel_result/1",
+        "config": to_dict(cfg),
+        "kernels": str(source),
+        "summary": sweep["summary"],
+        "by_solver": {
+            name: {k: v for k, v in s.items() if k != "best"} for name, s in by_solver.items()
+        },
+        "seeds": {str(s): m for s, m in manifests.items()},
+        "timings": {
+            "total_seconds": round(time.perf_counter() - job.started, 3),
+            "sweep_seconds": round(sweep["seconds"], 3),
+        },
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "created": now(),
+    }
+    write_json(job.out / "result.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(KernelConfig, argv)
+    with report_user_errors():
+        job = setup(cfg)
+        manifests = compute(job)
+        if job.info.rank == 0:
+            result = solve(job, manifests)
+            for name, summary in result["by_solver"].items():
+                print(
+                    f"{cfg.task} {cfg.shots}-shot, {cfg.formula} kernel, {name}: test accuracy "
+                    f"{summary['test_mean']:.1f} ({summary['test_std']:.1f}) over "
+                    f"{summary['n_seeds']} seed(s) -> {job.out / 'result.json'}"
+                )
+    shutdown(job.info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
