@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from adaptlab import ntk
@@ -95,6 +96,7 @@ IDENTITY_FIELDS = (
     "lora_r",
     "lora_alpha",
     "target_modules",
+    "lora_seed",
     "projection_dim",
     "projection_seed",
     "dtype",
@@ -180,6 +182,7 @@ def setup(cfg: KernelConfig) -> Job:
 def load(job: Job) -> torch.nn.Module:
     """The pretrained model in eval mode, with LoRA adapters when the kernel is LoRA's."""
     cfg = job.cfg
+    set_seed(cfg.lora_seed)  # as scripts/finetune.py: the same LoRA initialisation
     model = load_model(
         job.model_ref,
         dtype=cfg.dtype,
@@ -191,7 +194,6 @@ def load(job: Job) -> torch.nn.Module:
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        torch.manual_seed(cfg.projection_seed)
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules
         )

@@ -14,7 +14,7 @@
    (kernel_vs_ft/comparison.json, notebook/plot_kernel.py);
 6. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 12 minutes; a
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 14 minutes; a
 rerun reuses finished extractions.
 
 Launch:

@@ -175,6 +175,21 @@ def test_logistic_equals_scikit_learn_called_directly():
     assert result.accuracy == pytest.approx((model.predict(_np(k_eval).T) == labels).mean())
 
 
+def test_logistic_with_fewer_than_five_rows_per_label_uses_that_many_folds():
+    k_train, k_eval = _kernels(7, n=8, m=5, c=1, p=8)
+    y_train = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
+    y_eval = _labels(8, 5, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = solve("logistic", k_train, y_train, k_eval, y_eval)
+        model = LogisticRegressionCV(max_iter=10000, random_state=0, cv=4)
+        model.fit(_np(k_train), ((y_train.numpy() + 1) / 2).astype(int))
+    log_proba = model.predict_log_proba(_np(k_eval).T)
+    np.testing.assert_array_equal(result.logits.numpy()[:, 1], log_proba[:, 1] - log_proba[:, 0])
+    with pytest.raises(KernelError, match="at least 2 training rows of each label"):
+        solve("logistic", k_train[:3, :, :3], y_train[:3], k_train[:3, :, :3], y_train[:3])
+
+
 def test_logistic_multiclass_fits_flattened_one_hot_rows():
     k_train, k_eval = _kernels(5, n=12, m=4, c=3, p=16)
     y_train, y_eval = _labels(5, 12, 3), torch.tensor([0, 1, 2, 2])

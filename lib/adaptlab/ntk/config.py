@@ -50,6 +50,9 @@ class KernelConfig:
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
         target_modules: modules LoRA wraps (names matched at the end of module paths).
+        lora_seed: seed set before the model is loaded and LoRA added, as
+            ``scripts/finetune.py`` does with its ``seed``: the same value gives the kernel at
+            the fine-tuning run's initialisation.
         projection_dim: project per-example gradients to this many random directions and
             use K = Phi Phi^T (an unbiased estimate of the sgd kernel; None: exact kernel).
         projection_seed: seed of the random projection.
@@ -95,6 +98,7 @@ class KernelConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_seed: int = 42
     projection_dim: int | None = None
     projection_seed: int = 0
     row_batch_size: int = 4

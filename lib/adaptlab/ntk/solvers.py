@@ -194,15 +194,23 @@ class LstsqSolver:
         return preds, _squared_error(preds, rows.targets)
 
 
-def _logistic_cv() -> LogisticRegressionCV:
+def _logistic_cv(labels: torch.Tensor) -> LogisticRegressionCV:
     """Upstream's ``LogisticRegressionCV(max_iter=10000, random_state=0)``, defaults pinned.
 
     scikit-learn 0.24 (upstream's pin) meant 10 Cs, 5-fold stratified CV, L2, lbfgs and
     accuracy as the CV score. Newer releases announce changes of these defaults, so they are
-    spelled out; the fit is the same.
+    spelled out; the fit is the same. With fewer than 5 training rows of some label (k < 5
+    shots) upstream's call fails; here the folds drop to that count (at least 2).
     """
     params = inspect.signature(LogisticRegressionCV).parameters
-    kwargs: dict = {"Cs": 10, "cv": 5, "solver": "lbfgs", "scoring": "accuracy"}
+    smallest = int(torch.bincount(labels.flatten().long()).min()) if labels.numel() else 0
+    if smallest < 2:
+        raise KernelError(
+            "The logistic solver cross-validates and needs at least 2 training rows of each "
+            "label; use more shots or another solver (lstsq)."
+        )
+    folds = min(5, smallest)
+    kwargs: dict = {"Cs": 10, "cv": folds, "solver": "lbfgs", "scoring": "accuracy"}
     if params["l1_ratios"].default == "warn":  # releases where l1_ratio replaces penalty
         kwargs["l1_ratios"] = (0.0,)
     if "use_legacy_attributes" in params:  # only the fitted attributes change, not the fit
@@ -223,7 +231,8 @@ class LogisticSolver:
 
     def fit(self, train: _Rows) -> None:
         features = _regularized(train.kernel, self.settings.regularization)
-        self.model = _logistic_cv().fit(features.numpy(), _to_01(train.targets).numpy())
+        labels = _to_01(train.targets)
+        self.model = _logistic_cv(labels).fit(features.numpy(), labels.numpy())
 
     def predict(self, rows: _Rows) -> tuple[torch.Tensor, float]:
         log_proba = torch.from_numpy(self.model.predict_log_proba(rows.kernel.T.numpy()))
