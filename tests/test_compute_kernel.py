@@ -209,3 +209,16 @@ def test_masked_template_without_mask_and_bad_kernel_file(
                                         str(broken.parent)))  # fmt: skip
     err = capsys.readouterr().err
     assert "error:" in err and "dev_kernels_SST-2.pt" in err
+
+
+def test_projected_kernel_approaches_the_exact_one(kernel_run, tiny_model_dir, sst2_dir, tmp_path):
+    exact, _ = load_kernel(kernel_run / "8-42" / "train_kernels_SST-2.pt")
+    errors = []
+    for dim in (32, 1024):
+        out = tmp_path / f"d{dim}"
+        compute_kernel.main(kernel_args(tiny_model_dir, sst2_dir, out, "--projection_dim",
+                                        str(dim), "--solvers", "[lstsq]"))  # fmt: skip
+        projected, _ = load_kernel(out / "8-42" / "train_kernels_SST-2.pt")
+        assert projected.shape == exact.shape
+        errors.append(float((projected - exact).norm() / exact.norm()))
+    assert errors[1] < 0.5 * errors[0] and errors[1] < 0.3, errors  # error ~ 1/sqrt(d)
