@@ -15,6 +15,10 @@ split (``shots`` per label, ``data_seed``) with cross-entropy over the label-wor
 mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
 and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
 upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
+``--head linear`` is the no-prompt variant: a new linear head on the first token (masked LMs) or
+the last (causal LMs), optionally started from logistic regression on the pretrained features
+(``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
+``--l2_loss true`` trains either head on the squared error to the one-hot label.
 
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
@@ -59,6 +63,10 @@ Launch:
         --task mmlu-topics --data_seed 13
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data/k-shot --data_seed 42
+    # no prompt: a [CLS] linear head started from logistic regression (the linear-head kernel)
+    python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
+        --model roberta-base --task SST-2 --task_dir data/k-shot --head linear \
+        --from_linearhead true
 
     # the fine-tuned adapter feeds the extraction like any model
     python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
@@ -115,8 +123,10 @@ from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
 from adaptlab.training.fewshot import (
+    FewShotData,
     collate_label_words,
     evaluate_classification,
+    init_linear_head,
     model_kind,
     prepare_fewshot,
 )
@@ -134,7 +144,7 @@ from adaptlab.training.loop import (
     train_step,
 )
 from adaptlab.training.methods import Method, check_method, count_parameters
-from adaptlab.training.objectives import OBJECTIVES
+from adaptlab.training.objectives import OBJECTIVES, attach_linear_head
 from adaptlab.training.optim import TrainingError, build_optimizer
 from adaptlab.training.parallel import (
     Strategy,
@@ -160,9 +170,11 @@ class Data:
     collate: Callable  # (items, pad_token_id) -> batch
     evaluate: Callable  # (model, accelerator) -> metrics of the evaluation (dev) set
     test: Callable | None  # (model, accelerator) -> test metrics, few-shot tasks only
+    objective: Callable  # (model, batch) -> ObjectiveOutput
     identity: dict  # the rows and dataset that make a run this run
     record: dict  # what was loaded, for result.json
     summary: str  # "N training / M evaluation questions"
+    fewshot: FewShotData | None = None  # the encoded task (few-shot runs)
 
 
 @dataclass
@@ -283,6 +295,7 @@ def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
             model, prompts, letter_ids, tokenizer, acc, cfg.eval_batch_size
         ),
         test=None,
+        objective=OBJECTIVES[cfg.objective],
         identity={
             "rows": {"train": record["train"]["rows"], "eval": record["eval"]["rows"]},
             "dataset": record["provenance"].get("sha256"),
@@ -305,11 +318,15 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
         template=cfg.template,
         label_words=cfg.label_words,
         test_limit=cfg.test_limit,
+        head=cfg.head,
     )
     pad = tokenizer.pad_token_id
+    objective = partial(OBJECTIVES[cfg.objective], loss="mse" if cfg.l2_loss else "ce")
 
     def scores(examples: list, model: torch.nn.Module, acc: Accelerator) -> dict:
-        metrics = evaluate_classification(model, examples, data, acc, cfg.eval_batch_size, pad)
+        metrics = evaluate_classification(
+            model, examples, data, acc, cfg.eval_batch_size, pad, objective
+        )
         metrics.pop("logits")
         return metrics
 
@@ -318,6 +335,7 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
         collate=partial(collate_label_words, label_word_ids=data.label_word_ids),
         evaluate=partial(scores, data.dev),
         test=partial(scores, data.test),
+        objective=objective,
         identity={
             "rows": {"train": [ex["guid"] for ex in data.train]},
             "dataset": data.record,
@@ -327,6 +345,7 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
             f"{data.task.name} {cfg.shots}-shot (seed {cfg.data_seed}): {len(data.train)} "
             f"training / {len(data.dev)} dev / {len(data.test)} test examples"
         ),
+        fewshot=data,
     )
 
 
@@ -384,6 +403,11 @@ def setup(cfg: FinetuneConfig) -> Job:
                 f"{name} needs whole, replicated parameters and gradients, so it cannot run under "
                 f"{strategy.name}; use data parallelism (accelerate_configs/multi_gpu.yaml)."
             )
+    if cfg.from_linearhead and strategy.name == "zero3":
+        raise TrainingError(
+            "from_linearhead fits the head on features of the whole model, which ZeRO-3 "
+            "partitions while loading; use ZeRO-2, FSDP or data parallelism for it."
+        )
     if cfg.resume_from and not strategy.resumable:
         raise ResumeError(
             f"Runs under {strategy.name} write no resume state, so resume_from cannot continue "
@@ -486,6 +510,15 @@ def load(job: Job) -> Run:
         )
         # PEFT gathers partitioned base weights where an adapter's init reads them (DoRA)
         model = job.method.prepare(model, cfg, job.total_steps)
+        if cfg.head == "linear":  # a resumed run gets its trained head from the resume state
+            head = init_linear_head(
+                model,
+                job.data.fewshot,
+                job.tokenizer.pad_token_id,
+                from_logistic=cfg.from_linearhead and job.state != "resume",
+                batch_size=cfg.eval_batch_size,
+            )
+            attach_linear_head(model, head.to(next(model.parameters()).device))
     n_trainable, n_params = count_parameters(model)
     if strategy.name == "fsdp":
         info = DistInfo(acc.process_index, acc.num_processes, acc.device)
@@ -639,7 +672,7 @@ def train(job: Job, run: Run) -> None:
     cfg, acc, state = job.cfg, job.accelerator, run.state
     eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
     checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
-    objective = OBJECTIVES[cfg.objective]
+    objective = job.data.objective
     step_fn = zero_train_step if job.strategy.zero_stage is not None else train_step
     if state.step == 0:
         if cfg.save_init:

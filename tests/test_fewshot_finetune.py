@@ -117,8 +117,10 @@ def test_first_sgd_step_matches_a_hand_step(tiny_model_dir, sst2_dir, tmp_path):
         (["--shots", "9"], "SST-2/9-42 nor"),
         (["--best_metric", "constrained_macro"], "does not apply to task='SST-2'"),
         (["--packing", "true"], "packing=true does not apply"),
+        (["--from_linearhead", "true"], "use head=linear"),
+        (["--head", "linear", "--objective", "label_words"], "use linear_head"),
     ],
-    ids=["multi-token-word", "no-split-for-k", "mmlu-metric", "packing"],
+    ids=["multi-token-word", "no-split-for-k", "mmlu-metric", "packing", "head-init", "head"],
 )
 def test_fewshot_bad_input_fails_in_one_line(
     flags, message, tiny_model_dir, sst2_dir, tmp_path, capsys
@@ -130,3 +132,105 @@ def test_fewshot_bad_input_fails_in_one_line(
     assert exit_info.value.code == 2
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+def first_token_features(model, examples) -> torch.Tensor:
+    """[N, H] float64 last hidden state at each example's scored position, one at a time."""
+    rows = []
+    with torch.no_grad():
+        for ex in examples:
+            out = model(input_ids=torch.tensor([ex["input_ids"]]), output_hidden_states=True)
+            rows.append(out.hidden_states[-1][0, ex["position"]].double())
+    return torch.stack(rows)
+
+
+def test_linear_head_run_starts_from_logistic_regression(tiny_bert_dir, sst2_dir, tmp_path):
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import log_loss
+
+    from adaptlab.training.checkpoint import HEAD_FILE, load_linear_head
+
+    out = tmp_path / "linear"
+    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, out, "--head", "linear",
+                               "--from_linearhead", "true", "--max_steps", "2"))  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["objective"] == "linear_head"
+
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    encode = dict(task=splits.task, tokenizer=tokenizer, kind="masked", head="linear")
+    train, dev, test = (encode_examples(s, **encode) for s in (splits.train, splits.dev,
+                                                                splits.test))  # fmt: skip
+    assert all(ex["position"] == 0 for ex in train)  # [CLS]
+
+    # step 0: the head is scikit-learn's logistic regression on the pretrained [CLS] features
+    base = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).eval()
+    clf = LogisticRegressionCV(max_iter=5000, cv=5, random_state=0)
+    clf.fit(first_token_features(base, train).numpy(), [ex["label"] for ex in train])
+    x_dev, y_dev = first_token_features(base, dev).numpy(), [ex["label"] for ex in dev]
+    start = result["metrics"]["evals"][0]
+    assert start["step"] == 0
+    assert start["accuracy"] == pytest.approx(clf.score(x_dev, y_dev))
+    # near-separable features (C = 1e4): float32 padded batches move the fit by ~1e-3
+    assert start["loss"] == pytest.approx(log_loss(y_dev, clf.predict_proba(x_dev)), rel=1e-2)
+
+    # the saved final model + head reproduce the recorded test metrics, and the head trained
+    final = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
+    head = load_linear_head(out / "final").double()
+    scores = head(first_token_features(final, test)[:, None], None)
+    labels = torch.tensor([ex["label"] for ex in test])
+    metrics = result["metrics"]["test_final"]
+    assert metrics["accuracy"] == pytest.approx(float((scores.argmax(1) == labels).double().mean()))
+    assert metrics["loss"] == pytest.approx(float(F.cross_entropy(scores, labels)), rel=1e-5)
+    initial = torch.cat([torch.as_tensor(-clf.coef_ / 2), torch.as_tensor(clf.coef_ / 2)])
+    assert not torch.allclose(head.linear.weight, initial, atol=1e-6)
+    assert (out / "best" / HEAD_FILE).is_file()
+
+
+def test_l2_loss_is_the_squared_error_to_one_hot(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "l2"
+    finetune.main(fewshot_args(tiny_model_dir, sst2_dir, out, "--l2_loss", "true",
+                               "--max_steps", "1", "--eval_points", "1"))  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    ids = label_word_ids(splits.task, tokenizer)
+    train = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    first = [train[i] for i in plan.global_indices(0)]
+    scores = label_word_scores(base, first, tokenizer, ids)
+    one_hot = F.one_hot(torch.tensor([ex["label"] for ex in first]), 2).float()
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+    assert losses[1] == pytest.approx(float(torch.nn.MSELoss()(scores, one_hot)), rel=1e-5)
+
+
+def test_killed_linear_head_run_resumes_exactly(
+    tiny_bert_dir, sst2_dir, tmp_path, monkeypatch, capsys
+):
+    from adaptlab.training.checkpoint import load_linear_head
+
+    extra = ("--head", "linear", "--max_steps", "4", "--save_state_every", "1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, whole, *extra))
+    step = finetune.train_step
+
+    def killed_at_step_3(*args, **kwargs):
+        if args[7] == 3:
+            raise KeyboardInterrupt("killed")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
+    monkeypatch.setattr(finetune, "train_step", step)
+    capsys.readouterr()
+    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
+    assert "resumed at step 2" in capsys.readouterr().out
+    a, b = load_linear_head(whole / "final"), load_linear_head(killed / "final")
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-6)
+    ma = AutoModelForMaskedLM.from_pretrained(whole / "final").state_dict()
+    mb = AutoModelForMaskedLM.from_pretrained(killed / "final").state_dict()
+    assert ma.keys() == mb.keys() and not any("linear_head" in key for key in ma)
+    for key in ma:
+        torch.testing.assert_close(mb[key], ma[key], rtol=0, atol=1e-6)

@@ -244,3 +244,31 @@ def test_accelerate_config_is_one_this_script_can_run(path):
     if kind == "DEEPSPEED":  # the JSON it names exists and passes the script's checks
         json_file = config["deepspeed_config"]["deepspeed_config_file"]
         assert read_deepspeed_config(ROOT / json_file)["zero_optimization"]["stage"] in (2, 3)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2"])
+def test_linear_head_trains_over_two_processes_like_one(fsdp, tiny_model_dir, sst2_dir, tmp_path):
+    """No-prompt few-shot LoRA with a logistic-regression head: the head is its own FSDP unit
+    (the objective calls it after the model's forward) and is saved beside the adapter."""
+    args = [
+        "--model", str(tiny_model_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--head", "linear", "--from_linearhead", "true",
+        "--optimizer", "sgd", "--lr", "0.1", "--schedule", "constant", "--batch_size", "4",
+        "--micro_batch_size", "1", "--max_steps", "3", "--eval_points", "1",
+        "--checkpoints", "0", "--lora_dropout", "0", "--report_to", "none",
+        "--progress", "false",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune.main([*args, "--output_dir", str(one)])
+    flags = ["--output_dir", str(two), *(["--fsdp", "true"] if fsdp else [])]
+    run = launch(accelerate("cpu_2proc.yaml"), SCRIPT, [*args, *flags])
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert result(two)["parallel"]["strategy"] == ("fsdp" if fsdp else "ddp")
+    assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-5)
+    assert result(two)["metrics"]["final"]["loss"] == pytest.approx(
+        result(one)["metrics"]["final"]["loss"], rel=1e-5
+    )
+    got, expected = (load_file(r / "final" / "linear_head.safetensors") for r in (two, one))
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-6, msg=name)

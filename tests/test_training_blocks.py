@@ -28,12 +28,14 @@ from adaptlab.training import (
     accumulation_loss_scale,
     accuracy_report,
     answer_only_labels,
+    attach_linear_head,
     build_optimizer,
     build_scheduler,
     causal_lm_loss,
     collate_answer_only,
     encode_answer_only,
     expected_calibration_error,
+    find_linear_head,
     freeze,
     ivon_step_context,
     label_word_loss,
@@ -494,15 +496,28 @@ def test_label_words_and_linear_head_objectives_on_tiny_bert():
     assert out.loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     assert out.scores.shape == (2, 2)
 
+    # the squared error to one-hot (upstream --l2_loss) on the same scores
+    out = OBJECTIVES["label_words"](model, batch, loss="mse")
+    scores = torch.stack([logits[i, positions[i], label_words] for i in range(2)])
+    expected = torch.nn.MSELoss()(scores, F.one_hot(targets, 2).float())
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
     head = LinearHead(32, 2)
-    out = OBJECTIVES["linear_head"](model, batch, head)
+    no_positions = {k: v for k, v in batch.items() if k != "positions"}
+    out = OBJECTIVES["linear_head"](model, no_positions, head)  # first token: [CLS]
     with torch.no_grad():
-        first = model.bert(**enc).last_hidden_state[:, 0]
-        scores = first @ head.linear.weight.T + head.linear.bias
+        hidden = model.bert(**enc).last_hidden_state
+        scores = hidden[:, 0] @ head.linear.weight.T + head.linear.bias
     by_hand = [_ce(scores[i], int(targets[i])) for i in range(2)]
     assert out.loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     with pytest.raises(TrainingError, match="needs a head"):
         OBJECTIVES["linear_head"](model, batch)
+    # attached to the model, the head is found, and it reads batch["positions"]
+    attach_linear_head(model, head)
+    assert find_linear_head(model) is head
+    out = OBJECTIVES["linear_head"](model, batch)
+    at_mask = hidden[torch.arange(2), positions] @ head.linear.weight.T + head.linear.bias
+    assert torch.allclose(out.scores, at_mask, atol=1e-6)
     with pytest.raises(TrainingError, match="exactly one mask"):
         mask_positions(torch.tensor([[4, 4, 1]]), 4)
 

@@ -8,6 +8,7 @@ CPUs), so a two-process CPU run exercises the same collectives as a GPU cluster.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ def fsdp_requested() -> bool:
 
 def shard_fsdp2(
     model: nn.Module,
-    blocks: nn.ModuleList,
+    blocks: Iterable[nn.Module],
     info: DistInfo,
     *,
     reshard_after_forward: bool = True,
@@ -86,7 +87,8 @@ def shard_fsdp2(
 
     Args:
         model: the model, on the CPU or on ``info.device``.
-        blocks: its transformer blocks, one FSDP unit each.
+        blocks: its transformer blocks (and any other module called on its own), one FSDP unit
+            each.
         info: rank, world and device of this process.
         reshard_after_forward: free each block's gathered weights after its forward (training
             gathers them again in backward; ``False`` trades memory for one all-gather less).

@@ -39,7 +39,6 @@ Quick start::
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -50,6 +49,7 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.svm import SVC, SVR
 
 from adaptlab.ntk.errors import KernelError
+from adaptlab.training.fewshot import logistic_regression_cv
 
 SolverName = Literal["lstsq", "logistic", "svr", "svc", "asym"]
 F0Use = Literal["used", "ignored", "rejected"]
@@ -195,27 +195,19 @@ class LstsqSolver:
 
 
 def _logistic_cv(labels: torch.Tensor) -> LogisticRegressionCV:
-    """Upstream's ``LogisticRegressionCV(max_iter=10000, random_state=0)``, defaults pinned.
+    """Upstream's ``LogisticRegressionCV(max_iter=10000, random_state=0)``, defaults pinned
+    (:func:`adaptlab.training.fewshot.logistic_regression_cv`).
 
-    scikit-learn 0.24 (upstream's pin) meant 10 Cs, 5-fold stratified CV, L2, lbfgs and
-    accuracy as the CV score. Newer releases announce changes of these defaults, so they are
-    spelled out; the fit is the same. With fewer than 5 training rows of some label (k < 5
-    shots) upstream's call fails; here the folds drop to that count (at least 2).
+    With fewer than 5 training rows of some label (k < 5 shots) upstream's call fails; here the
+    folds drop to that count (at least 2).
     """
-    params = inspect.signature(LogisticRegressionCV).parameters
     smallest = int(torch.bincount(labels.flatten().long()).min()) if labels.numel() else 0
     if smallest < 2:
         raise KernelError(
             "The logistic solver cross-validates and needs at least 2 training rows of each "
             "label; use more shots or another solver (lstsq)."
         )
-    folds = min(5, smallest)
-    kwargs: dict = {"Cs": 10, "cv": folds, "solver": "lbfgs", "scoring": "accuracy"}
-    if params["l1_ratios"].default == "warn":  # releases where l1_ratio replaces penalty
-        kwargs["l1_ratios"] = (0.0,)
-    if "use_legacy_attributes" in params:  # only the fitted attributes change, not the fit
-        kwargs["use_legacy_attributes"] = False
-    return LogisticRegressionCV(max_iter=10000, random_state=0, **kwargs)
+    return logistic_regression_cv(folds=min(5, smallest), max_iter=10000)
 
 
 class LogisticSolver:

@@ -12,7 +12,10 @@ A run folder holds::
 Weights are in the Hugging Face on-disk format: an adapter folder (``adapter_config.json``,
 ``adapter_model.safetensors``) for PEFT methods, which ``PeftModel.from_pretrained`` and
 ``scripts/extract_repr.py --model`` load; a ``save_pretrained`` model folder with its tokenizer
-otherwise. Each carries ``adaptlab_checkpoint.json`` (step, epoch, run fingerprint).
+otherwise. Each carries ``adaptlab_checkpoint.json`` (step, epoch, run fingerprint). A run with
+a linear classification head (``head=linear``) also writes it as ``linear_head.safetensors``
+(``linear.weight`` [C, H], ``linear.bias`` [C]; :func:`load_linear_head`), outside the HF
+files, so the folder still loads as a plain model or adapter.
 
 ``resume/`` holds the trainable parameters, the optimiser and scheduler states (with IVON's
 step counter, which its ``state_dict`` omits), every
@@ -64,6 +67,7 @@ FINAL = "final"
 STATE = "resume"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_FILE = "adaptlab_checkpoint.json"
+HEAD_FILE = "linear_head.safetensors"
 _TRAINABLE = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
 _SCHEDULER = "scheduler.pt"
@@ -179,15 +183,53 @@ def save_weights(
     state_dict = full_state_dict(accelerator, model, trainable_only=adapter)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        state_dict, head = split_linear_head(state_dict)
         with atomic_dir(folder) as tmp:
             # The vocabulary is never resized here, so PEFT need not look for embedding changes
             # (its check reads the base model's config, which fails for embedded: names).
             extra = {"save_embedding_layers": False} if adapter else {}
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, **extra)
+            if head:
+                save_tensors(tmp / HEAD_FILE, head)
             if tokenizer is not None and not adapter:
                 tokenizer.save_pretrained(str(tmp))
             write_json(tmp / CHECKPOINT_FILE, dict(meta or {}))
     accelerator.wait_for_everyone()
+
+
+def split_linear_head(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(model entries, head entries)``: the attached linear head's tensors, renamed
+    ``linear.weight`` / ``linear.bias``, apart from the model's (see ``attach_linear_head``)."""
+    from adaptlab.training.objectives import HEAD_ATTRIBUTE
+
+    model, head = {}, {}
+    marker = f"{HEAD_ATTRIBUTE}."
+    for name, tensor in state_dict.items():
+        if name.startswith(marker) or f".{marker}" in name:
+            head[name[name.index(marker) + len(marker) :]] = tensor.detach().cpu().contiguous()
+        else:
+            model[name] = tensor
+    return model, head
+
+
+def load_linear_head(folder: str | Path) -> Any:
+    """The ``LinearHead`` saved in a checkpoint folder of a ``head=linear`` run (float32).
+
+    Raises:
+        ResumeError: the folder has no head file.
+    """
+    from adaptlab.training.objectives import LinearHead
+
+    path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        raise ResumeError(f"{folder} holds no {HEAD_FILE}; was the run trained with head=linear?")
+    tensors = load_file(str(path))
+    n_classes, hidden = tensors["linear.weight"].shape
+    head = LinearHead(hidden, n_classes)
+    head.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return head
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,18 @@ class FinetuneConfig:
             same per-example losses; ``adaptlab.training.packing``). Faster when
             ``micro_batch_size`` > 1; with dropout the masks differ from a padded run's.
         objective: training loss, a key of ``adaptlab.training.objectives.OBJECTIVES``:
-            ``answer_only`` (MMLU) or ``label_words`` (few-shot tasks); None: the task's.
+            ``answer_only`` (MMLU), ``label_words`` or ``linear_head`` (few-shot tasks with
+            ``head`` prompt / linear); None: the one ``task`` and ``head`` call for.
+        head: few-shot tasks: ``prompt`` (label-word logits of the template's mask / last
+            prompt token) or ``linear`` (no prompt: a new ``nn.Linear(H, C)`` on the first
+            token of a masked LM or the last of a causal LM, trained with the model and saved
+            beside it as ``linear_head.safetensors``; LM-BFF ``--few_shot_type finetune``).
+        from_linearhead: initialise the linear head by logistic regression on the pretrained
+            features of the training set (upstream ``--from_linearhead``, the head the
+            no-prompt kernel uses); False: a random init seeded by ``seed``.
+        l2_loss: few-shot tasks: squared error of the C scores to the one-hot label (mean over
+            C) instead of cross-entropy (upstream ``--l2_loss``, the loss kernel regression
+            solves).
         optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
@@ -226,6 +237,9 @@ class FinetuneConfig:
     weighted_loss: bool = False
     packing: bool = False
     objective: str | None = None
+    head: Literal["prompt", "linear"] = "prompt"
+    from_linearhead: bool = False
+    l2_loss: bool = False
     optimizer: str = "adamw"
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -378,14 +392,23 @@ class FinetuneConfig:
             wrong = [
                 (self.objective != "answer_only", f"objective={self.objective!r}", "answer_only"),
                 (self.best_metric in TASK_METRICS, f"best_metric={self.best_metric!r}", ""),
+                (self.head != "prompt", f"head={self.head!r}", "head=prompt"),
+                (self.from_linearhead, "from_linearhead=true", ""),
+                (self.l2_loss, "l2_loss=true", ""),
             ]
         else:
             task = get_task(self.task)
             self.task = task.name
-            self.objective = self.objective or "label_words"
+            wanted = "label_words" if self.head == "prompt" else "linear_head"
+            self.objective = self.objective or wanted
             self.best_metric = self.best_metric or "accuracy"
             wrong = [
-                (self.objective != "label_words", f"objective={self.objective!r}", "label_words"),
+                (self.objective != wanted, f"objective={self.objective!r}", wanted),
+                (
+                    self.from_linearhead and self.head != "linear",
+                    "from_linearhead=true",
+                    "head=linear with it",
+                ),
                 (
                     self.best_metric in MMLU_METRICS - {"loss", "ece"}
                     or (

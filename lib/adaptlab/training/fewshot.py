@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.data import (
@@ -38,8 +37,9 @@ from adaptlab.data import (
     load_task,
     task_metrics,
 )
+from adaptlab.extract.points import unwrap
 from adaptlab.training.metrics import expected_calibration_error
-from adaptlab.training.objectives import label_word_logits
+from adaptlab.training.objectives import LinearHead, Objective, label_words_objective
 from adaptlab.training.optim import TrainingError
 
 Kind = Literal["causal", "masked"]
@@ -182,8 +182,10 @@ def evaluate_classification(
     accelerator: Any,
     batch_size: int,
     pad_token_id: int,
+    objective: Objective = label_words_objective,
 ) -> dict[str, Any]:
-    """Label-word accuracy, task metrics, ECE and loss; every process runs the same batches.
+    """Accuracy, task metrics, ECE and loss of the class scores; every process runs the same
+    batches.
 
     Examples are sorted by length and dealt round-robin to the processes (short processes
     repeat one, dropped after the gather).
@@ -195,10 +197,13 @@ def evaluate_classification(
         accelerator: the run's ``accelerate.Accelerator``.
         batch_size: examples per forward pass per process.
         pad_token_id: padding id.
+        objective: gives the ``[B, C]`` scores and per-example losses: the label-word
+            objective (default) or the linear head's, with the run's loss (CE or MSE).
 
     Returns:
-        ``accuracy``, the task's other metrics, ``ece``, ``loss``, ``n`` and ``logits``
-        (``[M, C]`` label-word logits in input order, as nested lists).
+        ``accuracy``, the task's other metrics, ``ece`` (of the softmax over the scores),
+        ``loss`` (the objective's mean loss), ``n`` and ``logits`` (``[M, C]`` scores in input
+        order, as nested lists).
     """
     if not examples:
         raise TrainingError("The evaluation set is empty; check the task's dev/test split.")
@@ -215,29 +220,58 @@ def evaluate_classification(
         chunk = mine[start : start + batch_size]
         batch = collate_prompts([examples[i] for i in chunk], pad_token_id, data.label_word_ids)
         batch = {key: value.to(device) for key, value in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        scores = label_word_logits(logits, batch["positions"], batch["label_word_ids"]).double()
+        out = objective(model, batch)
         meta = torch.tensor(
             [[i, v] for i, v in zip(chunk, valid[start : start + batch_size], strict=True)],
             device=device,
             dtype=torch.float64,
         )
-        rows.append(torch.cat([meta, batch["class_labels"][:, None].double(), scores], 1))
+        columns = [meta, batch["class_labels"][:, None].double(), out.per_example[:, None]]
+        rows.append(torch.cat([*(c.double() for c in columns), out.scores.double()], 1))
     table = accelerator.gather(torch.cat(rows)).cpu()
     table = table[table[:, 1] == 1]
     table = table[table[:, 0].argsort()]
     model.train(was_training)
 
     labels = table[:, 2].long()
-    scores = table[:, 3:]
+    scores = table[:, 4:]
     predictions = scores.argmax(1)
     metrics = task_metrics(data.task, predictions.tolist(), labels.tolist())
     metrics["accuracy"] = metrics.pop("acc", float((predictions == labels).double().mean()))
     metrics["ece"] = expected_calibration_error(torch.softmax(scores, 1), labels.tolist())
-    metrics["loss"] = float(F.cross_entropy(scores, labels))
+    metrics["loss"] = float(table[:, 3].mean())
     metrics["n"] = len(labels)
     metrics["logits"] = scores.tolist()
     return metrics
+
+
+def init_linear_head(
+    model: nn.Module,
+    data: FewShotData,
+    pad_token_id: int,
+    *,
+    from_logistic: bool,
+    batch_size: int = 16,
+) -> LinearHead:
+    """A new ``LinearHead(H, C)`` for no-prompt fine-tuning, random or fitted.
+
+    Args:
+        model: the plain (unsharded) model whose hidden size and features the head reads.
+        data: the task encoded with ``head="linear"`` (positions: first/last token).
+        pad_token_id: padding id.
+        from_logistic: fit it by logistic regression on the training features
+            (:func:`fit_linear_head`, upstream ``--from_linearhead``); else ``nn.Linear``'s
+            random init from the global RNG.
+        batch_size: examples per feature forward pass.
+    """
+    hidden = unwrap(model).config.hidden_size
+    head = LinearHead(hidden, len(data.task.labels))
+    if from_logistic:
+        features = head_features(model, data.train, pad_token_id, batch_size)
+        labels = [int(ex["label"]) for ex in data.train]
+        fitted = fit_linear_head(features, labels, len(data.task.labels))
+        head.linear.load_state_dict(fitted.state_dict())
+    return head
 
 
 @torch.no_grad()
@@ -264,6 +298,26 @@ def head_features(
     return torch.cat(rows)
 
 
+def logistic_regression_cv(folds: int = 5, max_iter: int = 5000) -> Any:
+    """``LogisticRegressionCV(max_iter, random_state=0)`` with upstream's defaults pinned.
+
+    scikit-learn 0.24 (upstream's pin) meant 10 Cs, 5-fold stratified CV, L2, lbfgs and
+    accuracy as the CV score. Newer releases announce changes of these defaults, so they are
+    spelled out (the fit is the same, and no FutureWarning reaches the user).
+    """
+    import inspect
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    params = inspect.signature(LogisticRegressionCV).parameters
+    kwargs: dict[str, Any] = {"Cs": 10, "cv": folds, "solver": "lbfgs", "scoring": "accuracy"}
+    if params["l1_ratios"].default == "warn":  # releases where l1_ratio replaces penalty
+        kwargs["l1_ratios"] = (0.0,)
+    if "use_legacy_attributes" in params:  # only the fitted attributes change, not the fit
+        kwargs["use_legacy_attributes"] = False
+    return LogisticRegressionCV(max_iter=max_iter, random_state=0, **kwargs)
+
+
 def fit_linear_head(features: torch.Tensor, labels: Sequence[int], n_classes: int) -> nn.Linear:
     """A linear head initialised by logistic regression on frozen features (kernel.md §10).
 
@@ -280,14 +334,12 @@ def fit_linear_head(features: torch.Tensor, labels: Sequence[int], n_classes: in
     Returns:
         ``nn.Linear(H, C)`` in float32 holding the fitted weights.
     """
-    from sklearn.linear_model import LogisticRegressionCV
-
     x = features.double().numpy()
     y = list(labels)
     if len(set(y)) < 2:
         raise TrainingError("The linear head needs training examples of at least two labels.")
     folds = min(5, min(y.count(c) for c in set(y)))
-    clf = LogisticRegressionCV(max_iter=5000, cv=max(folds, 2), random_state=0).fit(x, y)
+    clf = logistic_regression_cv(folds=max(folds, 2), max_iter=5000).fit(x, y)
     weight = torch.as_tensor(clf.coef_)
     bias = torch.as_tensor(clf.intercept_)
     if weight.shape[0] == 1:

@@ -4,10 +4,17 @@
 |----------------|------------------------------------------------|-------------------------------|
 | ``answer_only``| next-token logits on the answer tokens         | token CE, mean per example    |
 | ``label_words``| LM logits of C label words at one position [B, C] | CE over the C label words  |
-| ``linear_head``| ``nn.Linear(H, C)`` on the first token [B, C]   | CE over C classes             |
+| ``linear_head``| ``nn.Linear(H, C)`` at one token [B, C]        | CE over C classes             |
 
 Every objective reduces a per-example loss ℓ_i with optional weights:
 L = Σ_i w_i ℓ_i / Σ_i w_i (plain mean without weights; landscape.md §4 ``--weight_samples``).
+The two classification objectives take ``loss="mse"`` for the squared error to the one-hot
+target, mean over the C scores (LM-Kernel-FT ``--l2_loss``, kernel.md §4).
+
+The linear head (the no-prompt setting) reads the token at ``batch["positions"]`` (the first
+token for masked LMs, the last for causal LMs, see ``adaptlab.data.encode_examples``) and lives
+on the model as ``linear_head`` (:func:`attach_linear_head`), so it trains, shards and resumes
+with the rest of the trainable parameters.
 
 Answer-only MMLU data (landscape.md §4): the prompt is the question block without header, the
 target is ``" " + letter``, labels are the input ids with the prompt positions set to -100, no
@@ -453,7 +460,46 @@ class LinearHead(nn.Module):
         else:
             rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
             first = hidden_states[rows, positions.to(hidden_states.device)]
-        return self.linear(first)
+        return self.linear(first.to(self.linear.weight.dtype))
+
+
+HEAD_ATTRIBUTE = "linear_head"
+
+
+def attach_linear_head(model: nn.Module, head: LinearHead) -> None:
+    """Make ``head`` a trainable submodule of the model (under any PEFT/DDP wrapper).
+
+    It is registered on the innermost HF model as ``linear_head``, so its parameters follow
+    the model through the optimiser, FSDP sharding and resume states; the checkpoint code
+    saves it beside the weights (``adaptlab.training.checkpoint.HEAD_FILE``).
+    """
+    base = unwrap(model)
+    if hasattr(base, HEAD_ATTRIBUTE):
+        raise TrainingError(f"The model already has a {HEAD_ATTRIBUTE!r} attribute.")
+    head.requires_grad_(True)
+    base.add_module(HEAD_ATTRIBUTE, head)
+
+
+def find_linear_head(model: nn.Module) -> LinearHead | None:
+    """The head attached by :func:`attach_linear_head`, or ``None``."""
+    return getattr(unwrap(model), HEAD_ATTRIBUTE, None)
+
+
+LOSSES = ("ce", "mse")
+
+
+def class_loss(scores: Tensor, targets: Tensor, loss: str = "ce") -> Tensor:
+    """``[B]`` per-example loss of class scores ``[B, C]`` against class indices ``[B]``.
+
+    ``ce``: cross-entropy. ``mse``: mean over the C scores of (score - one_hot)^2, so the
+    batch mean equals ``nn.MSELoss()(scores, one_hot)`` as upstream's ``--l2_loss``.
+    """
+    if loss == "ce":
+        return F.cross_entropy(scores.float(), targets, reduction="none")
+    if loss == "mse":
+        target = F.one_hot(targets, scores.shape[-1]).to(torch.float32)
+        return (scores.float() - target).pow(2).mean(dim=-1)
+    raise TrainingError(f"Unknown classification loss {loss!r}; choose from {', '.join(LOSSES)}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,35 +569,43 @@ def answer_only_objective(
 
 
 def label_words_objective(
-    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None, loss: str = "ce"
 ) -> ObjectiveOutput:
-    """CE over label-word logits (batch: ``positions``, ``label_word_ids``, ``class_labels``)."""
+    """Loss over label-word logits (batch: ``positions``, ``label_word_ids``, ``class_labels``)."""
     _require(batch, ("input_ids", "positions", "label_word_ids", "class_labels"), "label_words")
     logits = _forward(model, batch).logits
     scores = label_word_logits(logits, batch["positions"], batch["label_word_ids"])
-    per_example = F.cross_entropy(scores.float(), batch["class_labels"], reduction="none")
-    loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
-    return ObjectiveOutput(loss, per_example, scores)
+    per_example = class_loss(scores, batch["class_labels"], loss)
+    total = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(total, per_example, scores)
 
 
 def linear_head_objective(
-    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None, loss: str = "ce"
 ) -> ObjectiveOutput:
-    """CE of a :class:`LinearHead` on the first attended token (batch: ``class_labels``)."""
+    """Loss of a :class:`LinearHead` on the last hidden states (batch: ``class_labels``).
+
+    The head is ``head`` or the one attached to the model; it reads ``batch["positions"]``,
+    else the first attended token.
+    """
+    head = head if head is not None else find_linear_head(model)
     if head is None:
         raise TrainingError(
-            "The linear_head objective needs a head; pass LinearHead(hidden_size, n_classes)."
+            "The linear_head objective needs a head; pass LinearHead(hidden_size, n_classes) "
+            "or attach one with attach_linear_head(model, head)."
         )
     _require(batch, ("input_ids", "class_labels"), "linear_head")
     hidden = _forward(model, batch, output_hidden_states=True).hidden_states[-1]
-    mask = batch.get("attention_mask")
-    scores = head(hidden, None if mask is None else first_token_positions(mask))
-    per_example = F.cross_entropy(scores.float(), batch["class_labels"], reduction="none")
-    loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
-    return ObjectiveOutput(loss, per_example, scores)
+    positions = batch.get("positions")
+    if positions is None and batch.get("attention_mask") is not None:
+        positions = first_token_positions(batch["attention_mask"])
+    scores = head(hidden, positions)
+    per_example = class_loss(scores, batch["class_labels"], loss)
+    total = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(total, per_example, scores)
 
 
-Objective = Callable[[nn.Module, Mapping[str, Any], LinearHead | None], ObjectiveOutput]
+Objective = Callable[..., ObjectiveOutput]  # (model, batch, head=None[, loss]) -> output
 
 OBJECTIVES: dict[str, Objective] = {
     "answer_only": answer_only_objective,

@@ -164,7 +164,8 @@ def shard_fsdp(
     mixed_precision: str = "no",
     activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """Shard a (PEFT-wrapped) causal LM with FSDP2: each decoder block, then the root.
+    """Shard a (PEFT-wrapped) causal LM with FSDP2: each decoder block (and an attached linear
+    head), then the root.
 
     Call it after the method has wrapped and frozen the model and before the optimiser is
     built, so the optimiser holds the sharded parameters. Frozen and trainable parameters of a
@@ -204,9 +205,13 @@ def shard_fsdp(
         if type(p).__name__ == "Params4bit" and not p.is_floating_point()
     }
     keep_4bit_packing(model)
+    units = list(decoder_layers(model))
+    head = getattr(unwrap(model), "linear_head", None)
+    if head is not None:  # its own unit: the objective calls it after the root's forward
+        units.append(head)
     shard_fsdp2(
         model,
-        decoder_layers(model),
+        units,
         info,
         reshard_after_forward=reshard,
         mp_policy=mp_policy,
