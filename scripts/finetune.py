@@ -82,11 +82,13 @@ MMLU prompts; it does nothing at ``micro_batch_size=1``. ``gradient_checkpointin
 activation memory at ~30% more compute;
 ``micro_batch_size`` trades memory for speed at a fixed global batch; ``checkpoints`` and
 ``save_state_every`` trade disk (a full-model state is ~3x the weights) for lost work on a kill;
-FSDP shards everything (1/N memory) for an all-gather per block, but each process first loads
-the whole model into CPU memory; ZeRO-2 shards only the optimiser state and gradients (no extra
-traffic), ZeRO-3 also the weights, loaded straight into partitions; ZeRO runs write no resume
-state (a killed run restarts; FSDP and data-parallel runs resume exactly); IVON and AdaLoRA need
-replicated weights (data parallel only); IVON needs lr O(0.1-1) and no gradient clipping.
+FSDP shards everything (1/N memory) for an all-gather per block; only rank 0 reads the whole
+model into CPU memory and the other ranks receive their shards from it (QLoRA and adapter-folder
+bases load on every rank); ZeRO-2 shards only the optimiser state and gradients (no extra
+traffic), ZeRO-3 also the weights, loaded straight into partitions; every strategy resumes
+exactly with the same number of processes (FSDP and ZeRO write one state shard per process);
+IVON and AdaLoRA need replicated weights (data parallel only); IVON needs lr O(0.1-1) and no
+gradient clipping.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ from adaptlab.training.parallel import (
     deepspeed_engine,
     fill_deepspeed_config,
     hidden_from_accelerate,
+    load_from_rank0,
     optimizer_state_fraction,
     param_fraction,
     requested_strategy,
@@ -197,6 +200,7 @@ class Job:
     plan: BatchPlan
     total_steps: int
     started: float
+    fsdp_from_rank0: bool = False  # FSDP: only rank 0 reads the weights (see load)
 
 
 @dataclass
@@ -408,11 +412,6 @@ def setup(cfg: FinetuneConfig) -> Job:
             "from_linearhead fits the head on features of the whole model, which ZeRO-3 "
             "partitions while loading; use ZeRO-2, FSDP or data parallelism for it."
         )
-    if cfg.resume_from and not strategy.resumable:
-        raise ResumeError(
-            f"Runs under {strategy.name} write no resume state, so resume_from cannot continue "
-            "one; train with FSDP or data parallelism to resume."
-        )
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
@@ -473,6 +472,9 @@ def setup(cfg: FinetuneConfig) -> Job:
         plan=plan,
         total_steps=total_steps,
         started=started,
+        fsdp_from_rank0=(
+            strategy.name == "fsdp" and method.quantization is None and not model_ref.adapters
+        ),
     )
 
 
@@ -494,6 +496,10 @@ def load(job: Job) -> Run:
     cfg, acc, strategy = job.cfg, job.accelerator, job.strategy
     set_seed(cfg.seed)
     quantized = job.method.quantization is not None
+    # FSDP: rank 0 reads the weights, the other ranks build the model on the meta device and
+    # receive their shards (4-bit weights quantize while loading, so every rank loads those).
+    from_rank0 = job.fsdp_from_rank0
+    empty = from_rank0 and not acc.is_main_process
     # 4-bit weights are quantized while loading, which zero.Init cannot partition: ZeRO-3
     # partitions them (packed in the compute dtype) when the engine starts, as FSDP does.
     with zero3_loading(None if quantized else job.deepspeed_config):
@@ -507,6 +513,7 @@ def load(job: Job) -> Run:
             quantization=job.method.quantization,
             trust_remote_code=cfg.trust_remote_code,
             shardable_4bit=strategy.name in ("fsdp", "zero3"),
+            empty=empty,
         )
         # PEFT gathers partitioned base weights where an adapter's init reads them (DoRA)
         model = job.method.prepare(model, cfg, job.total_steps)
@@ -515,14 +522,18 @@ def load(job: Job) -> Run:
                 model,
                 job.data.fewshot,
                 job.tokenizer.pad_token_id,
-                from_logistic=cfg.from_linearhead and job.state != "resume",
+                from_logistic=cfg.from_linearhead and job.state != "resume" and not empty,
                 batch_size=cfg.eval_batch_size,
             )
             attach_linear_head(model, head.to(next(model.parameters()).device))
     n_trainable, n_params = count_parameters(model)
     if strategy.name == "fsdp":
         info = DistInfo(acc.process_index, acc.num_processes, acc.device)
+        whole = model.state_dict() if from_rank0 and acc.is_main_process else {}
         model = shard_fsdp(model, info, mixed_precision=cfg.mixed_precision)
+        if from_rank0:
+            load_from_rank0(model, whole)
+            del whole
     optimizer = build_optimizer(
         cfg.optimizer,
         model,
@@ -658,8 +669,7 @@ def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> None:
     for name in names:
         save_weights(job, run, name)
     periodic = cfg.save_state_every is not None and step % cfg.save_state_every == 0
-    resumable = job.strategy.resumable
-    if (names or periodic) and step < job.total_steps and resumable:  # the end has final/
+    if (names or periodic) and step < job.total_steps:  # the end has final/
         model, folder = run.model, job.out / ckpt.STATE
         extra = job.method.state(model)
         ckpt.save_state(
@@ -726,6 +736,7 @@ def finalize(job: Job, run: Run) -> dict:
     parallel = {  # what each rank held: the proof that sharding happened
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
+        "weights_read_by": "rank 0" if job.fsdp_from_rank0 else "every rank",
         "param_fraction_per_rank": gather_object([param_fraction(run.model)]),
         "optimizer_state_fraction_per_rank": gather_object([optimizer_state_fraction(run.model)]),
         "activation_checkpointing": any(

@@ -39,16 +39,19 @@ sys.path.insert(0, {root!r})
 from tests.conftest import load_script
 
 finetune = load_script("finetune")
-step = finetune.train_step
 
 
-def killed(*args, **kwargs):
-    if args[7] == {step}:
-        raise SystemExit(3)
-    return step(*args, **kwargs)
+def killed(step):
+    def run(*args, **kwargs):
+        if args[7] == {step}:
+            raise SystemExit(3)
+        return step(*args, **kwargs)
+
+    return run
 
 
-finetune.train_step = killed
+finetune.train_step = killed(finetune.train_step)
+finetune.zero_train_step = killed(finetune.zero_train_step)
 finetune.main(sys.argv[1:])
 """
 
@@ -136,6 +139,8 @@ def test_two_processes_train_like_one(case, one_process, tiny_model_dir, mmlu_fi
     assert run.returncode == 0, run.stderr[-4000:]
     parallel = result(out)["parallel"]
     assert parallel["strategy"] == strategy and parallel["processes"] == 2
+    # FSDP: rank 1 built the model on the meta device and got its shards from rank 0
+    assert parallel["weights_read_by"] == ("rank 0" if strategy == "fsdp" else "every rank")
     # what each rank stored: the proof that the weights / optimiser state were split
     assert parallel["param_fraction_per_rank"] == pytest.approx([params] * 2, abs=0.02)
     assert parallel["optimizer_state_fraction_per_rank"] == pytest.approx(
@@ -163,6 +168,32 @@ def test_killed_fsdp_run_resumes_exactly(one_process, tiny_model_dir, mmlu_file,
     assert params == [sum(v.numel() for v in whole.values()) // 2] * 2
 
     second = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed at step 2" in second.stdout
+    assert_same_training(out, one_process)
+    assert not (out / "resume").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_zero_run_resumes_exactly(stage, one_process, tiny_model_dir, mmlu_file, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / f"zero{stage}"
+    config = str(CONFIGS / f"deepspeed_zero{stage}.json")
+    args = args_for(tiny_model_dir, mmlu_file, out, "--deepspeed", config)
+    killed = tmp_path / "killed.py"
+    killed.write_text(KILLED_AT.format(root=str(ROOT), step=4))
+    first = launch(torchrun(), killed, args)
+    assert first.returncode != 0 and not (out / "result.json").exists()
+    state = json.loads((out / "resume" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    # each rank wrote its own half of the fp32 master weights (and optimiser state over them)
+    shards = [load_file(out / "resume" / f"shard_rank{r}.safetensors") for r in (0, 1)]
+    whole = load_file(one_process / "final" / "adapter_model.safetensors")
+    fp32 = [sum(v.numel() for k, v in s.items() if k.startswith("fp32/")) for s in shards]
+    assert sum(fp32) >= sum(v.numel() for v in whole.values()) and max(fp32) < sum(fp32)
+
+    second = launch(torchrun(), SCRIPT, args)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed at step 2" in second.stdout
     assert_same_training(out, one_process)

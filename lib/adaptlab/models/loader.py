@@ -505,6 +505,7 @@ def load_model(
     trust_remote_code: bool = False,
     shardable_4bit: bool = False,
     compute_device: str | torch.device | None = None,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """Load a model, optionally quantized and with PEFT adapters, in eval mode.
 
@@ -528,6 +529,9 @@ def load_model(
         compute_device: the device the model will run on when it is loaded on another one
             first (FSDP loads on the CPU, then moves each rank's shards to its GPU): ``"auto"``
             dtype and attention are picked for it. Default: ``device``.
+        empty: read no weights: the module tree on the ``meta`` device, with the dtype and
+            attention a real load picks (FSDP ranks that receive their shards from rank 0).
+            Not with ``quantization`` or adapters.
 
     Returns:
         The model (a ``peft.PeftModel`` when an adapter was loaded), in eval mode. For an
@@ -571,6 +575,14 @@ def load_model(
         "attn_implementation": attn,
         "trust_remote_code": trust_remote_code,
     }
+    if empty:
+        if quantization is not None or adapters:
+            raise ValueError("empty=True builds a plain model; drop quantization and adapters.")
+        with torch.device("meta"):
+            model = auto_cls.from_config(config, **kwargs)
+        if root.source == "embedded":
+            model.name_or_path = model.config.name_or_path = root.name
+        return model.eval()
     on_cpu = torch.device(device).type == "cpu"
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(

@@ -57,7 +57,7 @@ from safetensors.torch import load_file
 from adaptlab.errors import UserError
 from adaptlab.io import read_json, save_tensors, write_json
 from adaptlab.training.optim import unwrap_optimizer
-from adaptlab.training.parallel import full_state_dict, is_fsdp
+from adaptlab.training.parallel import full_state_dict, is_deepspeed, is_fsdp, zero_partitions
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -272,10 +272,18 @@ def _rng_file(rank: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's python, numpy, torch and CUDA generator states."""
+    """This process's python, numpy, torch and CUDA generator states, as tensors and plain
+    values only (so they load with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -286,7 +294,16 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore :func:`rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -305,6 +322,7 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 _PARAM = "param/"
 _OPTIM = "optimizer/"
+_FP32 = "fp32/"
 
 
 def _shard_file(rank: int) -> str:
@@ -314,6 +332,30 @@ def _shard_file(rank: int) -> str:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a ``DTensor`` (FSDP2 shard), or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _optimizer_entries(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The optimiser state as ``optimizer/{index}/{key}`` tensors (this rank's slice of a
+    ``DTensor``) and metadata: ``param_groups``, ``sharded`` and ``values`` (JSON)."""
+    state = unwrap_optimizer(optimizer).state_dict()
+    tensors, sharded, values = {}, [], {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            name = f"{_OPTIM}{index}/{key}"
+            if not isinstance(value, torch.Tensor):
+                values[name] = value
+                continue
+            if hasattr(value, "to_local"):
+                sharded.append(name)
+            tensors[name] = _local(value.detach()).cpu().clone()
+    metadata = {
+        "param_groups": json.dumps(state["param_groups"]),
+        "sharded": json.dumps(sharded),
+        "values": json.dumps(values),
+    }
+    return tensors, metadata
 
 
 def sharded_state(
@@ -331,20 +373,38 @@ def sharded_state(
         for name, param in model.named_parameters()
         if param.requires_grad
     }
-    state = unwrap_optimizer(optimizer).state_dict()
-    sharded, values = [], {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            name = f"{_OPTIM}{index}/{key}"
-            if not isinstance(value, torch.Tensor):
+    entries, metadata = _optimizer_entries(optimizer)
+    return {**tensors, **entries}, {**metadata, "layout": "fsdp"}
+
+
+def zero_state(engine: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's ZeRO partition: its flat fp32 master weights (``fp32/{i}``) and the
+    optimiser state over each (``optimizer/{i}/{key}``), with the optimiser's hyper-parameters
+    (``param_groups``, JSON without the parameters) and non-tensor state (``values``).
+
+    The state is read per partition rather than through ``state_dict()``: ZeRO-3 empties the
+    optimiser's parameter lists between steps. The partition layout is a function of the
+    model, the config and the world size, so the same launch restores it rank by rank.
+    """
+    inner = unwrap_optimizer(engine.optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+    for i, flat in enumerate(zero_partitions(engine)):
+        tensors[f"{_FP32}{i}"] = flat.detach().cpu().clone()
+        for key, value in inner.state.get(flat, {}).items():
+            name = f"{_OPTIM}{i}/{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().clone()
+            else:
                 values[name] = value
-                continue
-            if hasattr(value, "to_local"):
-                sharded.append(name)
-            tensors[name] = _local(value.detach()).cpu().clone()
+    plain = (int, float, bool, str, type(None), list, tuple)
+    groups = [
+        {k: v for k, v in g.items() if k != "params" and isinstance(v, plain)}
+        for g in inner.param_groups
+    ]
     metadata = {
-        "param_groups": json.dumps(state["param_groups"]),
-        "sharded": json.dumps(sharded),
+        "layout": "zero",
+        "param_groups": json.dumps(groups),
         "values": json.dumps(values),
     }
     return tensors, metadata
@@ -378,6 +438,57 @@ def load_sharded_optimizer(
     inner.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
 
 
+def load_zero_state(
+    engine: torch.nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict,
+    trainable: Mapping[str, torch.Tensor],
+) -> None:
+    """Restore :func:`zero_state` and the (low-precision) trainable weights a ZeRO engine
+    computes with from their whole values ``trainable`` (every process calls it)."""
+    import deepspeed
+
+    partitions = zero_partitions(engine)
+    saved = sorted((k for k in tensors if k.startswith(_FP32)), key=lambda k: int(k[len(_FP32) :]))
+    if len(saved) != len(partitions) or any(
+        tensors[k].shape != p.shape for k, p in zip(saved, partitions, strict=False)
+    ):
+        raise ResumeError(
+            "The saved ZeRO partitions do not match this engine's; resume with the same "
+            "number of processes and DeepSpeed config."
+        )
+    inner = unwrap_optimizer(engine.optimizer)
+    entries: dict[str, Any] = dict(json.loads(metadata["values"]))
+    entries.update({k: v for k, v in tensors.items() if k.startswith(_OPTIM)})
+    with torch.no_grad():
+        for key, flat in zip(saved, partitions, strict=True):
+            flat.copy_(tensors[key])
+            inner.state.pop(flat, None)
+        for name, value in entries.items():
+            index, key = name.removeprefix(_OPTIM).split("/", 1)
+            flat = partitions[int(index)]
+            if isinstance(value, torch.Tensor):
+                value = value.to(flat.device) if value.dim() else value
+            inner.state.setdefault(flat, {})[key] = value
+        hypers = json.loads(metadata["param_groups"])
+        for group, hyper in zip(inner.param_groups, hypers, strict=True):
+            for key, value in hyper.items():
+                if isinstance(group.get(key), tuple):  # JSON turned tuples (betas) into lists
+                    value = tuple(value)
+                group[key] = value
+        stage3 = engine.zero_optimization_partition_weights()
+        for name, param in engine.module.named_parameters():
+            if name not in trainable:
+                continue
+            value = trainable[name]
+            if stage3:  # gather, let rank 0 write, re-partition
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        param.copy_(value.to(param.dtype))
+            else:
+                param.copy_(value.to(param.dtype))
+
+
 def save_state(
     accelerator: Any,
     model: torch.nn.Module,
@@ -391,7 +502,8 @@ def save_state(
 
     The optimiser state is that of the main process: parameters and optimiser states are
     replicated across data-parallel processes. Under FSDP each process writes its shards
-    (:func:`sharded_state`). ZeRO states are not handled.
+    (:func:`sharded_state`), under ZeRO its partition (:func:`zero_state`) beside the whole
+    trainable weights.
 
     Args:
         accelerator: the run's ``accelerate.Accelerator``.
@@ -409,12 +521,16 @@ def save_state(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / _rng_file(accelerator.process_index))
-    sharded = is_fsdp(model)
-    if sharded:
-        tensors, metadata = sharded_state(model, optimizer)
+    sharded, zero = is_fsdp(model), is_deepspeed(model)
+    if sharded or zero:
+        tensors, metadata = zero_state(model) if zero else sharded_state(model, optimizer)
         save_tensors(tmp / _shard_file(accelerator.process_index), tensors, metadata)
+    if zero:  # the whole trainable weights, gathered from ZeRO-3 partitions
+        whole = full_state_dict(accelerator, model, trainable_only=True)
+        if accelerator.is_main_process:
+            save_tensors(tmp / _TRAINABLE, {k: v.detach().cpu() for k, v in whole.items()})
     if accelerator.is_main_process:
-        if not sharded:
+        if not sharded and not zero:
             save_tensors(tmp / _TRAINABLE, trainable_tensors(accelerator.unwrap_model(model)))
             inner = unwrap_optimizer(optimizer)
             attributes = {a: getattr(inner, a) for a in _OPTIMIZER_ATTRIBUTES if hasattr(inner, a)}
@@ -438,8 +554,14 @@ def read_state(folder: str | Path) -> TrainerState | None:
 
 
 def _load(path: Path) -> Any:
-    # Our own files; RNG states hold numpy arrays, which the weights-only unpickler refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A resume file: tensors and plain values only, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ResumeError(
+            f"{path} is not a resume file this version can read safely ({type(err).__name__}); "
+            "start the run afresh (overwrite=true)."
+        ) from err
 
 
 def load_state(
@@ -471,16 +593,20 @@ def load_state(
             f"{found} was saved by fewer processes than this run has "
             f"({accelerator.num_processes}); resume with the same number of processes."
         )
-    sharded = is_fsdp(model)
-    if sharded != (found / _shard_file(accelerator.process_index)).is_file():
+    layout = "fsdp" if is_fsdp(model) else "zero" if is_deepspeed(model) else "replicated"
+    shard = found / _shard_file(accelerator.process_index)
+    metadata: dict = {}
+    if shard.is_file():
+        with safe_open(shard, "pt") as handle:
+            metadata = handle.metadata() or {}
+    saved_layout = metadata.get("layout", "fsdp") if shard.is_file() else "replicated"
+    if layout != saved_layout:
         raise ResumeError(
-            f"{found} was saved {'without' if sharded else 'with'} FSDP; resume it the way it was "
-            "launched."
+            f"{found} was saved by a {saved_layout} run and this one is {layout}; resume it the "
+            "way it was launched."
         )
-    if sharded:
-        with safe_open(found / _shard_file(accelerator.process_index), "pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(found / _shard_file(accelerator.process_index))
+    tensors = load_file(shard) if shard.is_file() else {}
+    if layout == "fsdp":
         saved = {k.removeprefix(_PARAM): v for k, v in tensors.items() if k.startswith(_PARAM)}
     else:
         saved = load_file(found / _TRAINABLE)
@@ -492,12 +618,17 @@ def load_state(
             f"The trainable parameters saved in {found} do not match the model's (e.g. "
             f"{differ[0]}); resume with the method and freezing flags of the saved run."
         )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            _local(params[name]).copy_(tensor)
-    if sharded:
+    if layout == "zero":
+        load_zero_state(model, tensors, metadata, saved)
+    elif layout == "fsdp":
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                _local(params[name]).copy_(tensor)
         load_sharded_optimizer(optimizer, tensors, metadata)
     else:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
         optimizer_state = _load(found / _OPTIMIZER)
         optimizer.load_state_dict(optimizer_state["state_dict"])
         for name, value in optimizer_state["attributes"].items():

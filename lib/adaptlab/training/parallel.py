@@ -4,9 +4,13 @@
 |----------|---------------------|------------------|-----------------|--------|
 | ``ddp``  | replicated          | all-reduced      | replicated      | exact  |
 | ``fsdp`` | sharded (FSDP2)     | reduce-scattered | sharded         | exact  |
-| ``zero1``| replicated          | all-reduced      | partitioned     | no     |
-| ``zero2``| replicated          | partitioned      | partitioned     | no     |
-| ``zero3``| partitioned         | partitioned      | partitioned     | no     |
+| ``zero1``| replicated          | all-reduced      | partitioned     | exact  |
+| ``zero2``| replicated          | partitioned      | partitioned     | exact  |
+| ``zero3``| partitioned         | partitioned      | partitioned     | exact  |
+
+Resume states are written by this package, not by DeepSpeed's ``save_checkpoint`` (pickles):
+each rank's shard or ZeRO partition as safetensors, resumed with the same number of processes
+(``adaptlab.training.checkpoint``).
 
 ``fsdp`` is asked for with ``fsdp=true`` or an accelerate FSDP config (``ACCELERATE_USE_FSDP``);
 ``zero{1,2,3}`` with ``deepspeed=CONFIG.json`` or an accelerate DeepSpeed config that names one.
@@ -64,11 +68,6 @@ class Strategy:
     @property
     def zero_stage(self) -> int | None:
         return int(self.name[4:]) if self.name.startswith("zero") else None
-
-    @property
-    def resumable(self) -> bool:
-        """Whether the run writes resume states (ZeRO's partitioned optimiser does not)."""
-        return self.zero_stage is None
 
 
 def _env_flag(name: str) -> bool:
@@ -218,7 +217,29 @@ def shard_fsdp(
         offload_policy=offload,
         ignored_params=packed,
     )
+    target = torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else info.device
+    if any(p.is_meta for p in model.parameters()):  # filled by load_from_rank0 next
+        return model.to_empty(device=target)
     return model if isinstance(offload, CPUOffloadPolicy) else model.to(info.device)
+
+
+def load_from_rank0(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Fill a sharded model whose ranks but the first were built on the meta device.
+
+    Rank 0 loaded the real weights (``state_dict``, its full state before sharding); every
+    rank receives its shards of them by broadcast, then the buffers (rotary frequencies and
+    other non-persistent ones, which no state dict carries). So only one process per job
+    ever holds the whole model in CPU memory. Every process calls it; ``state_dict`` is
+    ignored (pass ``{}``) on the others.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(state_dict), options=options)
+    with torch.no_grad():
+        for _, buffer in model.named_buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def keep_4bit_packing(model: nn.Module) -> None:
@@ -475,6 +496,15 @@ def param_fraction(model: nn.Module) -> float:
     return local / max(total, 1)
 
 
+def zero_partitions(engine: nn.Module) -> list[torch.Tensor]:
+    """The flat fp32 master-weight partitions this rank's ZeRO optimiser steps, per group."""
+    zero = engine.optimizer
+    groups = getattr(zero, "single_partition_of_fp32_groups", None)
+    if groups is None:  # stage 3
+        groups = zero.fp32_partitioned_groups_flat
+    return list(groups)
+
+
 def optimizer_state_fraction(model: nn.Module) -> float:
     """Fraction of the trainable parameters whose optimiser state lives on this rank.
 
@@ -484,11 +514,7 @@ def optimizer_state_fraction(model: nn.Module) -> float:
     trainable = model.module if is_deepspeed(model) else model
     total = sum(getattr(p, "ds_numel", p.numel()) for _, p in _trainable(trainable))
     if is_deepspeed(model):
-        zero = model.optimizer
-        groups = getattr(zero, "single_partition_of_fp32_groups", None)
-        if groups is None:  # stage 3
-            groups = zero.fp32_partitioned_groups_flat
-        return sum(g.numel() for g in groups) / max(total, 1)
+        return sum(g.numel() for g in zero_partitions(model)) / max(total, 1)
     local = 0
     for _, param in _trainable(trainable):
         local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
