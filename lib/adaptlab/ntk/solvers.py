@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -135,15 +135,23 @@ class _Rows:
     shift: torch.Tensor | None  # [X·C] f0/s, None when the adjustment is off
 
 
-class _Solver(Protocol):
-    f0: F0Use
-    needs_binary: bool
-    needs_flipped: bool
-    metrics: dict[str, float]
+class _Solver:
+    """What every solver has: its settings, how it uses f0, what kernels it needs, and the
+    metrics of its last fit."""
 
-    def fit(self, train: _Rows) -> None: ...
+    f0: F0Use = "used"
+    needs_binary = False
+    needs_flipped = False
 
-    def predict(self, rows: _Rows) -> tuple[torch.Tensor, float]: ...
+    def __init__(self, settings: SolverSettings) -> None:
+        self.settings = settings
+        self.metrics: dict[str, float] = {}
+
+    def fit(self, train: _Rows) -> None:
+        raise NotImplementedError
+
+    def predict(self, rows: _Rows) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
 
 
 def _regularized(kernel: torch.Tensor, r: float) -> torch.Tensor:
@@ -171,16 +179,8 @@ def _to_01(targets: torch.Tensor) -> torch.Tensor:
     return torch.floor((targets + 1) / 2).long()
 
 
-class LstsqSolver:
+class LstsqSolver(_Solver):
     """Kernel regression: ``α = lstsq(K_reg, Y - f0/s)``, prediction ``K_Xᵀ α + f0/s``."""
-
-    f0: F0Use = "used"
-    needs_binary = False
-    needs_flipped = False
-
-    def __init__(self, settings: SolverSettings) -> None:
-        self.settings = settings
-        self.metrics: dict[str, float] = {}
 
     def fit(self, train: _Rows) -> None:
         kernel = _regularized(train.kernel, self.settings.regularization)
@@ -210,16 +210,10 @@ def _logistic_cv(labels: torch.Tensor) -> LogisticRegressionCV:
     return logistic_regression_cv(folds=min(5, smallest), max_iter=10000)
 
 
-class LogisticSolver:
+class LogisticSolver(_Solver):
     """Logistic regression on kernel rows as features, labels ⌊(t+1)/2⌋; f0 is ignored."""
 
     f0: F0Use = "ignored"
-    needs_binary = False
-    needs_flipped = False
-
-    def __init__(self, settings: SolverSettings) -> None:
-        self.settings = settings
-        self.metrics: dict[str, float] = {}
 
     def fit(self, train: _Rows) -> None:
         features = _regularized(train.kernel, self.settings.regularization)
@@ -232,16 +226,8 @@ class LogisticSolver:
         return log_proba[:, 1] - log_proba[:, 0], loss
 
 
-class SVRSolver:
+class SVRSolver(_Solver):
     """Support-vector regression on the precomputed kernel, fitted on ``Y - f0/s``."""
-
-    f0: F0Use = "used"
-    needs_binary = False
-    needs_flipped = False
-
-    def __init__(self, settings: SolverSettings) -> None:
-        self.settings = settings
-        self.metrics: dict[str, float] = {}
 
     def fit(self, train: _Rows) -> None:
         kernel = _regularized(train.kernel, self.settings.regularization)
@@ -255,16 +241,11 @@ class SVRSolver:
         return preds, _squared_error(preds, rows.targets)
 
 
-class SVCSolver:
+class SVCSolver(_Solver):
     """Support-vector classification (binary mode), predictions ±1; f0 is refused."""
 
     f0: F0Use = "rejected"
     needs_binary = True
-    needs_flipped = False
-
-    def __init__(self, settings: SolverSettings) -> None:
-        self.settings = settings
-        self.metrics: dict[str, float] = {}
 
     def fit(self, train: _Rows) -> None:
         kernel = _regularized(train.kernel, self.settings.regularization)
@@ -276,7 +257,7 @@ class SVCSolver:
         return preds, _squared_error(preds, rows.targets)
 
 
-class AsymSolver:
+class AsymSolver(_Solver):
     """LS-SVM for the asymmetric A-SignGD kernel (binary mode, no bias).
 
     With ``Y = targets - f0/s`` and ``H_ij = Y_i K_ij Y_j`` (K regularised), solve
@@ -285,13 +266,8 @@ class AsymSolver:
     ``ν(x) = Σ_i β_i Y_i K'(train_i, x)``.
     """
 
-    f0: F0Use = "used"
     needs_binary = True
     needs_flipped = True
-
-    def __init__(self, settings: SolverSettings) -> None:
-        self.settings = settings
-        self.metrics: dict[str, float] = {}
 
     def fit(self, train: _Rows) -> None:
         kernel = _regularized(train.kernel, self.settings.regularization)

@@ -56,6 +56,7 @@ from safetensors.torch import load_file
 
 from adaptlab.errors import UserError
 from adaptlab.io import read_json, save_tensors, write_json
+from adaptlab.training.objectives import HEAD_ATTRIBUTE, LinearHead
 from adaptlab.training.optim import unwrap_optimizer
 from adaptlab.training.parallel import full_state_dict, is_deepspeed, is_fsdp, zero_partitions
 
@@ -202,8 +203,6 @@ def split_linear_head(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(model entries, head entries)``: the attached linear head's tensors, renamed
     ``linear.weight`` / ``linear.bias``, apart from the model's (see ``attach_linear_head``)."""
-    from adaptlab.training.objectives import HEAD_ATTRIBUTE
-
     model, head = {}, {}
     marker = f"{HEAD_ATTRIBUTE}."
     for name, tensor in state_dict.items():
@@ -214,14 +213,12 @@ def split_linear_head(
     return model, head
 
 
-def load_linear_head(folder: str | Path) -> Any:
+def load_linear_head(folder: str | Path) -> LinearHead:
     """The ``LinearHead`` saved in a checkpoint folder of a ``head=linear`` run (float32).
 
     Raises:
         ResumeError: the folder has no head file.
     """
-    from adaptlab.training.objectives import LinearHead
-
     path = Path(folder) / HEAD_FILE
     if not path.is_file():
         raise ResumeError(f"{folder} holds no {HEAD_FILE}; was the run trained with head=linear?")
@@ -525,10 +522,10 @@ def save_state(
     if sharded or zero:
         tensors, metadata = zero_state(model) if zero else sharded_state(model, optimizer)
         save_tensors(tmp / _shard_file(accelerator.process_index), tensors, metadata)
-    if zero:  # the whole trainable weights, gathered from ZeRO-3 partitions
+    if zero:  # the whole trainable weights (CPU copies), gathered from ZeRO-3 partitions
         whole = full_state_dict(accelerator, model, trainable_only=True)
         if accelerator.is_main_process:
-            save_tensors(tmp / _TRAINABLE, {k: v.detach().cpu() for k, v in whole.items()})
+            save_tensors(tmp / _TRAINABLE, whole)
     if accelerator.is_main_process:
         if not sharded and not zero:
             save_tensors(tmp / _TRAINABLE, trainable_tensors(accelerator.unwrap_model(model)))
@@ -620,15 +617,13 @@ def load_state(
         )
     if layout == "zero":
         load_zero_state(model, tensors, metadata, saved)
-    elif layout == "fsdp":
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                _local(params[name]).copy_(tensor)
-        load_sharded_optimizer(optimizer, tensors, metadata)
     else:
         with torch.no_grad():
             for name, tensor in saved.items():
-                params[name].copy_(tensor)
+                _local(params[name]).copy_(tensor)
+    if layout == "fsdp":
+        load_sharded_optimizer(optimizer, tensors, metadata)
+    elif layout == "replicated":
         optimizer_state = _load(found / _OPTIMIZER)
         optimizer.load_state_dict(optimizer_state["state_dict"])
         for name, value in optimizer_state["attributes"].items():

@@ -49,7 +49,7 @@ from adaptlab.distributed import DistInfo, fsdp_requested, local_parameter_fract
 from adaptlab.extract.points import decoder_layers, unwrap
 from adaptlab.training.loop import StepResult
 from adaptlab.training.methods import Method
-from adaptlab.training.objectives import Objective
+from adaptlab.training.objectives import Objective, find_linear_head
 from adaptlab.training.optim import TrainingError
 
 
@@ -205,7 +205,7 @@ def shard_fsdp(
     }
     keep_4bit_packing(model)
     units = list(decoder_layers(model))
-    head = getattr(unwrap(model), "linear_head", None)
+    head = find_linear_head(model)
     if head is not None:  # its own unit: the objective calls it after the root's forward
         units.append(head)
     shard_fsdp2(
