@@ -87,8 +87,9 @@ model into CPU memory and the other ranks receive their shards from it (QLoRA an
 bases load on every rank); ZeRO-2 shards only the optimiser state and gradients (no extra
 traffic), ZeRO-3 also the weights, loaded straight into partitions; every strategy resumes
 exactly with the same number of processes (FSDP and ZeRO write one state shard per process);
-IVON and AdaLoRA need replicated weights (data parallel only); IVON needs lr O(0.1-1) and no
-gradient clipping.
+IVON and AdaLoRA need whole trainable weights on every rank: data parallel, or FSDP sharding
+only the frozen base (the adapter and its optimiser state replicated), not ZeRO; IVON needs
+lr O(0.1-1) and no gradient clipping.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ from adaptlab.training.loop import (
 )
 from adaptlab.training.methods import Method, check_method, count_parameters
 from adaptlab.training.objectives import OBJECTIVES, attach_linear_head
-from adaptlab.training.optim import TrainingError, build_optimizer
+from adaptlab.training.optim import build_optimizer
 from adaptlab.training.parallel import (
+    REPLICATED_TRAINABLE,
     Strategy,
+    check_strategy,
     deepspeed_engine,
     fill_deepspeed_config,
     hidden_from_accelerate,
@@ -159,6 +162,7 @@ from adaptlab.training.parallel import (
     requested_strategy,
     resolve_strategy,
     shard_fsdp,
+    trainable_as_on_rank0,
     zero3_loading,
     zero_train_step,
 )
@@ -201,6 +205,7 @@ class Job:
     total_steps: int
     started: float
     fsdp_from_rank0: bool = False  # FSDP: only rank 0 reads the weights (see load)
+    replicate_trainable: bool = False  # FSDP shards only the frozen weights (IVON, AdaLoRA)
 
 
 @dataclass
@@ -401,17 +406,7 @@ def setup(cfg: FinetuneConfig) -> Job:
         )
     strategy = resolve_strategy(requested, accelerator.num_processes)
     check_reporter(cfg.report_to)
-    for name in (cfg.optimizer, cfg.method):
-        if name in ("ivon", "adalora") and strategy.name != "ddp":
-            raise TrainingError(
-                f"{name} needs whole, replicated parameters and gradients, so it cannot run under "
-                f"{strategy.name}; use data parallelism (accelerate_configs/multi_gpu.yaml)."
-            )
-    if cfg.from_linearhead and strategy.name == "zero3":
-        raise TrainingError(
-            "from_linearhead fits the head on features of the whole model, which ZeRO-3 "
-            "partitions while loading; use ZeRO-2, FSDP or data parallelism for it."
-        )
+    check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead)
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
@@ -475,6 +470,9 @@ def setup(cfg: FinetuneConfig) -> Job:
         fsdp_from_rank0=(
             strategy.name == "fsdp" and method.quantization is None and not model_ref.adapters
         ),
+        replicate_trainable=(
+            strategy.name == "fsdp" and bool({cfg.optimizer, cfg.method} & REPLICATED_TRAINABLE)
+        ),
     )
 
 
@@ -526,11 +524,18 @@ def load(job: Job) -> Run:
                 batch_size=cfg.eval_batch_size,
             )
             attach_linear_head(model, head.to(next(model.parameters()).device))
+    if from_rank0:
+        trainable_as_on_rank0(model)
     n_trainable, n_params = count_parameters(model)
     if strategy.name == "fsdp":
         info = DistInfo(acc.process_index, acc.num_processes, acc.device)
         whole = model.state_dict() if from_rank0 and acc.is_main_process else {}
-        model = shard_fsdp(model, info, mixed_precision=cfg.mixed_precision)
+        model = shard_fsdp(
+            model,
+            info,
+            mixed_precision=cfg.mixed_precision,
+            replicate_trainable=job.replicate_trainable,
+        )
         if from_rank0:
             load_from_rank0(model, whole)
             del whole
@@ -563,6 +568,9 @@ def load(job: Job) -> Run:
     elif strategy.name == "ddp":
         model, optimizer = acc.prepare(model, optimizer)
     prepare_output(job)
+    # Every rank built the same model; from here the randomness of training (dropout masks,
+    # IVON's posterior draws) is each process's own: seed + rank (a resume restores it).
+    set_seed(cfg.seed, device_specific=True)
 
     resume_step = None
     if job.state == "resume":
@@ -737,6 +745,7 @@ def finalize(job: Job, run: Run) -> dict:
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
         "weights_read_by": "rank 0" if job.fsdp_from_rank0 else "every rank",
+        "trainable_replicated": job.strategy.name == "ddp" or job.replicate_trainable,
         "param_fraction_per_rank": gather_object([param_fraction(run.model)]),
         "optimizer_state_fraction_per_rank": gather_object([optimizer_state_fraction(run.model)]),
         "activation_checkpointing": any(

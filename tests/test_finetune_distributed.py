@@ -22,8 +22,10 @@ from safetensors.torch import load_file
 
 from adaptlab.models.tiny import save_tiny_llama
 from adaptlab.training.loop import read_metrics
-from adaptlab.training.optim import TrainingError
+from adaptlab.training.optim import CheckedIVON, TrainingError
 from adaptlab.training.parallel import (
+    Strategy,
+    check_strategy,
     fill_deepspeed_config,
     read_deepspeed_config,
     requested_strategy,
@@ -37,7 +39,7 @@ KILLED_AT = """
 import sys
 sys.path.insert(0, {root!r})
 from tests.conftest import load_script
-
+{patch}
 finetune = load_script("finetune")
 
 
@@ -54,6 +56,35 @@ finetune.train_step = killed(finetune.train_step)
 finetune.zero_train_step = killed(finetune.zero_train_step)
 finetune.main(sys.argv[1:])
 """
+SHARED_IVON_DRAWS = """
+from adaptlab.training.optim import CheckedIVON
+from tests.test_finetune_distributed import shared_ivon_draw
+
+CheckedIVON._sample_params = shared_ivon_draw
+"""
+
+
+def killed_script(folder: Path, step: int, patch: str = "") -> Path:
+    """A copy of scripts/finetune.py that exits before optimiser step ``step`` (a kill)."""
+    script = folder / "killed.py"
+    script.write_text(KILLED_AT.format(root=str(ROOT), step=step, patch=patch))
+    return script
+
+
+_ivon_draw = CheckedIVON._sample_params
+
+
+def shared_ivon_draw(self):
+    """IVON's posterior draw, seeded by the optimiser step and sample index only.
+
+    Each process normally draws its own sample (seed + rank), which is the point of IVON's
+    all-reduce of the samples and makes a two-process run differ from one process by design.
+    With this draw every process perturbs the weights alike, so a two-process step over
+    halves of the batch must equal one process over the whole batch.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1000 * self.current_step + self.state["count"])
+        return _ivon_draw(self)
 
 
 def args_for(model_dir, data, out, *extra: str) -> list[str]:
@@ -155,8 +186,7 @@ def test_two_processes_train_like_one(case, one_process, tiny_model_dir, mmlu_fi
 def test_killed_fsdp_run_resumes_exactly(one_process, tiny_model_dir, mmlu_file, tmp_path):
     out = tmp_path / "fsdp"
     args = args_for(tiny_model_dir, mmlu_file, out, "--fsdp", "true")
-    killed = tmp_path / "killed.py"
-    killed.write_text(KILLED_AT.format(root=str(ROOT), step=4))
+    killed = killed_script(tmp_path, step=4)
     first = launch(accelerate("cpu_2proc.yaml"), killed, args)
     assert first.returncode != 0 and not (out / "result.json").exists()
     state = json.loads((out / "resume" / "trainer_state.json").read_text())
@@ -181,8 +211,7 @@ def test_killed_zero_run_resumes_exactly(stage, one_process, tiny_model_dir, mml
     out = tmp_path / f"zero{stage}"
     config = str(CONFIGS / f"deepspeed_zero{stage}.json")
     args = args_for(tiny_model_dir, mmlu_file, out, "--deepspeed", config)
-    killed = tmp_path / "killed.py"
-    killed.write_text(KILLED_AT.format(root=str(ROOT), step=4))
+    killed = killed_script(tmp_path, step=4)
     first = launch(torchrun(), killed, args)
     assert first.returncode != 0 and not (out / "result.json").exists()
     state = json.loads((out / "resume" / "trainer_state.json").read_text())
@@ -264,6 +293,19 @@ def test_bad_strategy_requests_fail_in_one_sentence(tmp_path, monkeypatch):
     assert requested_strategy(None, None).name == "zero3"
 
 
+def test_strategies_refuse_what_they_cannot_run():
+    zero2, zero3 = Strategy("zero2"), Strategy("zero3")
+    for strategy in (Strategy("ddp"), Strategy("fsdp")):
+        check_strategy(strategy, "ivon", "adalora", from_linearhead=True)
+    check_strategy(zero2, "adamw", "lora", from_linearhead=True)
+    with pytest.raises(TrainingError, match="ivon needs whole, replicated trainable weights"):
+        check_strategy(zero2, "ivon", "lora", from_linearhead=False)
+    with pytest.raises(TrainingError, match="adalora needs .* which zero3 partitions; use FSDP"):
+        check_strategy(zero3, "sgd", "adalora", from_linearhead=False)
+    with pytest.raises(TrainingError, match="from_linearhead .* ZeRO-3"):
+        check_strategy(zero3, "sgd", "lora", from_linearhead=True)
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_config_is_one_this_script_can_run(path):
     config = yaml.safe_load(path.read_text())
@@ -303,3 +345,78 @@ def test_linear_head_trains_over_two_processes_like_one(fsdp, tiny_model_dir, ss
     got, expected = (load_file(r / "final" / "linear_head.safetensors") for r in (two, one))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-6, msg=name)
+
+
+ADALORA = [
+    "--method", "adalora", "--adalora_init_r", "4", "--adalora_target_r", "2",
+    "--adalora_tinit", "1", "--adalora_tfinal", "1", "--adalora_delta_t", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def adalora_one_process(tiny_model_dir, mmlu_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adalora") / "one"
+    finetune.main(args_for(tiny_model_dir, mmlu_file, out, *ADALORA))
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2"])
+def test_adalora_allocates_ranks_over_two_processes_like_one(
+    fsdp, adalora_one_process, tiny_model_dir, mmlu_file, tmp_path
+):
+    """AdaLoRA reads whole gradients to reallocate ranks: under FSDP only the frozen base is
+    sharded, the adapter stays whole on each rank with its gradients averaged."""
+    out = tmp_path / "two"
+    args = args_for(tiny_model_dir, mmlu_file, out, *ADALORA, *(["--fsdp", "true"] * fsdp))
+    run = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
+    assert run.returncode == 0, run.stderr[-4000:]
+    parallel = result(out)["parallel"]
+    assert parallel["strategy"] == ("fsdp" if fsdp else "ddp")
+    assert parallel["trainable_replicated"] is True
+    assert parallel["optimizer_state_fraction_per_rank"] == [1.0, 1.0]
+    if fsdp:  # the frozen base is halved, the adapter (a few %) is whole
+        assert all(0.5 < f < 0.6 for f in parallel["param_fraction_per_rank"])
+    assert_same_training(out, adalora_one_process)
+    patterns = [
+        json.loads((r / "final" / "adapter_config.json").read_text())["rank_pattern"]
+        for r in (out, adalora_one_process)
+    ]
+    assert patterns[0] == patterns[1]
+    assert len({sum(keep) for keep in patterns[0].values()}) > 1  # ranks were reallocated
+
+
+IVON = ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5", "--schedule", "constant"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2-killed-resumed"])
+def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
+    fsdp, tiny_model_dir, mmlu_file, tmp_path, monkeypatch
+):
+    """IVON all-reduces its gradient samples (and their products with the noise) at each step;
+    with the draws shared across processes (see :func:`shared_ivon_draw`), a step over two
+    halves of the batch equals one process over the whole batch. Under FSDP the adapter stays
+    whole on each rank, and a killed run resumes to the same numbers."""
+    monkeypatch.setattr(CheckedIVON, "_sample_params", shared_ivon_draw)
+    one, two = tmp_path / "one", tmp_path / "two"
+    # one posterior draw per step in both runs: no gradient accumulation
+    finetune.main(args_for(tiny_model_dir, mmlu_file, one, *IVON, "--micro_batch_size", "4"))
+    flags = [*IVON, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
+    args = args_for(tiny_model_dir, mmlu_file, two, *flags)
+    if fsdp:
+        killed = killed_script(tmp_path, step=4, patch=SHARED_IVON_DRAWS)
+        first = launch(accelerate("cpu_2proc.yaml"), killed, args)
+        assert first.returncode != 0 and not (two / "result.json").exists()
+        # the adapter and IVON's posterior are whole on every rank: one state, no shards
+        assert not list((two / "resume").glob("shard_rank*"))
+    wrapper = tmp_path / "shared.py"
+    wrapper.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{SHARED_IVON_DRAWS}\n"
+        "from tests.conftest import load_script\nload_script('finetune').main(sys.argv[1:])\n"
+    )
+    run = launch(accelerate("cpu_2proc.yaml"), wrapper, args)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert ("resumed at step 2" in run.stdout) == fsdp
+    assert result(two)["parallel"]["strategy"] == ("fsdp" if fsdp else "ddp")
+    assert_same_training(two, one)

@@ -114,6 +114,43 @@ def shard_fsdp2(
     return model
 
 
+_REPLICATED = "_adaptlab_replicated"
+
+
+def mark_replicated(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
+    """Record that ``params`` stay whole on every rank of a sharded ``model`` (FSDP ignored
+    parameters that train), so :func:`average_replicated_gradients` keeps them in step."""
+    object.__setattr__(model, _REPLICATED, tuple(params))
+
+
+def replicated_parameters(model: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The trainable parameters :func:`mark_replicated` recorded on ``model`` (often none)."""
+    return getattr(model, _REPLICATED, ())
+
+
+def average_replicated_gradients(model: nn.Module) -> None:
+    """Average the gradients of ``model``'s replicated trainable parameters over all ranks.
+
+    FSDP reduce-scatters the gradients of the parameters it shards; those it was told to
+    ignore get none, so without this every rank would step on its own micro-batches only.
+    One all-reduce over the flattened gradients (a missing gradient counts as zeros, as on a
+    rank whose batch did not reach the parameter). A no-op without replicated parameters or
+    without a process group.
+    """
+    params = replicated_parameters(model)
+    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        size = grad.numel()
+        param.grad = flat[offset : offset + size].view_as(param).to(param.dtype)
+        offset += size
+
+
 def local_parameter_fraction(model: nn.Module) -> float:
     """Fraction of all parameter entries stored on this rank (1.0 unsharded, ~1/world FSDP)."""
     local = total = 0

@@ -486,6 +486,22 @@ def load_zero_state(
                 param.copy_(value.to(param.dtype))
 
 
+def state_layout(model: torch.nn.Module) -> str:
+    """How the trainable weights and optimiser state of ``model`` are spread over processes.
+
+    ``zero`` (a DeepSpeed engine: one partition per rank), ``fsdp`` (FSDP2 shards the trainable
+    weights: one shard per rank) or ``replicated`` (data parallel, one process, or FSDP that
+    shards only frozen weights: the main process writes the whole state).
+    """
+    if is_deepspeed(model):
+        return "zero"
+    if is_fsdp(model) and any(
+        hasattr(p, "to_local") for p in model.parameters() if p.requires_grad
+    ):
+        return "fsdp"
+    return "replicated"
+
+
 def save_state(
     accelerator: Any,
     model: torch.nn.Module,
@@ -498,7 +514,8 @@ def save_state(
     """Write everything an exact resume needs to ``folder``, atomically; every process calls it.
 
     The optimiser state is that of the main process: parameters and optimiser states are
-    replicated across data-parallel processes. Under FSDP each process writes its shards
+    replicated across data-parallel processes (and under FSDP when only frozen weights are
+    sharded, see :func:`state_layout`). Under FSDP each process writes its shards
     (:func:`sharded_state`), under ZeRO its partition (:func:`zero_state`) beside the whole
     trainable weights.
 
@@ -518,7 +535,8 @@ def save_state(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / _rng_file(accelerator.process_index))
-    sharded, zero = is_fsdp(model), is_deepspeed(model)
+    layout = state_layout(model)
+    sharded, zero = layout == "fsdp", layout == "zero"
     if sharded or zero:
         tensors, metadata = zero_state(model) if zero else sharded_state(model, optimizer)
         save_tensors(tmp / _shard_file(accelerator.process_index), tensors, metadata)
@@ -590,7 +608,7 @@ def load_state(
             f"{found} was saved by fewer processes than this run has "
             f"({accelerator.num_processes}); resume with the same number of processes."
         )
-    layout = "fsdp" if is_fsdp(model) else "zero" if is_deepspeed(model) else "replicated"
+    layout = state_layout(model)
     shard = found / _shard_file(accelerator.process_index)
     metadata: dict = {}
     if shard.is_file():

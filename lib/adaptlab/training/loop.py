@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.data import LETTERS, TokenizedPrompt
+from adaptlab.distributed import average_replicated_gradients
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.training.methods import Method
@@ -249,8 +250,9 @@ def train_step(
     """One optimiser step over this process's micro-batches.
 
     Every micro-batch and Monte Carlo draw runs inside :func:`ivon_step_context` (a no-op but
-    for IVON); gradients are synchronised across processes only on the last micro-batch (IVON
-    all-reduces its averaged samples in ``step()`` instead). Then: clip, ``optimizer.step()``,
+    for IVON); gradients are synchronised across processes only on the last micro-batch, those
+    of trainable weights FSDP left whole after the last one (IVON all-reduces its averaged
+    samples in ``step()`` instead). Then: clip, ``optimizer.step()``,
     ``scheduler.step()``, ``method.after_step(model, step)`` (AdaLoRA's rank allocation, which
     reads the gradients), ``zero_grad()``.
 
@@ -286,6 +288,8 @@ def train_step(
                     accelerator.backward(loss * scale)
                 loss_sum += out.loss.detach().float() / (n_micro * draws)
         tokens += int(batch["attention_mask"].sum())
+    if not is_ivon:  # FSDP-ignored trainable weights (IVON, AdaLoRA): average like DDP
+        average_replicated_gradients(model)
     grad_norm = None
     if max_grad_norm is not None:
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -8,6 +8,10 @@
 | ``zero2``| replicated          | partitioned      | partitioned     | exact  |
 | ``zero3``| partitioned         | partitioned      | partitioned     | exact  |
 
+IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp`` and under ``fsdp`` with the
+trainable weights left whole on every rank (only the frozen base is sharded; their gradients
+all-reduced), not under ZeRO.
+
 Resume states are written by this package, not by DeepSpeed's ``save_checkpoint`` (pickles):
 each rank's shard or ZeRO partition as safetensors, resumed with the same number of processes
 (``adaptlab.training.checkpoint``).
@@ -45,12 +49,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptlab.distributed import DistInfo, fsdp_requested, local_parameter_fraction, shard_fsdp2
+from adaptlab.distributed import (
+    DistInfo,
+    fsdp_requested,
+    local_parameter_fraction,
+    mark_replicated,
+    shard_fsdp2,
+)
 from adaptlab.extract.points import decoder_layers, unwrap
 from adaptlab.training.loop import StepResult
 from adaptlab.training.methods import Method
 from adaptlab.training.objectives import Objective, find_linear_head
 from adaptlab.training.optim import TrainingError
+
+# Optimisers and methods that need whole trainable weights and gradients on every rank: IVON
+# (one flat posterior over the weights it samples) and AdaLoRA (rank allocation from whole
+# gradients). FSDP then shards only the frozen weights; ZeRO cannot run them.
+REPLICATED_TRAINABLE = frozenset({"ivon", "adalora"})
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,28 @@ def resolve_strategy(requested: Strategy, world: int) -> Strategy:
     return requested if world > 1 else Strategy("ddp")
 
 
+def check_strategy(strategy: Strategy, optimizer: str, method: str, from_linearhead: bool) -> None:
+    """Refuse, before loading, what ``strategy`` cannot run.
+
+    Raises:
+        TrainingError: IVON or AdaLoRA under ZeRO (they need whole trainable weights and
+            gradients on every rank), or ``from_linearhead`` under ZeRO-3 (the head is fitted
+            on features of the whole model, which ZeRO-3 partitions while loading).
+    """
+    for name in (optimizer, method):
+        if name in REPLICATED_TRAINABLE and strategy.zero_stage is not None:
+            raise TrainingError(
+                f"{name} needs whole, replicated trainable weights and gradients, which "
+                f"{strategy.name} partitions; use FSDP (fsdp=true: it then shards only the "
+                "frozen weights) or data parallelism."
+            )
+    if from_linearhead and strategy.zero_stage == 3:
+        raise TrainingError(
+            "from_linearhead fits the head on features of the whole model, which ZeRO-3 "
+            "partitions while loading; use ZeRO-2, FSDP or data parallelism for it."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2
 
@@ -162,6 +199,7 @@ def shard_fsdp(
     *,
     mixed_precision: str = "no",
     activation_checkpointing: bool = False,
+    replicate_trainable: bool = False,
 ) -> nn.Module:
     """Shard a (PEFT-wrapped) causal LM with FSDP2: each decoder block (and an attached linear
     head), then the root.
@@ -169,6 +207,13 @@ def shard_fsdp(
     Call it after the method has wrapped and frozen the model and before the optimiser is
     built, so the optimiser holds the sharded parameters. Frozen and trainable parameters of a
     block share one FSDP unit (FSDP2 accepts mixed ``requires_grad``).
+
+    With ``replicate_trainable`` only the frozen weights are sharded: the trainable ones (an
+    adapter) stay whole on every rank, FSDP ignores them, and their gradients are averaged by
+    :func:`~adaptlab.distributed.average_replicated_gradients` (IVON all-reduces its own
+    samples instead). This is what IVON (one flat posterior over whole weights) and AdaLoRA
+    (rank allocation from whole gradients) need; the optimiser state is then replicated too,
+    which for an adapter is small.
 
     Settings an accelerate FSDP config exports are honoured: ``fsdp_activation_checkpointing``
     (``FSDP_ACTIVATION_CHECKPOINTING``), ``fsdp_reshard_after_forward``
@@ -180,6 +225,7 @@ def shard_fsdp(
         mixed_precision: ``bf16`` computes in bfloat16 and reduces gradients in float32.
         activation_checkpointing: recompute each block's activations in backward (also on
             when the accelerate config asks for it).
+        replicate_trainable: keep the trainable parameters whole on every rank.
 
     Returns:
         The same model object, sharded, on ``info.device``.
@@ -204,10 +250,11 @@ def shard_fsdp(
         if type(p).__name__ == "Params4bit" and not p.is_floating_point()
     }
     keep_4bit_packing(model)
+    replicated = [p for p in model.parameters() if p.requires_grad] if replicate_trainable else []
     units = list(decoder_layers(model))
     head = find_linear_head(model)
-    if head is not None:  # its own unit: the objective calls it after the root's forward
-        units.append(head)
+    if head is not None and not replicate_trainable:
+        units.append(head)  # its own unit: the objective calls it after the root's forward
     shard_fsdp2(
         model,
         units,
@@ -215,12 +262,32 @@ def shard_fsdp(
         reshard_after_forward=reshard,
         mp_policy=mp_policy,
         offload_policy=offload,
-        ignored_params=packed,
+        ignored_params=packed | set(replicated),
     )
     target = torch.device("cpu") if isinstance(offload, CPUOffloadPolicy) else info.device
     if any(p.is_meta for p in model.parameters()):  # filled by load_from_rank0 next
-        return model.to_empty(device=target)
-    return model if isinstance(offload, CPUOffloadPolicy) else model.to(info.device)
+        model = model.to_empty(device=target)  # new parameter objects
+    elif not isinstance(offload, CPUOffloadPolicy):
+        model = model.to(info.device)
+    if replicate_trainable:  # looked up after the move: to_empty makes new parameter objects
+        mark_replicated(model, [p for p in model.parameters() if p.requires_grad])
+    return model
+
+
+def trainable_as_on_rank0(model: nn.Module) -> None:
+    """Give every rank the ``requires_grad`` flags of rank 0's model.
+
+    A model built on the meta device can come out of an adapter library with different flags
+    (PEFT's AdaLoRA leaves its fixed ``ranknum`` trainable when moved to meta), and FSDP units
+    built from different flags do not match across ranks. Every process calls it.
+    """
+    import torch.distributed as dist
+
+    names = [[name for name, p in model.named_parameters() if p.requires_grad]]
+    dist.broadcast_object_list(names, src=0)
+    trainable = set(names[0])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
 
 
 def load_from_rank0(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
