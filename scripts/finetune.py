@@ -111,7 +111,7 @@ from tqdm.auto import tqdm
 
 from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
-from adaptlab.distributed import DistInfo
+from adaptlab.distributed import DistInfo, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, write_json
 from adaptlab.models import (
@@ -814,14 +814,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FinetuneConfig, argv)
     with report_user_errors():
         job = setup(cfg)
+        acc = job.accelerator
         if job.state == "complete":
-            if job.accelerator.is_main_process:
+            if acc.is_main_process:
                 print(f"{job.out} already holds this run's results; nothing to do.")
+            shutdown(DistInfo(acc.process_index, acc.num_processes, acc.device))
             return
         run = load(job)
     train(job, run)
     result = finalize(job, run)
-    if job.accelerator.is_main_process:
+    if acc.is_main_process:
         final = result["metrics"]["final"] or {}
         if cfg.task == "mmlu":
             score = f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
@@ -832,7 +834,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"best dev step {best.get('accuracy', float('nan')):.3f}"
             )
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
-    job.accelerator.end_training()  # leave the process group: a live gloo one can abort at exit
+    shutdown(DistInfo(acc.process_index, acc.num_processes, acc.device))  # see its docstring
+    acc.end_training()  # the trackers
 
 
 if __name__ == "__main__":

@@ -160,8 +160,22 @@ def local_parameter_fraction(model: nn.Module) -> float:
     return local / max(total, 1)
 
 
+# The last barrier's work, kept until the interpreter tears down (see shutdown).
+_FINAL_WORK: list[Any] = []
+
+
 def shutdown(info: DistInfo) -> None:
-    """Leave the process group cleanly (a live gloo group at interpreter exit can abort)."""
+    """Leave the process group cleanly: a final barrier, then destroy the group.
+
+    Gloo's worker thread may hold the last reference to a finished collective, which holds
+    tensors Python has seen; if it drops that reference while the interpreter is finalizing,
+    it cannot take the GIL and the process aborts ("terminate called without an active
+    exception"). The final barrier waits on the collectives still in flight
+    and holds them; keeping its work referenced here makes the main thread, not the worker,
+    release them all.
+    """
     if info.world > 1 and dist.is_initialized():
-        dist.barrier()
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _FINAL_WORK.append(work)
         dist.destroy_process_group()
