@@ -5,7 +5,8 @@ give the loss curve and final adapter of one process with the same global batch,
 result.json shows what each rank held (FSDP2 and ZeRO-3: half of the weights; FSDP2, ZeRO-2 and
 ZeRO-3: half of the optimiser state). AdaLoRA and IVON, which keep the adapter whole on every
 rank (FSDP shards only the frozen base), are checked the same way. The processes join a gloo
-group and run the code a GPU cluster runs. The first ZeRO run JIT-builds DeepSpeed's CPU communication op (~1 min, cached).
+group and run the code a GPU cluster runs. The first ZeRO run JIT-builds DeepSpeed's CPU
+communication op (~1 min, cached).
 """
 
 from __future__ import annotations

@@ -323,6 +323,22 @@ def test_label_overlap_equals_dadapy_and_is_one_on_sorted_data():
     assert label_overlap(knn(x_sorted, 30)[1], y_sorted, 0.3) == 1.0
 
 
+def test_clipped_maxk_is_said_once_per_n(caplog, monkeypatch):
+    from adaptlab.geometry import layer
+
+    monkeypatch.setattr(layer, "_CLIPPED", set())  # what earlier tests reported
+    x, _ = blobs(30, 2, 4)  # 60 points, maxk 100
+    settings = MetricSettings(maxk=100, density_k=5, overlap_k=5, id_scale=2, probe=False)
+    with caplog.at_level("WARNING", logger="adaptlab.geometry.layer"):
+        records = [layer_metrics(x[: 60 - i // 2], {}, settings)[0] for i in range(3)]
+    assert [r["maxk"] for r in records] == [59, 59, 58]  # each record keeps the k it used
+    said = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    assert said == [
+        "maxk=100 clipped to N-1=59 (N unique points); said once per N.",
+        "maxk=100 clipped to N-1=58 (N unique points); said once per N.",
+    ]
+
+
 def test_label_overlap_needing_more_than_maxk_is_an_error():
     x, y = blobs(100, 2, 4)
     with pytest.raises(GeometryError, match=r"k=30 neighbours .* only 20"):

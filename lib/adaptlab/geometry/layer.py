@@ -59,7 +59,7 @@ class MetricSettings:
     """Parameters of the per-layer metrics (defaults: spec §9).
 
     Args:
-        maxk: neighbours computed per point; clipped to N-1 (with a logged warning).
+        maxk: neighbours computed per point; clipped to N-1 (a warning, once per N).
         gride_range_max: GRIDE scaling up to this neighbour rank (100: 6 scales, n1 = 1..32;
             1000 gives the 9-scale profile of the dev code).
         id_scale: n1 of the GRIDE ID that is reported and used for the density (spec:
@@ -211,11 +211,19 @@ def layer_metrics(
     return record, neighbours
 
 
+# (maxk asked, maxk used) pairs already reported: a study of hundreds of layers of the same N
+# says it once, not once per layer (each record keeps the maxk it used).
+_CLIPPED: set[tuple[int, int]] = set()
+
+
 def _check_sizes(n: int, codes: dict[str, np.ndarray], settings: MetricSettings) -> int:
     """``maxk`` clipped to ``n - 1``; GeometryError if a metric needs more neighbours."""
     maxk = min(settings.maxk, n - 1)
-    if maxk < settings.maxk:
-        logger.warning("maxk=%d clipped to N-1=%d (N unique points).", settings.maxk, maxk)
+    if maxk < settings.maxk and (settings.maxk, maxk) not in _CLIPPED:
+        _CLIPPED.add((settings.maxk, maxk))
+        logger.warning(
+            "maxk=%d clipped to N-1=%d (N unique points); said once per N.", settings.maxk, maxk
+        )
     needs = {
         "TwoNN": 2,
         f"GRIDE at id_scale={settings.id_scale}": 2 * settings.id_scale,
