@@ -39,6 +39,7 @@ Quick start::
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -135,9 +136,9 @@ class _Rows:
     shift: torch.Tensor | None  # [X·C] f0/s, None when the adjustment is off
 
 
-class _Solver:
+class _Solver(abc.ABC):
     """What every solver has: its settings, how it uses f0, what kernels it needs, and the
-    metrics of its last fit."""
+    metrics of its last fit. Subclasses implement ``fit`` and ``predict``."""
 
     f0: F0Use = "used"
     needs_binary = False
@@ -147,11 +148,13 @@ class _Solver:
         self.settings = settings
         self.metrics: dict[str, float] = {}
 
+    @abc.abstractmethod
     def fit(self, train: _Rows) -> None:
-        raise NotImplementedError
+        """Fit on the training rows (train-train kernel and targets)."""
 
+    @abc.abstractmethod
     def predict(self, rows: _Rows) -> tuple[torch.Tensor, float]:
-        raise NotImplementedError
+        """``([X·C] scores, loss)`` for the columns of ``rows``."""
 
 
 def _regularized(kernel: torch.Tensor, r: float) -> torch.Tensor:
