@@ -25,19 +25,33 @@ from pathlib import Path
 import torch
 
 from adaptlab.config import parse_config, to_dict
-from adaptlab.errors import report_user_errors
+from adaptlab.errors import UserError, report_user_errors
 from adaptlab.geometry.study import AnalyzeConfig, analyze, layers_of, open_runs, write_metrics
 from adaptlab.io import write_json
+from adaptlab.rundir import Layout, check_ours, lock_output
 from adaptlab.telemetry import hardware, now, package_versions
+
+LAYOUT = Layout(
+    "analysis",
+    markers=("analysis_manifest.json", "metrics.json"),
+    owned=("analysis_manifest.json", "metrics.json", "metrics.csv", "figures"),
+)
+"""What this recipe writes into ``output_dir`` (a rerun replaces these files)."""
 
 
 def setup(cfg: AnalyzeConfig):
-    """Open every run and check that its layers exist, before any computation."""
+    """Lock the output folder, open every run and check its layers, before any computation."""
+    lock = lock_output(cfg.output_dir, "analysis")  # held until the process ends
+    check_ours(cfg.output_dir, LAYOUT)
     runs = open_runs(cfg.runs)
     for run in runs + (open_runs(cfg.checkpoints) if cfg.checkpoints else []):
         layers_of(run, cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for but no CUDA device is visible; use auto or cpu."
+        )
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    return runs, torch.device("cuda" if cuda else "cpu")
+    return runs, torch.device("cuda" if cuda else "cpu"), lock
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -63,7 +77,7 @@ def summarise(records: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(AnalyzeConfig, argv)
     with report_user_errors():
-        runs, device = setup(cfg)
+        runs, device, lock = setup(cfg)
         records = analyze(cfg, runs, device)
     out = Path(cfg.output_dir)
     write_metrics(records, out)
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({row['ari_subjects_peak']})"
         )
     print(f"metrics -> {out / 'metrics.json'}")
+    lock.release()
 
 
 if __name__ == "__main__":

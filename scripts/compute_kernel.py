@@ -58,7 +58,7 @@ from adaptlab import ntk
 from adaptlab.config import parse_config, to_dict
 from adaptlab.distributed import DistInfo, all_gather_object, dist_info, shutdown
 from adaptlab.errors import report_user_errors
-from adaptlab.io import read_json, write_json
+from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
     describe_model,
     load_model,
@@ -68,6 +68,7 @@ from adaptlab.models import (
 )
 from adaptlab.ntk.config import SPLITS, KernelConfig
 from adaptlab.ntk.errors import KernelError
+from adaptlab.rundir import Layout, RunLock, check_ours, lock_output
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training.fewshot import (
     FewShotData,
@@ -78,6 +79,13 @@ from adaptlab.training.fewshot import (
 )
 
 MANIFEST = "manifest.json"
+SWEEP, RESULT = "sweep.json", "result.json"
+LAYOUT = Layout(
+    "kernel",
+    markers=(SWEEP, f"*-*/{MANIFEST}", "*-*/*_kernels_*.pt"),
+    owned=(SWEEP, RESULT, "*-*"),
+)
+"""What this recipe writes into ``output_dir``: one ``{K}-{seed}`` folder per seed, the sweep."""
 IDENTITY_FIELDS = (
     "model",
     "task",
@@ -117,6 +125,7 @@ class Job:
     model_ref: object | None
     tokenizer: object | None
     started: float
+    lock: RunLock | None  # the output folder's lock (main process)
 
 
 def seed_dir(root: Path, cfg: KernelConfig, seed: int) -> Path:
@@ -151,11 +160,14 @@ def setup(cfg: KernelConfig) -> Job:
     started = time.perf_counter()
     info = dist_info(cpu=cfg.cpu)
     out = Path(cfg.output_dir)
+    # held until the process ends: a second run into this folder is refused, not mixed in
+    lock = lock_output(out, "kernel", info.rank == 0, lambda e: all_gather_object(e, info))
+    check_ours(out, LAYOUT)  # results go next to kernels, never into another's folder
     if cfg.load_kernels:
         source = Path(cfg.load_kernels)
         if not source.is_dir():
             raise KernelError(f"load_kernels={source} is not a folder of saved kernels.")
-        return Job(cfg, info, out, {}, {}, None, None, started)
+        return Job(cfg, info, out, {}, {}, None, None, started, lock)
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     kind = model_kind(skeleton.config)
@@ -176,7 +188,7 @@ def setup(cfg: KernelConfig) -> Job:
             head=cfg.head,
         )
         todo[seed] = splits_to_compute(cfg, seed_dir(out, cfg, seed), seed)
-    return Job(cfg, info, out, data, todo, model_ref, tokenizer, started)
+    return Job(cfg, info, out, data, todo, model_ref, tokenizer, started, lock)
 
 
 def load(job: Job) -> torch.nn.Module:
@@ -381,7 +393,7 @@ def solve(job: Job, manifests: dict[int, dict]) -> dict:
         }
     sweep["by_solver"] = by_solver
     job.out.mkdir(parents=True, exist_ok=True)
-    ntk.write_sweep(job.out / "sweep.json", sweep)
+    ntk.write_sweep(job.out / SWEEP, sweep)
     result = {
         "format": "adaptlab.kernel_result/1",
         "config": to_dict(cfg),
@@ -399,7 +411,8 @@ def solve(job: Job, manifests: dict[int, dict]) -> dict:
         "hardware": hardware(),
         "created": now(),
     }
-    write_json(job.out / "result.json", result)
+    sweep_temporaries(job.out)
+    write_json(job.out / RESULT, result)
     return result
 
 
@@ -414,8 +427,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"{cfg.task} {cfg.shots}-shot, {cfg.formula} kernel, {name}: test accuracy "
                     f"{summary['test_mean']:.1f} ({summary['test_std']:.1f}) over "
-                    f"{summary['n_seeds']} seed(s) -> {job.out / 'result.json'}"
+                    f"{summary['n_seeds']} seed(s) -> {job.out / RESULT}"
                 )
+        if job.lock is not None:
+            job.lock.release()
     shutdown(job.info)
 
 

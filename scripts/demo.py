@@ -35,17 +35,25 @@ from pathlib import Path
 
 from adaptlab.config import parse_config, to_dict
 from adaptlab.demo import DemoConfig
+from adaptlab.errors import UserError, report_user_errors
 from adaptlab.extract.reader import open_run
 from adaptlab.io import read_json, write_json
 from adaptlab.ntk.compare import compare_kernel_finetune
 from adaptlab.ntk.config import KernelConfig
 from adaptlab.plotting.report import write_report
+from adaptlab.rundir import lock_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], check=True)
+    """Run one recipe as a user would; its failure stops the demo with one line after its own."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args])
+    if done.returncode != 0:
+        raise UserError(
+            f"the demo step scripts/{name} failed (exit status {done.returncode}); its message "
+            "is above. Fix that and run the demo again: finished steps are reused."
+        )
 
 
 def extract(cfg: DemoConfig, model: str, shots: int, out: Path) -> Path:
@@ -146,8 +154,10 @@ def kernel_vs_finetune(cfg: DemoConfig) -> tuple[Path, str]:
     record["config"] = {"kernel": to_dict(kernel_cfg), "finetune_preset": cfg.fewshot_preset}
     write_json(out / "comparison.json", record)
     run_script_env = {"ADAPTLAB_COMPARISON": str(out / "comparison.json"), "MPLBACKEND": "Agg"}
-    subprocess.run([sys.executable, str(ROOT / "notebook" / "plot_kernel.py")], check=True,
-                   env={**os.environ, **run_script_env})  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "notebook" / "plot_kernel.py")],
+                          env={**os.environ, **run_script_env})  # fmt: skip
+    if done.returncode != 0:
+        raise UserError("the demo step notebook/plot_kernel.py failed; its message is above.")
     ft = record["finetune"]
     solvers = ", ".join(f"{name} {k['mean']:.1f}" for name, k in record["kernel"].items())
     note = (
@@ -180,7 +190,14 @@ def write_demo_report(
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(DemoConfig, argv)
+    with report_user_errors():
+        run(cfg)
+
+
+def run(cfg: DemoConfig) -> None:
+    """Every step of the demo, in order, in the locked output folder."""
     out = Path(cfg.output_dir)
+    lock = lock_output(out, "demo")  # held until the process ends: one demo per folder
     runs = {f"{k}shot": extract(cfg, cfg.model, k, out / f"{k}shot") for k in cfg.shots}
     checkpoints = []
     if cfg.finetune_preset:
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     analysis = analyse(cfg, runs, checkpoints)
     notes = [kernel_vs_finetune(cfg)[1]] if cfg.kernel_preset else []
     write_demo_report(cfg, runs, analysis, notes)
+    lock.release()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from adaptlab.extract import outputs
 from adaptlab.extract.config import ExtractConfig
 from adaptlab.extract.points import decoder_layers, hook_sites
 from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_columns
-from adaptlab.io import read_json, write_json
+from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
     describe_model,
     load_model,
@@ -64,6 +64,7 @@ from adaptlab.models import (
     pick_dtype,
     resolve_model,
 )
+from adaptlab.rundir import RunLock, lock_output
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 
 
@@ -81,6 +82,7 @@ class Job:
     letter_ids: dict[str, int]
     identity: dict
     started: float
+    lock: RunLock | None  # the output folder's lock (main process)
 
 
 def select_rows(cfg: ExtractConfig, examples: list) -> list[int]:
@@ -104,6 +106,9 @@ def setup(cfg: ExtractConfig) -> Job:
     """Validate every input and build the prompts; nothing heavy, nothing written."""
     started = time.perf_counter()
     info = dist_info(cpu=cfg.cpu)
+    out = Path(cfg.output_dir)
+    # held until the process ends: a second run into this folder is refused, not mixed in
+    lock = lock_output(out, "extraction", info.is_main, lambda e: all_gather_object(e, info))
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
@@ -150,10 +155,11 @@ def setup(cfg: ExtractConfig) -> Job:
         "chunk_size": cfg.chunk_size,
     }
     run_id = outputs.fingerprint(identity)
-    out = Path(cfg.output_dir)
     state = outputs.check_output_dir(out, run_id, cfg.overwrite)
     barrier(info)  # every rank has judged the folder before rank 0 writes into it
-    return Job(cfg, info, out, run_id, state, tokenizer, prompts, letter_ids, identity, started)
+    return Job(
+        cfg, info, out, run_id, state, tokenizer, prompts, letter_ids, identity, started, lock
+    )
 
 
 def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
@@ -185,8 +191,9 @@ def extract(job: Job, model: torch.nn.Module, sites: list, use_fsdp: bool) -> di
     cfg, info = job.cfg, job.info
     parts = job.out / outputs.PARTS
     if info.is_main:
-        if job.state == "new" and job.out.exists():
+        if job.state == "new":
             outputs.clear_output_dir(job.out)
+        sweep_temporaries(job.out)  # what a killed write left behind
         write_json(parts / outputs.RUN_FILE, {"fingerprint": job.run_id, "started": now()})
     barrier(info)
     store = None if cfg.store_dtype == "auto" else pick_dtype(cfg.store_dtype, info.device)
@@ -261,8 +268,9 @@ def finalize(job: Job, sites: list, n_layers: int, stats: dict) -> None:
         "hardware": hardware(),
         "created": now(),
     }
-    write_json(out / outputs.MANIFEST, manifest)
+    write_json(out / outputs.MANIFEST, manifest)  # its presence marks the run complete
     shutil.rmtree(parts)
+    sweep_temporaries(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
             print(f"{len(job.prompts)} prompts -> {job.out}{scores}")
+    if job.lock is not None:
+        job.lock.release()
     shutdown(job.info)
 
 

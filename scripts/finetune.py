@@ -113,13 +113,21 @@ from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
 from adaptlab.distributed import DistInfo, shutdown
 from adaptlab.errors import report_user_errors
-from adaptlab.io import read_json, write_json
+from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
     describe_model,
     load_model,
     load_tokenizer,
     model_skeleton,
     resolve_model,
+)
+from adaptlab.rundir import (
+    LOCK_FILE,
+    RunLock,
+    check_ours,
+    clear_owned,
+    is_empty,
+    lock_output,
 )
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training import checkpoint as ckpt
@@ -206,6 +214,7 @@ class Job:
     started: float
     fsdp_from_rank0: bool = False  # FSDP: only rank 0 reads the weights (see load)
     replicate_trainable: bool = False  # FSDP shards only the frozen weights (IVON, AdaLoRA)
+    lock: RunLock | None = None  # the output folder's lock (main process)
 
 
 @dataclass
@@ -361,33 +370,39 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
 def output_state(
     cfg: FinetuneConfig, out: Path, run_id: str, run_config: dict
 ) -> tuple[str, Path | None]:
-    """Whether this run is new, resumes (and from where) or is already complete."""
+    """Whether this run is new, resumes (and from where) or is already complete.
+
+    ``out`` is locked by this run. A ``run.json`` of another run that left nothing to resume or
+    keep (it failed before its first checkpoint) does not block a new run.
+    """
+    if cfg.overwrite:
+        check_ours(out, ckpt.LAYOUT)
     if cfg.resume_from:
         source = Path(cfg.resume_from)
         folder = source if (source / ckpt.STATE_FILE).is_file() else source / ckpt.STATE
         saved = ckpt.read_state(folder)
         if saved is None:
             raise ResumeError(
-                f"resume_from={source} holds no resume state ({ckpt.STATE}/{ckpt.STATE_FILE}); "
+                f"--resume_from {source} holds no resume state ({ckpt.STATE}/{ckpt.STATE_FILE}); "
                 "pass the folder of an unfinished run."
             )
         ckpt.check_same_run(saved.fingerprint, saved.config, run_id, run_config, source)
-        if folder.parent.resolve() != out.resolve() and out.exists() and not cfg.overwrite:
+        if folder.parent.resolve() != out.resolve() and not is_empty(out) and not cfg.overwrite:
             raise ResumeError(
-                f"output_dir {out} already exists; pick a new folder to continue {source} in, or "
-                "pass overwrite=true."
+                f"--output_dir {out} is not empty; pick a new folder to continue {source} in, or "
+                "pass --overwrite true."
             )
         return "resume", folder.parent
-    if not out.exists() or cfg.overwrite:
+    if cfg.overwrite or is_empty(out):
         return "new", None
     if not (out / ckpt.RUN_FILE).is_file():
-        if any(out.iterdir()):
-            raise ResumeError(
-                f"output_dir {out} holds files that are not a fine-tuning run; pick another "
-                "folder or pass overwrite=true."
-            )
-        return "new", None
+        raise ResumeError(
+            f"--output_dir {out} holds files that are not a fine-tuning run; pick another "
+            "folder (--overwrite removes only a fine-tuning run's own files)."
+        )
     recorded = read_json(out / ckpt.RUN_FILE)
+    if recorded.get("fingerprint") != run_id and not ckpt.has_results(out):
+        return "new", None
     ckpt.check_same_run(recorded["fingerprint"], recorded["config"], run_id, run_config, out)
     if (out / ckpt.RESULT_FILE).is_file():
         return "complete", None
@@ -404,6 +419,11 @@ def setup(cfg: FinetuneConfig) -> Job:
         accelerator = Accelerator(
             cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
         )
+    out = Path(cfg.output_dir)
+    # held until the process ends: a second run into this folder is refused, not mixed in
+    lock = lock_output(
+        out, "fine-tuning", accelerator.is_main_process, lambda e: gather_object([e])
+    )
     strategy = resolve_strategy(requested, accelerator.num_processes)
     check_reporter(cfg.report_to)
     check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead)
@@ -447,7 +467,6 @@ def setup(cfg: FinetuneConfig) -> Job:
         "strategy": strategy.name,
     }
     run_id = ckpt.fingerprint(identity)
-    out = Path(cfg.output_dir)
     state, resume_dir = output_state(cfg, out, run_id, run_config)
     accelerator.wait_for_everyone()  # every process reads the folder before the main one writes
     return Job(
@@ -473,17 +492,25 @@ def setup(cfg: FinetuneConfig) -> Job:
         replicate_trainable=(
             strategy.name == "fsdp" and bool({cfg.optimizer, cfg.method} & REPLICATED_TRAINABLE)
         ),
+        lock=lock,
     )
 
 
 def prepare_output(job: Job) -> None:
-    """Clear the folder of a new run or copy the run to continue, then record this run."""
+    """Clear a new run's folder of an earlier run's files (only those) or copy the run to
+    continue, sweep what killed writes left, then record this run."""
     if job.accelerator.is_main_process:
         if job.state == "new":
-            shutil.rmtree(job.out, ignore_errors=True)
+            clear_owned(job.out, ckpt.LAYOUT)
         elif job.resume_dir is not None and job.resume_dir.resolve() != job.out.resolve():
-            shutil.rmtree(job.out, ignore_errors=True)
-            shutil.copytree(job.resume_dir, job.out)
+            clear_owned(job.out, ckpt.LAYOUT)
+            shutil.copytree(
+                job.resume_dir,
+                job.out,
+                dirs_exist_ok=True,
+                ignore=lambda folder, names: [n for n in names if n == LOCK_FILE],
+            )
+        sweep_temporaries(job.out)
         record = {"fingerprint": job.run_id, "config": job.run_config, "started": now()}
         write_json(job.out / ckpt.RUN_FILE, record)
     job.accelerator.wait_for_everyone()
@@ -805,6 +832,7 @@ def finalize(job: Job, run: Run) -> dict:
         }
         write_json(job.out / ckpt.RESULT_FILE, result)
         ckpt.remove(job.out / ckpt.STATE)
+        sweep_temporaries(job.out)
     run.logger.close()
     acc.wait_for_everyone()
     return result
@@ -834,6 +862,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"best dev step {best.get('accuracy', float('nan')):.3f}"
             )
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
+    if job.lock is not None:
+        job.lock.release()
     shutdown(DistInfo(acc.process_index, acc.num_processes, acc.device))  # see its docstring
     acc.end_training()  # the trackers
 

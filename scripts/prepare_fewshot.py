@@ -42,11 +42,13 @@ from adaptlab.data.hub import download_original, hub_source
 from adaptlab.data.kshot import original_files
 from adaptlab.errors import report_user_errors
 from adaptlab.io import write_json
+from adaptlab.rundir import check_writable
 from adaptlab.telemetry import now, package_versions
 
 
 def setup(cfg: PrepareConfig) -> dict[str, Task]:
     """Resolve the tasks (one per data folder) and fetch them from the hub when asked."""
+    check_writable(cfg.out_dir, "--out_dir")
     tasks: dict[str, Task] = {}
     for name in cfg.tasks:
         task = get_task(name)

@@ -17,6 +17,7 @@ from adaptlab.demo import DemoConfig
 from adaptlab.embedded import EmbeddedAssetError
 from adaptlab.models import load_model
 from adaptlab.models.tiny import save_tiny_llama, tiny_llama, tiny_tokenizer
+from adaptlab.rundir import LOCK_FILE
 from adaptlab.training.checkpoint import log_spaced_steps
 from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.loop import (
@@ -358,4 +359,6 @@ def test_demo_preset_trains_on_rows_outside_the_demo_analysis(tmp_path):
     assert not train & analysed and not train & evals
     per_subject = {s: sum(test[i].subject == s for i in train) for s in cfg.subjects}
     assert per_subject == dict.fromkeys(cfg.subjects, 16)
-    assert job.total_steps == 16 and not (tmp_path / "d").exists()
+    assert job.total_steps == 16 and [p.name for p in (tmp_path / "d").iterdir()] == [LOCK_FILE]
+    job.lock.release()  # setup wrote nothing but the lock: the folder it created goes with it
+    assert not (tmp_path / "d").exists()

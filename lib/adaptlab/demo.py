@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -51,3 +52,16 @@ class DemoConfig:
             raise ValueError(f"shots={self.shots}: give one or more shot counts between 0 and 5.")
         if self.samples_per_subject < 1:
             raise ValueError("samples_per_subject must be at least 1.")
+        presets = {
+            "extract_preset": self.extract_preset,
+            "analyze_preset": self.analyze_preset,
+            "finetune_preset": self.finetune_preset,
+            "kernel_preset": self.kernel_preset,
+            "fewshot_preset": self.fewshot_preset if self.kernel_preset else None,
+        }
+        for name, preset in presets.items():
+            if preset is not None and not Path(preset).is_file():
+                raise ValueError(
+                    f"{name}={preset} does not exist; pass a YAML preset from scripts/configs/ "
+                    "(run the demo from the repository root)."
+                )

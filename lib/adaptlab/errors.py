@@ -18,11 +18,18 @@ class UserError(ValueError):
 
 @contextmanager
 def report_user_errors() -> Iterator[None]:
-    """Turn :class:`UserError` (and embedded-asset failures) into ``error: ...`` and exit 2."""
+    """Turn :class:`UserError` (and embedded-asset failures) into ``error: ...`` and exit 2.
+
+    The run ends there, so the output-folder locks it holds are released at once (a folder a
+    lock created and nothing was written to is removed), also when ``main`` was called from a
+    notebook or a test rather than as a program.
+    """
     from adaptlab.embedded import EmbeddedAssetError
+    from adaptlab.rundir import release_all
 
     try:
         yield
     except (UserError, EmbeddedAssetError) as err:
+        release_all()
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

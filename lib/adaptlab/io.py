@@ -2,15 +2,19 @@
 
 Everything a stage writes appears under its final name only when complete: it is written to a
 temporary name in the same folder and renamed, so a killed job never leaves a half-written file
-that a later stage (or a resumed run) would trust.
+that a later stage (or a resumed run) would trust. Finished files get the mode an ordinary
+``open()`` would give them (0644 under umask 022), so colleagues in a group can read results;
+the temporary files a killed write leaves are removed by :func:`sweep_temporaries`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,13 @@ from typing import IO, Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from adaptlab.errors import UserError
+
+
+class CorruptFileError(UserError):
+    """A file this project wrote (a manifest, a record) that no longer parses."""
+
 
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -34,12 +45,47 @@ _DTYPE_NAMES = {
 }
 
 
+_UMASK_LOCK = threading.Lock()
+TEMP_SUFFIX = ".adaptlab-tmp"
+"""Temporary files are ``.{name}.{random}.adaptlab-tmp`` beside their target (folders:
+``.{name}.adaptlab-tmp``): a name no user file has, so sweeping them never hits one."""
+ASIDE_SUFFIX = ".adaptlab-old"
+"""A finished folder moved aside while its new version is renamed into place."""
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux allows (``/proc``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def _temporary_file(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` with ordinary permissions (mkstemp makes 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, file_mode())
+    return fd, tmp
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_file(path)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -59,15 +105,49 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path) as handle:
-        return json.load(handle)
+    """The JSON in ``path``; a file that is not valid JSON is a :class:`CorruptFileError`."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({err}); it was damaged or edited by hand: restore it, or "
+            "delete the folder it belongs to and run again."
+        ) from err
+
+
+def sweep_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what killed atomic writes left under ``folder``; returns what was removed.
+
+    Temporary files and folders (``.{name}*.adaptlab-tmp``) are always incomplete. A folder
+    moved aside during a swap (``.{name}.adaptlab-old``, see ``adaptlab.training.checkpoint``)
+    is removed only when ``{name}`` exists again; otherwise it is the last good copy and stays.
+    Call it only on a folder whose run lock this process holds (``adaptlab.rundir``), so that no
+    live write is hit.
+    """
+    removed = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        name = path.name
+        stale = name.endswith(TEMP_SUFFIX) or (
+            name.endswith(ASIDE_SUFFIX) and (path.parent / name[1 : -len(ASIDE_SUFFIX)]).exists()
+        )
+        if not stale or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
     """``safetensors.torch.save_file``, atomically (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_file(path)
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

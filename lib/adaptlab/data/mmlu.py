@@ -160,8 +160,8 @@ def load_mmlu(
         dataset_path: a ``.jsonl``/``.csv``/``.parquet`` file or a ``datasets.save_to_disk``
             folder; ``None`` uses the embedded copy, then the hub.
         split: split to return as ``test``; ``"a+b"`` concatenates splits in that order (e.g.
-            ``"dev+validation"``, the training set of spec §4). Only used for sources with named
-            splits; a file or single saved ``Dataset`` is the split and ``split`` labels it.
+            ``"dev+validation"``, the training set of spec §4). Only for sources with named
+            splits: a file or single saved ``Dataset`` is one split, used as ``test``.
         allow_hub: fall back to ``cais/mmlu`` on the hub when the embedded copy is unavailable.
         holdout_per_subject: when the source has no dev split, this many questions per subject
             (the first ones in file order) are moved from ``test`` to ``dev`` as the shot pool;
@@ -189,6 +189,7 @@ def load_mmlu(
             )
         if path.is_dir():
             return _load_saved(path, split, split_names, holdout_per_subject)
+        _check_single_split(path, split)
         return _load_file(path, split, holdout_per_subject, {"source": "file"})
 
     if split_names == ["test"]:
@@ -215,6 +216,16 @@ def group_by_subject(examples: Sequence[MMLUExample]) -> dict[str, list[MMLUExam
     for ex in examples:
         groups.setdefault(ex.subject, []).append(ex)
     return groups
+
+
+def _check_single_split(path: Path, split: str) -> None:
+    """A file holds one split, which is evaluated as ``test``: refuse another split name."""
+    if split != "test":
+        raise DataError(
+            f"--dataset_path {path} is a single file, which holds one split, so --split {split} "
+            "cannot be chosen from it; drop --split (the file is used as the test split), or "
+            f"pass a datasets.save_to_disk folder that has a '{split}' split."
+        )
 
 
 def _split_names(split: str) -> list[str]:
@@ -511,6 +522,7 @@ def _load_saved(
     provenance: dict[str, Any] = {"source": "saved_dataset", "path": str(path)}
     provenance["sha256"] = {str(p.relative_to(path)): embedded.sha256_file(p) for p in files}
     if not isinstance(saved, DatasetDict):
+        _check_single_split(path, split)
         examples, n_dropped = _parse_rows(saved.to_list(), origin=str(path))
         return _single_split(examples, n_dropped, split, holdout_per_subject, provenance)
     unknown = [name for name in split_names if name not in saved]
@@ -795,7 +807,8 @@ def subset_by_subject(
         Positions, grouped by sorted subject and ascending within each.
 
     Raises:
-        DataError: ``samples_per_subject < 1`` or an unknown subject name.
+        DataError: ``samples_per_subject < 1``, an unknown subject name, or more questions per
+            subject than any requested subject holds (the option would then do nothing).
     """
     if samples_per_subject < 1:
         raise DataError(f"samples_per_subject={samples_per_subject} must be at least 1.")
@@ -806,6 +819,14 @@ def subset_by_subject(
     if unknown:
         raise DataError(
             f"Unknown subject(s) {', '.join(unknown)}; valid subjects are {', '.join(available)}."
+        )
+    counts = {subject: int((labels == subject).sum()) for subject in sorted(wanted)}
+    largest = max(counts, key=counts.get)
+    if samples_per_subject > counts[largest]:
+        raise DataError(
+            f"samples_per_subject={samples_per_subject} is more than any requested subject holds "
+            f"(the largest, {largest}, has {counts[largest]} questions), so it would select "
+            "nothing; lower it, or omit it to keep every question."
         )
     rng = np.random.default_rng(seed)
     chosen: list[int] = []

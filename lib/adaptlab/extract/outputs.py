@@ -9,21 +9,22 @@ Layout of ``output_dir``::
 
 A run is identified by a fingerprint of everything that changes its arrays (model, data,
 prompt settings, points, token rule, dtypes) and not by what does not (batch size, number of
-processes). A folder holding another fingerprint is refused unless ``overwrite`` is set.
+processes). A folder holding another fingerprint is refused unless ``overwrite`` is set, and
+``overwrite`` removes only the entries above (see ``adaptlab.rundir``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from adaptlab.errors import UserError
+from adaptlab.extract.points import POINTS
 from adaptlab.io import read_json
+from adaptlab.rundir import LOCK_FILE, Layout, OutputDirError, clear_owned
 
 MANIFEST = "manifest.json"
 STATISTICS = "statistics.json"
@@ -31,8 +32,12 @@ PARTS = ".parts"
 RUN_FILE = "run.json"
 
 
-class OutputDirError(UserError):
-    """The output folder belongs to a different run."""
+LAYOUT = Layout(
+    "extraction",
+    markers=(MANIFEST, f"{PARTS}/{RUN_FILE}"),
+    owned=(MANIFEST, STATISTICS, PARTS, *POINTS),
+)
+"""What an extraction writes: ``--overwrite`` removes these entries and nothing else."""
 
 
 def fingerprint(identity: dict) -> str:
@@ -45,45 +50,51 @@ def layer_file(point: str, layer: int) -> str:
     return f"{point}/l{layer}.safetensors"
 
 
+def has_chunks(out: Path) -> bool:
+    """Whether ``out/.parts`` holds finished chunk files (work a different run would destroy)."""
+    return any((out / PARTS).glob("chunk_*.safetensors"))
+
+
 def check_output_dir(
     out: Path, run_id: str, overwrite: bool
 ) -> Literal["new", "resume", "complete"]:
     """Decide what to do with ``out`` before any heavy work; writes nothing.
 
     Returns ``complete`` when it already holds this run's finished files, ``resume`` when it
-    holds this run's unfinished chunks, ``new`` otherwise.
+    holds this run's unfinished chunks, ``new`` otherwise. A ``.parts/run.json`` of another run
+    that never finished a chunk (a run that failed while loading) does not block a new run.
 
     Raises:
-        OutputDirError: ``out`` holds another run's files (or unrelated files) and
-            ``overwrite`` is not set.
+        OutputDirError: ``out`` holds another run's files and ``overwrite`` is not set, or
+            files that are not an extraction's (whatever ``overwrite`` says: it removes only an
+            extraction's own files).
     """
     if not out.exists():
         return "new"
     if not out.is_dir():
-        raise OutputDirError(f"output_dir {out} is a file; choose a folder path.")
+        raise OutputDirError(f"--output_dir {out} is a file; pass a folder path.")
     for name, state in ((MANIFEST, "complete"), (f"{PARTS}/{RUN_FILE}", "resume")):
         path = out / name
         if path.exists():
             if read_json(path).get("fingerprint") == run_id:
                 return state  # type: ignore[return-value]
-            if overwrite:
+            if overwrite or (state == "resume" and not has_chunks(out)):
                 return "new"
             raise OutputDirError(
-                f"output_dir {out} holds a different run's files; choose a new --output_dir "
-                "or pass --overwrite true to replace them."
+                f"--output_dir {out} holds a different run's files; pass a new "
+                "--output_dir or --overwrite true to replace them."
             )
-    if any(out.iterdir()) and not overwrite:
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         raise OutputDirError(
-            f"output_dir {out} is not empty and holds no adaptlab extraction; choose an empty "
-            "or new folder, or pass --overwrite true."
+            f"--output_dir {out} is not empty and holds no adaptlab extraction; pass an empty "
+            "or new folder (--overwrite removes only an extraction's own files)."
         )
     return "new"
 
 
 def clear_output_dir(out: Path) -> None:
-    """Remove a previous run's files (only called with ``overwrite``)."""
-    for child in out.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    """Remove a previous extraction's files from ``out`` (the folder is locked by this run)."""
+    clear_owned(out, LAYOUT)
 
 
 def accuracy(correct: Sequence[bool], subjects: Sequence[str]) -> dict:

@@ -55,7 +55,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptlab.errors import UserError
-from adaptlab.io import read_json, save_tensors, write_json
+from adaptlab.io import ASIDE_SUFFIX, TEMP_SUFFIX, read_json, save_tensors, write_json
+from adaptlab.rundir import Layout
+from adaptlab.training.loop import METRICS_FILE
 from adaptlab.training.objectives import HEAD_ATTRIBUTE, LinearHead
 from adaptlab.training.optim import unwrap_optimizer
 from adaptlab.training.parallel import full_state_dict, is_deepspeed, is_fsdp, zero_partitions
@@ -73,6 +75,15 @@ _TRAINABLE = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
 _SCHEDULER = "scheduler.pt"
 _METHOD = "method_state.pt"
+LAYOUT = Layout(
+    "fine-tuning",
+    markers=(RUN_FILE, RESULT_FILE),
+    owned=(
+        RUN_FILE, RESULT_FILE, METRICS_FILE, CHECKPOINTS, BEST, FINAL, STATE, "tensorboard",
+        "wandb",
+    ),
+)  # fmt: skip
+"""What a fine-tuning run writes: ``--overwrite`` removes these entries and nothing else."""
 # Optimiser attributes that state_dict() leaves out: IVON counts its steps in ``current_step``
 # (its momentum debiasing reads it), so a resume without it takes different steps.
 _OPTIMIZER_ATTRIBUTES = ("current_step",)
@@ -98,6 +109,12 @@ def log_spaced_steps(total_steps: int, n: int) -> list[int]:
     return [int(s) for s in steps]
 
 
+def has_results(out: Path) -> bool:
+    """Whether a run folder holds anything worth keeping: results, weights or a resume state."""
+    kept = (RESULT_FILE, STATE, CHECKPOINTS, BEST, FINAL)
+    return any(existing(out / name) is not None for name in kept)
+
+
 def fingerprint(identity: Mapping[str, Any]) -> str:
     """sha256 of the JSON of ``identity`` (keys sorted): equal runs share it."""
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
@@ -109,11 +126,11 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
 
 
 def _aside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
+    return path.with_name(f".{path.name}{ASIDE_SUFFIX}")
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -54,6 +54,11 @@ OPERATIONAL_FIELDS = frozenset(
 )
 
 
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is one path component that stays inside its folder."""
+    return bool(name.strip()) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
@@ -333,6 +338,11 @@ class FinetuneConfig:
             (0 <= self.eval_num_shots <= 5, f"eval_num_shots={self.eval_num_shots}: use 0 to 5."),
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
+            (
+                self.run_name is None or _plain_name(self.run_name),
+                f"run_name={self.run_name!r} must be a plain name (no '/', '\\' or '..'): it "
+                "names the TensorBoard folder inside output_dir.",
+            ),
             (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
             (
                 not (self.optimizer == "ivon" and self.max_grad_norm is not None),
