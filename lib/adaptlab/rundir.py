@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,15 @@ def check_writable(out: str | Path, flag: str = "--output_dir") -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise OutputDirError(f"{flag} {out} lies under {probe}, a file; pass a folder path.")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    # Try it rather than ask os.access: root passes every permission check, yet cannot write
+    # to a read-only mount or a pseudo file system.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".adaptlab-probe-", dir=probe))
+    except OSError:
         raise OutputDirError(
             f"{flag} {out} cannot be written ({probe} is not writable by this user); pass a "
             "folder you can write to."
-        )
+        ) from None
     return out
 
 
