@@ -57,6 +57,7 @@ from adaptlab.extract.points import decoder_layers, hook_sites
 from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_columns
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
+    check_load,
     describe_model,
     load_model,
     load_tokenizer,
@@ -112,6 +113,15 @@ def setup(cfg: ExtractConfig) -> Job:
     model_ref = resolve_model(cfg.model)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
+    check_load(
+        model_ref,
+        skeleton,
+        device=info.device,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        quantization=cfg.quantization,
+        adapter=cfg.adapter,
+    )
     splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.split)
     examples = [splits.test[i] for i in select_rows(cfg, splits.test)]
     if not examples:

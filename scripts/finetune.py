@@ -115,6 +115,7 @@ from adaptlab.distributed import DistInfo, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
+    check_load,
     describe_model,
     load_model,
     load_tokenizer,
@@ -444,6 +445,14 @@ def setup(cfg: FinetuneConfig) -> Job:
     )
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
     method = check_method(cfg, skeleton, total_steps)
+    check_load(
+        model_ref,
+        skeleton,
+        device=accelerator.device,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        quantization=method.quantization,
+    )
     resolve_warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
     deepspeed_config = None
     if strategy.zero_stage is not None:

@@ -25,13 +25,16 @@ from adaptlab.models.loader import (
     pick_dtype,
     resolve_model,
 )
+from adaptlab.models.preflight import LoadOptionError, check_load
 
 __all__ = [
     "EMBEDDED_MODELS",
     "EMBEDDED_PREFIX",
+    "LoadOptionError",
     "PROVENANCE_FILE",
     "ModelNotFoundError",
     "ModelRef",
+    "check_load",
     "describe_model",
     "embedded_model_dir",
     "load_model",
