@@ -144,9 +144,30 @@ def test_hub_id_online_resolves_without_network(
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loader, "_hub_reachable", lambda: True)
     ref = resolve_model("HuggingFaceTB/SmolLM2-135M")
     assert (ref.source, ref.adapter_path) == ("hub", None)
     assert describe_model(ref)["revision"] is None
+
+
+def test_an_unreachable_hub_is_reported_at_once(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens on loopback port 9: the probe fails fast, and the name is reported."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="'someone/model' is not in the local .* cannot"):
+        resolve_model("someone/model")
+    assert time.monotonic() - started < 10
+    _fake_hub_cache(hub_cache, "someone/cached", "0123abcd")
+    assert resolve_model("someone/cached").source == "hub"  # a cached model needs no hub
 
 
 # --- dtype and attention ----------------------------------------------------------------------
