@@ -13,7 +13,8 @@ Launch:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/extract_repr.py \
         --model meta-llama/Meta-Llama-3-8B --num_shots 5 --output_dir results/llama3-8b/5shot
 
-    # a model larger than one GPU: weights sharded with FSDP
+    # a model larger than one GPU: weights sharded with FSDP (rank 0 reads the checkpoint and
+    # sends each rank its shards, so host memory holds one copy of the weights, not one per GPU)
     accelerate launch --config_file accelerate_configs/fsdp.yaml scripts/extract_repr.py \
         --model meta-llama/Meta-Llama-3-70B --num_shots 4 --output_dir results/llama3-70b/4shot
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from adaptlab.distributed import (
     barrier,
     dist_info,
     fsdp_requested,
+    load_from_rank0,
     local_parameter_fraction,
     shard_fsdp2,
     shutdown,
@@ -172,14 +174,33 @@ def setup(cfg: ExtractConfig) -> Job:
     )
 
 
-def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
-    """Load the model on this process's device, shard it if asked, resolve the hook sites."""
+@dataclass(frozen=True)
+class Placement:
+    """How the model is spread over the processes (recorded in the manifest's ``timings``)."""
+
+    fsdp: bool  # weights sharded with FSDP2; otherwise every rank holds them whole
+    weights_read_by: str  # "rank 0" (the others received their shards) or "every rank"
+
+
+def load(job: Job) -> tuple[torch.nn.Module, list, int, Placement]:
+    """Load the model on this process's device, shard it if asked, resolve the hook sites.
+
+    Under FSDP only rank 0 reads the checkpoint into host memory: the other ranks build the
+    model on the meta device and receive their shards from it, so a node holds one copy of the
+    weights, not one per GPU. 4-bit weights (quantized while they load) and PEFT adapters
+    (applied to the loaded base) cannot be sent that way; then every rank loads the model, as
+    in fine-tuning.
+    """
     cfg, info = job.cfg, job.info
     use_fsdp = fsdp_requested() if cfg.fsdp is None else cfg.fsdp
     if use_fsdp and info.world == 1:
         use_fsdp = False  # nothing to shard across
+    model_ref = resolve_model(cfg.model)
+    from_rank0 = (
+        use_fsdp and cfg.quantization is None and cfg.adapter is None and not model_ref.adapters
+    )
     model = load_model(
-        cfg.model,
+        model_ref,
         dtype=cfg.dtype,
         device="cpu" if use_fsdp else info.device,
         compute_device=info.device,  # dtype/attention chosen for where it runs, not where it loads
@@ -187,16 +208,23 @@ def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
         quantization=cfg.quantization,
         adapter=cfg.adapter,
         trust_remote_code=cfg.trust_remote_code,
+        empty=from_rank0 and not info.is_main,
     )
     sites = hook_sites(model, cfg.points, cfg.layer_interval)
     blocks = decoder_layers(model)
     if use_fsdp:
+        whole = model.state_dict() if from_rank0 and info.is_main else {}
         model = shard_fsdp2(model, blocks, info)
-        model.to(info.device)
-    return model, sites, len(blocks), use_fsdp
+        if any(p.is_meta for p in model.parameters()):
+            model = model.to_empty(device=info.device)  # the module objects (and sites) stay
+        else:
+            model.to(info.device)
+        if from_rank0:
+            load_from_rank0(model, whole)
+    return model, sites, len(blocks), Placement(use_fsdp, "rank 0" if from_rank0 else "every rank")
 
 
-def extract(job: Job, model: torch.nn.Module, sites: list, use_fsdp: bool) -> dict:
+def extract(job: Job, model: torch.nn.Module, sites: list, placement: Placement) -> dict:
     """Stream all chunks to ``.parts/``; returns run counters."""
     cfg, info = job.cfg, job.info
     parts = job.out / outputs.PARTS
@@ -225,7 +253,7 @@ def extract(job: Job, model: torch.nn.Module, sites: list, use_fsdp: bool) -> di
     stats["param_fraction_per_rank"] = all_gather_object(local_parameter_fraction(model), info)
     stats["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     stats["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    stats["fsdp"] = use_fsdp
+    stats.update(asdict(placement))
     stats["world_size"] = info.world
     stats["peak_memory_mib"] = peak_memory_mib(info.device)
     return stats
@@ -291,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         if job.info.is_main:
             print(f"{job.out} already holds this run's results; nothing to do.")
     else:
-        model, sites, n_layers, use_fsdp = load(job)
-        stats = extract(job, model, sites, use_fsdp)
+        model, sites, n_layers, placement = load(job)
+        stats = extract(job, model, sites, placement)
         if job.info.is_main:
             finalize(job, sites, n_layers, stats)
             acc = read_json(job.out / outputs.MANIFEST)["accuracy"]

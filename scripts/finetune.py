@@ -111,7 +111,7 @@ from tqdm.auto import tqdm
 
 from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
-from adaptlab.distributed import DistInfo, shutdown
+from adaptlab.distributed import DistInfo, load_from_rank0, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
@@ -165,7 +165,6 @@ from adaptlab.training.parallel import (
     deepspeed_engine,
     fill_deepspeed_config,
     hidden_from_accelerate,
-    load_from_rank0,
     optimizer_state_fraction,
     param_fraction,
     requested_strategy,

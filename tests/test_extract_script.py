@@ -145,24 +145,59 @@ def test_output_dir_of_a_different_run_is_refused(reference, tiny_model_dir, mml
     assert "different run" in capsys.readouterr().err
 
 
+# Python imports ``sitecustomize`` at start-up, so this file, first on PYTHONPATH, runs in every
+# process of a launch: each rank appends the safetensors files it opens to reads_rank{RANK}.txt.
+# It watches the library call that reads weights, from outside the code under test.
+READS_PROBE = """
+import os
+
+import safetensors
+
+_safe_open = safetensors.safe_open
+
+
+def safe_open(filename, *args, **kwargs):
+    if "RANK" in os.environ:
+        log = os.path.join(os.environ["READS_DIR"], f"reads_rank{os.environ['RANK']}.txt")
+        with open(log, "a") as handle:
+            handle.write(os.path.realpath(filename) + "\\n")
+    return _safe_open(filename, *args, **kwargs)
+
+
+safetensors.safe_open = safe_open
+"""
+
+# accelerate config and flags: data parallel, and the FSDP config the 70B example uses
+LAUNCHES = {
+    "data-parallel": ["cpu_2proc.yaml"],
+    "fsdp2": ["fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no"],
+}
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2"])
-def test_two_processes_equal_one(reference, tiny_model_dir, mmlu_file, tmp_path, fsdp):
-    out = tmp_path / "two"
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_two_processes_equal_one(reference, tiny_model_dir, mmlu_file, tmp_path, launch):
+    fsdp = launch == "fsdp2"
+    out, probe = tmp_path / "two", tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(READS_PROBE)
+    config, *flags = LAUNCHES[launch]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--config_file", str(ROOT / "accelerate_configs" / config), *flags,
         "--main_process_port", str(free_port()),
         str(ROOT / "scripts" / "extract_repr.py"),
-        *args_for(tiny_model_dir, mmlu_file, out, "--fsdp", str(fsdp).lower()),
+        *args_for(tiny_model_dir, mmlu_file, out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(probe), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "READS_DIR": str(probe)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     timings = json.loads((out / "manifest.json").read_text())["timings"]
     n = json.loads((out / "manifest.json").read_text())["n_examples"]
     # both ranks really ran: each did part of the examples, together all of them once
     assert timings["world_size"] == 2
+    assert timings["fsdp"] == fsdp
     assert all(k > 0 for k in timings["examples_per_rank"])
     assert sum(timings["examples_per_rank"]) == n
     fractions = timings["param_fraction_per_rank"]
@@ -170,6 +205,18 @@ def test_two_processes_equal_one(reference, tiny_model_dir, mmlu_file, tmp_path,
         assert all(0.4 < f < 0.6 for f in fractions), fractions
     else:
         assert fractions == [1.0, 1.0]
+    # FSDP: rank 1 never opened the checkpoint (it got its shards from rank 0); data parallel:
+    # both did, which shows that the probe sees rank 1's reads
+    weights = str((tiny_model_dir / "model.safetensors").resolve())
+    reads = [
+        (probe / f"reads_rank{r}.txt").read_text().split()
+        if (probe / f"reads_rank{r}.txt").exists()
+        else []
+        for r in (0, 1)
+    ]
+    assert weights in reads[0]
+    assert (weights in reads[1]) == (not fsdp), reads
+    assert timings["weights_read_by"] == ("rank 0" if fsdp else "every rank")
     expected, got = arrays(reference), arrays(out)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)

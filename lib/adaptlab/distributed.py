@@ -1,4 +1,5 @@
-"""Process-group helpers shared by the scripts: rank/world, gathers, FSDP2 sharding.
+"""Process-group helpers shared by the scripts: rank/world, gathers, FSDP2 sharding and
+loading from rank 0.
 
 Scripts run the same code under ``python``, ``torchrun`` and ``accelerate launch``; the process
 group is initialised by accelerate's :class:`~accelerate.PartialState` (NCCL on GPUs, gloo on
@@ -8,7 +9,7 @@ CPUs), so a two-process CPU run exercises the same collectives as a GPU cluster.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,25 @@ def shard_fsdp2(
     # gathered after forward, expecting a backward; inference wants them sharded again.
     fully_shard(model, reshard_after_forward=True, **options)
     return model
+
+
+def load_from_rank0(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Fill a sharded model whose ranks but the first were built on the meta device.
+
+    Rank 0 read the real weights (``state_dict``, its full state before sharding); every rank
+    receives its shards of them by broadcast, then the buffers (rotary frequencies and other
+    non-persistent ones, which no state dict carries). So only one process per job ever holds
+    the whole model in host memory. Fine-tuning and extraction under FSDP both load this way.
+    Every process calls it, after sharding and after moving its (meta) shards to their device
+    with ``to_empty``; ``state_dict`` is ignored (pass ``{}``) on the other ranks.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(state_dict), options=options)
+    with torch.no_grad():
+        for _, buffer in model.named_buffers():
+            dist.broadcast(buffer, src=0)
 
 
 _REPLICATED = "_adaptlab_replicated"

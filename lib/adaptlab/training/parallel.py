@@ -290,25 +290,6 @@ def trainable_as_on_rank0(model: nn.Module) -> None:
         param.requires_grad_(name in trainable)
 
 
-def load_from_rank0(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Fill a sharded model whose ranks but the first were built on the meta device.
-
-    Rank 0 loaded the real weights (``state_dict``, its full state before sharding); every
-    rank receives its shards of them by broadcast, then the buffers (rotary frequencies and
-    other non-persistent ones, which no state dict carries). So only one process per job
-    ever holds the whole model in CPU memory. Every process calls it; ``state_dict`` is
-    ignored (pass ``{}``) on the others.
-    """
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, dict(state_dict), options=options)
-    with torch.no_grad():
-        for _, buffer in model.named_buffers():
-            dist.broadcast(buffer, src=0)
-
-
 def keep_4bit_packing(model: nn.Module) -> None:
     """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (a no-op on GPUs).
 
