@@ -222,9 +222,9 @@ def _check_single_split(path: Path, split: str) -> None:
     """A file holds one split, which is evaluated as ``test``: refuse another split name."""
     if split != "test":
         raise DataError(
-            f"--dataset_path {path} is a single file, which holds one split, so --split {split} "
-            "cannot be chosen from it; drop --split (the file is used as the test split), or "
-            f"pass a datasets.save_to_disk folder that has a '{split}' split."
+            f"--dataset_path {path} is a single file, which holds one split, so the split "
+            f"{split!r} cannot be chosen from it; ask for the 'test' split (the file is used as "
+            f"it), or pass a datasets.save_to_disk folder that has a '{split}' split."
         )
 
 
