@@ -69,7 +69,7 @@ def extraction(model, seqs, sites, batch_size, chunk_size, pad_id, letter_ids, i
             batch_size=batch_size, chunk_size=chunk_size, progress=False,
         )  # fmt: skip
         files = {s.key: Path(tmp) / f"{s.point}_l{s.layer}.safetensors" for s in sites}
-        merge_chunks(Path(tmp) / "parts", len(seqs), chunk_size, list(files), files)
+        merge_chunks(Path(tmp) / "parts", len(seqs), chunk_size, list(files), files, False)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

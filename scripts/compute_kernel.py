@@ -221,7 +221,7 @@ def kernel_function(job: Job, model: torch.nn.Module, data: FewShotData) -> ntk.
             model, head="label_words", label_word_ids=data.label_word_ids, binary=cfg.binary
         )
     pad = job.tokenizer.pad_token_id
-    features = head_features(model, data.train, pad, cfg.col_batch_size)
+    features = head_features(model, data.train, pad, cfg.col_batch_size, cfg.progress)
     head = fit_linear_head(features, [ex["label"] for ex in data.train], len(data.task.labels))
     head = head.to(device=job.info.device, dtype=next(model.parameters()).dtype)
     return ntk.KernelFunction(model, head="linear_head", linear_head=head, binary=cfg.binary)

@@ -264,7 +264,7 @@ def finalize(job: Job, sites: list, n_layers: int, stats: dict) -> None:
     cfg, out, parts = job.cfg, job.out, job.out / outputs.PARTS
     n = len(job.prompts)
     files = {s.key: out / outputs.layer_file(s.point, s.layer) for s in sites}
-    layout = merge_chunks(parts, n, cfg.chunk_size, list(files), files)
+    layout = merge_chunks(parts, n, cfg.chunk_size, list(files), files, cfg.progress)
     cols = read_chunk_columns(parts, n, cfg.chunk_size, ["index", "pred_id", "letter_logits"])
     assert cols["index"].tolist() == list(range(n)), "chunk rows out of order"
     has_head = bool((cols["pred_id"] >= 0).all())  # encoders have no LM head to predict with

@@ -557,6 +557,7 @@ def load(job: Job) -> Run:
                 job.tokenizer.pad_token_id,
                 from_logistic=cfg.from_linearhead and job.state != "resume" and not empty,
                 batch_size=cfg.eval_batch_size,
+                progress=cfg.progress and acc.is_main_process,
             )
             attach_linear_head(model, head.to(next(model.parameters()).device))
     if from_rank0:

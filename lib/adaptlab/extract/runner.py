@@ -283,6 +283,7 @@ def merge_chunks(
     chunk_size: int,
     keys: Sequence[str],
     files: dict[str, Path],
+    progress: bool = True,
 ) -> dict[str, dict]:
     """Concatenate chunk files into one ``repr`` tensor file per key; returns shapes/dtypes.
 
@@ -292,6 +293,7 @@ def merge_chunks(
         chunk_size: rows per chunk, as used when extracting.
         keys: hooked tensor names (``{point}/l{i}``) to merge.
         files: output path per key.
+        progress: show a progress bar of the bytes written (with MB/s).
     """
     n_chunks = math.ceil(n_examples / chunk_size)
     chunks = [chunk_path(parts_dir, c) for c in range(n_chunks)]
@@ -307,14 +309,17 @@ def merge_chunks(
         "F16": torch.float16,
         "F64": torch.float64,
     }
+    shapes = {key: (n_examples, *meta[key][0]) for key in keys}
+    sizes = {key: math.prod(shapes[key]) * dtypes[meta[key][1]].itemsize for key in keys}
+    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="merge",
+               dynamic_ncols=True, disable=not progress)  # fmt: skip
     layout = {}
     for key in keys:
-        tail, dtype_name = meta[key]
-        shape = (n_examples, *tail)
-        concat_to_safetensors(
-            files[key], "repr", [(p, key) for p in chunks], shape, dtypes[dtype_name]
-        )
-        layout[key] = {"shape": list(shape), "dtype": str(dtypes[dtype_name]).replace("torch.", "")}
+        dtype = dtypes[meta[key][1]]
+        concat_to_safetensors(files[key], "repr", [(p, key) for p in chunks], shapes[key], dtype)
+        layout[key] = {"shape": list(shapes[key]), "dtype": str(dtype).replace("torch.", "")}
+        bar.update(sizes[key])
+    bar.close()
     return layout
 
 

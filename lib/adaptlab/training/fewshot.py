@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from adaptlab.data import (
     PromptExample,
@@ -252,6 +253,7 @@ def init_linear_head(
     *,
     from_logistic: bool,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> LinearHead:
     """A new ``LinearHead(H, C)`` for no-prompt fine-tuning, random or fitted.
 
@@ -263,11 +265,12 @@ def init_linear_head(
             (:func:`fit_linear_head`, upstream ``--from_linearhead``); else ``nn.Linear``'s
             random init from the global RNG.
         batch_size: examples per feature forward pass.
+        progress: show a progress bar of the feature pass (examples/s).
     """
     hidden = unwrap(model).config.hidden_size
     head = LinearHead(hidden, len(data.task.labels))
     if from_logistic:
-        features = head_features(model, data.train, pad_token_id, batch_size)
+        features = head_features(model, data.train, pad_token_id, batch_size, progress)
         labels = [int(ex["label"]) for ex in data.train]
         fitted = fit_linear_head(features, labels, len(data.task.labels))
         head.linear.load_state_dict(fitted.state_dict())
@@ -276,13 +279,19 @@ def init_linear_head(
 
 @torch.no_grad()
 def head_features(
-    model: nn.Module, examples: Sequence[PromptExample], pad_token_id: int, batch_size: int = 16
+    model: nn.Module,
+    examples: Sequence[PromptExample],
+    pad_token_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> torch.Tensor:
     """``[N, H]`` last-layer hidden states at each example's position (the head's input)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows = []
+    bar = tqdm(total=len(examples), desc="head features", unit="ex", dynamic_ncols=True,
+               disable=not progress, leave=False)  # fmt: skip
     for start in range(0, len(examples), batch_size):
         batch = collate_prompts(examples[start : start + batch_size], pad_token_id)
         batch = {key: value.to(device) for key, value in batch.items()}
@@ -294,6 +303,8 @@ def head_features(
         hidden = out.hidden_states[-1]
         index = torch.arange(hidden.shape[0], device=device)
         rows.append(hidden[index, batch["positions"]].double().cpu())
+        bar.update(hidden.shape[0])
+    bar.close()
     model.train(was_training)
     return torch.cat(rows)
 
