@@ -57,6 +57,7 @@ from adaptlab.extract.points import decoder_layers, hook_sites
 from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_columns
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
+    check_weights,
     describe_model,
     load_model,
     load_tokenizer,
@@ -110,6 +111,7 @@ def setup(cfg: ExtractConfig) -> Job:
     # held until the process ends: a second run into this folder is refused, not mixed in
     lock = lock_output(out, "extraction", info.is_main, lambda e: all_gather_object(e, info))
     model_ref = resolve_model(cfg.model)
+    check_weights(model_ref, adapter=cfg.adapter, allow_pickle_weights=cfg.allow_pickle_weights)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
     splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.split)
@@ -118,7 +120,9 @@ def setup(cfg: ExtractConfig) -> Job:
         raise mmlu.DataError(
             f"No {cfg.split} questions are left after the subset/mask options; loosen them."
         )
-    tokenizer = load_tokenizer(model_ref, padding_side=cfg.padding_side)
+    tokenizer = load_tokenizer(
+        model_ref, padding_side=cfg.padding_side, trust_remote_code=cfg.trust_remote_code
+    )
     max_seq_len = cfg.max_seq_len or context_length(model_ref)
     prompts = mmlu.tokenize_prompts(
         examples, splits.dev, tokenizer, cfg.num_shots, cfg.seed, max_seq_len, cfg.random_order
@@ -177,6 +181,7 @@ def load(job: Job) -> tuple[torch.nn.Module, list, int, bool]:
         quantization=cfg.quantization,
         adapter=cfg.adapter,
         trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_weights=cfg.allow_pickle_weights,
     )
     sites = hook_sites(model, cfg.points, cfg.layer_interval)
     blocks = decoder_layers(model)
