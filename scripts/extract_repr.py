@@ -96,11 +96,12 @@ def select_rows(cfg: ExtractConfig, examples: list) -> list[int]:
     return list(range(len(examples)))
 
 
-def context_length(model_ref) -> int | None:
+def context_length(model_ref, trust_remote_code: bool) -> int | None:
     """The model's ``max_position_embeddings`` (the upstream default for max_seq_len)."""
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(model_ref.root.path), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(model_ref.root.path, trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def setup(cfg: ExtractConfig) -> Job:
@@ -123,7 +124,7 @@ def setup(cfg: ExtractConfig) -> Job:
     tokenizer = load_tokenizer(
         model_ref, padding_side=cfg.padding_side, trust_remote_code=cfg.trust_remote_code
     )
-    max_seq_len = cfg.max_seq_len or context_length(model_ref)
+    max_seq_len = cfg.max_seq_len or context_length(model_ref, cfg.trust_remote_code)
     prompts = mmlu.tokenize_prompts(
         examples, splits.dev, tokenizer, cfg.num_shots, cfg.seed, max_seq_len, cfg.random_order
     )

@@ -366,27 +366,25 @@ def test_load_tokenizer_passes_trust_remote_code(tiny_model_dir: Path, monkeypat
 
 @pytest.mark.parametrize("trust", [True, False])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_scripts_give_the_tokenizer_the_models_trust_remote_code(
+def test_every_from_pretrained_of_a_run_gets_its_trust_remote_code(
     script: str, trust: bool, tiny_model_dir: Path, script_args, tmp_path: Path, monkeypatch
 ) -> None:
-    module = load_script(script)
-    seen: dict[str, object] = {}
-    real_skeleton = module.model_skeleton
+    import transformers
 
-    def skeleton_spy(*args, **kwargs):
-        seen["model"] = kwargs.get("trust_remote_code")
-        return real_skeleton(*args, **kwargs)
+    seen: list[tuple[str, object]] = []
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModel", "AutoModelForCausalLM"):
+        cls = getattr(transformers, name)
+        real = cls.from_pretrained
 
-    def tokenizer_spy(*args, **kwargs):
-        seen["tokenizer"] = kwargs.get("trust_remote_code")
-        raise _Stop("seen")
+        def spy(*args, _name=name, _real=real, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "model_skeleton", skeleton_spy)
-    monkeypatch.setattr(module, "load_tokenizer", tokenizer_spy)
+        monkeypatch.setattr(cls, "from_pretrained", spy)
     args = script_args(script, tiny_model_dir, tmp_path / "out")
-    with pytest.raises(SystemExit):
-        module.main([*args, "--trust_remote_code", str(trust).lower()])
-    assert seen == {"model": trust, "tokenizer": trust}
+    load_script(script).main([*args, "--trust_remote_code", str(trust).lower()])
+    assert {name for name, _ in seen} >= {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert [call for call in seen if call[1] is not trust] == []
 
 
 # --- verified caches ----------------------------------------------------------------------------
