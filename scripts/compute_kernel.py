@@ -60,6 +60,7 @@ from adaptlab.distributed import DistInfo, all_gather_object, dist_info, shutdow
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
+    check_weights,
     describe_model,
     load_model,
     load_tokenizer,
@@ -169,6 +170,7 @@ def setup(cfg: KernelConfig) -> Job:
             raise KernelError(f"load_kernels={source} is not a folder of saved kernels.")
         return Job(cfg, info, out, {}, {}, None, None, started, lock)
     model_ref = resolve_model(cfg.model)
+    check_weights(model_ref, allow_pickle_weights=cfg.allow_pickle_weights)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     kind = model_kind(skeleton.config)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
@@ -202,6 +204,7 @@ def load(job: Job) -> torch.nn.Module:
         # not eager: its softmax runs in float32 even for float64 weights
         attn_implementation="auto",
         trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_weights=cfg.allow_pickle_weights,
     )
     if cfg.lora:
         from peft import LoraConfig, get_peft_model

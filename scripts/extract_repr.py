@@ -60,6 +60,7 @@ from adaptlab.extract.runner import extract_chunks, merge_chunks, read_chunk_col
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
     check_load,
+    check_weights,
     describe_model,
     load_model,
     load_tokenizer,
@@ -98,11 +99,12 @@ def select_rows(cfg: ExtractConfig, examples: list) -> list[int]:
     return list(range(len(examples)))
 
 
-def context_length(model_ref) -> int | None:
+def context_length(model_ref, trust_remote_code: bool) -> int | None:
     """The model's ``max_position_embeddings`` (the upstream default for max_seq_len)."""
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(model_ref.root.path), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(model_ref.root.path, trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def setup(cfg: ExtractConfig) -> Job:
@@ -113,6 +115,7 @@ def setup(cfg: ExtractConfig) -> Job:
     # held until the process ends: a second run into this folder is refused, not mixed in
     lock = lock_output(out, "extraction", info.is_main, lambda e: all_gather_object(e, info))
     model_ref = resolve_model(cfg.model)
+    check_weights(model_ref, adapter=cfg.adapter, allow_pickle_weights=cfg.allow_pickle_weights)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
     check_load(
@@ -130,8 +133,10 @@ def setup(cfg: ExtractConfig) -> Job:
         raise mmlu.DataError(
             f"No {cfg.split} questions are left after the subset/mask options; loosen them."
         )
-    tokenizer = load_tokenizer(model_ref, padding_side=cfg.padding_side)
-    max_seq_len = cfg.max_seq_len or context_length(model_ref)
+    tokenizer = load_tokenizer(
+        model_ref, padding_side=cfg.padding_side, trust_remote_code=cfg.trust_remote_code
+    )
+    max_seq_len = cfg.max_seq_len or context_length(model_ref, cfg.trust_remote_code)
     prompts = mmlu.tokenize_prompts(
         examples, splits.dev, tokenizer, cfg.num_shots, cfg.seed, max_seq_len, cfg.random_order
     )
@@ -209,6 +214,7 @@ def load(job: Job) -> tuple[torch.nn.Module, list, int, Placement]:
         adapter=cfg.adapter,
         trust_remote_code=cfg.trust_remote_code,
         empty=from_rank0 and not info.is_main,
+        allow_pickle_weights=cfg.allow_pickle_weights,
     )
     sites = hook_sites(model, cfg.points, cfg.layer_interval)
     blocks = decoder_layers(model)

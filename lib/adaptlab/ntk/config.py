@@ -74,6 +74,9 @@ class KernelConfig:
             the released upstream one: ``{split}_kernels_{task}.pt`` per seed folder).
         overwrite_kernels: recompute kernels already on disk.
         trust_remote_code: allow model code from the hub.
+        allow_pickle_weights: load pickle-based ``.bin`` weights when the model folder has no
+            safetensors. Pickle files can run arbitrary code when loaded: pass it only for
+            files from a source you trust (off by default; safetensors only).
         cpu: compute on the CPU even when a GPU is present.
         progress: show progress bars.
         output_dir: where ``{K}-{seed}/`` kernel folders, ``sweep.json`` and ``result.json`` go.
@@ -114,6 +117,7 @@ class KernelConfig:
     load_kernels: str | None = None
     overwrite_kernels: bool = False
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
     cpu: bool = False
     progress: bool = True
     output_dir: str = "results/kernel"

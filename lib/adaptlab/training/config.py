@@ -92,6 +92,9 @@ class FinetuneConfig:
         attn_implementation: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
         trust_remote_code: allow model code from the hub (off unless you trust the source).
+        allow_pickle_weights: load pickle-based ``.bin`` weights when the model folder has no
+            safetensors. Pickle files can run arbitrary code when loaded: pass it only for
+            files from a source you trust (off by default; safetensors only).
         task: ``mmlu`` (answer-only SFT on MMLU questions) or a few-shot task of
             ``adaptlab.data.TASKS`` (``SST-2``, ``mmlu-topics``, ...): prompt-based fine-tuning
             with the label-word loss on k examples per label, evaluated on the dev split (model
@@ -217,6 +220,7 @@ class FinetuneConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
     task: str = "mmlu"
     task_dir: str | None = None
     shots: int = 16
