@@ -1,0 +1,204 @@
+"""Real signals and real files: SIGTERM ends runs cleanly and resumably, a half-written metrics
+line does not block a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adaptlab.rundir import LOCK_FILE, RunLock
+from adaptlab.signals import EXIT_STATUS, StopAtStep, exit_on_sigterm
+from adaptlab.training.loop import METRICS_FILE, read_metrics
+from adaptlab.training.optim import TrainingError
+from tests.conftest import ROOT, load_script
+
+finetune = load_script("finetune")
+
+# telemetry that depends on the machine's speed, not on the computation
+TIMING = ("tokens_per_second", "peak_memory_mib", "mfu")
+
+
+def finetune_args(model_dir, data, out, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--dataset_path", str(data), "--output_dir", str(out),
+        "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "60",
+        "--eval_samples_per_subject", "2", "--eval_points", "3", "--checkpoints", "0",
+        "--lr", "1e-2", "--lora_dropout", "0.2", "--report_to", "none", "--progress", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def computed_metrics(out) -> list[dict]:
+    """metrics.jsonl without the timing telemetry, which differs between any two runs."""
+    return [
+        {k: v for k, v in record.items() if not k.endswith(TIMING)} for record in read_metrics(out)
+    ]
+
+
+def assert_same_adapter(a, b) -> None:
+    first = load_file(a / "final" / "adapter_model.safetensors")
+    second = load_file(b / "final" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key  # bit for bit, not close
+
+
+def train_steps_logged(out) -> int:
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return 0
+    return sum('"train/loss"' in line for line in path.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, mmlu_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    finetune.main(finetune_args(tiny_model_dir, mmlu_file, out))
+    return out
+
+
+def test_sigterm_saves_the_resume_state_and_the_rerun_ends_bit_identical(
+    uninterrupted, tiny_model_dir, mmlu_file, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py")]
+    run = subprocess.Popen(
+        [*cmd, *finetune_args(tiny_model_dir, mmlu_file, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while train_steps_logged(out) < 3 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, run.communicate()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+
+    assert run.returncode == EXIT_STATUS, err
+    assert "Traceback" not in err
+    state = json.loads((out / "resume" / "trainer_state.json").read_text())
+    stopped_at = state["step"]
+    assert 3 <= stopped_at < 60
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after step {stopped_at} of 60; the resume state is in "
+        f"{out / 'resume'}: run the same command to continue."
+    )
+    assert not (out / LOCK_FILE).exists() and not (out / "result.json").exists()
+    assert max(r["step"] for r in read_metrics(out)) == stopped_at
+
+    capsys.readouterr()
+    finetune.main(finetune_args(tiny_model_dir, mmlu_file, out))
+    assert f"resumed at step {stopped_at}" in capsys.readouterr().out
+    assert_same_adapter(uninterrupted, out)
+    assert computed_metrics(out) == computed_metrics(uninterrupted)
+    assert not (out / "resume").exists()
+
+
+def test_a_half_written_metrics_line_does_not_block_the_resume(
+    uninterrupted, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys, caplog
+):
+    out = tmp_path / "run"
+    step = finetune.train_step
+
+    def killed_at_step_25(*args, **kwargs):
+        if args[7] == 25:
+            raise KeyboardInterrupt("killed")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", killed_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(finetune_args(tiny_model_dir, mmlu_file, out, "--save_state_every", "10"))
+    monkeypatch.setattr(finetune, "train_step", step)
+    # what a kill in the middle of a write leaves: half a record, no newline
+    with open(out / METRICS_FILE, "a") as handle:
+        handle.write('{"step": 25, "train/lo')
+
+    capsys.readouterr()
+    finetune.main(finetune_args(tiny_model_dir, mmlu_file, out, "--save_state_every", "10"))
+    assert "resumed at step 20" in capsys.readouterr().out
+    assert "Dropped the half-written last line" in caplog.text
+    assert_same_adapter(uninterrupted, out)
+    assert computed_metrics(out) == computed_metrics(uninterrupted)
+    assert (out / METRICS_FILE).read_text().endswith("\n")
+
+
+def test_read_metrics_drops_only_a_partial_last_line(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a"')
+    assert read_metrics(tmp_path) == [{"step": 1, "a": 1.0}]
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "a": 1.0}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(TrainingError, match="Line 2 of .* is not a JSON record"):
+        read_metrics(tmp_path)
+
+
+def test_stop_at_step_records_the_signal_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopAtStep() as stop:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+        assert stop.requested and stop.agreed()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_exit_on_sigterm_exits_143_and_releases_the_lock(tmp_path, capfd):
+    out = tmp_path / "out"
+    lock = RunLock(out, "kernel").acquire()
+    (out / "kept.txt").write_text("finished work")
+    with pytest.raises(SystemExit) as exit_info, exit_on_sigterm("the finished things"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # interrupted by the signal
+    assert exit_info.value.code == EXIT_STATUS == 143
+    assert not (out / LOCK_FILE).exists() and lock._fd is None
+    assert (out / "kept.txt").read_text() == "finished work"
+    assert capfd.readouterr().err == (
+        "stopped by SIGTERM; the finished things are kept: run the same command to continue.\n"
+    )
+
+
+def test_sigterm_ends_an_extraction_cleanly_and_it_resumes(tiny_model_dir, mmlu_file, tmp_path):
+    out = tmp_path / "extract"
+    args = [
+        sys.executable, str(ROOT / "scripts" / "extract_repr.py"), "--model", str(tiny_model_dir),
+        "--dataset_path", str(mmlu_file), "--output_dir", str(out), "--num_shots", "1",
+        "--batch_size", "1", "--chunk_size", "2", "--points", "[norm1,final_norm]",
+        "--progress", "false",
+    ]  # fmt: skip
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while (
+        not list((out / ".parts").glob("chunk_*.safetensors"))
+        and run.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.01)
+    assert run.poll() is None, run.communicate()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == EXIT_STATUS, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM; the finished chunks in {out / '.parts'} are kept: run the same "
+        "command to continue."
+    )
+    kept = sorted((out / ".parts").glob("chunk_*.safetensors"))
+    assert kept and not (out / "manifest.json").exists() and not (out / LOCK_FILE).exists()
+    first = load_file(kept[0])  # chunk 0: rows 0 and 1
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_examples"] > 2 * len(kept)  # the rerun did the rest
+    for layer in manifest["layers"]:
+        merged = load_file(out / layer["file"])["repr"]
+        assert merged.shape[0] == manifest["n_examples"]
+        assert torch.equal(merged[:2], first[f"{layer['point']}/{layer['label']}"])
