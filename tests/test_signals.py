@@ -1,10 +1,11 @@
 """Real signals and real files: SIGTERM ends runs cleanly and resumably, a half-written metrics
-line does not block a resume."""
+line does not block a resume, and saved kernels are not reused for other data or weights."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from adaptlab.rundir import LOCK_FILE, RunLock
 from adaptlab.signals import EXIT_STATUS, StopAtStep, exit_on_sigterm
@@ -21,6 +22,7 @@ from adaptlab.training.optim import TrainingError
 from tests.conftest import ROOT, load_script
 
 finetune = load_script("finetune")
+compute_kernel = load_script("compute_kernel")
 
 # telemetry that depends on the machine's speed, not on the computation
 TIMING = ("tokens_per_second", "peak_memory_mib", "mfu")
@@ -202,3 +204,142 @@ def test_sigterm_ends_an_extraction_cleanly_and_it_resumes(tiny_model_dir, mmlu_
         merged = load_file(out / layer["file"])["repr"]
         assert merged.shape[0] == manifest["n_examples"]
         assert torch.equal(merged[:2], first[f"{layer['point']}/{layer['label']}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels are reused only for the same data and weights
+
+
+def kernel_args(model_dir, data_dir, out, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--task", "sst-2", "--task_dir", str(data_dir),
+        "--shots", "8", "--seeds", "[42]", "--output_dir", str(out), "--dtype", "float64",
+        "--solvers", "[lstsq]", "--regularization", "[0.0]", "--progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def flip_train_labels(data_dir) -> list[int]:
+    """Swap labels 0 and 1 in the train split file; returns the new labels in file order."""
+    path = data_dir / "k-shot" / "SST-2" / "8-42" / "train.tsv"
+    header, *rows = path.read_text().splitlines()
+    flipped = [row.rsplit("\t", 1) for row in rows]
+    path.write_text("\n".join([header, *(f"{t}\t{1 - int(y)}" for t, y in flipped)]) + "\n")
+    return [1 - int(y) for _, y in flipped]
+
+
+def refused(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        compute_kernel.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_kernels_are_not_reused_after_the_training_labels_flip(
+    tiny_model_dir, sst2_dir, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(sst2_dir, data)
+    out = tmp_path / "kernels"
+    compute_kernel.main(kernel_args(tiny_model_dir, data, out))
+    first = json.loads((out / "result.json").read_text())
+    old_kernel, old_targets = torch.load(out / "8-42" / "train_kernels_SST-2.pt")
+    saved = out / "second"
+    shutil.copytree(out / "8-42", saved)
+
+    flipped = flip_train_labels(data)
+    assert flipped == [1 - y for y in old_targets.tolist()]
+    err = refused(kernel_args(tiny_model_dir, data, out), capsys)
+    assert "changed: data (the sha256 of the task's split files); pass overwrite" in err
+    # re-solving the old kernels against the new files would train on the old labels
+    err = refused(
+        kernel_args(tiny_model_dir, data, tmp_path / "re", "--load_kernels", str(saved)), capsys
+    )
+    assert f"load_kernels={saved} holds kernels made from other inputs" in err
+
+    compute_kernel.main(kernel_args(tiny_model_dir, data, out, "--overwrite_kernels", "true"))
+    kernel, targets = torch.load(out / "8-42" / "train_kernels_SST-2.pt")
+    assert targets.tolist() == flipped
+    torch.testing.assert_close(kernel, old_kernel, rtol=1e-12, atol=0)  # f(x) ignores labels
+    manifest = json.loads((out / "8-42" / "manifest.json").read_text())
+    old_manifest = json.loads((saved / "manifest.json").read_text())
+    sha = {m["identity"]["data"]["sha256"]["train.tsv"] for m in (manifest, old_manifest)}
+    assert len(sha) == 2
+    # flipped training labels flip every two-class least-squares prediction on test
+    again = json.loads((out / "result.json").read_text())
+    before = first["by_solver"]["lstsq"]["test_mean"]
+    assert again["by_solver"]["lstsq"]["test_mean"] == pytest.approx(100 - before)
+
+
+def test_kernels_are_not_reused_after_the_weights_change(
+    tiny_model_dir, sst2_dir, tmp_path, capsys
+):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "kernels"
+    compute_kernel.main(kernel_args(model, sst2_dir, out))
+    old_kernel, _ = torch.load(out / "8-42" / "train_kernels_SST-2.pt")
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+    err = refused(kernel_args(model, sst2_dir, out), capsys)
+    assert "changed: weights (the sha256 of the model's weights);" in err
+    err = refused(kernel_args(model, sst2_dir, tmp_path / "re", "--load_kernels", str(out)), capsys)
+    assert "holds kernels made from other inputs" in err
+    compute_kernel.main(kernel_args(model, sst2_dir, out, "--overwrite_kernels", "true"))
+    kernel, _ = torch.load(out / "8-42" / "train_kernels_SST-2.pt")
+    assert not torch.allclose(kernel, old_kernel)
+    # the re-solve of these kernels, naming the model they come from, is accepted
+    compute_kernel.main(kernel_args(model, sst2_dir, tmp_path / "re", "--load_kernels", str(out)))
+    assert (tmp_path / "re" / "result.json").is_file()
+
+
+def test_sigterm_keeps_the_finished_kernel_splits_and_the_rerun_computes_the_rest(
+    tiny_model_dir, sst2_dir, tmp_path, monkeypatch, capfd
+):
+    whole, out = tmp_path / "whole", tmp_path / "stopped"
+    compute_kernel.main(kernel_args(tiny_model_dir, sst2_dir, whole))
+    compute = compute_kernel.ntk.compute_kernel
+    calls = []
+
+    def terminated_on_the_dev_split(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # train is saved; SIGTERM arrives while dev is computed
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(compute_kernel.ntk, "compute_kernel", terminated_on_the_dev_split)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        compute_kernel.main(kernel_args(tiny_model_dir, sst2_dir, out))
+    assert exit_info.value.code == EXIT_STATUS
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM; the finished kernels in {out} are kept: run the same command to "
+        "continue."
+    )
+    folder = out / "8-42"
+    assert json.loads((folder / "manifest.json").read_text())["splits"] == ["train"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "train_kernels_SST-2.pt"]
+    assert not (out / LOCK_FILE).exists()
+    kept = (folder / "train_kernels_SST-2.pt").stat().st_mtime_ns
+
+    monkeypatch.setattr(compute_kernel.ntk, "compute_kernel", compute)
+    calls.clear()
+    compute_kernel.main(kernel_args(tiny_model_dir, sst2_dir, out))
+    assert (folder / "train_kernels_SST-2.pt").stat().st_mtime_ns == kept  # not recomputed
+    assert json.loads((folder / "manifest.json").read_text())["splits"] == ["train", "dev", "test"]
+    for split in ("train", "dev", "test"):
+        expected = torch.load(whole / "8-42" / f"{split}_kernels_SST-2.pt")
+        got = torch.load(folder / f"{split}_kernels_SST-2.pt")
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), split
+    assert (
+        json.loads((out / "result.json").read_text())["summary"]
+        == json.loads((whole / "result.json").read_text())["summary"]
+    )
