@@ -19,7 +19,7 @@ from adaptlab.rundir import LOCK_FILE, RunLock
 from adaptlab.signals import EXIT_STATUS, StopAtStep, exit_on_sigterm
 from adaptlab.training.loop import METRICS_FILE, read_metrics
 from adaptlab.training.optim import TrainingError
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, free_port, load_script
 
 finetune = load_script("finetune")
 compute_kernel = load_script("compute_kernel")
@@ -105,6 +105,45 @@ def test_sigterm_saves_the_resume_state_and_the_rerun_ends_bit_identical(
     assert_same_adapter(uninterrupted, out)
     assert computed_metrics(out) == computed_metrics(uninterrupted)
     assert not (out / "resume").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(
+    tiny_model_dir, mmlu_file, tmp_path
+):
+    import psutil
+
+    out = tmp_path / "two"
+    args = finetune_args(tiny_model_dir, mmlu_file, out, "--max_steps", "300")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()), str(ROOT / "scripts" / "finetune.py"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    deadline = time.time() + 240
+    while train_steps_logged(out) < 3 and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert launcher.poll() is None, launcher.communicate()
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)  # rank 0 never gets the signal: it must learn it
+    _, err = launcher.communicate(timeout=240)
+
+    # the launcher reports a worker that exited 143 as failed, which is what requeueing needs
+    assert launcher.returncode != 0
+    assert f"exitcode  : {EXIT_STATUS}" in err or f"exit code {EXIT_STATUS}" in err, err[-3000:]
+    state = json.loads((out / "resume" / "trainer_state.json").read_text())
+    assert 3 <= state["step"] < 300
+    assert f"stopped by SIGTERM after step {state['step']} of 300;" in err
+    assert {p.name for p in (out / "resume").glob("rng_rank*.pt")} == {
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    }
+    assert not (out / LOCK_FILE).exists() and not (out / "result.json").exists()
 
 
 def test_a_half_written_metrics_line_does_not_block_the_resume(

@@ -18,7 +18,7 @@ a process killed by SIGTERM), so SLURM and job scripts see a run that did not fi
 requeue it; started again with the same command, the run continues where it stopped.
 
 A second SIGTERM does nothing more: SLURM follows the first with SIGKILL after its grace period
-(``KillWait``, 30 s by default; ``sbatch --signal=B:TERM@120`` sends it earlier). Handlers are
+(``KillWait``, 30 s by default; ``sbatch --signal=TERM@120`` sends SIGTERM earlier). Handlers are
 installed only in the main thread, where Python runs them; elsewhere the default stays.
 
 Example::
