@@ -194,12 +194,14 @@ def test_stop_at_step_records_the_signal_and_restores_the_handler():
 
 def test_exit_on_sigterm_exits_143_and_releases_the_lock(tmp_path, capfd):
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
     lock = RunLock(out, "kernel").acquire()
     (out / "kept.txt").write_text("finished work")
     with pytest.raises(SystemExit) as exit_info, exit_on_sigterm("the finished things"):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # interrupted by the signal
     assert exit_info.value.code == EXIT_STATUS == 143
+    assert signal.getsignal(signal.SIGTERM) is before
     assert not (out / LOCK_FILE).exists() and lock._fd is None
     assert (out / "kept.txt").read_text() == "finished work"
     assert capfd.readouterr().err == (

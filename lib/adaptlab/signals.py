@@ -57,17 +57,14 @@ def _say(line: str) -> None:
     os.write(2, (line + "\n").encode())
 
 
-@contextmanager
-def _handler(handle: Any) -> Iterator[bool]:
-    """Install ``handle`` for SIGTERM while inside; yields whether it could be installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield False
-        return
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _in_main_thread() -> bool:
+    # signal.signal works there only; Python runs every handler in the main thread anyway
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore(previous: Any) -> None:
+    # signal.signal returns None for a handler installed outside Python: the default then
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class StopAtStep:
@@ -79,7 +76,8 @@ class StopAtStep:
 
     def __init__(self) -> None:
         self.requested = False
-        self._context: Any = None
+        self._previous: Any = None
+        self._installed = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.requested:
@@ -87,12 +85,15 @@ class StopAtStep:
         self.requested = True
 
     def __enter__(self) -> StopAtStep:
-        self._context = _handler(self._handle)
-        self._context.__enter__()
+        if _in_main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._context.__exit__(*exc)
+        if self._installed:
+            _restore(self._previous)
+            self._installed = False
 
     def agreed(self, device: torch.device | str = "cpu") -> bool:
         """Whether any process received SIGTERM; a collective: every process must call it.
@@ -111,6 +112,7 @@ class StopAtStep:
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the exit
     raise Terminated()
 
 
@@ -129,10 +131,14 @@ def exit_on_sigterm(kept: str) -> Iterator[None]:
     """
     from adaptlab.rundir import release_all
 
+    installed = _in_main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise) if installed else None
     try:
-        with _handler(_raise):
-            yield
+        yield
     except Terminated:
         release_all()
         _say(f"stopped by SIGTERM; {kept} are kept: run the same command to continue.")
         raise SystemExit(EXIT_STATUS) from None
+    finally:
+        if installed:
+            _restore(previous)
