@@ -204,8 +204,8 @@ def check_loaded(cfg: KernelConfig, source: Path) -> None:
     """Refuse saved kernels made from other split files or weights than this run names.
 
     Only what is at hand is compared: the split files when ``task_dir`` (or the offline task)
-    provides them, the weights when ``model`` is the model named in the manifest. Folders
-    without a manifest (released kernels) are taken as they are.
+    provides them, the weights when ``model`` is the (local or hub) model named in the
+    manifest. Folders without a manifest (released kernels) are taken as they are.
 
     Raises:
         KernelError: a seed's manifest records other split files or weights.
@@ -228,7 +228,12 @@ def check_loaded(cfg: KernelConfig, source: Path) -> None:
             current["data"] = contents(splits.provenance)
         if saved.get("model") == cfg.model:
             with contextlib.suppress(ModelNotFoundError):
-                current["weights"] = contents(describe_model(cfg.model))
+                ref = resolve_model(cfg.model, materialize=False)
+                described = describe_model(ref)
+                # embedded weights are pinned by their hash; a hub model not cached here has
+                # no revision to compare
+                if ref.source != "embedded" and described["revision"] is not None:
+                    current["weights"] = contents(described)
         current = json.loads(json.dumps(current, default=str))
         if any(saved.get(k) != v for k, v in current.items()):
             raise KernelError(
