@@ -130,6 +130,8 @@ INPUTS = {
     "weights": "the sha256 of the model's weights",
 }
 """The inputs in a kernel's identity besides the settings, as a message names them."""
+# provenance keys that say where an input lies or what it is called (``model`` already holds
+# the name), not what it holds: moving the data or the model does not change a kernel
 _LOCATIONS = frozenset({"path", "data_dir", "adapter_path", "name"})
 
 
