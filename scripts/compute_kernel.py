@@ -11,8 +11,18 @@ the best dev setting per seed and reports test accuracy mean (std) over seeds.
 Kernels are saved in the upstream format (``{split}_kernels_{task}.pt`` holding
 ``(kernel [N, C, M, C] float64, targets)``; ``[2, N, C, M, C]`` for A-SignGD) next to a
 manifest, so the kernels released with the paper re-solve with ``--load_kernels DIR`` and a
-rerun reuses kernels computed with the same settings (a different setting is an error unless
-``overwrite_kernels``).
+rerun reuses kernels computed with the same settings from the same inputs: the manifest records
+the sha256 of the task's split files and of the model's weights, and a folder made from other
+settings, other data (a label fixed in train.tsv) or other weights is an error unless
+``overwrite_kernels``. ``--load_kernels`` needs no model; it refuses kernels whose manifest
+names other split files than those this run reads (when ``task_dir`` holds them: the kernel
+files' targets would be the old labels), or other weights than those of ``--model`` when that
+names the model the kernels were computed with. Kernels released without a manifest are taken
+as they are.
+
+SIGTERM (SLURM pre-emption, ``scancel``) abandons the split in progress and exits with status
+143; the splits already finished stay (the seed's manifest lists them, rewritten after each)
+and a rerun with the same command computes the rest.
 
 Launch:
     # the offline demo task (topic classification of embedded MMLU questions), SmolLM2-135M
@@ -44,6 +54,7 @@ dev/test work (its flipped kernel); ``projection_dim`` trades exactness for memo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -56,10 +67,12 @@ from tqdm.auto import tqdm
 
 from adaptlab import ntk
 from adaptlab.config import parse_config, to_dict
+from adaptlab.data import DataError, load_task
 from adaptlab.distributed import DistInfo, all_gather_object, dist_info, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
+    ModelNotFoundError,
     check_weights,
     describe_model,
     load_model,
@@ -70,6 +83,7 @@ from adaptlab.models import (
 from adaptlab.ntk.config import SPLITS, KernelConfig
 from adaptlab.ntk.errors import KernelError
 from adaptlab.rundir import Layout, RunLock, check_ours, lock_output
+from adaptlab.signals import exit_on_sigterm
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training.fewshot import (
     FewShotData,
@@ -112,6 +126,14 @@ IDENTITY_FIELDS = (
     "adjust_for_init",
 )
 """Settings that change a kernel's values: kernels on disk are reused only when all match."""
+INPUTS = {
+    "data": "the sha256 of the task's split files",
+    "weights": "the sha256 of the model's weights",
+}
+"""The inputs in a kernel's identity besides the settings, as a message names them."""
+# provenance keys that say where an input lies or what it is called (``model`` already holds
+# the name), not what it holds: moving the data or the model does not change a kernel
+_LOCATIONS = frozenset({"path", "data_dir", "adapter_path", "name"})
 
 
 @dataclass
@@ -123,6 +145,7 @@ class Job:
     out: Path
     data: dict[int, FewShotData]  # by data seed; empty when re-solving saved kernels
     todo: dict[int, list[str]]  # splits whose kernel must be computed, by seed
+    identities: dict[int, dict]  # what makes each seed's kernels what they are, by seed
     model_ref: object | None
     tokenizer: object | None
     started: float
@@ -134,26 +157,94 @@ def seed_dir(root: Path, cfg: KernelConfig, seed: int) -> Path:
     return root / f"{cfg.shots}-{seed}"
 
 
-def identity(cfg: KernelConfig, seed: int) -> dict:
-    """The settings that make a seed's kernels what they are."""
+def contents(record: object) -> object:
+    """A provenance record without where things lie: moved files are still the same inputs."""
+    if isinstance(record, dict):
+        return {k: contents(v) for k, v in record.items() if k not in _LOCATIONS}
+    return record
+
+
+def identity(cfg: KernelConfig, seed: int, data: dict, model: dict) -> dict:
+    """The settings and inputs that make a seed's kernels what they are.
+
+    Args:
+        cfg: the run's config.
+        seed: the data seed.
+        data: the seed's ``FewShotData.record``; its provenance holds the split files' sha256
+            (for the offline tasks, the MMLU file's).
+        model: ``describe_model`` of the model; its revision is the weights' sha256 (for
+            adapters, with the base model's).
+    """
     settings = {key: getattr(cfg, key) for key in IDENTITY_FIELDS}
-    return json.loads(json.dumps({**settings, "seed": seed}, default=str))
+    inputs = {"data": contents(data["provenance"]), "weights": contents(model)}
+    return json.loads(json.dumps({**settings, "seed": seed, **inputs}, default=str))
 
 
-def splits_to_compute(cfg: KernelConfig, folder: Path, seed: int) -> list[str]:
-    """The splits of one seed without a reusable kernel on disk."""
+def changed_keys(saved: dict, current: dict) -> str:
+    """The keys whose values differ, inputs named in words: ``formula, data (the sha256...)``."""
+    keys = sorted(k for k in current if saved.get(k) != current[k])
+    return ", ".join(f"{k} ({INPUTS[k]})" if k in INPUTS else k for k in keys)
+
+
+def splits_to_compute(cfg: KernelConfig, folder: Path, current: dict) -> list[str]:
+    """The splits of one seed without a reusable kernel on disk (``current``: its identity)."""
     if cfg.overwrite_kernels or not (folder / MANIFEST).is_file():
         return list(SPLITS)
-    saved = read_json(folder / MANIFEST).get("identity")
-    if saved != identity(cfg, seed):
-        changed = sorted(
-            k for k in identity(cfg, seed) if (saved or {}).get(k) != identity(cfg, seed)[k]
-        )
+    manifest = read_json(folder / MANIFEST)
+    saved = manifest.get("identity") or {}
+    if saved != current:
         raise KernelError(
-            f"{folder} holds kernels computed with other settings ({', '.join(changed)}); pass "
-            "overwrite_kernels=true to replace them or pick another output_dir."
+            f"{folder} holds kernels computed from other settings or inputs, changed: "
+            f"{changed_keys(saved, current)}; pass overwrite_kernels=true to recompute them or "
+            "pick another output_dir."
         )
-    return [s for s in SPLITS if not ntk.kernel_path(folder, s, cfg.task).is_file()]
+    listed = manifest.get("splits", [])
+    done = [s for s in listed if ntk.kernel_path(folder, s, cfg.task).is_file()]
+    return [s for s in SPLITS if s not in done]
+
+
+def check_loaded(cfg: KernelConfig, source: Path) -> None:
+    """Refuse saved kernels made from other split files or weights than this run names.
+
+    Only what is at hand is compared: the split files when ``task_dir`` (or the offline task)
+    provides them, the weights when ``model`` is the (local or hub) model named in the
+    manifest. Folders without a manifest (released kernels) are taken as they are.
+
+    Raises:
+        KernelError: a seed's manifest records other split files or weights.
+    """
+    for seed in cfg.seeds:
+        folder = kernel_folder(source, cfg, seed)
+        if not (folder / MANIFEST).is_file():
+            continue
+        saved = read_json(folder / MANIFEST).get("identity") or {}
+        current = {}
+        with contextlib.suppress(DataError):  # no data here: the kernels' targets stand
+            splits = load_task(
+                cfg.task,
+                cfg.task_dir,
+                k=cfg.shots,
+                seed=seed,
+                mode=cfg.kshot_mode,
+                test_limit=cfg.test_limit,
+            )
+            current["data"] = contents(splits.provenance)
+        if saved.get("model") == cfg.model:
+            with contextlib.suppress(ModelNotFoundError):
+                ref = resolve_model(cfg.model, materialize=False)
+                described = describe_model(ref)
+                # embedded weights are pinned by their hash; a hub model not cached here has
+                # no revision to compare
+                if ref.source != "embedded" and described["revision"] is not None:
+                    current["weights"] = contents(described)
+        current = json.loads(json.dumps(current, default=str))
+        if any(saved.get(k) != v for k, v in current.items()):
+            raise KernelError(
+                f"load_kernels={folder} holds kernels made from other inputs than this run's, "
+                f"changed: {changed_keys(saved, current)}; their targets or values do not "
+                "belong to this run: recompute them (drop load_kernels) or point task_dir and "
+                "model at the inputs they were made from."
+            )
 
 
 def setup(cfg: KernelConfig) -> Job:
@@ -168,13 +259,15 @@ def setup(cfg: KernelConfig) -> Job:
         source = Path(cfg.load_kernels)
         if not source.is_dir():
             raise KernelError(f"load_kernels={source} is not a folder of saved kernels.")
-        return Job(cfg, info, out, {}, {}, None, None, started, lock)
+        check_loaded(cfg, source)
+        return Job(cfg, info, out, {}, {}, {}, None, None, started, lock)
     model_ref = resolve_model(cfg.model)
     check_weights(model_ref, allow_pickle_weights=cfg.allow_pickle_weights)
+    model = describe_model(model_ref)  # the weights' sha256, computed once and cached
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     kind = model_kind(skeleton.config)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
-    data, todo = {}, {}
+    data, todo, identities = {}, {}, {}
     for seed in cfg.seeds:
         data[seed] = prepare_fewshot(
             cfg.task,
@@ -189,8 +282,9 @@ def setup(cfg: KernelConfig) -> Job:
             test_limit=cfg.test_limit,
             head=cfg.head,
         )
-        todo[seed] = splits_to_compute(cfg, seed_dir(out, cfg, seed), seed)
-    return Job(cfg, info, out, data, todo, model_ref, tokenizer, started, lock)
+        identities[seed] = identity(cfg, seed, data[seed].record, model)
+        todo[seed] = splits_to_compute(cfg, seed_dir(out, cfg, seed), identities[seed])
+    return Job(cfg, info, out, data, todo, identities, model_ref, tokenizer, started, lock)
 
 
 def load(job: Job) -> torch.nn.Module:
@@ -276,7 +370,11 @@ def compute_seed(job: Job, model: torch.nn.Module, seed: int) -> dict:
     rows = batches(data.train[lo:hi], cfg.row_batch_size, job, data)
     shards = all_gather_object([lo, hi], info)  # the proof that rows were split, not repeated
     splits = {"train": data.train, "dev": data.dev, "test": data.test}
-    timings = {}
+    # the manifest is rewritten after every split and lists the finished ones: a kill keeps
+    # them, and files an earlier run with other settings left are never taken for ours
+    previous = read_json(folder / MANIFEST) if len(job.todo[seed]) < len(SPLITS) else {}
+    timings = dict(previous.get("seconds", {}))
+    manifest = {}
     for split in job.todo[seed]:
         started = time.perf_counter()
         cols = batches(splits[split], cfg.col_batch_size, job, data)
@@ -326,20 +424,21 @@ def compute_seed(job: Job, model: torch.nn.Module, seed: int) -> dict:
                     targets(data, splits[split], cfg.binary),
                 )
         timings[split] = round(time.perf_counter() - started, 3)
-    manifest = {
-        "format": "adaptlab.kernel/1",
-        "identity": identity(cfg, seed),
-        "model": describe_model(job.model_ref),
-        "data": data.record,
-        "grad_dim": ntk.grad_dim(params),
-        "processes": info.world,
-        "rows_per_rank": shards,
-        "seconds": timings,
-        "peak_memory_mib": peak_memory_mib(info.device),
-        "created": now(),
-    }
-    if info.rank == 0 and job.todo[seed]:
-        write_json(folder / MANIFEST, manifest)
+        manifest = {
+            "format": "adaptlab.kernel/1",
+            "identity": job.identities[seed],
+            "splits": [s for s in SPLITS if s in timings or s not in job.todo[seed]],
+            "model": describe_model(job.model_ref),
+            "data": data.record,
+            "grad_dim": ntk.grad_dim(params),
+            "processes": info.world,
+            "rows_per_rank": shards,
+            "seconds": timings,
+            "peak_memory_mib": peak_memory_mib(info.device),
+            "created": now(),
+        }
+        if info.rank == 0:
+            write_json(folder / MANIFEST, manifest)
     return manifest
 
 
@@ -421,7 +520,7 @@ def solve(job: Job, manifests: dict[int, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(KernelConfig, argv)
-    with report_user_errors():
+    with report_user_errors(), exit_on_sigterm(f"the finished kernels in {cfg.output_dir}"):
         job = setup(cfg)
         manifests = compute(job)
         if job.info.rank == 0:

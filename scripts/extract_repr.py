@@ -3,7 +3,8 @@
 For every prompt, the representation of the last prompt token (or the mean over tokens) is kept
 at each hooked point of each layer, and streamed to one safetensors file per (point, layer)
 with a manifest.json and statistics.json (predictions and accuracies). A killed run restarted
-with the same arguments resumes from its last finished chunk.
+with the same arguments resumes from its last finished chunk; SIGTERM (SLURM pre-emption,
+``scancel``) abandons the chunk in progress and exits with status 143 and one line, no traceback.
 
 Launch:
     # laptop / CPU, embedded SmolLM2-135M and embedded MMLU
@@ -69,6 +70,7 @@ from adaptlab.models import (
     resolve_model,
 )
 from adaptlab.rundir import RunLock, lock_output
+from adaptlab.signals import exit_on_sigterm
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 
 
@@ -325,8 +327,10 @@ def main(argv: list[str] | None = None) -> None:
         if job.info.is_main:
             print(f"{job.out} already holds this run's results; nothing to do.")
     else:
-        model, sites, n_layers, placement = load(job)
-        stats = extract(job, model, sites, placement)
+        # SIGTERM abandons the chunk in progress; the finished ones are kept and resume
+        with exit_on_sigterm(f"the finished chunks in {job.out / outputs.PARTS}"):
+            model, sites, n_layers, placement = load(job)
+            stats = extract(job, model, sites, placement)
         if job.info.is_main:
             finalize(job, sites, n_layers, stats)
             acc = read_json(job.out / outputs.MANIFEST)["accuracy"]

@@ -9,6 +9,9 @@ evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrai
 letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
 are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
 the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
+SIGTERM (SLURM pre-emption, ``scancel``, a time limit) does not kill at once: every process
+finishes the current optimiser step, the resume state is saved and the run exits with status
+143, so SLURM sees an unfinished job (``sbatch --requeue`` restarts it, and it continues).
 
 With ``--task SST-2`` (any few-shot task of ``adaptlab.data.TASKS``) the run trains on the k-shot
 split (``shots`` per label, ``data_seed``) with cross-entropy over the label-word logits at the
@@ -131,6 +134,7 @@ from adaptlab.rundir import (
     is_empty,
     lock_output,
 )
+from adaptlab.signals import EXIT_STATUS, StopAtStep
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
@@ -705,8 +709,12 @@ def log_step(job: Job, run: Run, result: StepResult, seconds: float) -> None:
     run.logger.log(step, metrics, "train")
 
 
-def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> None:
-    """Log-spaced and end-of-epoch checkpoints, then the resume state when one is due."""
+def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> bool:
+    """Log-spaced and end-of-epoch checkpoints, then the resume state when one is due.
+
+    Returns:
+        Whether the resume state was written.
+    """
     cfg, step, per_epoch = job.cfg, run.state.step, job.plan.steps_per_epoch
     names = []
     if step in checkpoint_steps:
@@ -717,15 +725,25 @@ def save_due(job: Job, run: Run, checkpoint_steps: set[int]) -> None:
         save_weights(job, run, name)
     periodic = cfg.save_state_every is not None and step % cfg.save_state_every == 0
     if (names or periodic) and step < job.total_steps:  # the end has final/
-        model, folder = run.model, job.out / ckpt.STATE
-        extra = job.method.state(model)
-        ckpt.save_state(
-            job.accelerator, model, run.optimizer, run.scheduler, extra, run.state, folder
-        )
+        save_resume_state(job, run)
+        return True
+    return False
 
 
-def train(job: Job, run: Run) -> None:
-    """The optimiser steps, with evaluations, checkpoints and resume states in between."""
+def save_resume_state(job: Job, run: Run) -> None:
+    """Write ``{out}/resume`` for an exact continuation from the current step, atomically."""
+    model, folder = run.model, job.out / ckpt.STATE
+    extra = job.method.state(model)
+    ckpt.save_state(job.accelerator, model, run.optimizer, run.scheduler, extra, run.state, folder)
+
+
+def train(job: Job, run: Run, stop: StopAtStep) -> bool:
+    """The optimiser steps, with evaluations, checkpoints and resume states in between.
+
+    Returns:
+        True when every step ran; False when SIGTERM (``stop``) ended the run after a step,
+        with its resume state saved.
+    """
     cfg, acc, state = job.cfg, job.accelerator, run.state
     eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
     checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
@@ -771,8 +789,14 @@ def train(job: Job, run: Run) -> None:
         log_step(job, run, result, seconds)
         if step in eval_steps:
             evaluate_and_keep(job, run)
-        save_due(job, run, checkpoint_steps)
+        saved = save_due(job, run, checkpoint_steps)
+        if step < job.total_steps and stop.agreed(acc.device):  # every rank stops here
+            if not saved:
+                save_resume_state(job, run)
+            run.bar.close()
+            return False
     run.bar.close()
+    return True
 
 
 def finalize(job: Job, run: Run) -> dict:
@@ -850,6 +874,22 @@ def finalize(job: Job, run: Run) -> dict:
     return result
 
 
+def stopped(job: Job, run: Run) -> None:
+    """End a run that SIGTERM stopped: say where it stands, free the folder, exit 143."""
+    acc = job.accelerator
+    run.logger.close()
+    if acc.is_main_process:
+        print(
+            f"stopped by SIGTERM after step {run.state.step} of {job.total_steps}; the resume "
+            f"state is in {job.out / ckpt.STATE}: run the same command to continue.",
+            file=sys.stderr,
+        )
+    if job.lock is not None:
+        job.lock.release()
+    shutdown(DistInfo(acc.process_index, acc.num_processes, acc.device))
+    raise SystemExit(EXIT_STATUS)  # non-zero, as SLURM and job scripts expect of a killed run
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FinetuneConfig, argv)
     with report_user_errors():
@@ -861,8 +901,10 @@ def main(argv: list[str] | None = None) -> None:
             shutdown(DistInfo(acc.process_index, acc.num_processes, acc.device))
             return
         run = load(job)
-    train(job, run)
-    result = finalize(job, run)
+    with StopAtStep() as stop:  # SIGTERM: finish the step, save the resume state, exit 143
+        if not train(job, run, stop):
+            stopped(job, run)
+        result = finalize(job, run)
     if acc.is_main_process:
         final = result["metrics"]["final"] or {}
         if cfg.task == "mmlu":

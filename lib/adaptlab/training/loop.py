@@ -49,6 +49,7 @@ from adaptlab.data import LETTERS, TokenizedPrompt
 from adaptlab.distributed import average_replicated_gradients
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
+from adaptlab.io import atomic_open
 from adaptlab.training.methods import Method
 from adaptlab.training.metrics import accuracy_report, expected_calibration_error
 from adaptlab.training.objectives import (
@@ -449,7 +450,8 @@ class RunLogger:
     """Training and evaluation metrics: ``metrics.jsonl`` always, TensorBoard or W&B on top.
 
     Only the main process writes. A resumed run first drops the lines of steps after the one it
-    resumes from, so the file reads as one uninterrupted run.
+    resumes from, so the file reads as one uninterrupted run, and a last line that a kill left
+    half-written (see :func:`read_metrics`).
 
     Args:
         folder: the run folder.
@@ -481,9 +483,9 @@ class RunLogger:
             return
         folder.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(folder) if r["step"] <= resume_step]
+            with atomic_open(self.path) as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in kept)
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -532,6 +534,33 @@ class RunLogger:
 
 
 def read_metrics(folder: str | Path) -> list[dict[str, float]]:
-    """The records of a run's ``metrics.jsonl``, in order."""
-    lines = (Path(folder) / METRICS_FILE).read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    """The records of a run's ``metrics.jsonl``, in order.
+
+    A last line without its newline is what a run killed in the middle of a write leaves: it is
+    left out, with a warning. Records are appended one whole line at a time, so a line that is
+    not JSON anywhere else means the file was damaged.
+
+    Raises:
+        TrainingError: a damaged line before the last one.
+    """
+    path = Path(folder) / METRICS_FILE
+    text = path.read_text()
+    lines = text.split("\n")
+    partial = lines.pop()  # "" when the file ends with a newline, as every complete write does
+    if partial:
+        logger.warning(
+            "Dropped the half-written last line of %s (%d characters; the run was killed while "
+            "writing it).",
+            path,
+            len(partial),
+        )
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise TrainingError(
+                f"Line {number} of {path} is not a JSON record; the file was damaged: restore "
+                "it, or start the run afresh (overwrite=true)."
+            ) from None
+    return records
