@@ -1,4 +1,4 @@
-"""The demo behind `make demo`: the representation landscape of SmolLM2-135M on MMLU.
+"""The demo behind `make demo`: the representation landscape of SmolLM2-135M-Instruct on MMLU.
 
 1. extracts every layer's last-token representation of a subject-balanced MMLU subset, once
    per shot count (0, 2 and 5 shots by default) with scripts/extract_repr.py;
@@ -180,7 +180,8 @@ def write_demo_report(
         [open_run(p) for p in runs.values()],
         manifest["summary"],
         figures,
-        title="Representation landscape of SmolLM2-135M on MMLU (make demo)",
+        title="Representation landscape of SmolLM2-135M-Instruct (4-bit GGUF, dequantized) on "
+        "MMLU (make demo)",
         notes=([finetune_note(Path(cfg.output_dir) / "finetune")] if cfg.finetune_preset else [])
         + (extra_notes or []),
     )

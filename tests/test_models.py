@@ -81,6 +81,17 @@ def test_resolve_embedded_without_materializing_is_instant() -> None:
     assert resolve_model("embedded:minilm-l6", materialize=False).source == "embedded"
 
 
+def test_the_default_model_is_described_as_what_it_is() -> None:
+    """Manifests say the default is a 4-bit GGUF of the instruct model, not the base model."""
+    from adaptlab.embedded import ASSETS
+
+    described = describe_model(resolve_model("embedded:smollm2-135m", materialize=False))
+    text = described["description"]
+    assert "SmolLM2-135M-Instruct" in text and "Q4_1" in text and "4-bit" in text
+    assert "HuggingFaceTB/SmolLM2-135M" in text
+    assert ASSETS["smollm2-135m"].member.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

