@@ -129,7 +129,9 @@ def setup(cfg: ExtractConfig) -> Job:
         quantization=cfg.quantization,
         adapter=cfg.adapter,
     )
-    splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.split)
+    splits = mmlu.load_mmlu(
+        cfg.dataset_path, split=cfg.split, holdout_per_subject=cfg.shot_pool_size
+    )
     examples = [splits.test[i] for i in select_rows(cfg, splits.test)]
     if not examples:
         raise mmlu.DataError(
@@ -140,11 +142,20 @@ def setup(cfg: ExtractConfig) -> Job:
     )
     max_seq_len = cfg.max_seq_len or context_length(model_ref, cfg.trust_remote_code)
     prompts = mmlu.tokenize_prompts(
-        examples, splits.dev, tokenizer, cfg.num_shots, cfg.seed, max_seq_len, cfg.random_order
+        examples,
+        splits.dev,
+        tokenizer,
+        cfg.num_shots,
+        cfg.seed,
+        max_seq_len,
+        cfg.random_order,
+        selection=cfg.shot_selection,
     )
     letter_ids = mmlu.answer_letter_ids(tokenizer)
     prompt_settings = {
         "num_shots": cfg.num_shots,
+        "shot_selection": cfg.shot_selection,
+        "shot_pool_size": cfg.shot_pool_size,
         "seed": cfg.seed,
         "random_order": cfg.random_order,
         "max_seq_len": max_seq_len,
@@ -164,7 +175,14 @@ def setup(cfg: ExtractConfig) -> Job:
             },
             "fingerprint": mmlu.dataset_fingerprint(examples, prompt_settings, splits.dev),
         },
-        "prompt": {**prompt_settings, "shots_source": splits.provenance.get("shots_source")},
+        "prompt": {
+            **prompt_settings,
+            "shots_source": splits.provenance.get("shots_source"),
+            # the confound of fixed shots: text every prompt of a subject repeats
+            "shared_text_fraction": mmlu.shared_prompt_text(
+                examples, splits.dev, cfg.num_shots, cfg.seed, cfg.random_order, cfg.shot_selection
+            ),
+        },
         "points": cfg.points,
         "layer_interval": cfg.layer_interval,
         "token": cfg.token,

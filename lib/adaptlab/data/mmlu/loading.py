@@ -61,8 +61,10 @@ def load_mmlu(
             splits: a file or single saved ``Dataset`` is one split, used as ``test``.
         allow_hub: fall back to ``cais/mmlu`` on the hub when the embedded copy is unavailable.
         holdout_per_subject: when the source has no dev split, this many questions per subject
-            (the first ones in file order) are moved from ``test`` to ``dev`` as the shot pool;
-            0 keeps them in ``test`` and leaves ``dev`` as ``None``.
+            (the first ones in file order) are moved from ``test`` to ``dev`` as the shot pool
+            (5, as upstream, for ``fixed`` shots; more gives ``random`` shots a larger pool);
+            0 keeps them in ``test`` and leaves ``dev`` as ``None``. A source's own dev split
+            is used whole.
 
     Returns:
         The split, its shot pool and provenance.
@@ -71,10 +73,10 @@ def load_mmlu(
         DataError: missing or unreadable file, unknown extension, missing columns, bad answer
             values, an unknown split, or no source available.
     """
-    if not 0 <= holdout_per_subject <= MAX_SHOTS:
+    if holdout_per_subject < 0:
         raise DataError(
-            f"holdout_per_subject={holdout_per_subject} is outside 0..{MAX_SHOTS}; MMLU prompts "
-            f"use at most {MAX_SHOTS} shots per subject."
+            f"holdout_per_subject={holdout_per_subject} is negative; use 0 (no shot pool) or "
+            f"more ({MAX_SHOTS} for upstream's pool)."
         )
     split_names = _split_names(split)
     if dataset_path is not None:

@@ -12,7 +12,12 @@ from tqdm.auto import tqdm
 
 from adaptlab.data.errors import DataError
 from adaptlab.data.mmlu.examples import LETTERS, MMLUExample, TokenizedPrompt, group_by_subject
-from adaptlab.data.mmlu.shots import check_num_shots, select_shots
+from adaptlab.data.mmlu.shots import (
+    ShotSelection,
+    check_num_shots,
+    select_shots,
+    shared_text_fraction,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,12 +65,47 @@ def build_prompts(
     num_shots: int,
     seed: int,
     random_order: bool = True,
+    selection: ShotSelection = "fixed",
 ) -> list[str]:
     """Evaluation prompt text of every example (see :func:`select_shots` for the shots).
 
     Raises:
         DataError: bad ``num_shots``, no ``dev`` for a few-shot prompt, or too few shots.
     """
+    pools = _pools(dev, num_shots, seed)
+    return [
+        build_prompt(ex, select_shots(ex, pools, num_shots, seed, random_order, selection))
+        for ex in examples
+    ]
+
+
+def shared_prompt_text(
+    examples: Sequence[MMLUExample],
+    dev: Sequence[MMLUExample] | None,
+    num_shots: int,
+    seed: int,
+    random_order: bool = True,
+    selection: ShotSelection = "fixed",
+) -> float:
+    """Mean fraction of prompt text two queries of one subject share (header and shots).
+
+    The confound of the few-shot landscape: with ``fixed`` shots every prompt of a subject
+    repeats the same solved questions, so their representations can cluster by subject for
+    that reason alone. See :func:`adaptlab.data.mmlu.shots.shared_text_fraction`.
+    """
+    pools = _pools(dev, num_shots, seed)
+    shots = [select_shots(ex, pools, num_shots, seed, random_order, selection) for ex in examples]
+    return shared_text_fraction(
+        [build_prompt(ex, s) for ex, s in zip(examples, shots, strict=True)],
+        [ex.subject for ex in examples],
+        [[format_shot(shot) for shot in s] for s in shots],
+    )
+
+
+def _pools(
+    dev: Sequence[MMLUExample] | None, num_shots: int, seed: int
+) -> dict[str, list[MMLUExample]]:
+    """The shot pool by subject, after checking the shot settings."""
     check_num_shots(num_shots)
     if num_shots and dev is None:
         raise DataError(
@@ -74,10 +114,7 @@ def build_prompts(
         )
     if seed < 0:
         raise DataError(f"seed={seed} is negative; use a seed >= 0.")
-    pools = group_by_subject(dev or [])
-    return [
-        build_prompt(ex, select_shots(ex, pools, num_shots, seed, random_order)) for ex in examples
-    ]
+    return group_by_subject(dev or [])
 
 
 def tokenize_prompts(
@@ -89,6 +126,7 @@ def tokenize_prompts(
     max_seq_len: int | None,
     random_order: bool = True,
     batch_size: int = 256,
+    selection: ShotSelection = "fixed",
 ) -> list[TokenizedPrompt]:
     """Build and tokenise the evaluation prompts, left-truncated to ``max_seq_len``.
 
@@ -105,6 +143,7 @@ def tokenize_prompts(
         max_seq_len: longest prompt kept, in tokens; ``None`` keeps every prompt whole.
         random_order: permute the shots per question (see :func:`select_shots`).
         batch_size: prompts per tokenizer call.
+        selection: the shot rule (``fixed``, ``random``, ``other_subject``).
 
     Returns:
         ``[N]`` tokenised prompts in the order of ``examples``.
@@ -112,7 +151,7 @@ def tokenize_prompts(
     Raises:
         DataError: bad shot settings, or ``max_seq_len`` shorter than the longest question block.
     """
-    texts = build_prompts(examples, dev, num_shots, seed, random_order)
+    texts = build_prompts(examples, dev, num_shots, seed, random_order, selection)
     if max_seq_len is not None:
         if max_seq_len < 1:
             raise DataError(f"max_seq_len={max_seq_len} must be positive (or None for no limit).")
@@ -153,7 +192,8 @@ def dataset_fingerprint(
     Args:
         examples: queries.
         settings: must hold ``num_shots`` and ``seed`` (and may hold ``random_order``, default
-            True) to rebuild the prompts; every entry (tokenizer, max_seq_len, ...) is hashed.
+            True, and ``shot_selection``, default ``fixed``) to rebuild the prompts; every entry
+            (tokenizer, max_seq_len, ...) is hashed.
         dev: shot pool.
 
     Returns:
@@ -168,7 +208,12 @@ def dataset_fingerprint(
             f"settings lacks {', '.join(missing)}; the fingerprint rebuilds the prompts from them."
         )
     texts = build_prompts(
-        examples, dev, settings["num_shots"], settings["seed"], settings.get("random_order", True)
+        examples,
+        dev,
+        settings["num_shots"],
+        settings["seed"],
+        settings.get("random_order", True),
+        settings.get("shot_selection", "fixed"),
     )
     digest = hashlib.sha256(json.dumps(dict(settings), sort_keys=True, default=str).encode())
     for ex, text in zip(examples, texts, strict=True):
