@@ -40,6 +40,7 @@ from adaptlab.extract.reader import open_run
 from adaptlab.io import read_json, write_json
 from adaptlab.ntk.compare import compare_kernel_finetune
 from adaptlab.ntk.config import KernelConfig
+from adaptlab.plotting.landscape import draw_shot_controls
 from adaptlab.plotting.report import write_report
 from adaptlab.rundir import lock_output
 
@@ -56,12 +57,13 @@ def run_script(name: str, *args: str) -> None:
         )
 
 
-def extract(cfg: DemoConfig, model: str, shots: int, out: Path) -> Path:
+def extract(cfg: DemoConfig, model: str, shots: int, out: Path, rule: str = "fixed") -> Path:
     """One extraction run of the analysis subset, exactly as a user would launch it."""
     args = [
         "--config", cfg.extract_preset,
         "--model", model,
         "--num_shots", str(shots),
+        "--shot_selection", rule,
         "--samples_per_subject", str(cfg.samples_per_subject),
         "--batch_size", str(cfg.batch_size),
         "--output_dir", str(out),
@@ -69,7 +71,7 @@ def extract(cfg: DemoConfig, model: str, shots: int, out: Path) -> Path:
     ]  # fmt: skip
     if cfg.subjects is not None:
         args += ["--subjects", "[" + ",".join(cfg.subjects) + "]"]
-    print(f"\n== extraction of {model} ({shots}-shot) -> {out}", flush=True)
+    print(f"\n== extraction of {model} ({shots}-shot, {rule} shots) -> {out}", flush=True)
     run_script("extract_repr.py", *args)
     return out
 
@@ -118,6 +120,29 @@ def analyse(cfg: DemoConfig, runs: dict[str, Path], checkpoints: list[Path]) -> 
     print(f"\n== analysis of {len(runs) + len(checkpoints)} runs -> {out}", flush=True)
     run_script("analyze_repr.py", *args)
     return out
+
+
+def shot_controls_note(analysis: Path, names: list[str]) -> str:
+    """ARI(subjects) per layer of the fixed-shot run and its controls (a figure), and how much
+    prompt text two queries of one subject share in each."""
+    records = read_json(analysis / "metrics.json")
+    figure = draw_shot_controls(records, names, analysis / "figures" / "shot_controls.png")
+    folders = read_json(analysis / "analysis_manifest.json")["runs"]
+    parts = []
+    for name in names:
+        manifest = read_json(Path(folders[name]) / "manifest.json")
+        rows = [r for r in records if r["run"] == name and r.get("ari_subjects") is not None]
+        peak = max(rows, key=lambda r: r["ari_subjects"])
+        parts.append(
+            f"{name} shares {100 * manifest['prompt']['shared_text_fraction']:.0f}% of its prompt "
+            f"text between two queries of a subject, ARI(subjects) peaks at "
+            f"{peak['ari_subjects']:.2f} (layer {peak['layer']})"
+        )
+    return (
+        "Shot-selection controls (fixed shots repeat the same solved questions in every prompt "
+        "of a subject; random shots are drawn per query from the subject's pool, other-subject "
+        f"shots from another subject's): {'; '.join(parts)}. Figure: {figure.name}."
+    )
 
 
 def finetune_note(finetuned: Path) -> str:
@@ -200,6 +225,10 @@ def run(cfg: DemoConfig) -> None:
     out = Path(cfg.output_dir)
     lock = lock_output(out, "demo")  # held until the process ends: one demo per folder
     runs = {f"{k}shot": extract(cfg, cfg.model, k, out / f"{k}shot") for k in cfg.shots}
+    k = max(cfg.shots)
+    controls = {f"{k}shot-{rule}": rule for rule in cfg.shot_controls} if k else {}
+    for name, rule in controls.items():
+        runs[name] = extract(cfg, cfg.model, k, out / name, rule)
     checkpoints = []
     if cfg.finetune_preset:
         tuned = finetune(cfg)
@@ -210,7 +239,8 @@ def run(cfg: DemoConfig) -> None:
         ]
     print_runs(runs)
     analysis = analyse(cfg, runs, checkpoints)
-    notes = [kernel_vs_finetune(cfg)[1]] if cfg.kernel_preset else []
+    notes = [shot_controls_note(analysis, [f"{k}shot", *controls])] if controls else []
+    notes += [kernel_vs_finetune(cfg)[1]] if cfg.kernel_preset else []
     write_demo_report(cfg, runs, analysis, notes)
     lock.release()
 

@@ -130,7 +130,10 @@ def setup(cfg: ExtractConfig) -> Job:
         adapter=cfg.adapter,
     )
     splits = mmlu.load_mmlu(
-        cfg.dataset_path, split=cfg.split, holdout_per_subject=cfg.shot_pool_size
+        cfg.dataset_path,
+        split=cfg.split,
+        holdout_per_subject=cfg.shot_pool_size,
+        prefer_hub=cfg.prefer_hub,
     )
     examples = [splits.test[i] for i in select_rows(cfg, splits.test)]
     if not examples:

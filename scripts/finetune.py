@@ -261,9 +261,13 @@ def select(
 
 def choose_data(cfg: FinetuneConfig) -> tuple[list, list, list | None, dict]:
     """Training and evaluation questions, disjoint whenever they come from one split."""
-    eval_splits = mmlu.load_mmlu(cfg.dataset_path, split=cfg.eval_split)
+
+    def load_split(split: str) -> mmlu.MMLUSplits:  # the shot pool is never trained on or evaluated
+        return mmlu.load_mmlu(cfg.dataset_path, split=split, holdout_per_subject=cfg.shot_pool_size)
+
+    eval_splits = load_split(cfg.eval_split)
     same = cfg.train_split == cfg.eval_split
-    train_splits = eval_splits if same else mmlu.load_mmlu(cfg.dataset_path, split=cfg.train_split)
+    train_splits = eval_splits if same else load_split(cfg.train_split)
     split = train_splits.test
     evals = select(
         eval_splits.test,

@@ -51,7 +51,8 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
         "--output_dir", str(out),
     ])  # fmt: skip
     records = json.loads((out / "analysis" / "metrics.json").read_text())
-    assert {r["run"] for r in records if r["kind"] == "run"} == {"0shot", "1shot", "finetuned"}
+    runs = {"0shot", "1shot", "1shot-random", "1shot-other_subject", "finetuned"}
+    assert {r["run"] for r in records if r["kind"] == "run"} == runs
     steps = {r["run"] for r in records if r["kind"] == "checkpoint"}
     assert steps == {"step_1", "step_2", "step_3"}  # log-spaced over the 6 training steps
     assert all(0 <= r["overlap_reference"] <= 1 for r in records if r["kind"] == "checkpoint")
@@ -59,6 +60,14 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
     for row in ("| 0shot | 0 | 60 ", "| 1shot | 1 | 60 ", "| finetuned | 0 | 60 "):
         assert row in report
     assert "Fine-tuned: lora on 24 held-out questions" in report
+    shared = {
+        name: json.loads((out / name / "manifest.json").read_text())["prompt"]
+        for name in ("1shot", "1shot-random", "1shot-other_subject")
+    }
+    assert [p["shot_selection"] for p in shared.values()] == ["fixed", "random", "other_subject"]
+    for name, prompt in shared.items():
+        assert f"{name} shares {100 * prompt['shared_text_fraction']:.0f}% of its prompt" in report
+    assert "![shot_controls](analysis/figures/shot_controls.png)" in report
     assert "![checkpoint_overlap](analysis/figures/checkpoint_overlap.png)" in report
     comparison = json.loads((out / "kernel_vs_ft" / "comparison.json").read_text())
     tuned = json.loads((out / "kernel_vs_ft" / "finetune" / "8-42" / "result.json").read_text())

@@ -442,6 +442,31 @@ def test_embedded_then_hub_fallback(tmp_path, monkeypatch):
         load_mmlu()
 
 
+def test_prefer_hub_takes_the_hub_dev_split_and_falls_back_loudly(monkeypatch, caplog):
+    import datasets
+
+    from adaptlab.data.mmlu import loading
+
+    rows = cais_rows()
+    hub = {"test": rows[:9], "dev": rows[9:]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: (
+        datasets.Dataset.from_list(hub[split])))  # fmt: skip
+    monkeypatch.setattr(embedded, "fetch", lambda name: FIXTURE)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
+    splits = load_mmlu(prefer_hub=True)
+    assert splits.provenance["source"] == "hub" and "hub_fallback" not in splits.provenance
+    assert {ex.question for ex in splits.dev} == {r["question"] for r in rows[9:]}
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda: False)
+    with caplog.at_level("WARNING", logger="adaptlab.data.mmlu"):
+        splits = load_mmlu(prefer_hub=True)
+    assert splits.provenance["source"] == "embedded"
+    assert splits.provenance["hub_fallback"] == "the hub cannot be reached from this machine"
+    assert splits.provenance["shots_source"].startswith("FALLBACK from the hub (the hub cannot")
+    assert "held-out TEST questions" in caplog.text
+    assert splits.test == load_mmlu().test  # the embedded copy, as without prefer_hub
+
+
 def test_bad_files_raise(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_mmlu(tmp_path / "missing.jsonl")

@@ -155,7 +155,7 @@ def test_hub_id_online_resolves_without_network(
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(loader, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(loader, "hub_reachable", lambda: True)
     ref = resolve_model("HuggingFaceTB/SmolLM2-135M")
     assert (ref.source, ref.adapter_path) == ("hub", None)
     assert describe_model(ref)["revision"] is None

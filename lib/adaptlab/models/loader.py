@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from adaptlab.errors import UserError
+from adaptlab.network import hub_reachable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -242,7 +243,7 @@ def _resolve_hub(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRe
             f"downloading it; run `hf download {name}` where the hub is reachable, or pass a "
             "local folder or embedded:smollm2-135m."
         )
-    if cached_config is None and not _hub_reachable():
+    if cached_config is None and not hub_reachable():
         raise ModelNotFoundError(
             f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached from "
             f"this machine; run `hf download {name}` where it can, or pass a local folder or "
@@ -295,19 +296,6 @@ def _hub_offline() -> bool:
 
     env = (os.environ.get(var, "").upper() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return any(value in _TRUTHY for value in env) or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the hub answers at all, asked once with a short timeout (through the same
-    session and proxies as downloads), so that an unreachable hub costs seconds, not the
-    minute of retries transformers spends before it gives up."""
-    from huggingface_hub import constants, get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # requests or httpx, by huggingface_hub version: any failure is "no"
-        return False
-    return True
 
 
 def _hub_cached_file(repo_id: str, filename: str) -> str | None:

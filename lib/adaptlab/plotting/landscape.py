@@ -97,3 +97,17 @@ def draw_all(records: list[dict], out: Path, smoothing: int = 1) -> list[Path]:
         plt.close(fig)
         paths.append(out / "checkpoint_overlap.png")
     return paths
+
+
+def draw_shot_controls(records: list[dict], names: list[str], path: Path) -> Path:
+    """ARI with subjects against layer for the runs ``names`` (a shot rule and its controls)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    plot_vs_layer([r for r in records if r["run"] in names], "ari_subjects", ax)
+    ax.set_ylabel("ARI subjects")
+    ax.set_title("fixed shots vs per-query random and other-subject shots", fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

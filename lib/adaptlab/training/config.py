@@ -128,6 +128,10 @@ class FinetuneConfig:
         eval_mask_path: ``.npy`` of evaluation-split rows (e.g. upstream test_mask_200.npy).
         eval_seed: seed of the evaluation subset and of the shot order.
         eval_num_shots: in-context examples in evaluation prompts (0-5, same subject).
+        shot_pool_size: MMLU questions per subject held out as the shot pool when the source
+            has no dev split (the embedded copy); they are neither trained on nor evaluated.
+            Use the value the extraction runs you compare with use (it decides which questions
+            are left for training and evaluation).
         max_seq_len: longest training/evaluation sequence; prompts lose tokens from the left.
         weighted_loss: weight examples by w = N / (S n_subject), so every subject counts alike.
         packing: pack each micro-batch's examples into rows of at most ``max_seq_len`` tokens
@@ -245,6 +249,7 @@ class FinetuneConfig:
     eval_mask_path: str | None = None
     eval_seed: int = 42
     eval_num_shots: int = 0
+    shot_pool_size: int = 5
     max_seq_len: int = 512
     weighted_loss: bool = False
     packing: bool = False
@@ -343,6 +348,11 @@ class FinetuneConfig:
                 "train_exclude_samples_per_subject must be at least 1 (or omitted).",
             ),
             (0 <= self.eval_num_shots <= 5, f"eval_num_shots={self.eval_num_shots}: use 0 to 5."),
+            (
+                self.shot_pool_size >= self.eval_num_shots,
+                f"shot_pool_size={self.shot_pool_size} is smaller than eval_num_shots="
+                f"{self.eval_num_shots}; hold out at least as many questions as shots.",
+            ),
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
             (

