@@ -319,7 +319,13 @@ def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
         train_items=items,
         collate=TRAIN_DATA[cfg.objective].collator(cfg.packing, cfg.max_seq_len),
         evaluate=lambda model, acc: evaluate(
-            model, prompts, letter_ids, tokenizer, acc, cfg.eval_batch_size
+            model,
+            prompts,
+            letter_ids,
+            tokenizer,
+            acc,
+            cfg.eval_batch_size,
+            progress=cfg.progress and acc.is_main_process,
         ),
         test=None,
         objective=OBJECTIVES[cfg.objective],
@@ -352,7 +358,14 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
 
     def scores(examples: list, model: torch.nn.Module, acc: Accelerator) -> dict:
         metrics = evaluate_classification(
-            model, examples, data, acc, cfg.eval_batch_size, pad, objective
+            model,
+            examples,
+            data,
+            acc,
+            cfg.eval_batch_size,
+            pad,
+            objective,
+            progress=cfg.progress and acc.is_main_process,
         )
         metrics.pop("logits")
         return metrics

@@ -110,7 +110,7 @@ def test_batch_size_one_and_eight_give_same_rows(tmp_path, side):
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-4)
 
 
-def test_existing_chunks_are_skipped_and_merge_streams(tmp_path):
+def test_existing_chunks_are_skipped_and_merge_streams(tmp_path, capsys):
     model = tiny_llama(vocab_size=100)
     seqs = random_sequences(10, 100, seed=3)
     sites = hook_sites(model, ["norm1"], layer_interval=2)
@@ -124,8 +124,10 @@ def test_existing_chunks_are_skipped_and_merge_streams(tmp_path):
     assert (again.chunks_done, again.chunks_skipped) == (1, 2)
     assert torch.equal(load_file(chunk_path(tmp_path, 1))["norm1/l0"], before["norm1/l0"])
     out = tmp_path / "norm1_l0.safetensors"
-    layout = merge_chunks(tmp_path, 10, 4, ["norm1/l0"], {"norm1/l0": out})
+    layout = merge_chunks(tmp_path, 10, 4, ["norm1/l0"], {"norm1/l0": out}, progress=True)
     assert layout["norm1/l0"]["shape"] == [10, 32]
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert bar.startswith("merge: 100%") and "1.28k/1.28k" in bar and "B/s" in bar  # 10x32x4 B
     merged = load_file(out)["repr"]
     expected = torch.cat([load_file(chunk_path(tmp_path, c))["norm1/l0"] for c in range(3)])
     assert torch.equal(merged, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def first_token_features(model, examples) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_linear_head_run_starts_from_logistic_regression(tiny_bert_dir, sst2_dir, tmp_path):
+def test_linear_head_run_starts_from_logistic_regression(tiny_bert_dir, sst2_dir, tmp_path, capfd):
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import log_loss
 
@@ -152,7 +153,12 @@ def test_linear_head_run_starts_from_logistic_regression(tiny_bert_dir, sst2_dir
 
     out = tmp_path / "linear"
     finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, out, "--head", "linear",
-                               "--from_linearhead", "true", "--max_steps", "2"))  # fmt: skip
+                               "--from_linearhead", "true", "--max_steps", "2",
+                               "--progress", "true"))  # fmt: skip
+    bars = capfd.readouterr().err.replace("\r", "\n")
+    for desc, n in (("head features", 16), ("evaluate", 16), ("evaluate", 12)):
+        # 16 training examples' features, 16 dev and 12 test examples, with their rate
+        assert re.search(rf"{desc}:\s+\d+%\|[^|]*\| \d+/{n} \[[^]]*ex/s\]", bars), (desc, n)
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["objective"] == "linear_head"
 

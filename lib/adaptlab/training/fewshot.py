@@ -184,6 +184,7 @@ def evaluate_classification(
     batch_size: int,
     pad_token_id: int,
     objective: Objective = label_words_objective,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy, task metrics, ECE and loss of the class scores; every process runs the same
     batches.
@@ -200,6 +201,7 @@ def evaluate_classification(
         pad_token_id: padding id.
         objective: gives the ``[B, C]`` scores and per-example losses: the label-word
             objective (default) or the linear head's, with the run's loss (CE or MSE).
+        progress: show a progress bar of this process's examples (examples/s).
 
     Returns:
         ``accuracy``, the task's other metrics, ``ece`` (of the softmax over the scores),
@@ -217,8 +219,11 @@ def evaluate_classification(
     valid = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [order[0]] * (per_rank - len(mine))
     rows = []
+    bar = tqdm(total=per_rank, desc="evaluate", unit="ex", dynamic_ncols=True,
+               disable=not progress, leave=False)  # fmt: skip
     for start in range(0, per_rank, batch_size):
         chunk = mine[start : start + batch_size]
+        bar.update(len(chunk))
         batch = collate_prompts([examples[i] for i in chunk], pad_token_id, data.label_word_ids)
         batch = {key: value.to(device) for key, value in batch.items()}
         out = objective(model, batch)
@@ -229,6 +234,7 @@ def evaluate_classification(
         )
         columns = [meta, batch["class_labels"][:, None].double(), out.per_example[:, None]]
         rows.append(torch.cat([*(c.double() for c in columns), out.scores.double()], 1))
+    bar.close()
     table = accelerator.gather(torch.cat(rows)).cpu()
     table = table[table[:, 1] == 1]
     table = table[table[:, 0].argsort()]

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from adaptlab.data import LETTERS, TokenizedPrompt
 from adaptlab.distributed import average_replicated_gradients
@@ -323,6 +324,7 @@ def evaluate(
     tokenizer: Any,
     accelerator: Any,
     batch_size: int,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score every prompt's last token; every process runs the same number of batches.
 
@@ -336,6 +338,7 @@ def evaluate(
         tokenizer: decodes the full-vocabulary prediction.
         accelerator: the run's ``accelerate.Accelerator``.
         batch_size: prompts per forward pass per process.
+        progress: show a progress bar of this process's prompts (prompts/s).
 
     Returns:
         ``accuracy_micro``, ``accuracy_macro``, ``constrained_micro``, ``constrained_macro``,
@@ -354,8 +357,11 @@ def evaluate(
     letters = torch.tensor([letter_ids[x] for x in LETTERS], device=device)
     keep = _keeps_last_logits(model)
     rows = []
+    bar = tqdm(total=per_rank, desc="evaluate", unit="prompt", dynamic_ncols=True,
+               disable=not progress, leave=False)  # fmt: skip
     for start in range(0, per_rank, batch_size):
         chunk = mine[start : start + batch_size]
+        bar.update(len(chunk))
         ids, mask, positions = pad_batch(
             [prompts[i].input_ids for i in chunk], tokenizer.pad_token_id, "left", device
         )
@@ -371,6 +377,7 @@ def evaluate(
         rows.append(
             torch.cat([meta.double(), last[:, letters].double(), pred.double(), loss[:, None]], 1)
         )
+    bar.close()
     table = accelerator.gather(torch.cat(rows)).cpu()
     table = table[table[:, 1] == 1]
     table = table[table[:, 0].argsort()]
