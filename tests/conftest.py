@@ -14,6 +14,11 @@ import pytest
 from adaptlab.models.tiny import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+# IVON's tests run where the optional, GPL-licensed ivon-opt is installed (the dev extra has it).
+requires_ivon = pytest.mark.skipif(
+    importlib.util.find_spec("ivon") is None,
+    reason="ivon-opt is not installed (pip install 'adaptlab[ivon]')",
+)
 SUBJECTS = ["abstract_algebra", "anatomy", "astronomy"]
 _WORDS = [
     "the",

@@ -29,7 +29,7 @@ from adaptlab.training.loop import (
 )
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, load_script, requires_ivon
 
 finetune = load_script("finetune")
 PROBE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
@@ -123,7 +123,7 @@ def test_answer_only_batches_put_the_loss_on_the_answer_token(mmlu_file):
     assert float(total.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "ivon"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("ivon", marks=requires_ivon)])
 def test_killed_and_resumed_run_equals_uninterrupted(
     optimizer, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
 ):
@@ -218,6 +218,7 @@ def test_adalora_regularizer_is_the_one_peft_adds_to_a_model_loss():
     assert float(with_penalty - plain) == pytest.approx(float(penalty), rel=1e-5)
 
 
+@requires_ivon
 def test_ivon_trains_with_gradient_accumulation(tiny_model_dir, mmlu_file, tmp_path):
     out = tmp_path / "ivon"
     finetune.main(
@@ -278,9 +279,10 @@ def test_qlora_trains_a_4bit_model_on_cpu(tiny64_dir, mmlu_file, tmp_path, monke
         (["--target_modules", "[q_proj,qkv_proj]"], None, "entry 'qkv_proj' matches no module"),
         (["--method", "qlora"], "bitsandbytes", "method=qlora needs the bitsandbytes package"),
         (["--report_to", "wandb"], "wandb", "report_to=wandb needs the wandb package"),
+        (["--optimizer", "ivon"], "ivon", "optimizer=ivon needs the ivon-opt package"),
         (["--batch_size", "30"], None, "fewer than batch_size=30"),
     ],
-    ids=["method", "optimizer", "objective", "task", "target", "qlora", "wandb", "batch"],
+    ids=["method", "optimizer", "objective", "task", "target", "qlora", "wandb", "ivon", "batch"],
 )
 def test_bad_input_fails_in_one_line_before_training(
     flags, missing, message, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from adaptlab.models.tiny import save_tiny_llama
 from adaptlab.training.loop import read_metrics
-from adaptlab.training.optim import CheckedIVON, TrainingError
+from adaptlab.training.optim import TrainingError
 from adaptlab.training.parallel import (
     Strategy,
     check_strategy,
@@ -32,7 +32,7 @@ from adaptlab.training.parallel import (
     read_deepspeed_config,
     requested_strategy,
 )
-from tests.conftest import ROOT, free_port, load_script
+from tests.conftest import ROOT, free_port, load_script, requires_ivon
 
 finetune = load_script("finetune")
 CONFIGS = ROOT / "accelerate_configs"
@@ -59,7 +59,7 @@ finetune.zero_train_step = killed(finetune.zero_train_step)
 finetune.main(sys.argv[1:])
 """
 SHARED_IVON_DRAWS = """
-from adaptlab.training.optim import CheckedIVON
+from adaptlab.training.ivon_optim import CheckedIVON
 from tests.test_finetune_distributed import shared_ivon_draw
 
 CheckedIVON._sample_params = shared_ivon_draw
@@ -73,9 +73,6 @@ def killed_script(folder: Path, step: int, patch: str = "") -> Path:
     return script
 
 
-_ivon_draw = CheckedIVON._sample_params
-
-
 def shared_ivon_draw(self):
     """IVON's posterior draw, seeded by the optimiser step and sample index only.
 
@@ -84,9 +81,11 @@ def shared_ivon_draw(self):
     With this draw every process perturbs the weights alike, so a two-process step over
     halves of the batch must equal one process over the whole batch.
     """
+    import ivon
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1000 * self.current_step + self.state["count"])
-        return _ivon_draw(self)
+        return ivon.IVON._sample_params(self)
 
 
 def args_for(model_dir, data, out, *extra: str) -> list[str]:
@@ -391,6 +390,7 @@ def test_adalora_allocates_ranks_over_two_processes_like_one(
 IVON = ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5", "--schedule", "constant"]
 
 
+@requires_ivon
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2-killed-resumed"])
 def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
@@ -400,6 +400,8 @@ def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
     with the draws shared across processes (see :func:`shared_ivon_draw`), a step over two
     halves of the batch equals one process over the whole batch. Under FSDP the adapter stays
     whole on each rank, and a killed run resumes to the same numbers."""
+    from adaptlab.training.ivon_optim import CheckedIVON
+
     monkeypatch.setattr(CheckedIVON, "_sample_params", shared_ivon_draw)
     one, two = tmp_path / "one", tmp_path / "two"
     # one posterior draw per step in both runs: no gradient accumulation

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
 
-import ivon
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ from adaptlab.data import MMLUExample
 from adaptlab.models.tiny import tiny_bert, tiny_llama, tiny_tokenizer
 from adaptlab.training import (
     OBJECTIVES,
-    CheckedIVON,
     LinearHead,
     SignSGD,
     TrainingError,
@@ -45,7 +44,10 @@ from adaptlab.training import (
     reliability_bins,
     resolve_warmup_steps,
     train_mc_samples,
+    uses_ivon,
 )
+from adaptlab.training.config import FinetuneConfig
+from tests.conftest import requires_ivon
 
 # tiny_llama (vocab 512, hidden 32, 4 heads, 2 kv heads of dim 8, MLP 64, 2 blocks), by hand:
 EMBED = 512 * 32
@@ -172,16 +174,34 @@ def test_build_optimizer_types_and_errors():
     model = nn.Linear(2, 1)
     assert isinstance(build_optimizer("adamw", model, lr=1e-3), torch.optim.AdamW)
     assert isinstance(build_optimizer("sgd", model, lr=1e-3), torch.optim.SGD)
-    assert isinstance(build_optimizer("ivon", model, lr=0.1, ivon_ess=10), CheckedIVON)
     with pytest.raises(TrainingError, match="adamw, sgd, signgd, ivon"):
         build_optimizer("adam", model, lr=1e-3)
-    with pytest.raises(TrainingError, match="ivon_ess"):
-        build_optimizer("ivon", model, lr=0.1)
     model.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameter"):
         build_optimizer("adamw", model, lr=1e-3)
 
 
+@requires_ivon
+def test_build_ivon():
+    from adaptlab.training.ivon_optim import CheckedIVON
+
+    model = nn.Linear(2, 1)
+    assert isinstance(build_optimizer("ivon", model, lr=0.1, ivon_ess=10), CheckedIVON)
+    with pytest.raises(TrainingError, match="ivon_ess"):
+        build_optimizer("ivon", model, lr=0.1)
+
+
+def test_ivon_without_ivon_opt_names_the_extra(monkeypatch):
+    """ivon-opt is an optional, GPL-licensed extra: its absence is one sentence naming it."""
+    monkeypatch.setitem(sys.modules, "ivon", None)  # `import ivon` now fails
+    with pytest.raises(TrainingError, match=r"GPL-3\.0.*pip install 'adaptlab\[ivon\]'"):
+        build_optimizer("ivon", nn.Linear(2, 1), lr=0.1, ivon_ess=10)
+    with pytest.raises(TrainingError, match=r"pip install 'adaptlab\[ivon\]'"):
+        FinetuneConfig(optimizer="ivon")
+    assert not uses_ivon(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
+
+
+@requires_ivon
 def test_ivon_needs_one_device_and_dtype():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).double())
     with pytest.raises(TrainingError, match="one device and dtype"):
@@ -208,6 +228,7 @@ def _mse_grad(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.cat([grad_w.flatten(), grad_b])
 
 
+@requires_ivon
 def test_ivon_accumulation_averages_separate_samples():
     # With a huge ess the posterior noise is ~1e-6, so each sample is the gradient at the mean.
     x, y = _regression()
@@ -227,6 +248,8 @@ def test_ivon_accumulation_averages_separate_samples():
     # Upstream IVON reads the running sum p.grad: it averages g1 and g1 + g2 instead.
     torch.manual_seed(0)
     layer = nn.Linear(3, 1)
+    import ivon
+
     raw = ivon.IVON(layer.parameters(), lr=0.1, ess=1e12)
     for xb, yb in halves:
         with raw.sampled_params(train=True):
@@ -237,6 +260,7 @@ def test_ivon_accumulation_averages_separate_samples():
     )
 
 
+@requires_ivon
 def test_ivon_trains_a_linear_regression_with_accumulation_two():
     x, y = _regression()
     torch.manual_seed(0)
@@ -254,8 +278,11 @@ def test_ivon_trains_a_linear_regression_with_accumulation_two():
     assert F.mse_loss(layer(x), y).item() < 0.2 * initial
 
 
+@requires_ivon
 def test_ivon_step_without_sample_is_a_clear_error():
     """Raw IVON fails with ivon issue #6's TypeError; CheckedIVON names the fix instead."""
+    import ivon
+
     x, y = _regression(8)
     layer = nn.Linear(3, 1)
     raw = ivon.IVON(layer.parameters(), lr=0.1, ess=8)
@@ -268,6 +295,7 @@ def test_ivon_step_without_sample_is_a_clear_error():
         checked.step()
 
 
+@requires_ivon
 def test_ivon_context_unwraps_accelerate_style_wrapper():
     class Wrapped:  # accelerate's AcceleratedOptimizer keeps the optimiser as `.optimizer`
         def __init__(self, optimizer: torch.optim.Optimizer) -> None:

@@ -208,7 +208,7 @@ def release_all() -> None:
 
 
 def _write_holder(fd: int) -> None:
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)

@@ -53,4 +53,4 @@ def peak_memory_mib(device: torch.device) -> float | None:
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

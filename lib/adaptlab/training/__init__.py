@@ -1,7 +1,8 @@
 """Fine-tuning building blocks: optimisers, schedules, objectives, metrics and freezing.
 
 - :mod:`~adaptlab.training.optim`: AdamW / SGD / SignGD / IVON by name, no-decay groups, the
-  IVON sampling context for every micro-batch;
+  IVON sampling context for every micro-batch (IVON itself, in
+  :mod:`~adaptlab.training.ivon_optim`, needs the GPL-licensed ``ivon`` extra);
 - :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
@@ -62,7 +63,6 @@ from adaptlab.training.objectives import (
 )
 from adaptlab.training.optim import (
     OPTIMIZERS,
-    CheckedIVON,
     OptimizerSettings,
     SignSGD,
     TrainingError,
@@ -74,6 +74,7 @@ from adaptlab.training.optim import (
     train_mc_samples,
     trainable_parameters,
     unwrap_optimizer,
+    uses_ivon,
 )
 from adaptlab.training.schedules import (
     SCHEDULES,
@@ -88,7 +89,6 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "AnswerOnlyExample",
-    "CheckedIVON",
     "LinearHead",
     "Objective",
     "ObjectiveOutput",
@@ -128,5 +128,6 @@ __all__ = [
     "train_mc_samples",
     "trainable_parameters",
     "unwrap_optimizer",
+    "uses_ivon",
     "weighted_mean",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adaptlab.training.optim import OPTIMIZERS, TrainingError
+from adaptlab.training.optim import IVON_MISSING, OPTIMIZERS, TrainingError, ivon_installed
 from adaptlab.training.schedules import SCHEDULES
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -361,6 +361,7 @@ class FinetuneConfig:
                 "names the TensorBoard folder inside output_dir.",
             ),
             (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
+            (self.optimizer != "ivon" or ivon_installed(), IVON_MISSING),
             (
                 not (self.optimizer == "ivon" and self.max_grad_norm is not None),
                 "max_grad_norm has no effect on IVON (it reads each gradient sample before "

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ivon
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,7 @@ from adaptlab.training.optim import (
     accumulation_loss_scale,
     ivon_step_context,
     train_mc_samples,
-    unwrap_optimizer,
+    uses_ivon,
 )
 
 logger = logging.getLogger(__name__)
@@ -276,7 +275,7 @@ def train_step(
     n_micro = len(micro_batches)
     scale = accumulation_loss_scale(optimizer, n_micro)
     draws = train_mc_samples(optimizer)
-    is_ivon = isinstance(unwrap_optimizer(optimizer), ivon.IVON)
+    is_ivon = uses_ivon(optimizer)
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
     for i, batch in enumerate(micro_batches):

@@ -21,17 +21,22 @@ calls ``optimizer.step()`` once per optimiser step::
 
 The same loop is correct for the other optimisers: the context is then a null context, the
 Monte Carlo count is 1 and ``scale`` is ``1 / accumulation_steps``.
+
+``ivon-opt`` is GPL-3.0-or-later and so only an optional extra (``pip install 'adaptlab[ivon]'``):
+it is imported, through :mod:`adaptlab.training.ivon_optim`, only when IVON is built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
-import ivon
 import torch
 from torch import nn
 
@@ -41,6 +46,12 @@ from adaptlab.errors import UserError
 class TrainingError(UserError):
     """A training setting that cannot work (optimiser, schedule, objective, freezing, data)."""
 
+
+IVON_MISSING = (
+    "optimizer=ivon needs the ivon-opt package, which adaptlab leaves to an optional extra "
+    "because it is GPL-3.0-or-later: install it with pip install 'adaptlab[ivon]' (or pick "
+    "adamw, sgd or signgd)."
+)
 
 # A norm class, or a base class of it, is named like LayerNorm, LlamaRMSNorm, BatchNorm2d.
 _NORM_NAME = re.compile(r"Norm(\d+d)?$")
@@ -154,47 +165,22 @@ class SignSGD(torch.optim.Optimizer):
         return loss
 
 
-class CheckedIVON(ivon.IVON):
-    """``ivon.IVON`` whose gradient samples stay separate and whose empty step is an error.
+def ivon_installed() -> bool:
+    """Whether ``ivon-opt`` (the ``ivon`` extra) is installed, without importing it."""
+    return importlib.util.find_spec("ivon") is not None
 
-    Two changes, numerics otherwise untouched:
 
-    - ``sampled_params(train=True)`` zeroes the gradients on entry, so the sample IVON reads on
-      exit is the gradient of that forward/backward only. Upstream IVON reads ``p.grad``
-      as it is, so with gradient accumulation (or several MC draws without ``zero_grad``) it
-      averages running sums instead of samples and pairs each noise draw with the wrong
-      gradient. Parameters that got no gradient contribute zeros instead of crashing.
-    - ``step()`` without a gradient sample raises :class:`TrainingError` instead of IVON's
-      ``TypeError: 'NoneType' object is not subscriptable`` (ivon issue #6).
+def import_ivon_optim() -> ModuleType:
+    """:mod:`adaptlab.training.ivon_optim`, which needs the GPL-licensed ``ivon-opt``.
+
+    Raises:
+        TrainingError: ``ivon-opt`` is not installed (:data:`IVON_MISSING`).
     """
+    if not ivon_installed():
+        raise TrainingError(IVON_MISSING)
+    from adaptlab.training import ivon_optim
 
-    def sampled_params(self, train: bool = False) -> contextlib.AbstractContextManager[None]:
-        """Perturb the weights by one posterior draw; with ``train`` record the gradient."""
-        return _separate_sample(self, train)
-
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Update the posterior from the gradient samples collected since the last step."""
-        if closure is None and self.state["count"] == 0:
-            raise TrainingError(
-                "IVON step() found no gradient sample; run every micro-batch's forward and "
-                "backward inside ivon_step_context(optimizer) before calling step()."
-            )
-        return super().step(closure)
-
-
-@contextlib.contextmanager
-def _separate_sample(optimizer: ivon.IVON, train: bool) -> Iterator[None]:
-    params = [p for group in optimizer.param_groups for p in group["params"] if p is not None]
-    if train:
-        for param in params:
-            if param.grad is not None:
-                param.grad.zero_()
-    with ivon.IVON.sampled_params(optimizer, train=train):
-        yield
-        if train:
-            for param in params:
-                if param.requires_grad and param.grad is None:
-                    param.grad = torch.zeros_like(param)
+    return ivon_optim
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -204,6 +190,15 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def uses_ivon(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` (plain or wrapped) is IVON.
+
+    Never imports ``ivon``: when nothing has imported it, no IVON optimiser can exist.
+    """
+    ivon = sys.modules.get("ivon")
+    return ivon is not None and isinstance(unwrap_optimizer(optimizer), ivon.IVON)
+
+
 def ivon_step_context(
     optimizer: torch.optim.Optimizer, train: bool = True
 ) -> contextlib.AbstractContextManager[None]:
@@ -211,8 +206,8 @@ def ivon_step_context(
 
     For IVON (possibly wrapped by accelerate) it draws weights from the posterior, and with
     ``train`` records the gradient as one sample on exit (each sample separate, see
-    :class:`CheckedIVON`); with ``train=False`` it is a sampled-weights context for Monte Carlo
-    prediction. For any other optimiser it does nothing.
+    :class:`~adaptlab.training.ivon_optim.CheckedIVON`); with ``train=False`` it is a
+    sampled-weights context for Monte Carlo prediction. For any other optimiser it does nothing.
 
     Gradient-norm clipping of ``p.grad`` has no effect on IVON (it has read the sample already);
     use ``ivon_clip_radius`` instead. fp16 loss scaling is not supported: IVON would record
@@ -225,16 +220,14 @@ def ivon_step_context(
     Returns:
         A context manager.
     """
-    inner = unwrap_optimizer(optimizer)
-    if isinstance(inner, ivon.IVON):
-        return _separate_sample(inner, train)
+    if uses_ivon(optimizer):
+        return import_ivon_optim().separate_sample(unwrap_optimizer(optimizer), train)
     return contextlib.nullcontext()
 
 
 def train_mc_samples(optimizer: torch.optim.Optimizer) -> int:
     """Posterior draws per micro-batch during training: IVON's ``mc_samples``, else 1."""
-    inner = unwrap_optimizer(optimizer)
-    return inner.mc_samples if isinstance(inner, ivon.IVON) else 1
+    return unwrap_optimizer(optimizer).mc_samples if uses_ivon(optimizer) else 1
 
 
 def accumulation_loss_scale(optimizer: torch.optim.Optimizer, accumulation_steps: int) -> float:
@@ -254,7 +247,7 @@ def accumulation_loss_scale(optimizer: torch.optim.Optimizer, accumulation_steps
         raise TrainingError(
             f"accumulation_steps={accumulation_steps} must be at least 1 (1 = no accumulation)."
         )
-    if isinstance(unwrap_optimizer(optimizer), ivon.IVON):
+    if uses_ivon(optimizer):
         return 1.0
     return 1.0 / accumulation_steps
 
@@ -307,6 +300,7 @@ def _signgd(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
 
 
 def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    ivon_optim = import_ivon_optim()
     if s.ivon_ess is None or not s.ivon_ess > 0:
         raise TrainingError(
             f"IVON needs a positive effective sample size (got ivon_ess={s.ivon_ess}); pass the "
@@ -314,10 +308,10 @@ def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
         )
     if s.ivon_mc_samples < 1:
         raise TrainingError(f"ivon_mc_samples={s.ivon_mc_samples} must be at least 1.")
-    if s.ivon_hess_approx not in ivon.IVON.hessian_approx_methods:
+    methods = ivon_optim.CheckedIVON.hessian_approx_methods
+    if s.ivon_hess_approx not in methods:
         raise TrainingError(
-            f"Unknown ivon_hess_approx {s.ivon_hess_approx!r}; choose from "
-            f"{', '.join(ivon.IVON.hessian_approx_methods)}."
+            f"Unknown ivon_hess_approx {s.ivon_hess_approx!r}; choose from {', '.join(methods)}."
         )
     params = trainable_parameters(model)
     if not params:
@@ -333,7 +327,7 @@ def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
             "trainable weights in one dtype."
         )
     # One group: IVON's weight decay is the prior precision of every weight, as in ViLoRA.
-    return CheckedIVON(
+    return ivon_optim.CheckedIVON(
         params,
         lr=s.lr,
         ess=s.ivon_ess,
@@ -383,11 +377,12 @@ def build_optimizer(
         model: the model to train (plain or PEFT-wrapped).
 
     Returns:
-        ``torch.optim.AdamW``, ``torch.optim.SGD``, :class:`SignSGD` or :class:`CheckedIVON`.
+        ``torch.optim.AdamW``, ``torch.optim.SGD``, :class:`SignSGD` or
+        :class:`~adaptlab.training.ivon_optim.CheckedIVON`.
 
     Raises:
-        TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess``,
-            no trainable parameter.
+        TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess`` or
+            without ``ivon-opt`` installed, no trainable parameter.
     """
     if name not in OPTIMIZERS:
         raise TrainingError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")
