@@ -50,6 +50,7 @@ from adaptlab.distributed import (
     fsdp_requested,
     load_from_rank0,
     local_parameter_fraction,
+    main_then_share,
     shard_fsdp2,
     shutdown,
 )
@@ -117,7 +118,13 @@ def setup(cfg: ExtractConfig) -> Job:
     # held until the process ends: a second run into this folder is refused, not mixed in
     lock = lock_output(out, "extraction", info.is_main, lambda e: all_gather_object(e, info))
     model_ref = resolve_model(cfg.model)
-    check_weights(model_ref, adapter=cfg.adapter, allow_pickle_weights=cfg.allow_pickle_weights)
+    # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)
+    main_then_share(
+        lambda: check_weights(
+            model_ref, adapter=cfg.adapter, allow_pickle_weights=cfg.allow_pickle_weights
+        ),
+        info,
+    )
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     hook_sites(skeleton, cfg.points, cfg.layer_interval)  # unknown modules: fail now, not later
     check_load(

@@ -114,7 +114,7 @@ from tqdm.auto import tqdm
 
 from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
-from adaptlab.distributed import DistInfo, load_from_rank0, shutdown
+from adaptlab.distributed import DistInfo, load_from_rank0, main_then_share, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
 from adaptlab.models import (
@@ -450,7 +450,11 @@ def setup(cfg: FinetuneConfig) -> Job:
     check_reporter(cfg.report_to)
     check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead)
     model_ref = resolve_model(cfg.model)
-    check_weights(model_ref, allow_pickle_weights=cfg.allow_pickle_weights)
+    # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)
+    info = DistInfo(accelerator.process_index, accelerator.num_processes, accelerator.device)
+    main_then_share(
+        lambda: check_weights(model_ref, allow_pickle_weights=cfg.allow_pickle_weights), info
+    )
     skeleton = model_skeleton(model_ref, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "mmlu":

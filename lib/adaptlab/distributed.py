@@ -9,14 +9,18 @@ CPUs), so a two-process CPU run exercises the same collectives as a GPU cluster.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from torch import nn
+
+from adaptlab.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,33 @@ def all_gather_object(obj: object, info: DistInfo) -> list[object]:
     out: list[object] = [None] * info.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def main_then_share(check: Callable[[], T], info: DistInfo) -> T | None:
+    """Run ``check`` on the main process only and end every process if it refuses the input.
+
+    For checks of files every process would read alike (weight headers, cache hashes): under
+    FSDP only rank 0 may open the checkpoint, and a refusal must reach the other ranks as the
+    same sentence rather than leave them waiting at the next collective.
+
+    Returns:
+        ``check()``'s result on the main process, ``None`` elsewhere.
+
+    Raises:
+        UserError: ``check``'s own error on the main process, its message elsewhere.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = check()
+        except UserError as err:
+            error = err
+    message = next((m for m in all_gather_object(error and str(error), info) if m), None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def fsdp_requested() -> bool:
