@@ -502,7 +502,11 @@ class RunLogger:
                     self.path,
                 )
             else:
-                self.tensorboard = SummaryWriter(str(folder / "tensorboard" / run_name))
+                # a resumed run purges the events a killed run logged after its resume state
+                purge = None if resume_step is None else resume_step + 1
+                self.tensorboard = SummaryWriter(
+                    str(folder / "tensorboard" / run_name), purge_step=purge
+                )
         elif report_to == "wandb":
             import wandb
 
