@@ -15,6 +15,7 @@ from adaptlab.config import parse_config
 from adaptlab.data import answer_letter_ids, load_mmlu, subset_by_subject
 from adaptlab.demo import DemoConfig
 from adaptlab.embedded import EmbeddedAssetError
+from adaptlab.extract.config import ExtractConfig
 from adaptlab.models import load_model
 from adaptlab.models.tiny import save_tiny_llama, tiny_llama, tiny_tokenizer
 from adaptlab.rundir import LOCK_FILE
@@ -351,8 +352,10 @@ def test_demo_preset_trains_on_rows_outside_the_demo_analysis(tmp_path):
     except EmbeddedAssetError as error:
         pytest.skip(f"embedded assets unavailable: {error}")
     demo = parse_config(DemoConfig, ["--config", str(ROOT / "scripts" / "configs" / "demo.yaml")])
+    extraction = parse_config(ExtractConfig, ["--config", demo.extract_preset])
     assert cfg.subjects == demo.subjects
-    test = load_mmlu().test
+    assert cfg.shot_pool_size == extraction.shot_pool_size == 20  # the same questions are left
+    test = load_mmlu(holdout_per_subject=extraction.shot_pool_size).test
     analysed = {
         test[i].index for i in subset_by_subject(test, demo.samples_per_subject, 42, demo.subjects)
     }

@@ -319,5 +319,4 @@ def describe(name: str) -> dict[str, str]:
         "file": asset.member,
         "file_sha256": asset.member_sha256,
         "license": asset.license,
-        "description": asset.description,
     }

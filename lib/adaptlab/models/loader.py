@@ -887,7 +887,7 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict.
     """
-    from adaptlab.embedded import describe
+    from adaptlab.embedded import ASSETS, describe
 
     ref = _as_ref(ref, materialize=False)
     out: dict[str, Any] = {
@@ -907,7 +907,7 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
             provenance = json.loads((folder / PROVENANCE_FILE).read_text())
             out["path"] = str(folder)
         out["provenance"] = provenance
-        out["description"] = describe(short)["description"]  # what the default really is
+        out["description"] = ASSETS[short].description  # what the default really is
         out["revision"] = provenance.get("file_sha256")
         if folder is not None:  # checked against the cache's hashes: what a load reads
             out["weights_sha256"] = _local_revision(folder)[1]
