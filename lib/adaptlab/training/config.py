@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adaptlab.training.loop import TRAIN_DATA
+from adaptlab.training.methods import METHODS
+from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import IVON_MISSING, OPTIMIZERS, TrainingError, ivon_installed
 from adaptlab.training.schedules import SCHEDULES
 
@@ -301,10 +304,6 @@ class FinetuneConfig:
     deepspeed: str | None = None
 
     def __post_init__(self) -> None:
-        from adaptlab.training.loop import TRAIN_DATA
-        from adaptlab.training.methods import METHODS
-        from adaptlab.training.objectives import OBJECTIVES
-
         self.betas = tuple(self.betas)
         self._resolve_task()
         for name, registry, what in (

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -42,8 +42,29 @@ from adaptlab.extract.points import unwrap
 from adaptlab.training.freezing import freeze
 from adaptlab.training.optim import TrainingError
 
-if TYPE_CHECKING:
-    from adaptlab.training.config import FinetuneConfig
+
+class MethodSettings(Protocol):
+    """The fields of a fine-tuning config a method reads (``MethodSettings`` has them all);
+    a protocol, so this module needs no config import."""
+
+    method: str
+    target_modules: list[str]
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    adalora_init_r: int
+    adalora_target_r: int
+    adalora_tinit: int
+    adalora_tfinal: int
+    adalora_delta_t: int
+    adalora_beta1: float
+    adalora_beta2: float
+    adalora_orth_reg_weight: float
+    fix_head: bool
+    fix_embeddings: bool
+    fix_first_n_layers: int
+    gradient_checkpointing: bool
+
 
 ALL_LINEAR = "all-linear"
 
@@ -83,7 +104,7 @@ class Method:
     """
 
     name: str
-    prepare: Callable[[nn.Module, FinetuneConfig, int], nn.Module]
+    prepare: Callable[[nn.Module, MethodSettings, int], nn.Module]
     adapter: bool
     quantization: str | None = None
     requires: tuple[str, ...] = ()
@@ -98,11 +119,11 @@ class Method:
 # Preparation
 
 
-def _targets(cfg: FinetuneConfig) -> list[str] | str:
+def _targets(cfg: MethodSettings) -> list[str] | str:
     return ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else list(cfg.target_modules)
 
 
-def _finish(model: nn.Module, cfg: FinetuneConfig, biases_only: bool = False) -> nn.Module:
+def _finish(model: nn.Module, cfg: MethodSettings, biases_only: bool = False) -> nn.Module:
     freeze(
         model,
         fix_head=cfg.fix_head,
@@ -113,25 +134,25 @@ def _finish(model: nn.Module, cfg: FinetuneConfig, biases_only: bool = False) ->
     return model.train()
 
 
-def _checkpointing(model: nn.Module, cfg: FinetuneConfig) -> None:
+def _checkpointing(model: nn.Module, cfg: MethodSettings) -> None:
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (PEFT) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _prepare_full(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_full(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(True)
     _checkpointing(model, cfg)
     return _finish(model, cfg)
 
 
-def _prepare_bitfit(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_bitfit(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     _checkpointing(model, cfg)
     return _finish(model, cfg, biases_only=True)
 
 
-def _lora_config(cfg: FinetuneConfig, use_dora: bool = False) -> Any:
+def _lora_config(cfg: MethodSettings, use_dora: bool = False) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -144,22 +165,22 @@ def _lora_config(cfg: FinetuneConfig, use_dora: bool = False) -> Any:
     )
 
 
-def _wrap(model: nn.Module, peft_config: Any, cfg: FinetuneConfig) -> nn.Module:
+def _wrap(model: nn.Module, peft_config: Any, cfg: MethodSettings) -> nn.Module:
     from peft import get_peft_model
 
     _checkpointing(model, cfg)
     return _finish(get_peft_model(model, peft_config), cfg)
 
 
-def _prepare_lora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_lora(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     return _wrap(model, _lora_config(cfg), cfg)
 
 
-def _prepare_dora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_dora(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     return _wrap(model, _lora_config(cfg, use_dora=True), cfg)
 
 
-def _prepare_qlora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_qlora(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     # Casts the non-quantized weights (norms, embeddings) to fp32 and freezes the base.
@@ -171,7 +192,7 @@ def _prepare_qlora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> n
     return _finish(get_peft_model(model, _lora_config(cfg)), cfg)
 
 
-def _prepare_adalora(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> nn.Module:
+def _prepare_adalora(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
     from peft import AdaLoraConfig
 
     config = AdaLoraConfig(
@@ -331,7 +352,7 @@ def check_target_modules(targets: list[str], model: nn.Module) -> None:
             )
 
 
-def check_method(cfg: FinetuneConfig, skeleton: nn.Module, total_steps: int) -> Method:
+def check_method(cfg: MethodSettings, skeleton: nn.Module, total_steps: int) -> Method:
     """Check ``cfg``'s method against the model and the run length, before loading weights.
 
     Args:
