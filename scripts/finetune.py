@@ -102,9 +102,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -112,7 +110,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from adaptlab import data as mmlu
 from adaptlab.config import parse_config, to_dict
 from adaptlab.distributed import DistInfo, load_from_rank0, main_then_share, shutdown
 from adaptlab.errors import report_user_errors
@@ -139,29 +136,23 @@ from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
+from adaptlab.training.data import Data, mmlu_data, task_data
 from adaptlab.training.fewshot import (
-    FewShotData,
-    collate_label_words,
-    evaluate_classification,
     init_linear_head,
-    model_kind,
-    prepare_fewshot,
 )
 from adaptlab.training.loop import (
-    TRAIN_DATA,
     BatchPlan,
     RunLogger,
     StepResult,
     check_reporter,
     device_peak_flops,
     eval_schedule,
-    evaluate,
     mfu,
     step_micro_batches,
     train_step,
 )
 from adaptlab.training.methods import Method, check_method, count_parameters
-from adaptlab.training.objectives import OBJECTIVES, attach_linear_head
+from adaptlab.training.objectives import attach_linear_head
 from adaptlab.training.optim import build_optimizer
 from adaptlab.training.parallel import (
     REPLICATED_TRAINABLE,
@@ -180,21 +171,6 @@ from adaptlab.training.parallel import (
     zero_train_step,
 )
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
-
-
-@dataclass
-class Data:
-    """What a run trains on and how it is evaluated."""
-
-    train_items: list
-    collate: Callable  # (items, pad_token_id) -> batch
-    evaluate: Callable  # (model, accelerator) -> metrics of the evaluation (dev) set
-    test: Callable | None  # (model, accelerator) -> test metrics, few-shot tasks only
-    objective: Callable  # (model, batch) -> ObjectiveOutput
-    identity: dict  # the rows and dataset that make a run this run
-    record: dict  # what was loaded, for result.json
-    summary: str  # "N training / M evaluation questions"
-    fewshot: FewShotData | None = None  # the encoded task (few-shot runs)
 
 
 @dataclass
@@ -234,159 +210,6 @@ class Run:
     n_trainable: int
     n_params: int
     bar: tqdm | None = None
-
-
-def select(
-    examples: list,
-    n_rows: int,
-    mask_path: str | None,
-    samples_per_subject: int | None,
-    seed: int,
-    subjects: list[str] | None,
-) -> list:
-    """Rows of ``examples`` in an index mask over the ``n_rows`` split, then per-subject subset."""
-    if mask_path:
-        keep = set(mmlu.load_index_mask(mask_path, n_rows).tolist())
-        examples = [ex for ex in examples if ex.index in keep]
-    if samples_per_subject:
-        rows = mmlu.subset_by_subject(examples, samples_per_subject, seed, subjects)
-        return [examples[i] for i in rows]
-    if subjects:
-        unknown = sorted(set(subjects) - {ex.subject for ex in examples})
-        if unknown:
-            raise mmlu.DataError(f"No questions of subject(s) {', '.join(unknown)} are left.")
-        return [ex for ex in examples if ex.subject in set(subjects)]
-    return list(examples)
-
-
-def choose_data(cfg: FinetuneConfig) -> tuple[list, list, list | None, dict]:
-    """Training and evaluation questions, disjoint whenever they come from one split."""
-
-    def load_split(split: str) -> mmlu.MMLUSplits:  # the shot pool is never trained on or evaluated
-        return mmlu.load_mmlu(cfg.dataset_path, split=split, holdout_per_subject=cfg.shot_pool_size)
-
-    eval_splits = load_split(cfg.eval_split)
-    same = cfg.train_split == cfg.eval_split
-    train_splits = eval_splits if same else load_split(cfg.train_split)
-    split = train_splits.test
-    evals = select(
-        eval_splits.test,
-        len(eval_splits.test),
-        cfg.eval_mask_path,
-        cfg.eval_samples_per_subject,
-        cfg.eval_seed,
-        cfg.subjects,
-    )
-    held_out = {ex.index for ex in evals} if same else set()
-    if cfg.train_exclude_samples_per_subject:
-        n, seed = cfg.train_exclude_samples_per_subject, cfg.train_exclude_seed
-        held_out |= {split[i].index for i in mmlu.subset_by_subject(split, n, seed, cfg.subjects)}
-    pool = [ex for ex in split if ex.index not in held_out]
-    train = select(
-        pool,
-        len(split),
-        cfg.train_mask_path,
-        cfg.train_samples_per_subject,
-        cfg.train_seed,
-        cfg.subjects,
-    )
-    overlap = sorted({ex.index for ex in train} & held_out)
-    if overlap:  # a guard: the pool above already excludes these rows
-        raise mmlu.DataError(f"Training rows {overlap[:5]} are also held out; report this bug.")
-    if not train or not evals:
-        raise mmlu.DataError(
-            f"The data options leave {len(train)} training and {len(evals)} evaluation questions; "
-            "loosen the subset, mask or exclusion options."
-        )
-    record = {
-        "train": {"split": cfg.train_split, "n": len(train), "rows": [ex.index for ex in train]},
-        "eval": {"split": cfg.eval_split, "n": len(evals), "rows": [ex.index for ex in evals]},
-        "held_out_of_training": sorted(held_out),
-        "provenance": train_splits.provenance,
-    }
-    return train, evals, eval_splits.dev, record
-
-
-def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
-    """Answer-only MMLU training items and the evaluation prompts."""
-    train, evals, shots, record = choose_data(cfg)
-    items = TRAIN_DATA[cfg.objective].encode(train, tokenizer, cfg.max_seq_len, cfg.weighted_loss)
-    prompts = mmlu.tokenize_prompts(
-        evals, shots, tokenizer, cfg.eval_num_shots, cfg.eval_seed, cfg.max_seq_len
-    )
-    letter_ids = mmlu.answer_letter_ids(tokenizer)
-    return Data(
-        train_items=items,
-        collate=TRAIN_DATA[cfg.objective].collator(cfg.packing, cfg.max_seq_len),
-        evaluate=lambda model, acc: evaluate(
-            model,
-            prompts,
-            letter_ids,
-            tokenizer,
-            acc,
-            cfg.eval_batch_size,
-            progress=cfg.progress and acc.is_main_process,
-        ),
-        test=None,
-        objective=OBJECTIVES[cfg.objective],
-        identity={
-            "rows": {"train": record["train"]["rows"], "eval": record["eval"]["rows"]},
-            "dataset": record["provenance"].get("sha256"),
-        },
-        record=record,
-        summary=f"{len(items)} training / {len(prompts)} evaluation questions",
-    )
-
-
-def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
-    """A few-shot task's k-shot split, encoded with its prompt; dev evaluates, test reports."""
-    data = prepare_fewshot(
-        cfg.task,
-        tokenizer,
-        model_kind(config),
-        data_dir=cfg.task_dir,
-        k=cfg.shots,
-        seed=cfg.data_seed,
-        mode=cfg.kshot_mode,
-        template=cfg.template,
-        label_words=cfg.label_words,
-        test_limit=cfg.test_limit,
-        head=cfg.head,
-    )
-    pad = tokenizer.pad_token_id
-    objective = partial(OBJECTIVES[cfg.objective], loss="mse" if cfg.l2_loss else "ce")
-
-    def scores(examples: list, model: torch.nn.Module, acc: Accelerator) -> dict:
-        metrics = evaluate_classification(
-            model,
-            examples,
-            data,
-            acc,
-            cfg.eval_batch_size,
-            pad,
-            objective,
-            progress=cfg.progress and acc.is_main_process,
-        )
-        metrics.pop("logits")
-        return metrics
-
-    return Data(
-        train_items=data.train,
-        collate=partial(collate_label_words, label_word_ids=data.label_word_ids),
-        evaluate=partial(scores, data.dev),
-        test=partial(scores, data.test),
-        objective=objective,
-        identity={
-            "rows": {"train": [ex["guid"] for ex in data.train]},
-            "dataset": data.record,
-        },
-        record=data.record,
-        summary=(
-            f"{data.task.name} {cfg.shots}-shot (seed {cfg.data_seed}): {len(data.train)} "
-            f"training / {len(data.dev)} dev / {len(data.test)} test examples"
-        ),
-        fewshot=data,
-    )
 
 
 def output_state(
