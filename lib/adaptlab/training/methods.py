@@ -101,6 +101,9 @@ class Method:
         after_step: called with the 1-based step after every optimiser step.
         state: method state a resumed run needs (beyond parameters and optimiser).
         load_state: restores :attr:`state`.
+        whole_trainable: needs the whole trainable weights and gradients on every rank
+            (AdaLoRA allocates ranks from whole gradients): FSDP then shards only the frozen
+            weights, and ZeRO cannot run it.
     """
 
     name: str
@@ -113,6 +116,7 @@ class Method:
     after_step: Callable[[nn.Module, int], None] = _no_after_step
     state: Callable[[nn.Module], dict[str, Any]] = _no_state
     load_state: Callable[[nn.Module, dict[str, Any]], None] = _no_load_state
+    whole_trainable: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +300,7 @@ METHODS: dict[str, Method] = {
         after_step=adalora_after_step,
         state=adalora_state,
         load_state=adalora_load_state,
+        whole_trainable=True,
     ),
     "bitfit": Method("bitfit", _prepare_bitfit, adapter=False),
     "qlora": Method(

@@ -348,6 +348,9 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerSettings], torch.optim.Optim
     "signgd": _signgd,
     "ivon": _ivon,
 }
+WHOLE_TRAINABLE_OPTIMIZERS = frozenset({"ivon"})
+"""Optimisers that need the whole trainable weights and gradients on every rank (IVON keeps
+one flat posterior over the weights it samples)."""
 
 
 def build_optimizer(

@@ -58,14 +58,16 @@ from adaptlab.distributed import (
 )
 from adaptlab.extract.points import decoder_layers, unwrap
 from adaptlab.training.loop import StepResult
-from adaptlab.training.methods import Method
+from adaptlab.training.methods import METHODS, Method
 from adaptlab.training.objectives import Objective, find_linear_head
-from adaptlab.training.optim import TrainingError
+from adaptlab.training.optim import WHOLE_TRAINABLE_OPTIMIZERS, TrainingError
 
-# Optimisers and methods that need whole trainable weights and gradients on every rank: IVON
-# (one flat posterior over the weights it samples) and AdaLoRA (rank allocation from whole
-# gradients). FSDP then shards only the frozen weights; ZeRO cannot run them.
-REPLICATED_TRAINABLE = frozenset({"ivon", "adalora"})
+# Optimisers and methods that need whole trainable weights and gradients on every rank, as
+# their registries declare them (IVON, AdaLoRA). FSDP then shards only the frozen weights; ZeRO
+# cannot run them.
+REPLICATED_TRAINABLE = WHOLE_TRAINABLE_OPTIMIZERS | {
+    name for name, method in METHODS.items() if method.whole_trainable
+}
 
 
 @dataclass(frozen=True)
