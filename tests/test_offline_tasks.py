@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -191,7 +192,7 @@ def test_hold_out_is_stratified_seeded_and_disjoint():
     assert [row.label for row in test] == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
     assert len(pool) == 49 - 15 and not {r.guid for r in pool} & {r.guid for r in test}
     # the same draws as the generator itself, class after class
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     expected = [sorted(rng.choice(n, 5, replace=False).tolist()) for n in (30, 12, 7)]
     got = [[int(r.guid[1:]) for r in test if r.label == label] for label in "abc"]
     assert got == expected
@@ -245,7 +246,7 @@ def test_prepare_fewshot_writes_the_kshot_layout(synthetic_sources, tmp_path):
         folder = out / "k-shot" / name / "2-7"
         assert sorted(p.name for p in folder.iterdir()) == ["dev.csv", "test.csv", "train.csv"]
         expected = offline_splits(task, k=2, seed=7)
-        for stem, rows in zip(("train", "dev", "test"), expected[:3], strict=False):
+        for stem, rows in zip(("train", "dev", "test"), expected[:3], strict=True):
             read = read_examples(folder / f"{stem}.csv", task, stem)
             assert [(ex.label, ex.text_a) for ex in read] == [(r.label, r.text) for r in rows]
     raw = (out / "k-shot" / "tweet-sentiment" / "2-7" / "train.csv").read_text()
