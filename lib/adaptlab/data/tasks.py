@@ -8,14 +8,16 @@ the out-of-distribution evaluation sets ``imdb``, ``yelp_polarity``, ``amazon_po
 ``anli``, ``hans`` and the MNLI genre splits (``telephone_telephone``, ...); their layouts are
 exactly what its processors read, and their prompts are those of the in-distribution task they
 test (SST-2 for the sentiment sets, MNLI for the NLI sets; HANS labels ``non-entailment`` /
-``entailment`` get the words No / Yes). ``mmlu-topics`` and ``mmlu-topics-2`` are the offline
-tasks of :mod:`adaptlab.data.topics`.
+``entailment`` get the words No / Yes). The offline tasks, built in memory from embedded data
+(:mod:`adaptlab.data.offline`), are ``mmlu-topics`` and ``mmlu-topics-2``
+(:mod:`adaptlab.data.topics`), ``bbc-news`` (:mod:`adaptlab.data.bbc`) and ``tweet-sentiment``
+(:mod:`adaptlab.data.tweets`).
 
 The templates are written for masked LMs. A causal LM sees only the text before the mask, so
 the templates with the mask first (trec, ag_news-graft) or before the second sentence (NLI,
 MRPC, QQP) need a ``template`` override for causal models, e.g.
-``*cls**sent-_0*,*+sentl_1*?*mask*``; the sentiment, CoLA, subj, ag_news and topic templates
-work for both.
+``*cls**sent-_0*,*+sentl_1*?*mask*``; the sentiment, CoLA, subj, ag_news, bbc-news and topic
+templates work for both.
 
 Example::
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from adaptlab.data import topics
+from adaptlab.data import bbc, topics, tweets
 from adaptlab.data.errors import DataError
 
 Metric = Literal["acc", "f1", "mcc"]
@@ -88,9 +90,9 @@ class Task:
         truncate_head: cut over-long inputs at the head instead of the tail.
         metrics: metric names; ``acc`` always first, then ``f1`` / ``mcc``.
         data_name: folder name under ``<root>/<mode>/`` and ``original/`` (MNLI for mnli-mm).
-        layout: how the files are read; ``None`` for offline tasks.
+        layout: how the files are read (offline tasks: how prepare_fewshot.py writes them).
         n_sentences: sentences per example (1, or 2 for pairs).
-        offline: built in memory by :mod:`adaptlab.data.topics`, no files needed.
+        offline: built in memory by :mod:`adaptlab.data.offline`, no files needed.
         source: the upstream repository the settings come from.
     """
 
@@ -398,18 +400,45 @@ _GRAFTING: list[Task] = [
     ),
 ]
 
+# Built in memory from embedded data (adaptlab.data.offline); prepare_fewshot.py writes their
+# k-shot splits in the LM-BFF CSV layout, so they carry that layout.
 _OFFLINE: list[Task] = [
+    *(
+        Task(
+            name,
+            labels,
+            {label: label for label in labels},
+            topics.TEMPLATE,
+            max_seq_length=topics.MAX_SEQ_LENGTH,
+            first_sent_limit=topics.FIRST_SENT_LIMIT,
+            layout=TEXT_CSV,
+            offline=True,
+            source="adaptlab",
+        )
+        for name, labels in topics.TOPIC_TASKS.items()
+    ),
     Task(
-        name,
-        labels,
-        {label: label for label in labels},
-        topics.TEMPLATE,
-        max_seq_length=topics.MAX_SEQ_LENGTH,
-        first_sent_limit=topics.FIRST_SENT_LIMIT,
+        bbc.TASK_NAME,
+        bbc.TOPICS,
+        {topic: topic for topic in bbc.TOPICS},
+        bbc.TEMPLATE,
+        max_seq_length=bbc.MAX_SEQ_LENGTH,
+        first_sent_limit=bbc.FIRST_SENT_LIMIT,
+        layout=TEXT_CSV,
         offline=True,
         source="adaptlab",
-    )
-    for name, labels in topics.TOPIC_TASKS.items()
+    ),
+    Task(
+        tweets.TASK_NAME,
+        tweets.LABELS,
+        _words(tweets.LABELS, tweets.WORDS),
+        tweets.TEMPLATE,
+        max_seq_length=tweets.MAX_SEQ_LENGTH,
+        first_sent_limit=tweets.FIRST_SENT_LIMIT,
+        layout=TEXT_CSV,
+        offline=True,
+        source="adaptlab",
+    ),
 ]
 
 TASKS: dict[str, Task] = {task.name: task for task in (*_LM_BFF, *_GRAFTING, *_OFFLINE)}

@@ -26,9 +26,10 @@ The "original" data is fixed once for all seeds:
 1. Questions are taken in file order (grouped by subject); a question text seen before (MMLU
    repeats a few) is dropped, so no text is in two splits.
 2. Test: ``TEST_PER_CLASS = 100`` questions per class, drawn without replacement by one
-   ``numpy.random.default_rng(POOL_SEED)`` in label order (math, history, law, health), so the
-   binary task's test set is the math and history part of the 4-class one. The test set is
-   balanced and ordered by label, then by position in the file.
+   ``numpy.random.default_rng(POOL_SEED)`` in label order (math, history, law, health;
+   :func:`adaptlab.data.heldout.hold_out`), so the binary task's test set is the math and
+   history part of the 4-class one. The test set is balanced and ordered by label, then by
+   position in the file.
 3. The rest of each class is the training pool.
 
 Train and dev for ``(k, seed)`` then come from the same generator logic as the LM-BFF tasks
@@ -49,12 +50,10 @@ Example (needs the embedded MMLU copy)::
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any
 
 from adaptlab.data.errors import DataError
-from adaptlab.data.kshot import cap_test, kshot_split
+from adaptlab.data.heldout import TextRow, hold_out
 
 TEMPLATE = "*cls**sent_0*_This_question_is_about*mask*.*sep+*"
 MAX_SEQ_LENGTH = 128
@@ -91,55 +90,19 @@ TOPIC_TASKS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TopicRow(NamedTuple):
-    """One question: ``guid`` (``mmlu-<index>``), its text and its topic label."""
-
-    guid: str
-    text: str
-    label: str
-
-
-def topic_splits(
-    labels: tuple[str, ...],
-    k: int,
-    seed: int,
-    mode: str = "k-shot",
-    *,
-    task_name: str = "mmlu-topics",
-    allow_short: bool = False,
-) -> tuple[list[TopicRow], list[TopicRow], list[TopicRow], dict[str, Any]]:
-    """Train, dev and test rows of a topic task, and their provenance.
+@lru_cache(maxsize=4)
+def topic_pool(labels: tuple[str, ...]) -> tuple[list[TextRow], list[TextRow], dict[str, Any]]:
+    """The training pool, the fixed test set and the provenance of a topic task.
 
     Args:
         labels: topic labels, keys of :data:`SUBJECT_GROUPS`, in class order.
-        k: train (and dev) questions per label.
-        seed: data seed.
-        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
-        task_name: for error messages.
-        allow_short: give short splits instead of raising when a pool is too small.
 
     Returns:
-        ``(train, dev, test, provenance)``.
+        ``(pool, test, provenance)``; rows are ``TextRow("mmlu-<index>", question, topic)``.
 
     Raises:
-        DataError: an unknown label, or k larger than a class's training pool allows.
+        DataError: an unknown label, or an MMLU copy without a subject of a topic.
     """
-    pool, test, provenance = _pool(tuple(labels))
-    train, dev = kshot_split(
-        pool,
-        lambda row: row.label,
-        k,
-        seed,
-        mode,
-        labels=labels,
-        task_name=task_name,
-        allow_short=allow_short,
-    )
-    return train, dev, cap_test(test, mode), dict(provenance)
-
-
-@lru_cache(maxsize=4)
-def _pool(labels: tuple[str, ...]) -> tuple[list[TopicRow], list[TopicRow], dict[str, Any]]:
     from adaptlab.data.mmlu import load_mmlu
 
     unknown = [label for label in labels if label not in SUBJECT_GROUPS]
@@ -148,18 +111,15 @@ def _pool(labels: tuple[str, ...]) -> tuple[list[TopicRow], list[TopicRow], dict
             f"Unknown topic label(s) {unknown}; choose from {', '.join(SUBJECT_GROUPS)}."
         )
     splits = load_mmlu(holdout_per_subject=0)
-    by_subject: dict[str, list[TopicRow]] = {}
+    by_subject: dict[str, list[TextRow]] = {}
     seen: set[str] = set()
     for ex in splits.test:
         text = ex.question.strip()
         if text in seen:
             continue
         seen.add(text)
-        by_subject.setdefault(ex.subject, []).append(TopicRow(f"mmlu-{ex.index}", text, ""))
-    rng = np.random.default_rng(POOL_SEED)
-    pool: list[TopicRow] = []
-    test: list[TopicRow] = []
-    sizes: dict[str, int] = {}
+        by_subject.setdefault(ex.subject, []).append(TextRow(f"mmlu-{ex.index}", text, ""))
+    groups: dict[str, list[TextRow]] = {}
     for label in labels:
         missing = [s for s in SUBJECT_GROUPS[label] if s not in by_subject]
         if missing:
@@ -167,17 +127,16 @@ def _pool(labels: tuple[str, ...]) -> tuple[list[TopicRow], list[TopicRow], dict
                 f"The MMLU copy lacks subject(s) {missing} of topic {label!r}; use the full "
                 "cais/mmlu test split (the embedded copy has it)."
             )
-        group = [row._replace(label=label) for s in SUBJECT_GROUPS[label] for row in by_subject[s]]
-        held_out = set(rng.choice(len(group), TEST_PER_CLASS, replace=False).tolist())
-        test += [row for i, row in enumerate(group) if i in held_out]
-        pool += [row for i, row in enumerate(group) if i not in held_out]
-        sizes[label] = len(group) - TEST_PER_CLASS
+        groups[label] = [
+            row._replace(label=label) for s in SUBJECT_GROUPS[label] for row in by_subject[s]
+        ]
+    pool, test = hold_out(groups, TEST_PER_CLASS, POOL_SEED, task_name="mmlu-topics")
     provenance = {
         "source": "offline",
         "mmlu": splits.provenance,
         "subject_groups": {label: list(SUBJECT_GROUPS[label]) for label in labels},
         "test_per_class": TEST_PER_CLASS,
         "pool_seed": POOL_SEED,
-        "train_pool_sizes": sizes,
+        "train_pool_sizes": {label: len(group) - TEST_PER_CLASS for label, group in groups.items()},
     }
     return pool, test, provenance
