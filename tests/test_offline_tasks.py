@@ -360,7 +360,7 @@ def test_label_words_are_single_tokens_of_the_embedded_models(model):
 
 def test_csv_round_trip_of_written_rows(tmp_path):
     """Texts with commas, quotes and line breaks survive the label,text CSV files."""
-    from adaptlab.data.kshot import write_csv
+    from adaptlab.data.splits import write_csv
 
     rows = [["positive", 'a, "quoted"\nline'], ["negative", "1234"]]
     write_csv(tmp_path / "x.csv", pd.DataFrame(rows))

@@ -35,14 +35,7 @@ from adaptlab.data.fewshot import (
     read_examples,
     task_metrics,
 )
-from adaptlab.data.kshot import (
-    MODES,
-    UPSTREAM_SEEDS,
-    PrepareConfig,
-    generate_kshot,
-    kshot_split,
-    read_original,
-)
+from adaptlab.data.kshot import MODES, UPSTREAM_SEEDS, PrepareConfig, generate_kshot, read_original
 from adaptlab.data.mmlu import (
     LETTERS,
     MAX_SHOTS,
@@ -67,6 +60,7 @@ from adaptlab.data.mmlu import (
     tokenize_prompts,
 )
 from adaptlab.data.offline import offline_splits, write_offline_kshot
+from adaptlab.data.splits import kshot_split
 from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task
 from adaptlab.data.templates import TemplatePart, check_template, parse_template
 

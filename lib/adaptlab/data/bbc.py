@@ -18,7 +18,7 @@ Reading (:func:`read_articles`), with every count kept in the provenance:
 Splits, fixed for all seeds: ``TEST_PER_CLASS = 100`` articles per topic are held out
 (:func:`adaptlab.data.heldout.hold_out`, ``default_rng(POOL_SEED)``), 500 in all; the k-shot
 train and dev articles of ``(k, seed)`` come from the rest, k per topic
-(:func:`adaptlab.data.kshot.kshot_split`). The generation task (:func:`load_headlines`) uses the
+(:func:`adaptlab.data.splits.kshot_split`). The generation task (:func:`load_headlines`) uses the
 very same splits, so the same ``(k, seed)`` gives the same articles in both tasks.
 
 ``bbc-news`` classifies the body (the title is the other task's target) with ag_news' template,
@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 from adaptlab import embedded
 from adaptlab.data.errors import DataError
 from adaptlab.data.heldout import TextRow, hold_out
-from adaptlab.data.kshot import cap_test, check_mode, kshot_split, limit_test
+from adaptlab.data.splits import cap_test, check_mode, kshot_split, limit_test
 
 TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sport", "tech")
 FOLDERS: dict[str, str] = {topic: topic for topic in TOPICS} | {"sport": "sports"}

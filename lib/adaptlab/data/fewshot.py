@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from adaptlab import embedded
 from adaptlab.data.errors import DataError
-from adaptlab.data.kshot import check_mode, check_test_limit, csv_label, limit_test, read_tsv
 from adaptlab.data.offline import offline_splits
+from adaptlab.data.splits import check_mode, check_test_limit, csv_label, limit_test, read_tsv
 from adaptlab.data.tasks import FileLayout, Task, get_task
 from adaptlab.data.templates import (
     Kind,

@@ -4,7 +4,7 @@ Each offline task (``mmlu-topics``, ``bbc-news``, ``tweet-sentiment``) holds out
 examples for every data seed: ``per_class`` examples of each class, drawn without replacement by
 one ``numpy.random.default_rng(seed)`` in class order. The test set is balanced and ordered by
 class, then by position in the source; the rest of each class is the training pool that the
-k-shot train and dev splits are drawn from (:func:`adaptlab.data.kshot.kshot_split`).
+k-shot train and dev splits are drawn from (:func:`adaptlab.data.splits.kshot_split`).
 
 Example::
 

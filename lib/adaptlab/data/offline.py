@@ -4,7 +4,7 @@
 test set and its provenance; adding an offline task is adding an entry (and its
 :class:`~adaptlab.data.tasks.Task`). For a ``(k, seed)`` the train and dev examples are drawn
 from the pool exactly as the LM-BFF generator draws them from a training file
-(:func:`adaptlab.data.kshot.kshot_split`).
+(:func:`adaptlab.data.splits.kshot_split`).
 
 =================  ========================================  =====================  =========
 task               source (embedded asset)                   classes                test
@@ -41,7 +41,7 @@ from pandas import DataFrame
 from adaptlab.data import bbc, topics, tweets
 from adaptlab.data.errors import DataError
 from adaptlab.data.heldout import TextRow
-from adaptlab.data.kshot import cap_test, check_mode, check_seed, kshot_split, write_csv
+from adaptlab.data.splits import cap_test, check_mode, check_seed, kshot_split, write_csv
 
 if TYPE_CHECKING:
     from adaptlab.data.tasks import Task

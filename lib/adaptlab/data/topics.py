@@ -33,7 +33,7 @@ The "original" data is fixed once for all seeds:
 3. The rest of each class is the training pool.
 
 Train and dev for ``(k, seed)`` then come from the same generator logic as the LM-BFF tasks
-(:func:`adaptlab.data.kshot.kshot_split`): seeded shuffle, label buckets, k train + k dev per
+(:func:`adaptlab.data.splits.kshot_split`): seeded shuffle, label buckets, k train + k dev per
 label (10k dev in ``k-shot-10x``). Questions are long-tailed (median ~280 characters, a few
 thousand at most), so the task limits sentence 0 to ``FIRST_SENT_LIMIT`` tokens.
 
