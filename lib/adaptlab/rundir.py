@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptlab.errors import UserError
+from adaptlab.errors import UserError, on_user_error
 from adaptlab.io import ASIDE_SUFFIX, TEMP_SUFFIX, sweep_temporaries
 
 LOCK_FILE = ".adaptlab.lock"
@@ -205,6 +205,9 @@ def release_all() -> None:
     """Release every lock this process holds (a run ended by an error; see ``errors``)."""
     for lock in list(_HELD.values()):
         lock.release()
+
+
+on_user_error(release_all)  # a run refused with one sentence leaves no lock behind
 
 
 def _write_holder(fd: int) -> None:

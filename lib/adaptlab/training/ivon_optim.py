@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import ivon
 import torch
 
-from adaptlab.training.optim import TrainingError
+from adaptlab.training.errors import TrainingError
 
 
 class CheckedIVON(ivon.IVON):

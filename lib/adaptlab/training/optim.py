@@ -40,12 +40,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from adaptlab.errors import UserError
-
-
-class TrainingError(UserError):
-    """A training setting that cannot work (optimiser, schedule, objective, freezing, data)."""
-
+from adaptlab.training.errors import TrainingError
 
 IVON_MISSING = (
     "optimizer=ivon needs the ivon-opt package, which adaptlab leaves to an optional extra "
