@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.config import parse_config, to_dict
 from adaptlab.data import (
     PrepareConfig,
@@ -106,7 +106,7 @@ def _write(cfg: PrepareConfig, task: Task) -> tuple[list[Path], dict]:
         allow_short=cfg.allow_short,
         original=original,
     )
-    return folders, {str(path): embedded.sha256_file(path) for path in original.files}
+    return folders, {str(path): assets.sha256_file(path) for path in original.files}
 
 
 def _write_offline(cfg: PrepareConfig, task: Task) -> tuple[list[Path], dict]:
@@ -117,7 +117,7 @@ def _write_offline(cfg: PrepareConfig, task: Task) -> tuple[list[Path], dict]:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: embedded.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: assets.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def main(argv: list[str] | None = None) -> None:

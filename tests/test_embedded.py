@@ -1,4 +1,4 @@
-"""Tests for the embedded assets (adaptlab.embedded) and models (adaptlab.models.embedded).
+"""Tests for the embedded assets (adaptlab.assets) and models (adaptlab.models.embedded).
 
 The offline tests build fake wheels in a temporary wheelhouse and cache. The tests marked
 ``embedded`` use the real assets in the default cache (so the SmolLM2 conversion is reused
@@ -19,8 +19,8 @@ from typing import TypeVar
 import pytest
 import torch
 
-from adaptlab import embedded as assets
-from adaptlab.embedded import ASSETS, EmbeddedAsset, EmbeddedAssetError, describe, fetch
+from adaptlab import assets
+from adaptlab.assets import ASSETS, EmbeddedAsset, EmbeddedAssetError, describe, fetch
 from adaptlab.models import (
     PROVENANCE_FILE,
     ModelNotFoundError,
@@ -56,7 +56,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# --- adaptlab.embedded, offline ---------------------------------------------------------------
+# --- adaptlab.assets, offline ---------------------------------------------------------------
 
 
 def test_unknown_asset_name() -> None:
@@ -215,20 +215,20 @@ def test_real_mmlu_fetch() -> None:
 def test_sha256_file_cached_is_remembered_across_calls(tmp_path, monkeypatch):
     import hashlib
 
-    from adaptlab import embedded
+    from adaptlab import assets
 
     monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights" * 1000)
     expected = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert embedded.sha256_file_cached(weights) == expected
+    assert assets.sha256_file_cached(weights) == expected
 
     def must_not_reread(path):
         raise AssertionError("hash recomputed although the file did not change")
 
-    monkeypatch.setattr(embedded, "sha256_file", must_not_reread)
-    assert embedded.sha256_file_cached(weights) == expected
+    monkeypatch.setattr(assets, "sha256_file", must_not_reread)
+    assert assets.sha256_file_cached(weights) == expected
     weights.write_bytes(b"changed")  # a new size/mtime is a new file version
     monkeypatch.undo()
     monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path / "cache"))
-    assert embedded.sha256_file_cached(weights) == hashlib.sha256(b"changed").hexdigest()
+    assert assets.sha256_file_cached(weights) == hashlib.sha256(b"changed").hexdigest()

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from adaptlab.assets import EmbeddedAssetError, fetch
 from adaptlab.data import (
     TASKS,
     DataError,
@@ -26,7 +27,6 @@ from adaptlab.data import (
     task_metrics,
 )
 from adaptlab.data.templates import SpecialIds, encode_parts
-from adaptlab.embedded import EmbeddedAssetError, fetch
 from adaptlab.models.tiny import tiny_tokenizer
 from tests.conftest import load_script
 

@@ -11,10 +11,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from adaptlab.assets import EmbeddedAssetError
 from adaptlab.config import parse_config
 from adaptlab.data import answer_letter_ids, load_mmlu, subset_by_subject
 from adaptlab.demo import DemoConfig
-from adaptlab.embedded import EmbeddedAssetError
 from adaptlab.extract.config import ExtractConfig
 from adaptlab.models import load_model
 from adaptlab.models.tiny import save_tiny_llama, tiny_llama, tiny_tokenizer

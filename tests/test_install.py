@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from adaptlab import assets_cli
-from adaptlab.embedded import ASSETS, EmbeddedAsset
+from adaptlab.assets import ASSETS, EmbeddedAsset
 from tests.conftest import ROOT
 
 

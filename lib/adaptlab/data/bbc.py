@@ -47,7 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.data.errors import DataError
 from adaptlab.data.heldout import TextRow, hold_out
 from adaptlab.data.splits import cap_test, check_mode, kshot_split, limit_test
@@ -107,7 +107,7 @@ def read_articles(folder: str | Path | None = None) -> tuple[list[Article], dict
     Raises:
         DataError: a missing topic folder, or a file with no title or no body.
     """
-    root = Path(folder).expanduser() if folder is not None else embedded.fetch("bbc-news")
+    root = Path(folder).expanduser() if folder is not None else assets.fetch("bbc-news")
     articles: list[Article] = []
     seen: set[str] = set()
     files: dict[str, int] = {}
@@ -161,7 +161,7 @@ def article_splits() -> tuple[list[Article], list[Article], dict[str, Any]]:
     pool, test = hold_out(groups, TEST_PER_CLASS, POOL_SEED, task_name=TASK_NAME)
     provenance = {
         "source": "offline",
-        "data": embedded.describe("bbc-news"),
+        "data": assets.describe("bbc-news"),
         "reading": counts,
         "test_per_class": TEST_PER_CLASS,
         "pool_seed": POOL_SEED,

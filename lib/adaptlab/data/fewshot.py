@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 import torch
 from tqdm.auto import tqdm
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.data.errors import DataError
 from adaptlab.data.offline import offline_splits
 from adaptlab.data.splits import check_mode, check_test_limit, csv_label, limit_test, read_tsv
@@ -166,7 +166,7 @@ def load_task(
         ):
             path = folder / f"{stem}.{task.layout.format}"
             splits.append(read_examples(path, task, split))
-            hashes[path.name] = embedded.sha256_file(path)
+            hashes[path.name] = assets.sha256_file(path)
         provenance.update(source="files", data_dir=str(folder), sha256=hashes)
     train, dev, test = splits
     test = limit_test(test, test_limit)

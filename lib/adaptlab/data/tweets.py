@@ -56,7 +56,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.data.errors import DataError
 from adaptlab.data.heldout import TextRow, hold_out
 
@@ -136,7 +136,7 @@ def read_tweets(
         DataError: the file lacks the header, or a row has not three columns or a confidence
             that is not a number.
     """
-    path = Path(path).expanduser() if path is not None else embedded.fetch("tweets")
+    path = Path(path).expanduser() if path is not None else assets.fetch("tweets")
     # Latin-1 maps each byte to one character, so every cell's bytes come back exactly
     reader = csv.reader(io.StringIO(path.read_bytes().decode("latin-1"), newline=""))
     header = next(reader, None)
@@ -218,7 +218,7 @@ def _embedded_pool() -> tuple[list[TextRow], list[TextRow], dict[str, Any]]:
     pool, test = hold_out(groups, TEST_PER_CLASS, POOL_SEED, task_name=TASK_NAME)
     provenance = {
         "source": "offline",
-        "data": embedded.describe("tweets"),
+        "data": assets.describe("tweets"),
         "cleaning": counts,
         "test_per_class": TEST_PER_CLASS,
         "pool_seed": POOL_SEED,

@@ -1,6 +1,6 @@
 """The embedded default models as ordinary Hugging Face model folders.
 
-:mod:`adaptlab.embedded` fetches the raw assets; this module turns them into folders that
+:mod:`adaptlab.assets` fetches the raw assets; this module turns them into folders that
 ``from_pretrained`` loads like any other:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file. On first use it is
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptlab.embedded import (
+from adaptlab.assets import (
     ASSETS,
     EmbeddedAssetError,
     cache_dir,

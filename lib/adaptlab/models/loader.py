@@ -833,7 +833,7 @@ def _all_weight_files(folder: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    from adaptlab.embedded import sha256_file_cached
+    from adaptlab.assets import sha256_file_cached
 
     return sha256_file_cached(path)
 
@@ -882,7 +882,7 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict.
     """
-    from adaptlab.embedded import ASSETS, describe
+    from adaptlab.assets import ASSETS, describe
 
     ref = _as_ref(ref, materialize=False)
     out: dict[str, Any] = {

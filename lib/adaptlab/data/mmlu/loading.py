@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from adaptlab import embedded
+from adaptlab import assets
 from adaptlab.data.errors import DataError
 from adaptlab.data.mmlu.examples import LETTERS, MAX_SHOTS, Letter, MMLUExample, MMLUSplits
 from adaptlab.network import hub_reachable
@@ -114,11 +114,11 @@ def load_mmlu(
         )
     if split_names == ["test"]:
         try:
-            path = embedded.fetch("mmlu")
-        except embedded.EmbeddedAssetError as err:
+            path = assets.fetch("mmlu")
+        except assets.EmbeddedAssetError as err:
             reason = f"the embedded copy is unavailable: {err}"
         else:
-            provenance = {"source": "embedded", "embedded": embedded.describe("mmlu")}
+            provenance = {"source": "embedded", "embedded": assets.describe("mmlu")}
             if fallback is not None:
                 provenance["hub_fallback"] = fallback
             splits = _load_file(path, split, holdout_per_subject, provenance)
@@ -159,7 +159,7 @@ def _load_file(
     path: Path, split: str, holdout_per_subject: int, provenance: dict[str, Any]
 ) -> MMLUSplits:
     examples, n_dropped = _parse_rows(_read_file(path), origin=str(path))
-    provenance.update(path=str(path), sha256={path.name: embedded.sha256_file(path)})
+    provenance.update(path=str(path), sha256={path.name: assets.sha256_file(path)})
     return _single_split(examples, n_dropped, split, holdout_per_subject, provenance)
 
 
@@ -438,7 +438,7 @@ def _load_saved(
         ) from None
     files = sorted(p for p in path.rglob("*") if p.is_file())
     provenance: dict[str, Any] = {"source": "saved_dataset", "path": str(path)}
-    provenance["sha256"] = {str(p.relative_to(path)): embedded.sha256_file(p) for p in files}
+    provenance["sha256"] = {str(p.relative_to(path)): assets.sha256_file(p) for p in files}
     if not isinstance(saved, DatasetDict):
         _check_single_split(path, split)
         examples, n_dropped = _parse_rows(saved.to_list(), origin=str(path))
@@ -479,7 +479,7 @@ def _load_hub(
         ) from err
     provenance: dict[str, Any] = {"source": "hub", "path": f"{HUB_DATASET}/{HUB_CONFIG}"}
     provenance["sha256"] = {
-        f"{name}/{Path(entry['filename']).name}": embedded.sha256_file(Path(entry["filename"]))
+        f"{name}/{Path(entry['filename']).name}": assets.sha256_file(Path(entry["filename"]))
         for name, dataset in {**parts, "dev": dev}.items()
         for entry in dataset.cache_files
     }

@@ -8,7 +8,7 @@ files we need are unpacked into a user cache directory, once.
 
 Quick start::
 
-    >>> from adaptlab.embedded import fetch
+    >>> from adaptlab.assets import fetch
     >>> path = fetch("mmlu")          # doctest: +SKIP
     >>> path.name                     # doctest: +SKIP
     'mmlu.jsonl'
