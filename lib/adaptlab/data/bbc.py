@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 from adaptlab import assets
 from adaptlab.data.errors import DataError
-from adaptlab.data.heldout import TextRow, hold_out
+from adaptlab.data.heldout import TextRow, held_out_pool
 from adaptlab.data.splits import cap_test, check_mode, kshot_split, limit_test
 
 TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sport", "tech")
@@ -157,17 +157,10 @@ def read_articles(folder: str | Path | None = None) -> tuple[list[Article], dict
 def article_splits() -> tuple[list[Article], list[Article], dict[str, Any]]:
     """The embedded articles' training pool, fixed test set and provenance."""
     articles, counts = read_articles()
-    groups = {topic: [a for a in articles if a.topic == topic] for topic in TOPICS}
-    pool, test = hold_out(groups, TEST_PER_CLASS, POOL_SEED, task_name=TASK_NAME)
-    provenance = {
-        "source": "offline",
-        "data": assets.describe("bbc-news"),
-        "reading": counts,
-        "test_per_class": TEST_PER_CLASS,
-        "pool_seed": POOL_SEED,
-        "train_pool_sizes": {topic: len(group) - TEST_PER_CLASS for topic, group in groups.items()},
-    }
-    return pool, test, provenance
+    return held_out_pool(
+        articles, lambda a: a.topic, TOPICS, TEST_PER_CLASS, POOL_SEED,
+        task_name=TASK_NAME, asset="bbc-news", counts={"reading": counts},
+    )  # fmt: skip
 
 
 def news_pool(labels: tuple[str, ...]) -> tuple[list[TextRow], list[TextRow], dict[str, Any]]:

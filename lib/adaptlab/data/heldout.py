@@ -17,10 +17,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
+from adaptlab import assets
 from adaptlab.data.errors import DataError
 
 T = TypeVar("T")
@@ -64,3 +66,41 @@ def hold_out(
         test += [item for i, item in enumerate(group) if i in held]
         pool += [item for i, item in enumerate(group) if i not in held]
     return pool, test
+
+
+def held_out_pool(
+    items: Sequence[T],
+    label_of: Callable[[T], str],
+    labels: Sequence[str],
+    per_class: int,
+    seed: int,
+    *,
+    task_name: str,
+    asset: str,
+    counts: dict[str, Any],
+) -> tuple[list[T], list[T], dict[str, Any]]:
+    """:func:`hold_out` over ``items`` grouped by ``labels``, with the task's provenance.
+
+    Args:
+        items: the cleaned source rows.
+        label_of: an item's label.
+        labels: the classes, in draw order.
+        per_class, seed, task_name: as for :func:`hold_out`.
+        asset: the embedded asset the items were read from (its pinned wheel and hashes).
+        counts: what reading and cleaning kept and dropped (named entries, e.g.
+            ``{"cleaning": {...}}``), recorded in the provenance as given.
+
+    Returns:
+        ``(pool, test, provenance)``.
+    """
+    groups = {label: [item for item in items if label_of(item) == label] for label in labels}
+    pool, test = hold_out(groups, per_class, seed, task_name=task_name)
+    provenance = {
+        "source": "offline",
+        "data": assets.describe(asset),
+        **counts,
+        "test_per_class": per_class,
+        "pool_seed": seed,
+        "train_pool_sizes": {label: len(group) - per_class for label, group in groups.items()},
+    }
+    return pool, test, provenance

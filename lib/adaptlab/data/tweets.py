@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 from adaptlab import assets
 from adaptlab.data.errors import DataError
-from adaptlab.data.heldout import TextRow, hold_out
+from adaptlab.data.heldout import TextRow, held_out_pool
 
 LABELS: tuple[str, ...] = ("negative", "positive")
 WORDS: tuple[str, ...] = ("terrible", "great")
@@ -214,17 +214,10 @@ def _number(value: str, index: int, path: Path) -> float:
 @lru_cache(maxsize=1)
 def _embedded_pool() -> tuple[list[TextRow], list[TextRow], dict[str, Any]]:
     rows, counts = read_tweets()
-    groups = {label: [row for row in rows if row.label == label] for label in LABELS}
-    pool, test = hold_out(groups, TEST_PER_CLASS, POOL_SEED, task_name=TASK_NAME)
-    provenance = {
-        "source": "offline",
-        "data": assets.describe("tweets"),
-        "cleaning": counts,
-        "test_per_class": TEST_PER_CLASS,
-        "pool_seed": POOL_SEED,
-        "train_pool_sizes": {label: len(group) - TEST_PER_CLASS for label, group in groups.items()},
-    }
-    return pool, test, provenance
+    return held_out_pool(
+        rows, lambda row: row.label, LABELS, TEST_PER_CLASS, POOL_SEED,
+        task_name=TASK_NAME, asset="tweets", counts={"cleaning": counts},
+    )  # fmt: skip
 
 
 def sentiment_pool(labels: tuple[str, ...]) -> tuple[list[TextRow], list[TextRow], dict[str, Any]]:
