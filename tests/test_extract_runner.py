@@ -110,6 +110,47 @@ def test_batch_size_one_and_eight_give_same_rows(tmp_path, side):
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_vocabulary_head_runs_only_at_the_last_tokens(tmp_path, side):
+    model = tiny_llama(vocab_size=100)
+    seqs = random_sequences(9, 100, seed=4)
+    head_rows = []
+    handle = model.lm_head.register_forward_hook(
+        lambda _m, _i, out: head_rows.append(out.shape[0] * out.shape[1])
+    )
+    sites = hook_sites(model, ["norm1", "logits"])
+    extract_chunks(
+        model, seqs, sites, tmp_path, SINGLE, pad_id=0, letter_ids=[1, 2, 3, 4],
+        padding_side=side, batch_size=4, chunk_size=9, progress=False,
+    )  # fmt: skip
+    handle.remove()
+    # B x (distinct last positions) rows per batch, not B x T
+    assert max(head_rows) <= 4 * (4 if side == "right" else 1)
+    cols = read_chunk_columns(tmp_path, 9, 9, ["logits/l3", "letter_logits", "pred_id"])
+    for row, seq in enumerate(seqs):
+        alone = model(input_ids=torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(cols["logits/l3"][row], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cols["letter_logits"][row], alone[1:5], atol=1e-5, rtol=1e-4)
+    assert torch.equal(cols["pred_id"], cols["logits/l3"].argmax(1))
+
+
+@torch.no_grad()
+def test_mean_rule_keeps_the_head_at_every_position(tmp_path):
+    model = tiny_llama(vocab_size=100)
+    seqs = random_sequences(5, 100, seed=5)
+    sites = hook_sites(model, ["logits"])
+    extract_chunks(
+        model, seqs, sites, tmp_path, SINGLE, pad_id=0, letter_ids=[1, 2, 3, 4],
+        token_rule="mean", batch_size=4, chunk_size=5, progress=False,
+    )  # fmt: skip
+    cols = read_chunk_columns(tmp_path, 5, 5, ["logits/l3", "letter_logits"])
+    for row, seq in enumerate(seqs):
+        alone = model(input_ids=torch.tensor([seq])).logits[0]
+        torch.testing.assert_close(cols["logits/l3"][row], alone.mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cols["letter_logits"][row], alone[-1, 1:5], atol=1e-5, rtol=1e-4)
+
+
 def test_existing_chunks_are_skipped_and_merge_streams(tmp_path, capsys):
     model = tiny_llama(vocab_size=100)
     seqs = random_sequences(10, 100, seed=3)
