@@ -2,6 +2,9 @@
 
 1. extracts every layer's last-token representation of a subject-balanced MMLU subset, once
    per shot count (0, 2 and 5 shots by default) with scripts/extract_repr.py;
+2. extracts the largest shot count again with shots drawn per query from the subject's pool
+   (``random``) and from another subject's pool (``other_subject``): controls for the prompt
+   text that fixed shots share within a subject;
 3. fine-tunes SmolLM2 with LoRA on MMLU questions of the same subjects that are never analysed
    (scripts/finetune.py), and extracts the fine-tuned model and its log-spaced checkpoints
    0-shot on the analysis subset;
@@ -16,7 +19,7 @@
    sentiment, on real data;
 6. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 14 minutes; a
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 21 minutes; a
 rerun reuses finished extractions.
 
 Launch:
