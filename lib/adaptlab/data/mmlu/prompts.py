@@ -72,11 +72,8 @@ def build_prompts(
     Raises:
         DataError: bad ``num_shots``, no ``dev`` for a few-shot prompt, or too few shots.
     """
-    pools = _pools(dev, num_shots, seed)
-    return [
-        build_prompt(ex, select_shots(ex, pools, num_shots, seed, random_order, selection))
-        for ex in examples
-    ]
+    shots = _shots(examples, dev, num_shots, seed, random_order, selection)
+    return [build_prompt(ex, s) for ex, s in zip(examples, shots, strict=True)]
 
 
 def shared_prompt_text(
@@ -93,8 +90,7 @@ def shared_prompt_text(
     repeats the same solved questions, so their representations can cluster by subject for
     that reason alone. See :func:`adaptlab.data.mmlu.shots.shared_text_fraction`.
     """
-    pools = _pools(dev, num_shots, seed)
-    shots = [select_shots(ex, pools, num_shots, seed, random_order, selection) for ex in examples]
+    shots = _shots(examples, dev, num_shots, seed, random_order, selection)
     return shared_text_fraction(
         [build_prompt(ex, s) for ex, s in zip(examples, shots, strict=True)],
         [ex.subject for ex in examples],
@@ -102,10 +98,15 @@ def shared_prompt_text(
     )
 
 
-def _pools(
-    dev: Sequence[MMLUExample] | None, num_shots: int, seed: int
-) -> dict[str, list[MMLUExample]]:
-    """The shot pool by subject, after checking the shot settings."""
+def _shots(
+    examples: Sequence[MMLUExample],
+    dev: Sequence[MMLUExample] | None,
+    num_shots: int,
+    seed: int,
+    random_order: bool,
+    selection: ShotSelection,
+) -> list[list[MMLUExample]]:
+    """Every example's shots, after checking the shot settings."""
     check_num_shots(num_shots)
     if num_shots and dev is None:
         raise DataError(
@@ -114,7 +115,8 @@ def _pools(
         )
     if seed < 0:
         raise DataError(f"seed={seed} is negative; use a seed >= 0.")
-    return group_by_subject(dev or [])
+    pools = group_by_subject(dev or [])
+    return [select_shots(ex, pools, num_shots, seed, random_order, selection) for ex in examples]
 
 
 def tokenize_prompts(
