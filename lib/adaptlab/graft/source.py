@@ -1,0 +1,191 @@
+"""Where θ_ft comes from: a fine-tuning run, a plain model folder or a PEFT adapter.
+
+:func:`resolve_finetuned` reads what a ``--finetuned`` folder is without loading weights:
+
+* a ``scripts/finetune.py`` run folder (``run.json`` / ``result.json``): its ``best/`` weights
+  (``final/`` without one), its base model and its data config and freezing flags;
+* a checkpoint folder inside such a run (``best/``, ``checkpoints/step_100``...): those weights,
+  with the run's config;
+* a plain Hugging Face model folder (``config.json``): no run config, so the data and the
+  eligible set come from the graft config;
+* a PEFT adapter folder (``adapter_config.json``): Δ is the adapter's merged delta on the
+  weights it wraps.
+
+:func:`finetuned_tensors` then reads θ_ft of the eligible tensors only: a model folder's
+safetensors are opened lazily and only the eligible entries are read; an adapter is merged one
+layer at a time into a copy of that layer's weight (θ_ft never exists as a second whole model).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from adaptlab.graft.errors import GraftError
+
+RUN_FILES = ("result.json", "run.json")
+CHECKPOINT_META = "adaptlab_checkpoint.json"
+
+
+@dataclass(frozen=True)
+class FinetunedSource:
+    """A resolved ``--finetuned`` folder.
+
+    Attributes:
+        path: the folder given.
+        weights: the folder holding the weights (``config.json`` or ``adapter_config.json``).
+        kind: ``model`` (full weights) or ``adapter`` (PEFT).
+        run_config: the fine-tuning run's config (None for a plain folder).
+        base_model: the base the run or adapter names (None when unknown).
+    """
+
+    path: Path
+    weights: Path
+    kind: Literal["model", "adapter"]
+    run_config: dict[str, Any] | None
+    base_model: str | None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GraftError(f"{path} is not readable JSON ({error}); is the run complete?") from None
+    if not isinstance(data, dict):
+        raise GraftError(f"{path} is not a JSON object; is the run folder intact?")
+    return data
+
+
+def _run_config(folder: Path) -> dict[str, Any] | None:
+    for name in RUN_FILES:
+        if (folder / name).is_file():
+            config = _read(folder / name).get("config")
+            if isinstance(config, dict):
+                return config
+    return None
+
+
+def resolve_finetuned(path: str | Path) -> FinetunedSource:
+    """What ``--finetuned`` names (see the module docstring).
+
+    Raises:
+        GraftError: a missing folder, or one that holds neither a run nor weights.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise GraftError(
+            f"--finetuned {path} is not a folder; pass a scripts/finetune.py output folder, a "
+            "model folder or a PEFT adapter folder."
+        )
+    run_config = _run_config(folder)
+    weights = folder
+    if run_config is not None:
+        for name in ("best", "final"):
+            if (folder / name).is_dir():
+                weights = folder / name
+                break
+        else:
+            raise GraftError(
+                f"The fine-tuning run {folder} has neither best/ nor final/ weights; let it "
+                "finish (run its command again to resume), or pass a checkpoint folder."
+            )
+    elif (folder / CHECKPOINT_META).is_file():
+        run_config = _run_config(folder.parent) or _run_config(folder.parent.parent)
+    if (weights / "adapter_config.json").is_file():
+        kind: Literal["model", "adapter"] = "adapter"
+        base = _read(weights / "adapter_config.json").get("base_model_name_or_path")
+    elif (weights / "config.json").is_file():
+        kind, base = "model", None
+    else:
+        raise GraftError(
+            f"{weights} holds neither config.json nor adapter_config.json; pass the folder a "
+            "fine-tuned model or adapter was saved to."
+        )
+    if run_config is not None:
+        if run_config.get("head", "prompt") != "prompt":
+            raise GraftError(
+                f"{folder} was fine-tuned with head={run_config.get('head')!r}; grafting scores "
+                "label words, so graft a head=prompt run."
+            )
+        if run_config.get("task", "mmlu") == "mmlu":
+            raise GraftError(
+                f"{folder} was fine-tuned on answer-only MMLU; grafting evaluates a few-shot "
+                "classification task: graft a run of one (e.g. --task mmlu-topics)."
+            )
+        base = base or run_config.get("model")
+    return FinetunedSource(folder, weights, kind, run_config, str(base) if base else None)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name not in ("adapter_model.safetensors",)]
+    if not files:
+        raise GraftError(
+            f"{folder} has no .safetensors weights; grafting reads safetensors only (re-save the "
+            "model with save_pretrained)."
+        )
+    return files
+
+
+def model_tensors(folder: Path, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """θ_ft of ``names`` read lazily from a model folder's safetensors (only those entries).
+
+    Names are matched as saved, or with the model's head prefix stripped/added (a
+    ``…ForMaskedLM`` checkpoint saves ``roberta.encoder…`` as named in the model).
+    """
+    from safetensors import safe_open
+
+    out: dict[str, Tensor] = {}
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+            for name in names:
+                if name in keys and name not in out:
+                    out[name] = handle.get_tensor(name).to(like[name].dtype)
+    return out
+
+
+@torch.no_grad()
+def adapter_tensors(model: nn.Module, adapter: Path) -> dict[str, Tensor]:
+    """θ_ft of every weight a PEFT adapter changes, merged one layer at a time.
+
+    The adapter is injected into ``model`` (θ_pre), each adapted layer is merged, its weight
+    copied, and the saved θ_pre value put back exactly; then the adapter is removed, so
+    ``model`` is θ_pre again. ``modules_to_save`` copies count as changed weights too.
+
+    Returns:
+        name (as in ``model``) -> θ_ft tensor on the model's device.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    prefix = "base_model.model."
+    out: dict[str, Tensor] = {}
+    for name, module in peft_model.named_modules():
+        short = name[len(prefix) :] if name.startswith(prefix) else name
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            saved = {n: p.detach().clone() for n, p in base.named_parameters(recurse=False)}
+            module.merge()
+            for n, p in base.named_parameters(recurse=False):
+                if not torch.equal(p, saved[n]):
+                    out[f"{short}.{n}"] = p.detach().clone()
+                p.data.copy_(saved[n])
+            module.merged_adapters.clear()
+        elif isinstance(module, ModulesToSaveWrapper):
+            active = module.active_adapter
+            active = active[0] if isinstance(active, list | tuple) else active
+            for n, p in module.modules_to_save[active].named_parameters():
+                out[f"{short}.{n}"] = p.detach().clone()
+    peft_model.unload()
+    if not out:
+        raise GraftError(f"The adapter in {adapter} changes no weight; nothing to graft.")
+    return out

@@ -1,0 +1,604 @@
+"""Skill localization by grafting (Panigrahi et al. 2023, graft.md): learn a sparse mask γ that
+grafts the fine-tuned weights onto the pretrained model, θ = θ_pre + γ ⊙ (θ_ft − θ_pre).
+
+The eligible parameters E are the ones the fine-tuning run trained (its own freezing flags,
+read from the run). The base patch b holds exactly k = ⌊s·N_E⌋ entries of largest |Δ| (ties by
+position), nothing (``--base_patch zero``) or an earlier mask; the scores S ~ U[0, 1) then take
+``mask_steps`` plain gradient steps (graft.md §5: A batches averaged, step η, no optimiser),
+and the binary mask with the best train + dev score is kept (later ties win). Base, fine-tuned
+and grafted models are evaluated on train, dev and test (accuracy, F1 where the task's metric
+is F1, ECE) and on ``ood_tasks``; ``reliability.png`` draws their reliability diagrams.
+
+Outputs in ``--output_dir``: ``mask/`` (``graft_config.json`` + ``graft_mask.safetensors``: the
+mask, the scores and Δ at the mask, so the folder plus θ_pre rebuilds the grafted model, like
+a PEFT adapter; ``adaptlab.graft.apply_graft`` loads it and the extraction, analysis and kernel
+scripts take it as ``--model``), ``result.json``, ``reliability.json`` / ``.png``. A killed
+run started again with the same command resumes after the last finished mask step.
+
+Launch:
+    # laptop / CPU: graft the demo's few-shot run of the embedded SmolLM2-135M (~2 minutes)
+    python scripts/finetune.py --config scripts/configs/finetune_graft_demo.yaml
+    python scripts/graft.py --config scripts/configs/graft_demo.yaml
+
+    # the paper: RoBERTa-base, SST-2 16-shot, SGD fine-tuning, then the graft
+    python scripts/finetune.py --config scripts/configs/finetune_graft_paper.yaml \
+        --output_dir results/ft/sst2-16-13
+    python scripts/graft.py --config scripts/configs/graft_paper.yaml \
+        --finetuned results/ft/sst2-16-13 --output_dir results/graft/sst2-16-13
+
+    # evaluate a saved mask only, and export the grafted model as a Hugging Face folder
+    python scripts/graft.py --finetuned results/ft/sst2-16-13 --eval_only true \
+        --mask results/graft/sst2-16-13/mask --export_model results/grafted/sst2
+
+    # one GPU (deltas on the device), or a 7B LoRA run's merged delta
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/graft.py \
+        --finetuned results/sft/llama3-8b --sparsity 1e-5
+    sbatch slurm/submit_graft --finetuned results/sft/llama3-8b
+
+Trade-offs: ``deltas_on_device`` keeps θ_pre, θ_ft, b and S next to the model (fast, M + 4.25E
+bytes-per-entry-of-float32 in all for E eligible entries); off, they stay in host memory and
+each interpolation copies them tensor by tensor (the upstream behaviour: slow, but the
+accelerator holds only the model and its gradient). ``accumulation`` x ``batch_size`` bounds
+the examples one mask step reads; few-shot training sets are smaller, so a step is one epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from adaptlab.config import parse_config, to_dict
+from adaptlab.data import get_task
+from adaptlab.errors import report_user_errors
+from adaptlab.graft import (
+    GraftError,
+    GraftTensors,
+    MaskHistory,
+    MaskSettings,
+    Selection,
+    collect,
+    eligible_names,
+    export_model,
+    learn_mask,
+    load_mask,
+    patch_size,
+    top_delta_patch,
+)
+from adaptlab.graft.analysis import graft_sizes
+from adaptlab.graft.artefact import content_hash, read_config, save_mask
+from adaptlab.graft.config import PATCH_RULES, GraftConfig
+from adaptlab.graft.eligible import check_compatible
+from adaptlab.graft.learn import binary_masks, prepare_model
+from adaptlab.graft.mask import init_scores
+from adaptlab.graft.source import (
+    FinetunedSource,
+    adapter_tensors,
+    model_tensors,
+    resolve_finetuned,
+)
+from adaptlab.graft.tuner import check_mask_fits
+from adaptlab.io import read_json, save_tensors, sweep_temporaries, write_json
+from adaptlab.models import check_weights, describe_model, load_model, load_tokenizer, model_skeleton, resolve_model
+from adaptlab.rundir import Layout, RunLock, check_ours, clear_owned, is_empty, lock_output
+from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
+from adaptlab.training.checkpoint import fingerprint
+from adaptlab.training.fewshot import (
+    FewShotData,
+    collate_label_words,
+    evaluate_classification,
+    model_kind,
+    prepare_fewshot,
+)
+from adaptlab.training.objectives import label_words_objective
+
+RUN_FILE = "graft_run.json"
+MASK_DIR = "mask"
+RESUME_DIR = "resume"
+LAYOUT = Layout(
+    "grafting",
+    markers=(RUN_FILE,),
+    owned=(RUN_FILE, MASK_DIR, RESUME_DIR, "result.json", "reliability.json", "reliability.png"),
+)
+OPERATIONAL = frozenset(
+    {"output_dir", "overwrite", "progress", "eval_batch_size", "export_model", "cpu", "dtype"}
+)
+DATA_FIELDS = {  # graft config field -> fine-tuning run field
+    "task": "task",
+    "task_dir": "task_dir",
+    "shots": "shots",
+    "seed": "data_seed",
+    "kshot_mode": "kshot_mode",
+    "template": "template",
+    "label_words": "label_words",
+    "test_limit": "test_limit",
+}
+DATA_DEFAULTS = {"shots": 16, "seed": 42, "kshot_mode": "k-shot"}
+
+
+@dataclass
+class Job:
+    """Everything validated before the models are loaded."""
+
+    cfg: GraftConfig
+    accelerator: Accelerator
+    out: Path
+    source: FinetunedSource | None
+    base_ref: Any
+    tokenizer: Any
+    data: FewShotData
+    ood: dict[str, list]
+    data_config: dict[str, Any]
+    selection: Selection | None
+    mask_config: dict[str, Any] | None  # the --mask (eval_only) or --base_patch DIR config
+    run_id: str
+    state: str  # "new", "resume" or "complete"
+    lock: RunLock | None
+    started: float
+
+
+def data_config(cfg: GraftConfig, run: dict | None, mask: dict | None) -> dict[str, Any]:
+    """The data fields: the config's, else the fine-tuning run's, else the mask's, else defaults."""
+    recorded = (mask or {}).get("data", {})
+    out = {}
+    for ours, theirs in DATA_FIELDS.items():
+        value = getattr(cfg, ours)
+        if value is None and run is not None:
+            value = run.get(theirs)
+        if value is None:
+            value = recorded.get(ours, DATA_DEFAULTS.get(ours))
+        out[ours] = value
+    if out["task"] is None:
+        raise GraftError("No task is known: pass --task (and --task_dir), or graft a run folder.")
+    out["task"] = get_task(out["task"]).name
+    return out
+
+
+def selection_of(cfg: GraftConfig, source: FinetunedSource | None) -> Selection | None:
+    """The eligible-set flags: the run's own, or the config's for a plain model folder."""
+    overrides = {
+        "fix_head": cfg.fix_head,
+        "fix_embeddings": cfg.fix_embeddings,
+        "fix_layers": cfg.fix_layers,
+        "biases_only": cfg.biases_only,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if source is not None and source.kind == "adapter":
+        if given:
+            raise GraftError(
+                f"{', '.join(given)} do not apply to an adapter: its eligible set is the weights "
+                "it changes; drop them."
+            )
+        return None
+    if source is not None and source.run_config is not None:
+        if given:
+            raise GraftError(
+                f"{', '.join(given)} override the fine-tuning run's own freezing flags, which "
+                "define the eligible set; drop them to graft what the run trained."
+            )
+        return Selection.from_run_config(source.run_config)
+    run = {k: v for k, v in given.items() if k != "biases_only"}
+    return Selection.from_run_config({**run, "method": "bitfit" if cfg.biases_only else "full"})
+
+
+def output_state(cfg: GraftConfig, out: Path, run_id: str) -> str:
+    """``new``, ``resume`` or ``complete`` for this run in ``out`` (locked by it)."""
+    if cfg.overwrite:
+        check_ours(out, LAYOUT)
+        clear_owned(out, LAYOUT)
+        return "new"
+    if is_empty(out):
+        return "new"
+    if not (out / RUN_FILE).is_file():
+        raise GraftError(
+            f"--output_dir {out} holds files that are not a graft run; pick another folder."
+        )
+    if read_json(out / RUN_FILE).get("fingerprint") != run_id:
+        raise GraftError(
+            f"--output_dir {out} holds a graft run with other settings; pick another folder or "
+            "pass --overwrite true."
+        )
+    return "complete" if (out / "result.json").is_file() else "resume"
+
+
+def setup(cfg: GraftConfig) -> Job:
+    """Validate every input and prepare the data; nothing heavy, nothing written."""
+    started = time.perf_counter()
+    accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    out = Path(cfg.output_dir)
+    lock = lock_output(out, "grafting", accelerator.is_main_process)
+    source = resolve_finetuned(cfg.finetuned) if cfg.finetuned else None
+    mask_config = None
+    if cfg.eval_only:
+        mask_config = read_config(cfg.mask)
+    elif cfg.base_patch not in PATCH_RULES:
+        mask_config = read_config(cfg.base_patch)
+    base_name = cfg.base_model or (source.base_model if source else None)
+    base_name = base_name or (mask_config or {}).get("base_model", {}).get("name")
+    if base_name is None:
+        raise GraftError(
+            f"{cfg.finetuned} does not record its base model; pass --base_model (θ_pre)."
+        )
+    base_ref = resolve_model(base_name)
+    check_weights(base_ref, allow_pickle_weights=cfg.allow_pickle_weights)
+    if source is not None and source.kind == "model":
+        check_weights(resolve_model(str(source.weights)))
+    skeleton = model_skeleton(base_ref, trust_remote_code=cfg.trust_remote_code)
+    if source is not None and source.kind == "model":
+        other = model_skeleton(resolve_model(str(source.weights)))
+        if type(other).__name__ != type(skeleton).__name__:
+            raise GraftError(
+                f"θ_pre ({base_name}) is a {type(skeleton).__name__} but θ_ft ({cfg.finetuned}) "
+                f"a {type(other).__name__}; graft a model onto its own base."
+            )
+    tokenizer = load_tokenizer(base_ref, trust_remote_code=cfg.trust_remote_code)
+    data_cfg = data_config(cfg, source.run_config if source else None, mask_config)
+    if mask_config is not None and mask_config.get("data", {}).get("task") not in (
+        None,
+        data_cfg["task"],
+    ):
+        raise GraftError(
+            f"The mask {cfg.mask or cfg.base_patch} was learned on task "
+            f"{mask_config['data']['task']!r}, not {data_cfg['task']!r}; pass that task's mask."
+        )
+    kind = model_kind(skeleton.config)
+    fewshot = dict(tokenizer=tokenizer, kind=kind, template=data_cfg["template"],
+                   label_words=data_cfg["label_words"])  # fmt: skip
+    data = prepare_fewshot(
+        data_cfg["task"],
+        data_dir=data_cfg["task_dir"],
+        k=data_cfg["shots"],
+        seed=data_cfg["seed"],
+        mode=data_cfg["kshot_mode"],
+        test_limit=data_cfg["test_limit"],
+        **fewshot,
+    )
+    ood = {}
+    for name in cfg.ood_tasks:
+        shifted = prepare_fewshot(name, data_dir=data_cfg["task_dir"], k=data_cfg["shots"],
+                                  seed=data_cfg["seed"], **fewshot)  # fmt: skip
+        if list(shifted.task.labels) != list(data.task.labels):
+            raise GraftError(
+                f"OOD task {name!r} has labels {list(shifted.task.labels)}, not those of "
+                f"{data.task.name!r} ({list(data.task.labels)}); pick a task with the same labels."
+            )
+        ood[shifted.task.name] = shifted.test
+    selection = selection_of(cfg, source)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL}
+    identity = {"config": settings, "data": data.record, "base": describe_model(base_ref)}
+    run_id = fingerprint(json.loads(json.dumps(identity, default=str)))
+    state = output_state(cfg, out, run_id)
+    return Job(cfg, accelerator, out, source, base_ref, tokenizer, data, ood, data_cfg,
+               selection, mask_config, run_id, state, lock, started)  # fmt: skip
+
+
+@dataclass
+class Engine:
+    """The loaded θ_pre model and the graft tensors of E."""
+
+    model: torch.nn.Module
+    tensors: GraftTensors
+    n_params: int
+    patch_rule: str
+    k: int
+
+
+def load(job: Job) -> Engine:
+    """θ_pre on the device, θ_ft of the eligible tensors, the base patch and the initial S."""
+    cfg, device = job.cfg, job.accelerator.device
+    model = load_model(job.base_ref, dtype=cfg.dtype, device=device,
+                       trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle_weights=cfg.allow_pickle_weights).eval()  # fmt: skip
+    params = dict(model.named_parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.eval_only and job.source is None:
+        mask = load_mask(cfg.mask)
+        check_mask_fits(model, mask)
+        names = mask.names
+        finetuned = {n: params[n].detach().clone() for n in names}  # unknown: θ_ft = θ_pre + Δ@mask
+        for n in names:
+            flat = finetuned[n].view(-1)
+            idx = mask.index[n].to(flat.device)
+            flat[idx] = (flat[idx].double() + mask.delta[n].to(flat.device)).to(flat.dtype)
+    elif job.source.kind == "adapter":
+        finetuned = adapter_tensors(model, job.source.weights)
+        names = [n for n in params if n in finetuned]
+    else:
+        names = eligible_names(model, job.selection)
+        finetuned = model_tensors(job.source.weights, names, params)
+    check_compatible(params, finetuned, names)
+    tensors = collect(model, names, finetuned, on_device=cfg.deltas_on_device)
+    del finetuned
+    k, rule = 0, cfg.base_patch if cfg.base_patch in PATCH_RULES else "mask"
+    if cfg.eval_only:
+        rule = "mask"
+    elif rule == "highest_movement":
+        k = patch_size(cfg.sparsity, tensors.n_eligible)
+        if k == 0:
+            warnings.warn(
+                f"sparsity={cfg.sparsity} of N_E={tensors.n_eligible} is an empty patch (k = 0); "
+                "the mask is learned from nothing.",
+                stacklevel=1,
+            )
+        tensors.base = [
+            b.to(tensors.base[0].device)
+            for b in top_delta_patch([tensors.delta(i) for i in range(len(tensors))], k)
+        ]
+    elif rule == "mask":
+        start = load_mask(cfg.base_patch)
+        check_mask_fits(model, start)
+        tensors.base = [start.dense(n).to(tensors.base[0].device) for n in names]
+        k = start.n_grafted
+    generator = torch.Generator().manual_seed(cfg.mask_seed)
+    tensors.scores = init_scores([p.shape for p in tensors.params], generator,
+                                 tensors.scores[0].dtype, tensors.scores[0].device)  # fmt: skip
+    if cfg.eval_only:  # S = β ± 1 reproduces the saved binary mask from an empty patch
+        mask = load_mask(cfg.mask)
+        tensors.base = [torch.zeros_like(b) for b in tensors.base]
+        tensors.scores = [
+            torch.where(mask.dense(n).to(s.device), cfg.sigmoid_bias + 1.0, 0.0).to(s.dtype)
+            for n, s in zip(names, tensors.scores, strict=True)
+        ]
+    prepare_model(model, tensors)
+    print(
+        f"grafting {job.data.task.name}: N_E = {tensors.n_eligible:,} eligible of {n_params:,} "
+        f"parameters ({len(names)} tensors), patch {rule} with k = {k:,}."
+    )
+    return Engine(model, tensors, n_params, rule, k)
+
+
+def split_examples(job: Job) -> dict[str, list]:
+    """The evaluated sets: the training examples a mask step reads, dev, test and OOD tests."""
+    n_train = job.cfg.accumulation * job.cfg.batch_size
+    sets = {"train": job.data.train[:n_train], "dev": job.data.dev, "test": job.data.test}
+    return {**sets, **{f"ood:{name}": ex for name, ex in job.ood.items()}}
+
+
+def scorer(job: Job, splits: tuple[str, ...]):
+    """``model -> {split: metrics}`` (accuracy, F1 where the task has it, ECE, loss, logits)."""
+    sets = split_examples(job)
+    pad = job.tokenizer.pad_token_id
+
+    def score(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+        return {
+            split: evaluate_classification(model, sets[split], job.data, job.accelerator,
+                                           job.cfg.eval_batch_size, pad)  # fmt: skip
+            for split in splits
+        }
+
+    return score
+
+
+def batches_of(job: Job):
+    """``step -> up to A batches`` of the training set, reshuffled every step (seeded)."""
+    train, cfg, device = job.data.train, job.cfg, job.accelerator.device
+    pad, ids = job.tokenizer.pad_token_id, job.data.label_word_ids
+
+    def batches(step: int) -> list[dict[str, torch.Tensor]]:
+        order = np.random.default_rng([cfg.mask_seed, step]).permutation(len(train))
+        chunks = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        out = []
+        for chunk in chunks[: cfg.accumulation]:
+            batch = collate_label_words([train[i] for i in chunk], pad, ids)
+            out.append({key: value.to(device) for key, value in batch.items()})
+        return out
+
+    return batches
+
+
+def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return label_words_objective(model, batch).loss
+
+
+def metric_of(job: Job) -> str:
+    return "f1" if "f1" in job.data.task.metrics else "accuracy"
+
+
+def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[str, Any]:
+    """``graft_config.json``: what the mask is, what it was learned on and how."""
+    t = engine.tensors
+    return {
+        "eligible": [{"name": n, "shape": list(p.shape)} for n, p in zip(t.names, t.params, strict=True)],
+        "n_eligible": t.n_eligible,
+        "n_params": engine.n_params,
+        "k": engine.k,
+        "sparsity": job.cfg.sparsity,
+        "patch": engine.patch_rule if engine.patch_rule != "mask" else str(job.cfg.base_patch),
+        "sigmoid_bias": job.cfg.sigmoid_bias,
+        "learning_rate": job.cfg.learning_rate,
+        "mask_steps": job.cfg.mask_steps,
+        "best_step": history.best_step if history else None,
+        "selection": job.selection.as_dict() if job.selection else "adapter",
+        "base_model": {
+            "name": job.base_ref.name,
+            "hash": content_hash(dict(zip(t.names, t.pre, strict=True)), t.names),
+        },
+        "finetuned_model": {
+            "name": str(job.cfg.finetuned),
+            "hash": content_hash(dict(zip(t.names, t.ft, strict=True)), t.names),
+        },
+        "data": job.data_config,
+        "created": now(),
+    }
+
+
+def save_best(job: Job, engine: Engine, history: MaskHistory) -> None:
+    """Write the best mask found so far to ``{out}/mask`` (atomically, file by file)."""
+    t, beta = engine.tensors, job.cfg.sigmoid_bias
+    current = t.scores
+    t.scores = [s.to(c.device) for s, c in zip(history.best_scores, current, strict=True)]
+    masks = binary_masks(t, beta)
+    save_mask(
+        job.out / MASK_DIR,
+        mask_record(job, engine, history),
+        dict(zip(t.names, masks, strict=True)),
+        {n: t.delta(i) for i, n in enumerate(t.names)},
+        dict(zip(t.names, t.base, strict=True)),
+        dict(zip(t.names, t.scores, strict=True)),
+    )
+    t.scores = current
+
+
+def save_resume(job: Job, engine: Engine, history: MaskHistory) -> None:
+    """The current S and the history, so a killed run continues after the last step."""
+    folder = job.out / RESUME_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    t = engine.tensors
+    save_tensors(folder / "scores.safetensors", {n: s for n, s in zip(t.names, t.scores, strict=True)})
+    records = [{k: v for k, v in r.items()} for r in history.records]
+    write_json(folder / "history.json", {"records": records, "best_step": history.best_step,
+                                        "best_value": history.best_value})  # fmt: skip
+
+
+def resumed_history(job: Job, engine: Engine) -> MaskHistory | None:
+    """The history and S of an unfinished run in ``out`` (None for a new run)."""
+    folder = job.out / RESUME_DIR
+    if job.state != "resume" or not (folder / "history.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    saved = read_json(folder / "history.json")
+    scores = load_file(str(folder / "scores.safetensors"))
+    t = engine.tensors
+    t.scores = [scores[n].to(s.device, s.dtype) for n, s in zip(t.names, t.scores, strict=True)]
+    best = load_mask(job.out / MASK_DIR)
+    history = MaskHistory(saved["records"], saved["best_step"], saved["best_value"],
+                          [best.scores[n] for n in t.names])  # fmt: skip
+    print(f"resuming after mask step {history.records[-1]['step']}")
+    return history
+
+
+def strip_logits(metrics: dict[str, dict]) -> dict[str, dict]:
+    return {split: {k: v for k, v in m.items() if k != "logits"} for split, m in metrics.items()}
+
+
+def learn(job: Job, engine: Engine) -> MaskHistory:
+    """The mask steps (or the saved mask with ``eval_only``), saving the best as it goes."""
+    cfg = job.cfg
+    settings = MaskSettings(cfg.learning_rate, cfg.sigmoid_bias, cfg.mask_steps, metric_of(job))
+    if cfg.eval_only:
+        settings = MaskSettings(cfg.learning_rate, cfg.sigmoid_bias, 0, metric_of(job))
+    plain = scorer(job, ("train", "dev"))
+
+    def score(model):
+        return strip_logits(plain(model))
+
+    def on_step(step: int, history: MaskHistory, improved: bool) -> None:
+        if improved and not cfg.eval_only:
+            save_best(job, engine, history)
+        if not cfg.eval_only:
+            save_resume(job, engine, history)
+
+    history = resumed_history(job, engine)
+    return learn_mask(engine.model, engine.tensors, settings, batches_of(job), loss_of, score,
+                      history=history, on_step=on_step, progress=cfg.progress)  # fmt: skip
+
+
+def evaluate_models(job: Job, engine: Engine, history: MaskHistory) -> dict[str, dict]:
+    """Base (θ_pre), fine-tuned (θ_ft on E) and grafted (best γ_bin) on every split."""
+    t, beta = engine.tensors, job.cfg.sigmoid_bias
+    score = scorer(job, tuple(split_examples(job)))
+    results = {"base": score(engine.model)}
+    t.set_fractional([1.0] * len(t))
+    results["finetuned"] = score(engine.model)
+    t.scores = [s.to(c.device) for s, c in zip(history.best_scores, t.scores, strict=True)]
+    t.set_binary(binary_masks(t, beta))
+    results["grafted"] = score(engine.model)
+    t.reset()
+    return results
+
+
+def reliability(job: Job, results: dict[str, dict]) -> dict[str, dict]:
+    """Test-split probabilities and labels of each model, for the reliability diagrams."""
+    labels = [int(ex["label"]) for ex in job.data.test]
+    return {
+        name: {"probs": torch.softmax(torch.tensor(m["test"]["logits"]), 1).tolist(), "labels": labels}
+        for name, m in results.items()
+    }
+
+
+def finalize(job: Job, engine: Engine, history: MaskHistory) -> dict[str, Any]:
+    """Evaluate the three models, write the mask (eval_only: as given), result and figures."""
+    from adaptlab.plotting.graft import plot_reliability
+
+    cfg, t = job.cfg, engine.tensors
+    results = evaluate_models(job, engine, history)
+    curves = reliability(job, results)
+    masks = binary_masks(t, cfg.sigmoid_bias)  # the best scores are in place after evaluation
+    n_grafted = int(sum(int(m.sum()) for m in masks))
+    if cfg.export_model:
+        t.set_binary(masks)
+        export_model(engine.model, cfg.export_model, job.tokenizer,
+                     meta={"mask": str(job.out / MASK_DIR), "base_model": job.base_ref.name})  # fmt: skip
+        t.reset()
+    write_json(job.out / "reliability.json", curves)
+    plot_reliability(
+        {name: (c["probs"], c["labels"]) for name, c in curves.items()},
+        job.out / "reliability.png",
+    )
+    splits = {model: strip_logits(m) for model, m in results.items()}
+    result = {
+        "format": "adaptlab.graft_result/1",
+        "fingerprint": job.run_id,
+        "config": to_dict(cfg),
+        "data": job.data.record,
+        "base_model": describe_model(job.base_ref),
+        "finetuned": str(cfg.finetuned),
+        "patch": {"rule": engine.patch_rule, "k": engine.k},
+        **graft_sizes(dict(zip(t.names, masks, strict=True)), t.n_eligible, engine.n_params),
+        "n_eligible": t.n_eligible,
+        "n_params": engine.n_params,
+        "metric": metric_of(job),
+        "splits": splits,
+        "history": history.records,
+        "best_step": history.best_step,
+        "timings": {
+            "total_seconds": round(time.perf_counter() - job.started, 3),
+            "peak_memory_mib": peak_memory_mib(job.accelerator.device),
+        },
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "created": now(),
+    }
+    assert result["n_grafted"] == n_grafted
+    write_json(job.out / "result.json", result)
+    if (job.out / RESUME_DIR).is_dir():
+        import shutil
+
+        shutil.rmtree(job.out / RESUME_DIR)
+    sweep_temporaries(job.out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(GraftConfig, argv)
+    with report_user_errors():
+        job = setup(cfg)
+        if job.state == "complete":
+            print(f"{job.out} already holds this graft's results; nothing to do.")
+            return
+        write_json(job.out / RUN_FILE, {"fingerprint": job.run_id, "config": to_dict(cfg)})
+        engine = load(job)
+        history = learn(job, engine)
+        result = finalize(job, engine, history)
+    test = {m: result["splits"][m]["test"][result["metric"]] for m in result["splits"]}
+    print(
+        f"graft of {result['n_grafted']:,} entries ({result['fraction_eligible']:.2e} of N_E) -> "
+        f"{job.out}: test {result['metric']} base {test['base']:.3f}, fine-tuned "
+        f"{test['finetuned']:.3f}, grafted {test['grafted']:.3f}"
+    )
+    if job.lock is not None:
+        job.lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
