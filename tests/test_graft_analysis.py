@@ -19,6 +19,13 @@ from adaptlab.graft.analysis import (
     overlap_json,
     recovery,
 )
+from adaptlab.plotting.graft import (
+    bins_ece,
+    plot_accuracy_vs_size,
+    plot_overlap_heatmap,
+    plot_reliability,
+)
+from adaptlab.training.metrics import expected_calibration_error, reliability_bins
 
 SHAPES = {"layer.0.weight": (8, 16), "layer.0.bias": (16,), "layer.1.weight": (16, 4)}
 
@@ -144,3 +151,80 @@ def test_recovery_both_definitions():
     flat = recovery(0.6, 0.6, 0.6)
     assert flat["relative"] == 1.0 and math.isnan(flat["gain"])
     assert math.isnan(recovery(0.0, 0.0, 0.0)["relative"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    return path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def reliability_inputs(seed: int = 0, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, 4)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, rng.integers(0, 4, n)
+
+
+def test_reliability_figure_and_its_ece(tmp_path):
+    probs, labels = reliability_inputs()
+    bins = reliability_bins(probs, labels)
+    assert bins_ece(bins) == pytest.approx(expected_calibration_error(probs, labels))
+    curves = {"base": (probs, labels), "fine-tuned": bins, "grafted": (probs[:50], labels[:50])}
+    path = plot_reliability(curves, tmp_path / "figs" / "reliability.png")
+    assert path == tmp_path / "figs" / "reliability.png" and is_png(path)
+    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]
+
+
+def test_overlap_heatmap_from_json(tmp_path):
+    rng = np.random.default_rng(1)
+    masks = {f"task{t}": random_mask(rng, dense=False) for t in range(3)}
+    masks["empty"] = {}
+    record = json.loads(json.dumps(overlap_json(mask_overlap(masks))))
+    assert is_png(plot_overlap_heatmap(record, tmp_path / "overlap.png"))
+
+
+def test_accuracy_vs_size(tmp_path):
+    records = [
+        {"kind": kind, "sparsity": s, "fraction_eligible": s * f, "accuracy": 0.5 + s * 1e3}
+        for kind, f in (("learned", 1.2), ("top_delta", 1.0))
+        for s in (1e-5, 1e-4, 1e-3)
+    ]
+    path = plot_accuracy_vs_size(records, tmp_path / "size.png", finetuned=0.92, base=0.5)
+    assert is_png(path)
+
+
+@pytest.mark.parametrize(
+    "draw, match",
+    [
+        (lambda p: plot_reliability({}, p), "No reliability curves"),
+        (lambda p: plot_reliability({"base": [1, 2, 3]}, p), "ReliabilityBins or a"),
+        (lambda p: plot_overlap_heatmap({}, p), "no tasks"),
+        (
+            lambda p: plot_overlap_heatmap({"tasks": ["a", "b"], "overlap": [[1.0]]}, p),
+            "one row and one column per task",
+        ),
+        (lambda p: plot_accuracy_vs_size([], p), "No sweep records"),
+        (
+            lambda p: plot_accuracy_vs_size(
+                [{"kind": "random", "fraction_eligible": 0.1, "accuracy": 0.5}], p
+            ),
+            "kind 'random' is unknown",
+        ),
+        (
+            lambda p: plot_accuracy_vs_size(
+                [{"kind": "learned", "fraction_eligible": 0.0, "accuracy": 0.5}], p
+            ),
+            "must be > 0",
+        ),
+        (lambda p: plot_accuracy_vs_size([{"kind": "learned"}], p), "lacks"),
+    ],
+)
+def test_bad_figure_inputs_raise(tmp_path, draw, match):
+    with pytest.raises(ValueError, match=match):
+        draw(tmp_path / "fig.png")
+    assert not list(tmp_path.iterdir())
