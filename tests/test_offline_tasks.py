@@ -1,4 +1,5 @@
-"""The offline tasks from real text: ``bbc-news``, ``tweet-sentiment`` and the BBC title task.
+"""The offline tasks from real text: ``bbc-news``, ``tweet-sentiment``, the BBC title task and
+the subject-shift pair ``mmlu-topics-id`` / ``mmlu-topics-ood``.
 
 Parsing, cleaning, splits and the k-shot files are checked on small synthetic files in the
 wheels' formats; the tests marked ``embedded`` check the real corpora's counts and the real
@@ -27,6 +28,7 @@ from adaptlab.data import (
     load_task,
     offline_splits,
     read_examples,
+    topics,
     tweets,
 )
 from adaptlab.data.heldout import TextRow, hold_out
@@ -368,3 +370,63 @@ def test_csv_round_trip_of_written_rows(tmp_path):
         assert list(csv.reader(handle)) == rows
     read = read_examples(tmp_path / "x.csv", get_task("tweet-sentiment"), "train")
     assert [(ex.label, ex.text_a) for ex in read] == [tuple(r) for r in rows]
+
+
+# --- the subject-shift pair of the topic task (embedded MMLU) ---------------------------------
+
+
+def test_shift_subjects_partition_each_topic():
+    for label, group in topics.SUBJECT_GROUPS.items():
+        shift = topics.SHIFT_SUBJECTS[label]
+        kept = topics.in_distribution_subjects(label)
+        assert shift and kept and not set(shift) & set(kept)
+        assert sorted(shift + kept) == sorted(group)
+    shift_tasks = ("mmlu-topics-id", "mmlu-topics-ood")
+    assert [get_task(name).labels for name in shift_tasks] == [get_task("mmlu-topics").labels] * 2
+    assert {get_task(name).template for name in shift_tasks} == {topics.TEMPLATE}
+
+
+@pytest.mark.embedded
+def test_mmlu_topics_shift_pair():
+    from adaptlab.data import load_mmlu
+
+    _fetch("mmlu")
+    subject_of = {f"mmlu-{ex.index}": ex.subject for ex in load_mmlu(holdout_per_subject=0).test}
+    labels = get_task("mmlu-topics").labels
+    in_dist, shift = topics.shift_pool_id(labels), topics.shift_pool_ood(labels)
+    pool, id_test, ood_test = in_dist[0], in_dist[1], shift[1]
+    assert shift[0] == pool
+
+    # Each part draws only from its side of the partition, for the right topic.
+    for rows, side in ((pool, "id"), (id_test, "id"), (ood_test, "shift")):
+        for row in rows:
+            allowed = (
+                topics.SHIFT_SUBJECTS[row.label]
+                if side == "shift"
+                else topics.in_distribution_subjects(row.label)
+            )
+            assert subject_of[row.guid] in allowed
+    seen = [{subject_of[r.guid] for r in rows} for rows in (pool, id_test, ood_test)]
+    assert not (seen[0] | seen[1]) & seen[2]
+    assert seen[2] == {s for subjects in topics.SHIFT_SUBJECTS.values() for s in subjects}
+    texts = [{r.text for r in rows} for rows in (pool, id_test, ood_test)]
+    assert sum(map(len, texts)) == len(texts[0] | texts[1] | texts[2])
+    assert [len(t) for t in texts] == [len(pool), len(id_test), len(ood_test)]
+
+    # Balanced tests; the same train and dev for both tasks; fixed for every seed.
+    splits = {name: load_task(name, k=8, seed=13) for name in ("mmlu-topics-id", "mmlu-topics-ood")}
+    run, evaluate = splits["mmlu-topics-id"], splits["mmlu-topics-ood"]
+    for part in (run, evaluate):
+        assert (len(part.train), len(part.dev), len(part.test)) == (32, 32, 400)
+        assert sorted(ex.label for ex in part.test) == sorted(labels * 100)
+        assert sorted(ex.label for ex in part.train) == sorted(labels * 8)
+    assert (run.train, run.dev) == (evaluate.train, evaluate.dev)
+    assert [ex.guid for ex in evaluate.test] == [r.guid for r in ood_test]
+    again = load_task("mmlu-topics-ood", k=8, seed=21)
+    assert again.test == evaluate.test and again.train != evaluate.train
+    assert load_task("mmlu-topics-ood", k=8, seed=13).train == evaluate.train
+    assert evaluate.provenance["test_subjects"] == {
+        label: list(topics.SHIFT_SUBJECTS[label]) for label in labels
+    }
+    assert run.provenance["train_pool_sizes"] == {"math": 739, "history": 505, "law": 1553,
+                                                  "health": 666}  # fmt: skip

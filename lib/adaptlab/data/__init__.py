@@ -15,8 +15,9 @@ and so is the few-shot (LM-BFF) task layer::
     splits = load_task("mmlu-topics-2", k=16, seed=13)  # offline; "SST-2" etc. need data_dir
     examples = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
 
-The offline tasks (``mmlu-topics``, ``mmlu-topics-2``, ``bbc-news``, ``tweet-sentiment``) are
-built from embedded data (:mod:`adaptlab.data.offline`); ``load_headlines`` gives the BBC
+The offline tasks (``mmlu-topics``, ``mmlu-topics-2``, the subject-shift pair
+``mmlu-topics-id`` / ``mmlu-topics-ood``, ``bbc-news``, ``tweet-sentiment``) are built from
+embedded data (:mod:`adaptlab.data.offline`); ``load_headlines`` gives the BBC
 title-from-body generation task on the same articles.
 """
 

