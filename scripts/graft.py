@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from adaptlab.config import parse_config, to_dict
 from adaptlab.data import get_task
@@ -88,7 +87,14 @@ from adaptlab.graft.source import (
 )
 from adaptlab.graft.tuner import check_mask_fits
 from adaptlab.io import read_json, save_tensors, sweep_temporaries, write_json
-from adaptlab.models import check_weights, describe_model, load_model, load_tokenizer, model_skeleton, resolve_model
+from adaptlab.models import (
+    check_weights,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    model_skeleton,
+    resolve_model,
+)
 from adaptlab.rundir import Layout, RunLock, check_ours, clear_owned, is_empty, lock_output
 from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training.checkpoint import fingerprint
@@ -190,6 +196,23 @@ def selection_of(cfg: GraftConfig, source: FinetunedSource | None) -> Selection 
     return Selection.from_run_config({**run, "method": "bitfit" if cfg.biases_only else "full"})
 
 
+def check_same_shapes(pre: torch.nn.Module, ft: torch.nn.Module, pre_name: str, ft_name: str):
+    """θ_pre and θ_ft are one architecture: the same parameter names and shapes (meta models).
+
+    Raises:
+        GraftError: naming the first parameter that differs.
+    """
+    a = {n: tuple(p.shape) for n, p in pre.named_parameters()}
+    b = {n: tuple(p.shape) for n, p in ft.named_parameters()}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            raise GraftError(
+                f"θ_pre ({pre_name}) and θ_ft ({ft_name}) are different architectures: "
+                f"{name!r} is {a.get(name, 'absent')} in one and {b.get(name, 'absent')} in the "
+                "other; graft a model onto its own base."
+            )
+
+
 def output_state(cfg: GraftConfig, out: Path, run_id: str) -> str:
     """``new``, ``resume`` or ``complete`` for this run in ``out`` (locked by it)."""
     if cfg.overwrite:
@@ -234,12 +257,8 @@ def setup(cfg: GraftConfig) -> Job:
         check_weights(resolve_model(str(source.weights)))
     skeleton = model_skeleton(base_ref, trust_remote_code=cfg.trust_remote_code)
     if source is not None and source.kind == "model":
-        other = model_skeleton(resolve_model(str(source.weights)))
-        if type(other).__name__ != type(skeleton).__name__:
-            raise GraftError(
-                f"θ_pre ({base_name}) is a {type(skeleton).__name__} but θ_ft ({cfg.finetuned}) "
-                f"a {type(other).__name__}; graft a model onto its own base."
-            )
+        check_same_shapes(skeleton, model_skeleton(resolve_model(str(source.weights))), base_name,
+                          str(cfg.finetuned))  # fmt: skip
     tokenizer = load_tokenizer(base_ref, trust_remote_code=cfg.trust_remote_code)
     data_cfg = data_config(cfg, source.run_config if source else None, mask_config)
     if mask_config is not None and mask_config.get("data", {}).get("task") not in (
@@ -300,21 +319,27 @@ def load(job: Job) -> Engine:
                        allow_pickle_weights=cfg.allow_pickle_weights).eval()  # fmt: skip
     params = dict(model.named_parameters())
     n_params = sum(p.numel() for p in model.parameters())
-    if cfg.eval_only and job.source is None:
-        mask = load_mask(cfg.mask)
-        check_mask_fits(model, mask)
-        names = mask.names
-        finetuned = {n: params[n].detach().clone() for n in names}  # unknown: θ_ft = θ_pre + Δ@mask
+    saved = load_mask(cfg.mask) if cfg.eval_only else None
+    if saved is not None:
+        check_mask_fits(model, saved)  # the base it was learned on (content hash)
+    if job.source is None:  # eval_only from the mask alone: θ_ft is known at the mask only
+        names = saved.names
+        finetuned = {n: params[n].detach().clone() for n in names}
         for n in names:
             flat = finetuned[n].view(-1)
-            idx = mask.index[n].to(flat.device)
-            flat[idx] = (flat[idx].double() + mask.delta[n].to(flat.device)).to(flat.dtype)
+            idx = saved.index[n].to(flat.device)
+            flat[idx] = (flat[idx].double() + saved.delta[n].to(flat.device)).to(flat.dtype)
     elif job.source.kind == "adapter":
         finetuned = adapter_tensors(model, job.source.weights)
         names = [n for n in params if n in finetuned]
     else:
         names = eligible_names(model, job.selection)
         finetuned = model_tensors(job.source.weights, names, params)
+    if saved is not None and sorted(saved.names) != sorted(names):
+        raise GraftError(
+            f"The mask {cfg.mask} covers other parameters than {cfg.finetuned} trained; pass "
+            "the mask learned from this fine-tuning run."
+        )
     check_compatible(params, finetuned, names)
     tensors = collect(model, names, finetuned, on_device=cfg.deltas_on_device)
     del finetuned
@@ -341,13 +366,13 @@ def load(job: Job) -> Engine:
     generator = torch.Generator().manual_seed(cfg.mask_seed)
     tensors.scores = init_scores([p.shape for p in tensors.params], generator,
                                  tensors.scores[0].dtype, tensors.scores[0].device)  # fmt: skip
-    if cfg.eval_only:  # S = β ± 1 reproduces the saved binary mask from an empty patch
-        mask = load_mask(cfg.mask)
+    if saved is not None:  # S = β + 1 at the mask on an empty patch reproduces it exactly
         tensors.base = [torch.zeros_like(b) for b in tensors.base]
         tensors.scores = [
-            torch.where(mask.dense(n).to(s.device), cfg.sigmoid_bias + 1.0, 0.0).to(s.dtype)
+            torch.where(saved.dense(n).to(s.device), cfg.sigmoid_bias + 1.0, 0.0).to(s.dtype)
             for n, s in zip(names, tensors.scores, strict=True)
         ]
+        k = saved.n_grafted
     prepare_model(model, tensors)
     print(
         f"grafting {job.data.task.name}: N_E = {tensors.n_eligible:,} eligible of {n_params:,} "
@@ -370,8 +395,9 @@ def scorer(job: Job, splits: tuple[str, ...]):
 
     def score(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
         return {
-            split: evaluate_classification(model, sets[split], job.data, job.accelerator,
-                                           job.cfg.eval_batch_size, pad)  # fmt: skip
+            split: evaluate_classification(
+                model, sets[split], job.data, job.accelerator, job.cfg.eval_batch_size, pad
+            )  # fmt: skip
             for split in splits
         }
 
@@ -407,7 +433,9 @@ def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[s
     """``graft_config.json``: what the mask is, what it was learned on and how."""
     t = engine.tensors
     return {
-        "eligible": [{"name": n, "shape": list(p.shape)} for n, p in zip(t.names, t.params, strict=True)],
+        "eligible": [
+            {"name": n, "shape": list(p.shape)} for n, p in zip(t.names, t.params, strict=True)
+        ],
         "n_eligible": t.n_eligible,
         "n_params": engine.n_params,
         "k": engine.k,
@@ -453,7 +481,9 @@ def save_resume(job: Job, engine: Engine, history: MaskHistory) -> None:
     folder = job.out / RESUME_DIR
     folder.mkdir(parents=True, exist_ok=True)
     t = engine.tensors
-    save_tensors(folder / "scores.safetensors", {n: s for n, s in zip(t.names, t.scores, strict=True)})
+    save_tensors(
+        folder / "scores.safetensors", {n: s for n, s in zip(t.names, t.scores, strict=True)}
+    )
     records = [{k: v for k, v in r.items()} for r in history.records]
     write_json(folder / "history.json", {"records": records, "best_step": history.best_step,
                                         "best_value": history.best_value})  # fmt: skip
@@ -521,7 +551,10 @@ def reliability(job: Job, results: dict[str, dict]) -> dict[str, dict]:
     """Test-split probabilities and labels of each model, for the reliability diagrams."""
     labels = [int(ex["label"]) for ex in job.data.test]
     return {
-        name: {"probs": torch.softmax(torch.tensor(m["test"]["logits"]), 1).tolist(), "labels": labels}
+        name: {
+            "probs": torch.softmax(torch.tensor(m["test"]["logits"]), 1).tolist(),
+            "labels": labels,
+        }
         for name, m in results.items()
     }
 
@@ -537,8 +570,8 @@ def finalize(job: Job, engine: Engine, history: MaskHistory) -> dict[str, Any]:
     n_grafted = int(sum(int(m.sum()) for m in masks))
     if cfg.export_model:
         t.set_binary(masks)
-        export_model(engine.model, cfg.export_model, job.tokenizer,
-                     meta={"mask": str(job.out / MASK_DIR), "base_model": job.base_ref.name})  # fmt: skip
+        meta = {"mask": str(job.out / MASK_DIR), "base_model": job.base_ref.name}
+        export_model(engine.model, cfg.export_model, job.tokenizer, meta=meta)
         t.reset()
     write_json(job.out / "reliability.json", curves)
     plot_reliability(
@@ -586,8 +619,8 @@ def main(argv: list[str] | None = None) -> None:
         if job.state == "complete":
             print(f"{job.out} already holds this graft's results; nothing to do.")
             return
+        engine = load(job)  # the last checks (content hashes, finite Δ) need the weights
         write_json(job.out / RUN_FILE, {"fingerprint": job.run_id, "config": to_dict(cfg)})
-        engine = load(job)
         history = learn(job, engine)
         result = finalize(job, engine, history)
     test = {m: result["splits"][m]["test"][result["metric"]] for m in result["splits"]}

@@ -1,0 +1,183 @@
+"""scripts/graft.py end to end on a tiny BERT fine-tuned on a synthetic SST-2 split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForMaskedLM
+
+from adaptlab.graft import apply_graft, load_mask
+from adaptlab.models.tiny import tiny_bert, tiny_tokenizer
+from tests.conftest import load_script
+
+finetune = load_script("finetune")
+graft = load_script("graft")
+
+
+@pytest.fixture(scope="module")
+def ft_run(tiny_bert_dir, sst2_dir, tmp_path_factory):
+    """A full SGD fine-tuning run of the encoder layers (head and embeddings frozen, as in the
+    paper)."""
+    out = tmp_path_factory.mktemp("graft_ft") / "run"
+    finetune.main([
+        "--model", str(tiny_bert_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(out), "--method", "full",
+        "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--batch_size", "4",
+        "--micro_batch_size", "4", "--max_steps", "8", "--eval_points", "2",
+        "--checkpoints", "0", "--save_init", "false", "--report_to", "none",
+        "--progress", "false", "--fix_head", "true", "--fix_embeddings", "true",
+    ])  # fmt: skip
+    return out
+
+
+def graft_args(ft_run, out, *extra):
+    return [
+        "--finetuned", str(ft_run), "--output_dir", str(out), "--sparsity", "0.01",
+        "--mask_steps", "5", "--batch_size", "4", "--learning_rate", "1e9",
+        "--progress", "false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def graft_run(ft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graft") / "run"
+    export = out.parent / "exported"
+    graft.main(graft_args(ft_run, out, "--export_model", str(export)))
+    return out, export
+
+
+def test_graft_learns_a_mask_that_lowers_the_patch_loss(graft_run, ft_run):
+    out, _ = graft_run
+    result = json.loads((out / "result.json").read_text())
+    ft = json.loads((ft_run / "result.json").read_text())
+    # N_E is what the fine-tuning run trained (its selector), and k = ⌊s N_E⌋ exactly
+    assert result["n_eligible"] == ft["method"]["trainable_parameters"]
+    assert result["patch"]["k"] == int(0.01 * result["n_eligible"])
+    history = result["history"]
+    assert history[0]["step"] == 0 and history[0]["n_grafted"] == result["patch"]["k"]
+    best = next(r for r in history if r["step"] == result["best_step"])
+    assert result["best_step"] > 0
+    assert best["train"]["loss"] < history[0]["train"]["loss"]
+    assert result["n_grafted"] == best["n_grafted"]
+    assert result["fraction_eligible"] == result["n_grafted"] / result["n_eligible"]
+    assert result["fraction_all"] == result["n_grafted"] / result["n_params"]
+    # θ_ft on E is the fine-tuned model (head/embeddings frozen): its test accuracy is the run's
+    assert result["splits"]["finetuned"]["test"]["accuracy"] == pytest.approx(
+        ft["metrics"]["test_at_best"]["accuracy"]
+    )
+    for model in ("base", "finetuned", "grafted"):
+        assert set(result["splits"][model]) == {"train", "dev", "test"}
+        assert 0.0 <= result["splits"][model]["test"]["ece"] <= 1.0
+    assert (out / "reliability.png").stat().st_size > 0
+    assert not (out / "resume").exists()
+
+
+def test_saved_mask_export_and_eval_only_agree(graft_run, ft_run, tiny_bert_dir, tmp_path):
+    out, export = graft_run
+    result = json.loads((out / "result.json").read_text())
+    mask = load_mask(out / "mask")
+    assert mask.n_grafted == result["n_grafted"]
+    assert mask.config["n_eligible"] == result["n_eligible"]
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).eval()
+    apply_graft(model, out / "mask").merge()
+    exported = AutoModelForMaskedLM.from_pretrained(export).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, exported(input_ids=ids).logits)
+    again = tmp_path / "eval"
+    graft.main(graft_args(ft_run, again, "--eval_only", "true", "--mask", str(out / "mask")))
+    evaluated = json.loads((again / "result.json").read_text())
+    assert evaluated["n_grafted"] == result["n_grafted"]
+    assert evaluated["splits"]["grafted"] == result["splits"]["grafted"]
+
+
+def test_killed_graft_resumes_to_the_same_result(ft_run, graft_run, tmp_path, monkeypatch):
+    whole, _ = graft_run
+    out = tmp_path / "killed"
+    real = graft.save_resume
+    calls = []
+
+    def dying(job, engine, history):
+        real(job, engine, history)
+        calls.append(1)
+        if len(calls) == 3:  # after step 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(graft, "save_resume", dying)
+    with pytest.raises(KeyboardInterrupt):
+        graft.main(graft_args(ft_run, out, "--export_model", str(tmp_path / "x")))
+    monkeypatch.setattr(graft, "save_resume", real)
+    graft.main(graft_args(ft_run, out, "--export_model", str(tmp_path / "x")))
+    a = json.loads((whole / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert a["history"] == b["history"] and a["splits"] == b["splits"]
+    ma, mb = load_mask(whole / "mask"), load_mask(out / "mask")
+    for name in ma.names:
+        assert torch.equal(ma.index[name], mb.index[name])
+        assert torch.equal(ma.scores[name], mb.scores[name])
+
+
+def nan_copy(ft_run, tmp_path):
+    folder = tmp_path / "nan_ft"
+    shutil.copytree(ft_run, folder, ignore=shutil.ignore_patterns(".adaptlab.lock"))
+    weights = load_file(folder / "best" / "model.safetensors")
+    name = next(n for n in weights if "encoder.layer.0" in n and n.endswith("weight"))
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, folder / "best" / "model.safetensors")
+    return folder
+
+
+def other_model(tmp_path, **kwargs):
+    folder = tmp_path / "other"
+    tok = tiny_tokenizer()
+    tiny_bert(vocab_size=len(tok), **kwargs).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+BAD = {
+    "sparsity zero": (["--sparsity", "0"], "sparsity=0.0 is not in (0, 1]"),
+    "sparsity above one": (["--sparsity", "1.5"], "sparsity=1.5 is not in (0, 1]"),
+    "eval_only without mask": (["--eval_only", "true"], "--eval_only needs --mask"),
+    "missing mask folder": (["--eval_only", "true", "--mask", "{tmp}/nowhere"], "holds no"),
+    "another task": (["--eval_only", "true", "--mask", "{mask}", "--task", "trec"], "learned on"),
+    "another architecture": (["--base_model", "{wide}"], "different architectures"),
+    "another base model": (
+        ["--eval_only", "true", "--mask", "{mask}", "--base_model", "{seed5}"],
+        "differ from the base",
+    ),
+    "non-finite delta": (["--finetuned", "{nan}"], "NaN or inf"),
+    "multi-token label word": (
+        ["--label_words", '{"0": "terrible movie", "1": "great"}'],
+        "token",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_graft_input_fails_in_one_line(
+    case, ft_run, graft_run, tiny_bert_dir, tmp_path, capsys
+):
+    flags, message = BAD[case]
+    paths = {
+        "tmp": tmp_path,
+        "mask": graft_run[0] / "mask",
+        "bert": tiny_bert_dir,
+        "wide": other_model(tmp_path, hidden_size=48, intermediate_size=96)
+        if case == "another architecture"
+        else "",
+        "seed5": other_model(tmp_path, seed=5) if case == "another base model" else "",
+        "nan": nan_copy(ft_run, tmp_path) if case == "non-finite delta" else "",
+    }
+    flags = [f.format(**paths) if "{" in f and not f.startswith('{"') else f for f in flags]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        graft.main(graft_args(ft_run, out, *flags))
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
