@@ -23,6 +23,14 @@ the last (causal LMs), optionally started from logistic regression on the pretra
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
 ``--l2_loss true`` trains either head on the squared error to the one-hot label.
 
+The fine-tuning stage of skill localization by grafting (Panigrahi et al. 2023, graft.md §2)
+adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0..n-1),
+``--l1_to_init λ`` (the penalty λ·Σ|θ − θ_init| on the trainable weights, logged as
+``train/l1_to_init``; its gradient joins the gradients once per step, so accumulation, data
+parallelism and FSDP2 shards get the same update, at the cost of one more copy of the trainable
+weights; not with IVON or DeepSpeed) and ``--best_ties last`` (upstream's ``>=``: of equally good
+evaluations the later one is kept in ``best/``).
+
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
     python scripts/finetune.py --config scripts/configs/finetune_demo.yaml
@@ -65,11 +73,15 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --task mmlu-topics --data_seed 13
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
-        --model roberta-base --task SST-2 --task_dir data/k-shot --data_seed 42
+        --model roberta-base --task SST-2 --task_dir data --data_seed 42
     # no prompt: a [CLS] linear head started from logistic regression (the linear-head kernel)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
-        --model roberta-base --task SST-2 --task_dir data/k-shot --head linear \
+        --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
+
+    # grafting's fine-tuning stage: RoBERTa-base, SGD on the 12 encoder layers only
+    python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --seeds [13]
+    python scripts/finetune.py --config scripts/configs/finetune_graft_paper.yaml
 
     # the fine-tuned adapter feeds the extraction like any model
     python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
