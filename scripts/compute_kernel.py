@@ -32,7 +32,7 @@ Launch:
     # scripts/prepare_fewshot.py); rows of the kernel split over 4 GPUs without duplicates
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 \\
         scripts/compute_kernel.py --config scripts/configs/kernel_paper.yaml \\
-        --model roberta-base --task SST-2 --task_dir data/k-shot
+        --model roberta-base --task SST-2 --task_dir data
 
     # the A-SignGD kernel (Adam) with the asymmetric solver, binary mode
     python scripts/compute_kernel.py --config scripts/configs/kernel_paper.yaml \\

@@ -23,6 +23,14 @@ the last (causal LMs), optionally started from logistic regression on the pretra
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
 ``--l2_loss true`` trains either head on the squared error to the one-hot label.
 
+The fine-tuning stage of skill localization by grafting (Panigrahi et al. 2023, graft.md §2)
+adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0..n-1),
+``--l1_to_init λ`` (the penalty λ·Σ|θ − θ_init| on the trainable weights, logged as
+``train/l1_to_init``; its gradient joins the gradients once per step, so accumulation, data
+parallelism and FSDP2 shards get the same update, at the cost of one more copy of the trainable
+weights; not with IVON or DeepSpeed) and ``--best_ties last`` (upstream's ``>=``: of equally good
+evaluations the later one is kept in ``best/``).
+
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
     python scripts/finetune.py --config scripts/configs/finetune_demo.yaml
@@ -65,11 +73,15 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --task mmlu-topics --data_seed 13
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
-        --model roberta-base --task SST-2 --task_dir data/k-shot --data_seed 42
+        --model roberta-base --task SST-2 --task_dir data --data_seed 42
     # no prompt: a [CLS] linear head started from logistic regression (the linear-head kernel)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
-        --model roberta-base --task SST-2 --task_dir data/k-shot --head linear \
+        --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
+
+    # grafting's fine-tuning stage: RoBERTa-base, SGD on the 12 encoder layers only
+    python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --seeds [13]
+    python scripts/finetune.py --config scripts/configs/finetune_graft_paper.yaml
 
     # the fine-tuned adapter feeds the extraction like any model
     python scripts/extract_repr.py --model results/finetune/demo/checkpoints/step_5 ...
@@ -97,6 +109,7 @@ lr O(0.1-1) and no gradient clipping.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -140,6 +153,7 @@ from adaptlab.training.data import Data, mmlu_data, task_data
 from adaptlab.training.fewshot import (
     init_linear_head,
 )
+from adaptlab.training.l1_to_init import L1ToInit
 from adaptlab.training.loop import (
     BatchPlan,
     RunLogger,
@@ -209,6 +223,7 @@ class Run:
     logger: RunLogger
     n_trainable: int
     n_params: int
+    penalty: L1ToInit | None = None  # λ·Σ|θ − θ_init| (l1_to_init > 0)
     bar: tqdm | None = None
 
 
@@ -271,7 +286,7 @@ def setup(cfg: FinetuneConfig) -> Job:
     )
     strategy = resolve_strategy(requested, accelerator.num_processes)
     check_reporter(cfg.report_to)
-    check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead)
+    check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead, cfg.l1_to_init)
     model_ref = resolve_model(cfg.model)
     # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)
     info = DistInfo(accelerator.process_index, accelerator.num_processes, accelerator.device)
@@ -401,12 +416,14 @@ def load(job: Job) -> Run:
         )
         # PEFT gathers partitioned base weights where an adapter's init reads them (DoRA)
         model = job.method.prepare(model, cfg, job.total_steps)
-        if cfg.head == "linear":  # a resumed run gets its trained head from the resume state
+        if cfg.head == "linear":  # a resumed run gets its trained head from the resume state,
+            # but l1_to_init needs the head it started from, so the fit is done again
+            refit = job.state != "resume" or cfg.l1_to_init > 0
             head = init_linear_head(
                 model,
                 job.data.fewshot,
                 job.tokenizer.pad_token_id,
-                from_logistic=cfg.from_linearhead and job.state != "resume" and not empty,
+                from_logistic=cfg.from_linearhead and refit and not empty,
                 batch_size=cfg.eval_batch_size,
                 progress=cfg.progress and acc.is_main_process,
             )
@@ -458,6 +475,9 @@ def load(job: Job) -> Run:
     # Every rank built the same model; from here the randomness of training (dropout masks,
     # IVON's posterior draws) is each process's own: seed + rank (a resume restores it).
     set_seed(cfg.seed, device_specific=True)
+    # θ_init is the weights as loaded and prepared, before a resume restores the trained ones,
+    # so a resumed run pulls towards the same weights as the run it continues
+    penalty = L1ToInit(model, cfg.l1_to_init) if cfg.l1_to_init > 0 else None
 
     resume_step = None
     if job.state == "resume":
@@ -484,7 +504,7 @@ def load(job: Job) -> Run:
             f"{cfg.batch_size} ({job.plan.accumulation} micro-batches per process), "
             f"{n_trainable:,} of {n_params:,} parameters train{resumed}."
         )
-    return Run(model, optimizer, scheduler, state, logger, n_trainable, n_params)
+    return Run(model, optimizer, scheduler, state, logger, n_trainable, n_params, penalty)
 
 
 def save_weights(job: Job, run: Run, name: str) -> None:
@@ -521,7 +541,7 @@ def evaluate_and_keep(job: Job, run: Run) -> None:
     state.evals.append({"step": state.step, **metrics})
     run.logger.log(state.step, metrics, "eval")
     value = metrics[cfg.best_metric]
-    if ckpt.is_better(cfg.best_metric, value, state.best):
+    if ckpt.is_better(cfg.best_metric, value, state.best, ties=cfg.best_ties):
         state.best = {"step": state.step, "metric": cfg.best_metric, "value": value}
         if job.data.test is not None:  # the upstream protocol: test the best-dev weights
             state.best["test"] = job.data.test(run.model, job.accelerator)
@@ -545,6 +565,7 @@ def log_step(job: Job, run: Run, result: StepResult, seconds: float) -> None:
         "loss": result.loss,
         "lr": result.lr,
         "grad_norm": result.grad_norm,
+        "l1_to_init": result.l1_to_init,
         "tokens_per_second": tokens_per_second,
         "peak_memory_mib": peak_memory_mib(acc.device),
         "mfu": mfu(run.n_params, tokens_per_second, peak_flops, acc.num_processes),
@@ -592,7 +613,10 @@ def train(job: Job, run: Run, stop: StopAtStep) -> bool:
     eval_steps = set(eval_schedule(job.total_steps, cfg.eval_points, cfg.eval_at_start))
     checkpoint_steps = set(ckpt.log_spaced_steps(job.total_steps, cfg.checkpoints))
     objective = job.data.objective
-    step_fn = zero_train_step if job.strategy.zero_stage is not None else train_step
+    if job.strategy.zero_stage is not None:
+        step_fn = zero_train_step  # l1_to_init was refused for it in setup
+    else:
+        step_fn = functools.partial(train_step, penalty=run.penalty)
     if state.step == 0:
         if cfg.save_init:
             save_weights(job, run, f"{ckpt.CHECKPOINTS}/step_0")

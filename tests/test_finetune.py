@@ -19,7 +19,7 @@ from adaptlab.extract.config import ExtractConfig
 from adaptlab.models import load_model
 from adaptlab.models.tiny import save_tiny_llama, tiny_llama, tiny_tokenizer
 from adaptlab.rundir import LOCK_FILE
-from adaptlab.training.checkpoint import log_spaced_steps
+from adaptlab.training.checkpoint import is_better, log_spaced_steps
 from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.loop import (
     TRAIN_DATA,
@@ -30,6 +30,7 @@ from adaptlab.training.loop import (
 )
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
+from adaptlab.training.optim import TrainingError
 from tests.conftest import ROOT, load_script, requires_ivon
 
 finetune = load_script("finetune")
@@ -95,6 +96,31 @@ def test_schedules_are_counts_and_log_spaced():
     assert list(plan.global_indices(2)) != list(first)  # epoch 1 is reshuffled
 
 
+def test_best_ties_first_keeps_the_earlier_and_last_the_later_value():
+    for metric, worse, better in (("accuracy", 0.4, 0.6), ("loss", 0.6, 0.4)):
+        best = {"value": 0.5}
+        assert is_better(metric, 0.5, None) and is_better(metric, 0.5, None, ties="last")
+        assert not is_better(metric, 0.5, best) and is_better(metric, 0.5, best, ties="last")
+        for ties in ("first", "last"):
+            assert is_better(metric, better, best, ties) and not is_better(
+                metric, worse, best, ties
+            )
+
+
+def test_fix_layers_is_upstreams_first_blocks_and_embeddings():
+    cfg = FinetuneConfig(fix_layers=1)
+    assert (cfg.fix_first_n_layers, cfg.fix_embeddings) == (1, True)
+    assert FinetuneConfig(fix_layers=2, fix_first_n_layers=2).fix_first_n_layers == 2
+    assert FinetuneConfig(**{**cfg.__dict__}).fix_first_n_layers == 1  # resolving is idempotent
+    with pytest.raises(TrainingError, match="disagree"):
+        FinetuneConfig(fix_layers=2, fix_first_n_layers=1)
+    with pytest.raises(TrainingError, match="fix_layers=-2 must be 0 or more"):
+        FinetuneConfig(fix_layers=-2)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(TrainingError, match="l1_to_init"):
+            FinetuneConfig(l1_to_init=bad)
+
+
 def test_answer_only_batches_put_the_loss_on_the_answer_token(mmlu_file):
     tokenizer = tiny_tokenizer()
     model = tiny_llama(vocab_size=len(tokenizer))
@@ -124,13 +150,21 @@ def test_answer_only_batches_put_the_loss_on_the_answer_token(mmlu_file):
     assert float(total.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("ivon", marks=requires_ivon)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "adamw"],
+        # θ_init of a resumed run is the original run's (the weights before the resume state)
+        ["--optimizer", "adamw", "--l1_to_init", "0.1"],
+        pytest.param(
+            ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5"], marks=requires_ivon
+        ),
+    ],
+    ids=["adamw", "adamw-l1_to_init", "ivon"],
+)
 def test_killed_and_resumed_run_equals_uninterrupted(
-    optimizer, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
+    extra, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
 ):
-    extra = ["--optimizer", optimizer]
-    if optimizer == "ivon":
-        extra += ["--lr", "0.2", "--ivon_ess", "1e5"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     finetune.main(args_for(tiny_model_dir, mmlu_file, whole, *extra))
     step = finetune.train_step
@@ -156,6 +190,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
     # one record per step (the killed attempt's extra lines are gone), same values
     assert train_losses(killed) == pytest.approx(train_losses(whole), abs=1e-6)
+    penalties = [r["train/l1_to_init"] for r in read_metrics(killed) if "train/l1_to_init" in r]
+    if "--l1_to_init" in extra:  # 0 at θ_init, then growing as the adapter moves
+        assert penalties[0] == 0 and len(penalties) == 6 and min(penalties[1:]) > 0
+    else:
+        assert penalties == []
     assert not (killed / "resume").exists()
     result = json.loads((killed / "result.json").read_text())
     assert [e["step"] for e in result["metrics"]["evals"]] == [0, 3, 6]

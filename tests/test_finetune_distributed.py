@@ -184,9 +184,14 @@ def test_two_processes_train_like_one(case, one_process, tiny_model_dir, mmlu_fi
 
 
 @pytest.mark.multiprocess
-def test_killed_fsdp_run_resumes_exactly(one_process, tiny_model_dir, mmlu_file, tmp_path):
+def test_killed_fsdp_run_resumes_exactly(tiny_model_dir, mmlu_file, tmp_path):
+    """With the L1-to-init penalty: its gradient goes into each rank's shard, its value is
+    summed over the shards, and θ_init of the resumed run is the original one."""
+    penalty = ["--l1_to_init", "0.1"]
+    one_process = tmp_path / "one"
+    finetune.main(args_for(tiny_model_dir, mmlu_file, one_process, *penalty))
     out = tmp_path / "fsdp"
-    args = args_for(tiny_model_dir, mmlu_file, out, "--fsdp", "true")
+    args = args_for(tiny_model_dir, mmlu_file, out, "--fsdp", "true", *penalty)
     killed = killed_script(tmp_path, step=4)
     first = launch(accelerate("cpu_2proc.yaml"), killed, args)
     assert first.returncode != 0 and not (out / "result.json").exists()
@@ -202,6 +207,11 @@ def test_killed_fsdp_run_resumes_exactly(one_process, tiny_model_dir, mmlu_file,
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed at step 2" in second.stdout
     assert_same_training(out, one_process)
+    penalties = [
+        [r["train/l1_to_init"] for r in read_metrics(run) if "train/l1_to_init" in r]
+        for run in (out, one_process)
+    ]
+    assert len(penalties[0]) == 4 and penalties[0] == pytest.approx(penalties[1], rel=1e-5)
     assert not (out / "resume").exists()
 
 
@@ -305,6 +315,9 @@ def test_strategies_refuse_what_they_cannot_run():
         check_strategy(zero3, "sgd", "adalora", from_linearhead=False)
     with pytest.raises(TrainingError, match="from_linearhead .* ZeRO-3"):
         check_strategy(zero3, "sgd", "lora", from_linearhead=True)
+    check_strategy(Strategy("fsdp"), "sgd", "full", from_linearhead=False, l1_to_init=0.1)
+    with pytest.raises(TrainingError, match=r"l1_to_init .* DeepSpeed \(zero2\)"):
+        check_strategy(zero2, "sgd", "full", from_linearhead=False, l1_to_init=0.1)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

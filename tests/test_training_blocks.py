@@ -628,6 +628,19 @@ def test_freeze_biases_only_and_errors():
         freeze(plain, fix_first_n_layers=3)
 
 
+def test_graft_paper_freezing_trains_roberta_base_encoder_layers_only():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+    with torch.device("meta"):  # roberta-base's shapes, no memory
+        model = RobertaForMaskedLM(config)
+    counts = freeze(model, fix_head=True, fix_embeddings=True)
+    assert counts["trainable"] == 85_054_464  # graft.md §2: the 12 encoder layers
+    assert {n.split(".layer.")[0] for n, p in model.named_parameters() if p.requires_grad} == {
+        "roberta.encoder"
+    }
+
+
 def test_freeze_tied_bert_head_keeps_word_embeddings():
     model = tiny_bert()
     embeddings = 512 * 32 + 512 * 32 + 2 * 32 + 2 * 32  # word, position, type, LayerNorm

@@ -9,6 +9,8 @@
 - :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
 - :mod:`~adaptlab.training.metrics`: micro/macro accuracy, ECE and reliability bins;
 - :mod:`~adaptlab.training.freezing`: freeze head / embeddings / first blocks, BitFit;
+- :mod:`~adaptlab.training.l1_to_init`: the penalty λ·Σ|θ − θ_init|, added to the gradients
+  once per step (accumulation, DDP and FSDP2 shards alike);
 - :mod:`~adaptlab.training.parallel`: data parallel, FSDP2 or DeepSpeed ZeRO over the
   processes of a run, whole state dicts from shards, the ZeRO training step.
 

@@ -712,10 +712,26 @@ def check_same_run(
 LOWER_IS_BETTER = frozenset({"loss", "ece"})
 
 
-def is_better(metric: str, value: float, best: Mapping[str, Any] | None) -> bool:
-    """Whether ``value`` of ``metric`` beats the recorded ``best`` (loss and ECE: lower)."""
+def is_better(
+    metric: str, value: float, best: Mapping[str, Any] | None, ties: str = "first"
+) -> bool:
+    """Whether ``value`` of ``metric`` replaces the recorded ``best`` (loss and ECE: lower).
+
+    Args:
+        metric: the metric's name.
+        value: its value now.
+        best: the best record so far (``{"value": ...}``), or ``None``.
+        ties: ``first`` keeps the earlier of equal values (strictly better only), ``last``
+            the later one (``>=``, upstream's LM-BFF trainer).
+
+    >>> best = {"value": 0.5}
+    >>> is_better("accuracy", 0.5, best), is_better("accuracy", 0.5, best, ties="last")
+    (False, True)
+    """
     if best is None:
         return True
+    if value == best["value"]:
+        return ties == "last"
     if metric in LOWER_IS_BETTER:
         return value < best["value"]
     return value > best["value"]

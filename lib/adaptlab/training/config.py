@@ -11,6 +11,7 @@ are checked against their registries here, so a typo fails before anything is lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +92,8 @@ class FinetuneConfig:
         fix_head: freeze the head (final norm and output layer).
         fix_embeddings: freeze the input embeddings.
         fix_first_n_layers: freeze transformer blocks 0..n-1.
+        fix_layers: upstream ``--fix_layers n`` (LM-BFF trainer): sets ``fix_first_n_layers=n``
+            and ``fix_embeddings=true`` (None: off).
         dtype: weight dtype: ``auto`` (fp32 on CPU, bf16 on GPUs that have it), float32,
             bfloat16, float16; QLoRA computes in it.
         mixed_precision: accelerate autocast: ``no`` or ``bf16`` (fp16 loss scaling is not
@@ -157,6 +160,9 @@ class FinetuneConfig:
         optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
+        l1_to_init: λ of the penalty λ·Σ|θ − θ_init| on the trainable parameters, θ_init their
+            values when training starts (upstream ``--l1_reg``; logged as ``train/l1_to_init``;
+            0: off; not with IVON or DeepSpeed). Costs one more copy of the trainable weights.
         momentum: SGD / SignGD momentum.
         betas: AdamW betas (IVON uses the first as beta1).
         eps: AdamW epsilon.
@@ -181,6 +187,9 @@ class FinetuneConfig:
         eval_batch_size: prompts per evaluation forward pass per process.
         best_metric: evaluation metric whose best value keeps a copy in ``best/``; None:
             ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks.
+        best_ties: which of two evaluations with the same ``best_metric`` value is kept:
+            ``first`` (strictly better only) or ``last`` (``>=``, the later wins, as upstream's
+            LM-BFF trainer keeps it).
         checkpoints: log-spaced checkpoints (steps unique(round(geomspace(1, T, n,
             endpoint=False)))) saved as ``checkpoints/step_{s}``; 0: none.
         save_init: save the weights before training as ``checkpoints/step_0``.
@@ -225,6 +234,7 @@ class FinetuneConfig:
     fix_head: bool = False
     fix_embeddings: bool = False
     fix_first_n_layers: int = 0
+    fix_layers: int | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     mixed_precision: Literal["no", "bf16"] = "no"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
@@ -263,6 +273,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     lr: float = 5e-5
     weight_decay: float = 0.0
+    l1_to_init: float = 0.0
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -285,6 +296,7 @@ class FinetuneConfig:
     eval_at_start: bool = True
     eval_batch_size: int = 8
     best_metric: str | None = None
+    best_ties: Literal["first", "last"] = "first"
     checkpoints: int = 10
     save_init: bool = True
     save_epochs: bool = True
@@ -305,6 +317,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self._resolve_fix_layers()
         self._resolve_task()
         for name, registry, what in (
             (self.method, METHODS, "method"),
@@ -354,6 +367,15 @@ class FinetuneConfig:
             ),
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
+            (
+                math.isfinite(self.l1_to_init) and self.l1_to_init >= 0,
+                f"l1_to_init={self.l1_to_init} must be a finite number >= 0 (0: no penalty).",
+            ),
+            (
+                not (self.l1_to_init > 0 and self.optimizer == "ivon"),
+                "l1_to_init does not work with optimizer=ivon (IVON reads its gradient samples "
+                "before the penalty's gradient could join them); use sgd or adamw.",
+            ),
             (
                 self.run_name is None or _plain_name(self.run_name),
                 f"run_name={self.run_name!r} must be a plain name (no '/', '\\' or '..'): it "
@@ -408,6 +430,23 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+
+    def _resolve_fix_layers(self) -> None:
+        """Turn upstream's ``fix_layers`` into ``fix_first_n_layers`` and ``fix_embeddings``."""
+        if self.fix_layers is None:
+            return
+        if self.fix_layers < 0:
+            raise TrainingError(
+                f"fix_layers={self.fix_layers} must be 0 or more (the number of first blocks "
+                "to freeze, with the embeddings)."
+            )
+        if self.fix_first_n_layers not in (0, self.fix_layers):
+            raise TrainingError(
+                f"fix_layers={self.fix_layers} and fix_first_n_layers={self.fix_first_n_layers} "
+                "disagree; give only one of them."
+            )
+        self.fix_first_n_layers = self.fix_layers
+        self.fix_embeddings = True
 
     def _resolve_task(self) -> None:
         """Fill the task-dependent defaults and check the task's options fit together."""

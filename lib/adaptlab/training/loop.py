@@ -50,6 +50,7 @@ from adaptlab.distributed import average_replicated_gradients
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.io import atomic_open
+from adaptlab.training.l1_to_init import L1ToInit
 from adaptlab.training.methods import Method
 from adaptlab.training.metrics import accuracy_report, expected_calibration_error
 from adaptlab.training.objectives import (
@@ -229,12 +230,14 @@ class StepResult:
         tokens: tokens processed by all processes (MC draws counted once).
         lr: learning rate the step used (first parameter group).
         grad_norm: gradient norm before clipping, when clipping is on.
+        l1_to_init: the L1-to-init penalty λ·Σ|θ − θ_init| before the step, when it is on.
     """
 
     loss: float
     tokens: int
     lr: float
     grad_norm: float | None
+    l1_to_init: float | None = None
 
 
 def train_step(
@@ -247,13 +250,16 @@ def train_step(
     method: Method,
     step: int,
     max_grad_norm: float | None = None,
+    penalty: L1ToInit | None = None,
 ) -> StepResult:
     """One optimiser step over this process's micro-batches.
 
     Every micro-batch and Monte Carlo draw runs inside :func:`ivon_step_context` (a no-op but
     for IVON); gradients are synchronised across processes only on the last micro-batch, those
     of trainable weights FSDP left whole after the last one (IVON all-reduces its averaged
-    samples in ``step()`` instead). Then: clip, ``optimizer.step()``,
+    samples in ``step()`` instead). Then: the L1-to-init gradient λ·sign(θ − θ_init) when
+    ``penalty`` is given (once per step, so accumulation does not scale it), clip,
+    ``optimizer.step()``,
     ``scheduler.step()``, ``method.after_step(model, step)`` (AdaLoRA's rank allocation, which
     reads the gradients), ``zero_grad()``.
 
@@ -267,9 +273,11 @@ def train_step(
         method: the fine-tuning method (regulariser, after-step hook).
         step: 1-based number of this optimiser step.
         max_grad_norm: clip the gradient norm to this; ``None`` does not clip.
+        penalty: the L1-to-init penalty (not with IVON, whose gradient samples are read
+            before it could be added).
 
     Returns:
-        The step's loss, token count, learning rate and gradient norm.
+        The step's loss, token count, learning rate, gradient norm and penalty value.
     """
     model.train()
     n_micro = len(micro_batches)
@@ -291,6 +299,7 @@ def train_step(
         tokens += int(batch["attention_mask"].sum())
     if not is_ivon:  # FSDP-ignored trainable weights (IVON, AdaLoRA): average like DDP
         average_replicated_gradients(model)
+    l1_to_init = None if penalty is None else penalty.apply(accelerator)
     grad_norm = None
     if max_grad_norm is not None:
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -302,7 +311,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss_mean = accelerator.reduce(loss_sum, reduction="mean")
     token_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
-    return StepResult(float(loss_mean), int(token_total), lr, grad_norm)
+    return StepResult(float(loss_mean), int(token_total), lr, grad_norm, l1_to_init)
 
 
 # ---------------------------------------------------------------------------------------------

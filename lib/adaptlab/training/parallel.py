@@ -169,13 +169,21 @@ def resolve_strategy(requested: Strategy, world: int) -> Strategy:
     return requested if world > 1 else Strategy("ddp")
 
 
-def check_strategy(strategy: Strategy, optimizer: str, method: str, from_linearhead: bool) -> None:
+def check_strategy(
+    strategy: Strategy,
+    optimizer: str,
+    method: str,
+    from_linearhead: bool,
+    l1_to_init: float = 0.0,
+) -> None:
     """Refuse, before loading, what ``strategy`` cannot run.
 
     Raises:
         TrainingError: IVON or AdaLoRA under ZeRO (they need whole trainable weights and
-            gradients on every rank), or ``from_linearhead`` under ZeRO-3 (the head is fitted
-            on features of the whole model, which ZeRO-3 partitions while loading).
+            gradients on every rank), ``from_linearhead`` under ZeRO-3 (the head is fitted
+            on features of the whole model, which ZeRO-3 partitions while loading), or
+            ``l1_to_init`` under ZeRO (its gradient goes into the gradients between backward
+            and clipping, which the engine keeps in its own partitioned buffers).
     """
     for name in (optimizer, method):
         if name in REPLICATED_TRAINABLE and strategy.zero_stage is not None:
@@ -188,6 +196,12 @@ def check_strategy(strategy: Strategy, optimizer: str, method: str, from_linearh
         raise TrainingError(
             "from_linearhead fits the head on features of the whole model, which ZeRO-3 "
             "partitions while loading; use ZeRO-2, FSDP or data parallelism for it."
+        )
+    if l1_to_init > 0 and strategy.zero_stage is not None:
+        raise TrainingError(
+            "l1_to_init adds its gradient between backward and clipping, which DeepSpeed "
+            f"({strategy.name}) does inside its engine; use FSDP (fsdp=true) or data "
+            "parallelism for it."
         )
 
 
