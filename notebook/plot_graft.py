@@ -18,8 +18,9 @@
 # mask overlap (Panigrahi et al. 2023), from one grafting output folder:
 #
 # - `result.json`: `n_eligible`, `n_params`, `n_grafted`, `fraction_eligible`, `fraction_all`,
-#   and for each of `base`, `finetuned`, `grafted`:
-#   `{"splits": {"train" | "dev" | "test": {"accuracy": float, "ece": float}}}` (the table);
+#   and `splits`: for each of `base`, `finetuned`, `grafted`,
+#   `{"train" | "dev" | "test" | "ood:TASK": {"accuracy": float, "ece": float, ...}}` (the
+#   table; what `scripts/graft.py` writes);
 # - `sweep.json` (optional): `[{"kind": "learned" | "top_delta", "sparsity", "fraction_eligible",
 #   "accuracy"}]` (accuracy vs graft size);
 # - `reliability.json` (optional): `{model: {"probs": [[...]], "labels": [...]}}` (reliability
@@ -47,9 +48,9 @@ print(
 )
 print(f"{'model':<10} {'split':<6} {'accuracy':>9} {'ECE':>7}")
 for model in MODELS:
-    for split, scores in result[model]["splits"].items():
+    for split, scores in result["splits"][model].items():
         print(f"{model:<10} {split:<6} {scores['accuracy']:>9.4f} {scores['ece']:>7.4f}")
-test = {model: result[model]["splits"]["test"]["accuracy"] for model in MODELS}
+test = {model: result["splits"][model]["test"]["accuracy"] for model in MODELS}
 rec = recovery(test["grafted"], test["base"], test["finetuned"])
 print(f"test recovery: grafted/ft {rec['relative']:.3f}, of the gain over base {rec['gain']:.3f}")
 

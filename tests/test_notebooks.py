@@ -49,8 +49,8 @@ def test_plot_graft_notebook(tmp_path):
     result = {
         "n_eligible": 1000, "n_params": 1500, "n_grafted": 10,
         "fraction_eligible": 0.01, "fraction_all": 10 / 1500,
-        **{
-            model: {"splits": {s: {"accuracy": acc, "ece": 0.1} for s in ("train", "dev", "test")}}
+        "splits": {
+            model: {s: {"accuracy": acc, "ece": 0.1} for s in ("train", "dev", "test")}
             for model, acc in scores.items()
         },
     }  # fmt: skip
