@@ -446,6 +446,7 @@ def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[s
         "mask_steps": job.cfg.mask_steps,
         "best_step": history.best_step if history else None,
         "selection": job.selection.as_dict() if job.selection else "adapter",
+        "dtype": str(t.pre[0].dtype).removeprefix("torch."),
         "base_model": {
             "name": job.base_ref.name,
             "hash": content_hash(dict(zip(t.names, t.pre, strict=True)), t.names),

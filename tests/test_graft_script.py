@@ -181,3 +181,48 @@ def test_bad_graft_input_fails_in_one_line(
     assert exit_info.value.code == 2
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+def test_causal_lm_graft_loads_as_a_model_in_the_other_recipes(
+    tiny_model_dir, sst2_dir, mmlu_file, tmp_path
+):
+    """A tiny Llama: label words at the last prompt token; the mask folder is a --model."""
+    from adaptlab.models import describe_model, load_model
+
+    run = tmp_path / "ft"
+    finetune.main([
+        "--model", str(tiny_model_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(run), "--method", "full",
+        "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--batch_size", "4",
+        "--micro_batch_size", "4", "--max_steps", "4", "--eval_points", "1",
+        "--checkpoints", "0", "--save_init", "false", "--report_to", "none",
+        "--progress", "false", "--fix_embeddings", "true",
+    ])  # fmt: skip
+    out = tmp_path / "graft"
+    graft.main(graft_args(run, out, "--mask_steps", "2"))
+    result = json.loads((out / "result.json").read_text())
+    assert result["n_grafted"] > 0
+    ids = torch.randint(5, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    merged = load_model(str(out / "mask"))
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    apply_graft(reference, out / "mask").merge()
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert describe_model(str(out / "mask"))["graft_path"] == str((out / "mask").resolve())
+
+    extract = load_script("extract_repr")
+    extract.main([
+        "--model", str(out / "mask"), "--dataset_path", str(mmlu_file), "--num_shots", "0",
+        "--output_dir", str(tmp_path / "extract"), "--progress", "false",
+    ])  # fmt: skip
+    manifest = json.loads((tmp_path / "extract" / "manifest.json").read_text())
+    assert "graft_path" in json.dumps(manifest)
+    kernel = load_script("compute_kernel")
+    kernel.main([
+        "--model", str(out / "mask"), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--seeds", "[42]", "--output_dir", str(tmp_path / "kernel"),
+        "--dtype", "float64", "--solvers", "[lstsq]", "--progress", "false",
+    ])  # fmt: skip
+    assert (tmp_path / "kernel" / "8-42").is_dir()

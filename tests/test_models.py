@@ -19,6 +19,7 @@ from adaptlab.models import (
     loader,
     pick_attn_implementation,
     pick_dtype,
+    refs,
     resolve_model,
 )
 from adaptlab.models.tiny import save_tiny_llama, tiny_bert, tiny_llama, tiny_tokenizer
@@ -155,7 +156,7 @@ def test_hub_id_online_resolves_without_network(
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(loader, "hub_reachable", lambda: True)
+    monkeypatch.setattr(refs, "hub_reachable", lambda: True)
     ref = resolve_model("HuggingFaceTB/SmolLM2-135M")
     assert (ref.source, ref.adapter_path) == ("hub", None)
     assert describe_model(ref)["revision"] is None
@@ -318,7 +319,7 @@ def test_adapter_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path, _ = adapter
-    with pytest.raises(ValueError, match="already an adapter folder"):
+    with pytest.raises(ValueError, match="already an adapter or graft folder"):
         load_model(path, adapter=str(path))
     with pytest.raises(ModelNotFoundError, match="has no adapter_config.json"):
         load_model(tiny_dir, adapter=str(tmp_path))

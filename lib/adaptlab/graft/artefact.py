@@ -13,9 +13,10 @@ like an adapter (:mod:`adaptlab.graft.tuner`)::
                                  base/NAME    int64 [k_i]   flat positions of the base patch b
                                  scores/NAME  float32 shaped like the parameter: S
 
-The content hash of a model is SHA-256 over each eligible tensor's name, shape, dtype and a
-fixed sample of its values (4,096 evenly spaced entries and the last one): cheap for a 7B model,
-and any two different checkpoints differ in it.
+The content hash of a model is SHA-256 over each eligible tensor's name, shape and a fixed
+sample of its values as float32 (4,096 evenly spaced entries, the last one included): cheap for
+a 7B model, any two different checkpoints differ in it, and a float32 base loaded in float64
+keeps it.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ _SAMPLE = 4096
 
 
 def content_hash(tensors: Mapping[str, Tensor], names: Sequence[str]) -> str:
-    """SHA-256 of the named tensors' names, shapes, dtypes and a fixed sample of their values."""
+    """SHA-256 of the named tensors' names, shapes and a fixed sample of their values (float32)."""
     digest = hashlib.sha256()
     for name in names:
         t = tensors[name].detach()
         flat = t.reshape(-1)
         n = flat.numel()
         picks = torch.linspace(0, n - 1, min(n, _SAMPLE), device=flat.device).long()
-        sample = flat[picks].contiguous().cpu()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        # float32 values: a float32 base loaded in float64 (exact kernels) keeps its hash
+        sample = flat[picks].float().contiguous().cpu()
+        digest.update(f"{name}|{tuple(t.shape)}|".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

@@ -85,6 +85,13 @@ def check_mask_fits(model: nn.Module, mask: GraftMask, *, check_hash: bool = Tru
             )
     if check_hash:
         found = content_hash(params, mask.names)
+        dtype = str(params[mask.names[0]].dtype).removeprefix("torch.")
+        learned_in = mask.config.get("dtype", dtype)
+        if found != mask.config["base_model"]["hash"] and learned_in != dtype:
+            raise GraftError(
+                f"The graft mask was learned on {learned_in} weights but the model is loaded in "
+                f"{dtype}; load the base model in {learned_in} (--dtype {learned_in})."
+            )
         if found != mask.config["base_model"]["hash"]:
             raise GraftError(
                 f"The model's weights differ from the base the graft mask was learned on "

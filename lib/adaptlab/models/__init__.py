@@ -11,13 +11,14 @@ Example::
 
 from __future__ import annotations
 
-from adaptlab.models.embedded import PROVENANCE_FILE, embedded_model_dir
-from adaptlab.models.loader import (
+from adaptlab.models.embedded import (
     EMBEDDED_MODELS,
     EMBEDDED_PREFIX,
-    ModelFileError,
-    ModelNotFoundError,
-    ModelRef,
+    PROVENANCE_FILE,
+    embedded_model_dir,
+)
+from adaptlab.models.errors import ModelFileError, ModelNotFoundError
+from adaptlab.models.loader import (
     check_weights,
     describe_model,
     load_model,
@@ -25,9 +26,9 @@ from adaptlab.models.loader import (
     model_skeleton,
     pick_attn_implementation,
     pick_dtype,
-    resolve_model,
 )
 from adaptlab.models.preflight import LoadOptionError, check_load
+from adaptlab.models.refs import ModelRef, resolve_model
 
 __all__ = [
     "EMBEDDED_MODELS",

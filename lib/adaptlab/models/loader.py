@@ -33,30 +33,33 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import zipfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from adaptlab.models.embedded import (
-    EMBEDDED_MODELS,
     EMBEDDED_PREFIX,
     PROVENANCE_FILE,
     converted_dir,
-    embedded_model_dir,
 )
 from adaptlab.models.errors import ModelFileError, ModelNotFoundError
-from adaptlab.network import hub_reachable
+from adaptlab.models.refs import (
+    GRAFT_CONFIG,
+    ModelRef,
+    _as_ref,
+    _hub_cached_file,
+    _hub_offline,
+    _is_hub_id,
+    resolve_model,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 """Embedded model names; pass them as ``embedded:<name>``."""
 
-Source = Literal["embedded", "local", "hub"]
 Kind = Literal["causal", "masked", "encoder", "auto"]
 Quantization = Literal[None, "4bit", "8bit"]
 
@@ -72,10 +75,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _KINDS = ("causal", "masked", "encoder", "auto")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_TRUTHY = {"1", "ON", "YES", "TRUE"}
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-_MAX_ADAPTER_DEPTH = 8
 
 
 ALLOW_PICKLE_FLAG = "--allow_pickle_weights true"
@@ -93,227 +93,6 @@ _WEIGHT_FILES: dict[str, tuple[tuple[str, str | None], ...]] = {
         ("adapter_model.bin", None),
     ),
 }
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A resolved model name: what to pass to ``from_pretrained``, and where it came from.
-
-    Attributes:
-        name: the name or path exactly as given.
-        path: what ``from_pretrained`` takes: an absolute folder (embedded, local) or a hub id.
-            For an adapter ref this is the adapter folder (or hub id), and :attr:`base` says
-            which model it sits on. ``None`` for an embedded model resolved with
-            ``materialize=False``.
-        source: ``"embedded"``, ``"local"`` or ``"hub"``.
-        adapter_path: the PEFT adapter folder (or hub id) when the name is an adapter, else
-            ``None``.
-        base: the resolved base model of an adapter (itself possibly an adapter), else ``None``.
-    """
-
-    name: str
-    path: str | None
-    source: Source
-    adapter_path: str | None = None
-    base: ModelRef | None = None
-
-    @property
-    def is_adapter(self) -> bool:
-        """Whether this ref is a PEFT adapter on top of :attr:`base`."""
-        return self.adapter_path is not None
-
-    @property
-    def root(self) -> ModelRef:
-        """The full model at the bottom of an adapter chain (``self`` when not an adapter)."""
-        ref = self
-        while ref.base is not None:
-            ref = ref.base
-        return ref
-
-    @property
-    def adapters(self) -> list[str]:
-        """Adapter paths from the one nearest the base model to this one (empty if none)."""
-        chain: list[str] = []
-        ref: ModelRef | None = self
-        while ref is not None and ref.adapter_path is not None:
-            chain.append(ref.adapter_path)
-            ref = ref.base
-        return chain[::-1]
-
-
-def resolve_model(name_or_path: str | os.PathLike[str], *, materialize: bool = True) -> ModelRef:
-    """Say what a model name refers to, without loading any weights.
-
-    Order of precedence: an ``embedded:`` name, then an existing local path, then a hub id.
-
-    Args:
-        name_or_path: ``embedded:<name>``, a local model or adapter folder, or a hub id.
-        materialize: for embedded models, fetch (and on first use convert) the model so that
-            :attr:`ModelRef.path` is set. ``False`` only validates the name, which is instant.
-
-    Returns:
-        The resolved reference.
-
-    Raises:
-        ModelNotFoundError: unknown embedded name, a local folder that holds no model, a string
-            that is neither a path nor a hub id, or a hub id that is not cached while the hub
-            is offline.
-    """
-    return _resolve(os.fspath(name_or_path), materialize, ())
-
-
-def _resolve(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
-    if not name.strip():
-        raise ModelNotFoundError(
-            "An empty model name was given; pass a folder holding config.json, or "
-            "embedded:smollm2-135m."
-        )
-    if name.startswith(EMBEDDED_PREFIX):
-        short = name[len(EMBEDDED_PREFIX) :]
-        if short not in EMBEDDED_MODELS:
-            valid = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
-            raise ModelNotFoundError(
-                f"There is no embedded model {short!r}; valid names are {valid}."
-            )
-        path = None
-        if materialize:
-            path = str(embedded_model_dir(short))
-        return ModelRef(name=name, path=path, source="embedded")
-
-    local = Path(name).expanduser()
-    if local.exists():
-        return _resolve_local(name, local.resolve(), materialize, seen)
-    if not _is_hub_id(name):
-        raise ModelNotFoundError(
-            f"{name!r} is neither a local folder nor a model name on the hub; pass a folder "
-            "holding config.json, or embedded:smollm2-135m."
-        )
-    return _resolve_hub(name, materialize, seen)
-
-
-def _resolve_local(name: str, folder: Path, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
-    if not folder.is_dir():
-        raise ModelNotFoundError(
-            f"{name!r} is a file, not a model folder; pass the folder holding its config.json "
-            "(or adapter_config.json)."
-        )
-    if (folder / "adapter_config.json").is_file():
-        base = _resolve_adapter_base(name, folder / "adapter_config.json", materialize, seen)
-        path = str(folder)
-        return ModelRef(name=name, path=path, source="local", adapter_path=path, base=base)
-    if not (folder / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"Folder {name!r} holds neither config.json nor adapter_config.json; pass the folder "
-            "a model or adapter was written to by save_pretrained."
-        )
-    _check_config(folder / "config.json")
-    return ModelRef(name=name, path=str(folder), source="local")
-
-
-def _check_config(path: Path) -> None:
-    """Refuse a ``config.json`` that is not a JSON object (truncated, garbage, hand-edited)."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(
-            f"{path} is not a readable JSON file ({error}); it is damaged: restore it or save "
-            "the model again with save_pretrained."
-        ) from error
-    if not isinstance(config, dict):
-        raise ModelFileError(
-            f"{path} holds a JSON {type(config).__name__}, not the object save_pretrained "
-            "writes; restore it or save the model again."
-        )
-
-
-def _resolve_hub(name: str, materialize: bool, seen: tuple[str, ...]) -> ModelRef:
-    cached_config = _hub_cached_file(name, "config.json")
-    cached_adapter = _hub_cached_file(name, "adapter_config.json")
-    if cached_config is None and cached_adapter is not None:
-        base = _resolve_adapter_base(name, Path(cached_adapter), materialize, seen)
-        return ModelRef(name=name, path=name, source="hub", adapter_path=name, base=base)
-    if cached_config is None and _hub_offline():
-        raise ModelNotFoundError(
-            f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it; run `hf download {name}` where the hub is reachable, or pass a "
-            "local folder or embedded:smollm2-135m."
-        )
-    if cached_config is None and not hub_reachable():
-        raise ModelNotFoundError(
-            f"{name!r} is not in the local Hugging Face cache and the hub cannot be reached from "
-            f"this machine; run `hf download {name}` where it can, or pass a local folder or "
-            "embedded:smollm2-135m."
-        )
-    return ModelRef(name=name, path=name, source="hub")
-
-
-def _resolve_adapter_base(
-    name: str, adapter_config: Path, materialize: bool, seen: tuple[str, ...]
-) -> ModelRef:
-    key = str(adapter_config)
-    if key in seen or len(seen) >= _MAX_ADAPTER_DEPTH:
-        raise ModelNotFoundError(
-            f"The adapter chain starting at {name!r} loops or is deeper than "
-            f"{_MAX_ADAPTER_DEPTH}; fix base_model_name_or_path in its adapter_config.json."
-        )
-    try:
-        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelNotFoundError(
-            f"Could not read {adapter_config} ({error}); re-save the adapter with save_pretrained."
-        ) from error
-    if not base:
-        raise ModelNotFoundError(
-            f"Adapter {name!r} does not name its base model (base_model_name_or_path is empty); "
-            "load the base model and pass the adapter as adapter=."
-        )
-    base = str(base)
-    beside = adapter_config.parent / base
-    if not Path(base).expanduser().exists() and not Path(base).is_absolute() and beside.exists():
-        base = str(beside)
-    return _resolve(base, materialize, (*seen, key))
-
-
-def _is_hub_id(name: str) -> bool:
-    if not _HUB_ID.match(name) or ".." in name or "--" in name:
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = (os.environ.get(var, "").upper() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(value in _TRUTHY for value in env) or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cached_file(repo_id: str, filename: str) -> str | None:
-    """Path of ``filename`` in the local hub cache (``main`` revision), or ``None``."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename)
-    return found if isinstance(found, str) else None
-
-
-def _materialized(ref: ModelRef) -> ModelRef:
-    """``ref`` with the embedded model at its root fetched, so that every path is set."""
-    if ref.root.path is not None:
-        return ref
-    if ref.base is None:
-        return resolve_model(ref.name, materialize=True)
-    return replace(ref, base=_materialized(ref.base))
-
-
-def _as_ref(ref_or_name: ModelRef | str | os.PathLike[str], materialize: bool = True) -> ModelRef:
-    if isinstance(ref_or_name, ModelRef):
-        return _materialized(ref_or_name) if materialize else ref_or_name
-    return resolve_model(ref_or_name, materialize=materialize)
 
 
 def pick_dtype(
@@ -522,6 +301,8 @@ def _device_map_target(device: str | torch.device) -> str:
 def _check_adapter(adapter: str) -> str:
     folder = Path(adapter).expanduser()
     if folder.exists():
+        if (folder / GRAFT_CONFIG).is_file():  # a graft mask: merged into the model by load_model
+            return str(folder.resolve())
         if not (folder / "adapter_config.json").is_file():
             raise ModelNotFoundError(
                 f"Adapter folder {adapter!r} has no adapter_config.json; pass the folder a PEFT "
@@ -603,13 +384,23 @@ def load_model(
         raise ValueError(f"Unknown quantization {quantization!r}; use None, '4bit' or '8bit'.")
     ref = _as_ref(ref_or_name)
     adapters = ref.adapters
+    grafts = [ref.graft_path] if ref.graft_path else []
     if adapter is not None:
-        if adapters:
+        if adapters or grafts:
             raise ValueError(
-                f"{ref.name!r} is already an adapter folder; pass its base model together with "
-                "adapter=, or drop adapter=."
+                f"{ref.name!r} is already an adapter or graft folder; pass its base model "
+                "together with adapter=, or drop adapter=."
             )
-        adapters = [_check_adapter(adapter)]
+        checked = _check_adapter(adapter)
+        if (Path(checked) / GRAFT_CONFIG).is_file():
+            grafts = [checked]
+        else:
+            adapters = [checked]
+    if grafts and (adapters or quantization is not None):
+        raise ValueError(
+            "A graft mask merges into full-precision weights of its own base model; load it "
+            "without quantization and without a PEFT adapter."
+        )
     root = ref.root
     assert root.path is not None  # _as_ref materializes embedded models
 
@@ -658,6 +449,10 @@ def load_model(
             if isinstance(model, PeftModel):
                 model = model.merge_and_unload()
             model = PeftModel.from_pretrained(model, path, is_trainable=False)
+    for path in grafts:
+        from adaptlab.graft.tuner import merge_graft
+
+        merge_graft(model, path)  # checks the mask's base (content hash) against these weights
     return model.eval()
 
 
@@ -739,6 +534,7 @@ def check_weights(
     if root.source == "embedded":  # re-verified against the cache's hashes now, not at resolve
         root = resolve_model(root.name)
     folders = [root.path] + ref.adapters + ([_check_adapter(adapter)] if adapter else [])
+    folders = [f for f in folders if not (Path(f) / GRAFT_CONFIG).is_file()]  # load_mask checks
     files: list[Path] = []
     for folder in folders:
         assert folder is not None  # _as_ref materializes embedded models
@@ -864,6 +660,7 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
     """Describe a model for a run manifest, without loading it.
 
     Keys: ``name``, ``source``, ``path``, ``revision``, ``adapter_path``, and
+    ``graft_path`` with the mask file's sha256 as ``revision`` for a graft mask folder, and
 
     * embedded: ``description`` (what the model really is, e.g. a 4-bit GGUF of an instruct
       model), ``provenance`` (wheel, file and hashes; for the converted SmolLM2 folder, its
@@ -904,6 +701,10 @@ def describe_model(ref: ModelRef | str | os.PathLike[str]) -> dict[str, Any]:
         out["revision"] = provenance.get("file_sha256")
         if folder is not None:  # checked against the cache's hashes: what a load reads
             out["weights_sha256"] = _local_revision(folder)[1]
+    elif ref.graft_path is not None:
+        out["graft_path"] = ref.graft_path
+        mask = Path(ref.graft_path) / "graft_mask.safetensors"
+        out["revision"] = _sha256(mask) if mask.is_file() else None
     elif ref.source == "local" and ref.path is not None:
         out["revision"], out["weights_sha256"] = _local_revision(Path(ref.path))
     elif ref.source == "hub" and ref.path is not None:

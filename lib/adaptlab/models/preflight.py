@@ -21,7 +21,8 @@ import importlib.util
 import torch
 
 from adaptlab.errors import UserError
-from adaptlab.models.loader import ModelRef, _check_adapter, pick_attn_implementation, pick_dtype
+from adaptlab.models.loader import _check_adapter, pick_attn_implementation, pick_dtype
+from adaptlab.models.refs import ModelRef
 
 # bitsandbytes packs 4-bit weights for its CPU kernels in blocks of this many input features
 _CPU_4BIT_BLOCK = 64
