@@ -7,8 +7,9 @@ On a float64 tiny Llama whose θ_pre and Δ lie on coarse binary grids (so |Δ| 
 ties), each rank reading only its rows of θ_ft from the safetensors file: the exact top-k patch,
 S ~ U[0, 1), two mask steps (3 batches, then 4: one rank pads the odd step with a zero-weighted
 batch), then the mask written to ``OUT/mask`` in the single-process artefact layout and, per
-rank, ``OUT/rank{r}.json`` with the content hashes, the step losses and the fraction of the
-eligible entries the rank held.
+rank, ``OUT/rank{r}.json`` with the content hashes, the step records (loss, γ_bin size,
+scores) and the fraction of the eligible entries the rank held. The steps run through
+``learn_mask``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.graft import MaskSettings, Selection, collect, eligible_names, patch_size
-from adaptlab.graft.learn import binary_masks, mask_step, prepare_model
+from adaptlab.graft.learn import binary_masks, learn_mask
 from adaptlab.graft.sharded import (
     content_hash_sharded,
     gather_mask,
@@ -78,6 +79,20 @@ def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def score(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Minus the mean loss on step 1's batches as "train", 0 as "dev": a deterministic score
+    (every rank runs the same forward passes, which are collectives under FSDP)."""
+    with torch.no_grad():
+        value = sum(float(loss(model, b)) for b in batches_of_step(1)) / BATCHES_PER_STEP[1]
+    return {"train": {"accuracy": -value}, "dev": {"accuracy": 0.0}}
+
+
+def learn(model: nn.Module, tensors) -> list[dict]:
+    """The two mask steps through :func:`adaptlab.graft.learn.learn_mask`; its records."""
+    history = learn_mask(model, tensors, SETTINGS, batches_of_step, loss, score, progress=False)
+    return history.records
+
+
 def main(out: Path, finetuned_file: Path) -> None:
     from adaptlab.distributed import dist_info, shutdown
     from adaptlab.training.parallel import shard_fsdp
@@ -90,16 +105,12 @@ def main(out: Path, finetuned_file: Path) -> None:
     k = patch_size(SPARSITY, tensors.n_eligible)
     tensors.base = top_delta_patch_sharded(tensors, k)
     tensors.scores = init_scores_sharded(tensors, torch.Generator().manual_seed(3))
-    prepare_model(model, tensors)
-    losses = [
-        mask_step(model, tensors, batches_of_step(step), loss, SETTINGS)
-        for step in range(1, SETTINGS.steps + 1)
-    ]
+    records = learn(model, tensors)
     parts = gather_mask(tensors, binary_masks(tensors, SETTINGS.beta))
     record = {
         "world": tensors.world,
         "k": k,
-        "losses": losses,
+        "records": records,
         "held": sum(t.numel() for t in tensors.pre) / tensors.n_eligible,
         "hash_pre": content_hash_sharded(tensors, tensors.pre),
         "hash_ft": content_hash_sharded(tensors, tensors.ft),

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptlab.graft import collect, patch_size
 from adaptlab.graft.artefact import MASK_FILE, content_hash, save_mask
-from adaptlab.graft.learn import binary_masks, mask_step, prepare_model
+from adaptlab.graft.learn import binary_masks
 from adaptlab.graft.mask import init_scores
 from adaptlab.graft.patch import top_delta_patch
 from adaptlab.graft.sharded import split_batches
@@ -38,11 +38,7 @@ def one_process(out):
     gen = torch.Generator().manual_seed(3)
     tensors.scores = init_scores([p.shape for p in tensors.params], gen, torch.float64, "cpu")
     initial = [s.clone() for s in tensors.scores]
-    prepare_model(model, tensors)
-    losses = [
-        mask_step(model, tensors, worker.batches_of_step(step), worker.loss, worker.SETTINGS)
-        for step in range(1, worker.SETTINGS.steps + 1)
-    ]
+    records = worker.learn(model, tensors)
     masks = binary_masks(tensors, worker.SETTINGS.beta)
     save_mask(
         out,
@@ -56,7 +52,7 @@ def one_process(out):
         content_hash(dict(zip(names, tensors.pre, strict=True)), names),
         content_hash(dict(zip(names, tensors.ft, strict=True)), names),
     )
-    return tensors, initial, k, losses, hashes
+    return tensors, initial, k, records, hashes
 
 
 @pytest.mark.multiprocess
@@ -75,7 +71,7 @@ def test_two_fsdp_processes_graft_like_one(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
 
-    tensors, initial, k, losses, hashes = one_process(tmp_path / "one")
+    tensors, initial, k, records, hashes = one_process(tmp_path / "one")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     # each rank held half of the eligible entries: Δ, S and b were sharded, not replicated
     assert [r["world"] for r in ranks] == [2, 2]
@@ -83,7 +79,13 @@ def test_two_fsdp_processes_graft_like_one(tmp_path):
     for r in ranks:
         assert r["k"] == k
         assert (r["hash_pre"], r["hash_ft"]) == hashes
-        assert r["losses"] == pytest.approx(losses, rel=1e-12)
+        # per step: mean loss, γ_bin size (summed over the ranks), train score
+        assert [e["n_grafted"] for e in r["records"]] == [e["n_grafted"] for e in records]
+        assert r["records"][0]["train_loss"] is None  # step 0: the base patch, no update
+        for got, expected in zip(r["records"], records, strict=True):
+            assert got["train"] == pytest.approx(expected["train"], rel=1e-12)
+            if got["step"]:
+                assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-12)
 
     got, expected = (load_file(d / MASK_FILE) for d in (out / "mask", tmp_path / "one"))
     assert got.keys() == expected.keys()
