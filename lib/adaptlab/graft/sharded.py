@@ -9,8 +9,8 @@ then computed on those rows, and a run over W processes gives the one-process re
 |-------------------|--------------------------------------------------------|--------------------|
 | θ_pre, θ_ft       | keeps its rows (θ_ft read row-sliced, see below)       | none               |
 | S init            | draws every whole S in tensor order, keeps its rows    | none               |
-| patch (top-k)     | its k largest |Δ|, then counts at the threshold        | k values, T counts |
-| mask gradient     | every W-th batch; FSDP2 reduce-scatters ∂L/∂θ           | FSDP's own         |
+| patch (top-k)     | its k largest magnitudes of Δ, counts at the threshold | k values, T counts |
+| mask gradient     | every W-th batch; FSDP2 reduce-scatters ∂L/∂θ          | FSDP's own         |
 | S update          | on its rows                                            | none               |
 | saving, hashes    | mask positions, Δ there, S tensor by tensor to rank 0  | k entries, S once  |
 
