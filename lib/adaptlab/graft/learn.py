@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from adaptlab.graft.mask import binary, gamma, update_scores
-from adaptlab.graft.tensors import GraftTensors
+from adaptlab.graft.sharded import all_sum, split_batches
+from adaptlab.graft.tensors import GraftTensors, local
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 """``(model, batch) -> scalar loss`` of one batch (the task loss, mean over its examples)."""
@@ -89,21 +90,27 @@ def mask_gradient(
 ) -> tuple[list[Tensor], float]:
     """(1/n) Σ_t ∂L_t/∂θ ⊙ Δ per eligible tensor at the model's current weights.
 
+    Sharded (FSDP2), every rank is given the same n batches and runs its share of them
+    (:func:`~adaptlab.graft.sharded.split_batches`); FSDP2 averages the gradients over the W
+    ranks, so the local shard of ``.grad`` holds (1/W) Σ_t ∂L_t/∂θ and is scaled by W/n.
+
     Returns:
-        ``([T] tensors, mean loss of the n batches)``.
+        ``([T] tensors shaped like the local shards, mean loss of the n batches)``.
     """
     for p in tensors.params:
         p.grad = None
     total = 0.0
-    for batch in batches:
+    for batch, weight in split_batches(batches, tensors.rank, tensors.world):
         value = loss(model, batch)
-        value.backward()
-        total += float(value.detach())
+        (value if weight == 1.0 else value * weight).backward()
+        total += weight * float(value.detach())
     n = max(len(batches), 1)
+    total = all_sum(total, tensors)
     grads = []
     for i, p in enumerate(tensors.params):
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        grads.append(g.to(tensors.delta(i).dtype) * tensors.delta(i) / n)
+        g = local(p.grad) if p.grad is not None else torch.zeros_like(tensors.pre[i])
+        delta = tensors.delta(i)
+        grads.append(g.to(delta.dtype) * delta * tensors.world / n)
         p.grad = None
     return grads, total / n
 
@@ -134,7 +141,8 @@ def evaluate_binary(
     with torch.no_grad():
         metrics = score(model)
     tensors.reset()
-    return {"n_grafted": int(sum(int(m.sum()) for m in masks)), **metrics}
+    n_grafted = all_sum(sum(int(m.sum()) for m in masks), tensors)
+    return {"n_grafted": int(n_grafted), **metrics}
 
 
 def learn_mask(
@@ -162,6 +170,10 @@ def learn_mask(
         on_step: called after each step with ``(step, history, improved)``, e.g. to save the
             best mask and the resume state.
         progress: show a progress bar (steps/s, loss, train + dev score).
+
+    Sharded (FSDP2), every rank calls it with the same batches and a ``score`` that every rank
+    runs (its forward passes are collectives); ``best_scores`` then holds this rank's rows
+    (:func:`adaptlab.graft.sharded.gather_mask` assembles them for saving).
 
     Returns:
         The history; ``best_scores`` holds a CPU copy of the best S.

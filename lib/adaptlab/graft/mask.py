@@ -45,6 +45,8 @@ def update_scores(
 ) -> None:
     """S ← S − (1 − 2b) ⊙ η·Ḡ ⊙ σ'(S − β), in place.
 
+    Entry by entry, so under FSDP each rank updates its own rows of S with its rows of Ḡ.
+
     Args:
         scores: S of one tensor.
         base: its bool base patch b.

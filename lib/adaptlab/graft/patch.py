@@ -37,15 +37,24 @@ def patch_size(sparsity: float, n_eligible: int) -> int:
     return math.floor(sparsity * n_eligible)
 
 
-def kth_largest(magnitudes: Sequence[Tensor], k: int) -> float:
-    """The k-th largest value over all tensors (1 ≤ k ≤ total), from per-tensor top-k
-    candidates (in the tensors' dtype, so comparisons with it are exact)."""
+def top_candidates(magnitudes: Sequence[Tensor], k: int) -> Tensor:
+    """The ``min(k, total)`` largest values over all tensors, unsorted, on the CPU: the global
+    top k is among the union of every tensor's (or shard's) candidates."""
     candidates = [
         torch.topk(m.reshape(-1), min(k, m.numel()), sorted=False).values.cpu()
         for m in magnitudes
         if m.numel()
     ]
-    return float(torch.topk(torch.cat(candidates), k).values[-1])
+    if not candidates:
+        return torch.empty(0, dtype=magnitudes[0].dtype if magnitudes else torch.float32)
+    joined = torch.cat(candidates)
+    return torch.topk(joined, min(k, joined.numel()), sorted=False).values
+
+
+def kth_largest(magnitudes: Sequence[Tensor], k: int) -> float:
+    """The k-th largest value over all tensors (1 ≤ k ≤ total), from per-tensor top-k
+    candidates (in the tensors' dtype, so comparisons with it are exact)."""
+    return float(torch.topk(top_candidates(magnitudes, k), k).values[-1])
 
 
 def tie_quota(n_tied: Sequence[int], missing: int) -> list[int]:
