@@ -45,6 +45,7 @@ the examples one mask step reads; few-shot training sets are smaller, so a step 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -58,6 +59,13 @@ from accelerate import Accelerator
 
 from adaptlab.config import parse_config, to_dict
 from adaptlab.data import get_task
+from adaptlab.distributed import (
+    DistInfo,
+    all_gather_object,
+    fsdp_requested,
+    main_then_share,
+    shutdown,
+)
 from adaptlab.errors import report_user_errors
 from adaptlab.graft import (
     GraftError,
@@ -71,19 +79,28 @@ from adaptlab.graft import (
     learn_mask,
     load_mask,
     patch_size,
-    top_delta_patch,
 )
-from adaptlab.graft.analysis import graft_sizes
-from adaptlab.graft.artefact import content_hash, read_config, save_mask
+from adaptlab.graft.artefact import read_config
 from adaptlab.graft.config import PATCH_RULES, GraftConfig
-from adaptlab.graft.eligible import check_compatible
 from adaptlab.graft.learn import binary_masks, prepare_model
-from adaptlab.graft.mask import init_scores
+from adaptlab.graft.mask import binary
+from adaptlab.graft.sharded import (
+    all_sum,
+    collect_sharded,
+    content_hash_sharded,
+    gather_mask,
+    gather_scores,
+    init_scores_sharded,
+    own_rows,
+    safetensors_rows,
+    save_parts,
+    top_delta_patch_sharded,
+)
 from adaptlab.graft.source import (
     FinetunedSource,
     adapter_tensors,
-    model_tensors,
     resolve_finetuned,
+    safetensors_files,
 )
 from adaptlab.graft.tuner import check_mask_fits
 from adaptlab.io import read_json, save_tensors, sweep_temporaries, write_json
@@ -106,6 +123,7 @@ from adaptlab.training.fewshot import (
     prepare_fewshot,
 )
 from adaptlab.training.objectives import label_words_objective
+from adaptlab.training.parallel import full_state_dict, shard_fsdp
 
 RUN_FILE = "graft_run.json"
 MASK_DIR = "mask"
@@ -137,6 +155,8 @@ class Job:
 
     cfg: GraftConfig
     accelerator: Accelerator
+    info: DistInfo
+    fsdp: bool
     out: Path
     source: FinetunedSource | None
     base_ref: Any
@@ -237,8 +257,15 @@ def setup(cfg: GraftConfig) -> Job:
     """Validate every input and prepare the data; nothing heavy, nothing written."""
     started = time.perf_counter()
     accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    info = DistInfo(accelerator.process_index, accelerator.num_processes, accelerator.device)
+    use_fsdp = (fsdp_requested() if cfg.fsdp is None else cfg.fsdp) and info.world > 1
     out = Path(cfg.output_dir)
-    lock = lock_output(out, "grafting", accelerator.is_main_process)
+    lock = lock_output(out, "grafting", info.is_main, lambda e: all_gather_object(e, info))
+    if info.world > 1 and not use_fsdp:
+        raise GraftError(
+            f"{info.world} processes graft only with FSDP2 (each holds a shard of θ_pre, θ_ft, "
+            "b and S); launch with accelerate_configs/fsdp.yaml or pass --fsdp true."
+        )
     source = resolve_finetuned(cfg.finetuned) if cfg.finetuned else None
     mask_config = None
     if cfg.eval_only:
@@ -295,90 +322,109 @@ def setup(cfg: GraftConfig) -> Job:
     settings = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL}
     identity = {"config": settings, "data": data.record, "base": describe_model(base_ref)}
     run_id = fingerprint(json.loads(json.dumps(identity, default=str)))
-    state = output_state(cfg, out, run_id)
-    return Job(cfg, accelerator, out, source, base_ref, tokenizer, data, ood, data_cfg,
-               selection, mask_config, run_id, state, lock, started)  # fmt: skip
+    # one process reads (and with --overwrite clears) the folder; every process learns the state
+    state = main_then_share(lambda: output_state(cfg, out, run_id), info)
+    state = all_gather_object(state, info)[0]
+    return Job(cfg, accelerator, info, use_fsdp, out, source, base_ref, tokenizer, data, ood,
+               data_cfg, selection, mask_config, run_id, state, lock, started)  # fmt: skip
 
 
 @dataclass
 class Engine:
-    """The loaded θ_pre model and the graft tensors of E."""
+    """The loaded θ_pre model and the graft tensors of E (this rank's shards under FSDP)."""
 
     model: torch.nn.Module
     tensors: GraftTensors
     n_params: int
     patch_rule: str
     k: int
+    hashes: tuple[str, str]  # content hashes of θ_pre and θ_ft on E
+
+
+def finetuned_of(job: Job, model: torch.nn.Module, saved) -> tuple[list[str], object]:
+    """The eligible names and θ_ft: whole tensors (adapter, mask) or a safetensors row reader
+    (a model folder: each process reads only its rows, and only of eligible tensors)."""
+    params = dict(model.named_parameters())
+    if job.source is None:  # eval_only from the mask alone: θ_ft is known at the mask only
+        finetuned = {n: params[n].detach().clone() for n in saved.names}
+        for n, t in finetuned.items():
+            flat, idx = t.view(-1), saved.index[n].to(t.device)
+            flat[idx] = (flat[idx].double() + saved.delta[n].to(t.device)).to(t.dtype)
+        return saved.names, finetuned
+    if job.source.kind == "adapter":
+        finetuned = adapter_tensors(model, job.source.weights)
+        return [n for n in params if n in finetuned], finetuned
+    return eligible_names(model, job.selection), safetensors_rows(
+        safetensors_files(job.source.weights)
+    )
+
+
+def check_finite(tensors: GraftTensors) -> None:
+    """Refuse a θ_ft with NaN or inf on E (Δ would not be finite), on every process alike."""
+    bad = [i for i, ft in enumerate(tensors.ft) if not torch.isfinite(ft).all()]
+    if all_sum(float(len(bad)), tensors):
+        name = tensors.names[bad[0]] if bad else "an eligible parameter"
+        raise GraftError(
+            f"The fine-tuned parameter {name!r} holds NaN or inf, so Δ = θ_ft − θ_pre is not "
+            "finite; graft a checkpoint from before the run diverged."
+        )
 
 
 def load(job: Job) -> Engine:
-    """θ_pre on the device, θ_ft of the eligible tensors, the base patch and the initial S."""
+    """θ_pre on the device (sharded under FSDP), θ_ft of E, the base patch and the initial S."""
     cfg, device = job.cfg, job.accelerator.device
     model = load_model(job.base_ref, dtype=cfg.dtype, device=device,
                        trust_remote_code=cfg.trust_remote_code,
                        allow_pickle_weights=cfg.allow_pickle_weights).eval()  # fmt: skip
-    params = dict(model.named_parameters())
     n_params = sum(p.numel() for p in model.parameters())
     saved = load_mask(cfg.mask) if cfg.eval_only else None
-    if saved is not None:
-        check_mask_fits(model, saved)  # the base it was learned on (content hash)
-    if job.source is None:  # eval_only from the mask alone: θ_ft is known at the mask only
-        names = saved.names
-        finetuned = {n: params[n].detach().clone() for n in names}
-        for n in names:
-            flat = finetuned[n].view(-1)
-            idx = saved.index[n].to(flat.device)
-            flat[idx] = (flat[idx].double() + saved.delta[n].to(flat.device)).to(flat.dtype)
-    elif job.source.kind == "adapter":
-        finetuned = adapter_tensors(model, job.source.weights)
-        names = [n for n in params if n in finetuned]
-    else:
-        names = eligible_names(model, job.selection)
-        finetuned = model_tensors(job.source.weights, names, params)
+    start = load_mask(cfg.base_patch) if cfg.base_patch not in PATCH_RULES else None
+    for mask in (saved, start):
+        if mask is not None:
+            check_mask_fits(model, mask)  # the base it was learned on (content hash)
+    names, finetuned = finetuned_of(job, model, saved)
     if saved is not None and sorted(saved.names) != sorted(names):
         raise GraftError(
             f"The mask {cfg.mask} covers other parameters than {cfg.finetuned} trained; pass "
             "the mask learned from this fine-tuning run."
         )
-    check_compatible(params, finetuned, names)
-    tensors = collect(model, names, finetuned, on_device=cfg.deltas_on_device)
+    if job.fsdp:  # every eligible tensor is then a dim-0 shard: θ_pre, θ_ft, b, S alike
+        model = shard_fsdp(model, job.info)
+        tensors = collect_sharded(model, names, finetuned, on_device=cfg.deltas_on_device)
+    elif callable(finetuned):
+        tensors = collect(model, names, {n: finetuned(n) for n in names},
+                          on_device=cfg.deltas_on_device)  # fmt: skip
+    else:
+        tensors = collect(model, names, finetuned, on_device=cfg.deltas_on_device)
     del finetuned
-    k, rule = 0, cfg.base_patch if cfg.base_patch in PATCH_RULES else "mask"
-    if cfg.eval_only:
-        rule = "mask"
-    elif rule == "highest_movement":
+    check_finite(tensors)
+    k, rule = 0, "mask" if (saved or start) else cfg.base_patch
+    if rule == "highest_movement":
         k = patch_size(cfg.sparsity, tensors.n_eligible)
-        if k == 0:
+        if k == 0 and job.info.is_main:
             warnings.warn(
                 f"sparsity={cfg.sparsity} of N_E={tensors.n_eligible} is an empty patch (k = 0); "
                 "the mask is learned from nothing.",
                 stacklevel=1,
             )
+        tensors.base = top_delta_patch_sharded(tensors, k)
+    dense = saved or start
+    if dense is not None:  # a saved mask as the patch (eval_only: with S far below β)
         tensors.base = [
-            b.to(tensors.base[0].device)
-            for b in top_delta_patch([tensors.delta(i) for i in range(len(tensors))], k)
+            own_rows(dense.dense(n), p).to(b.device)
+            for n, p, b in zip(names, tensors.params, tensors.base, strict=True)
         ]
-    elif rule == "mask":
-        start = load_mask(cfg.base_patch)
-        check_mask_fits(model, start)
-        tensors.base = [start.dense(n).to(tensors.base[0].device) for n in names]
-        k = start.n_grafted
-    generator = torch.Generator().manual_seed(cfg.mask_seed)
-    tensors.scores = init_scores([p.shape for p in tensors.params], generator,
-                                 tensors.scores[0].dtype, tensors.scores[0].device)  # fmt: skip
-    if saved is not None:  # S = β + 1 at the mask on an empty patch reproduces it exactly
-        tensors.base = [torch.zeros_like(b) for b in tensors.base]
-        tensors.scores = [
-            torch.where(saved.dense(n).to(s.device), cfg.sigmoid_bias + 1.0, 0.0).to(s.dtype)
-            for n, s in zip(names, tensors.scores, strict=True)
-        ]
-        k = saved.n_grafted
+        k = dense.n_grafted
+    tensors.scores = init_scores_sharded(tensors, torch.Generator().manual_seed(cfg.mask_seed))
     prepare_model(model, tensors)
-    print(
-        f"grafting {job.data.task.name}: N_E = {tensors.n_eligible:,} eligible of {n_params:,} "
-        f"parameters ({len(names)} tensors), patch {rule} with k = {k:,}."
-    )
-    return Engine(model, tensors, n_params, rule, k)
+    hashes = (content_hash_sharded(tensors, tensors.pre), content_hash_sharded(tensors, tensors.ft))
+    if job.info.is_main:
+        print(
+            f"grafting {job.data.task.name}: N_E = {tensors.n_eligible:,} eligible of "
+            f"{n_params:,} parameters ({len(names)} tensors), patch {rule} with k = {k:,}"
+            + (f", sharded over {job.info.world} processes." if job.fsdp else ".")
+        )
+    return Engine(model, tensors, n_params, rule, k, hashes)
 
 
 def split_examples(job: Job) -> dict[str, list]:
@@ -449,11 +495,11 @@ def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[s
         "dtype": str(t.pre[0].dtype).removeprefix("torch."),
         "base_model": {
             "name": job.base_ref.name,
-            "hash": content_hash(dict(zip(t.names, t.pre, strict=True)), t.names),
+            "hash": engine.hashes[0],
         },
         "finetuned_model": {
             "name": str(job.cfg.finetuned),
-            "hash": content_hash(dict(zip(t.names, t.ft, strict=True)), t.names),
+            "hash": engine.hashes[1],
         },
         "data": job.data_config,
         "created": now(),
@@ -461,33 +507,27 @@ def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[s
 
 
 def save_best(job: Job, engine: Engine, history: MaskHistory) -> None:
-    """Write the best mask found so far to ``{out}/mask`` (atomically, file by file)."""
-    t, beta = engine.tensors, job.cfg.sigmoid_bias
-    current = t.scores
-    t.scores = [s.to(c.device) for s, c in zip(history.best_scores, current, strict=True)]
-    masks = binary_masks(t, beta)
-    save_mask(
-        job.out / MASK_DIR,
-        mask_record(job, engine, history),
-        dict(zip(t.names, masks, strict=True)),
-        {n: t.delta(i) for i, n in enumerate(t.names)},
-        dict(zip(t.names, t.base, strict=True)),
-        dict(zip(t.names, t.scores, strict=True)),
-    )
-    t.scores = current
+    """Write the best mask found so far to ``{out}/mask`` (every process takes part: the mask's
+    positions, Δ there and S are gathered to the main process, which writes them)."""
+    t = engine.tensors
+    best = [s.to(c.device) for s, c in zip(history.best_scores, t.scores, strict=True)]
+    masks = [binary(b, s, job.cfg.sigmoid_bias) for b, s in zip(t.base, best, strict=True)]
+    parts = gather_mask(t, masks, best)
+    if job.info.is_main:
+        save_parts(job.out / MASK_DIR, mask_record(job, engine, history), parts)
 
 
 def save_resume(job: Job, engine: Engine, history: MaskHistory) -> None:
-    """The current S and the history, so a killed run continues after the last step."""
+    """The current S (whole) and the history, so a killed run continues after the last step."""
+    t = engine.tensors
+    scores = gather_scores(t, t.scores)
+    if not job.info.is_main:
+        return
     folder = job.out / RESUME_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    t = engine.tensors
-    save_tensors(
-        folder / "scores.safetensors", {n: s for n, s in zip(t.names, t.scores, strict=True)}
-    )
-    records = [{k: v for k, v in r.items()} for r in history.records]
-    write_json(folder / "history.json", {"records": records, "best_step": history.best_step,
-                                        "best_value": history.best_value})  # fmt: skip
+    save_tensors(folder / "scores.safetensors", dict(zip(t.names, scores, strict=True)))
+    write_json(folder / "history.json", {"records": history.records, "best_step":
+               history.best_step, "best_value": history.best_value})  # fmt: skip
 
 
 def resumed_history(job: Job, engine: Engine) -> MaskHistory | None:
@@ -498,13 +538,19 @@ def resumed_history(job: Job, engine: Engine) -> MaskHistory | None:
     from safetensors.torch import load_file
 
     saved = read_json(folder / "history.json")
-    scores = load_file(str(folder / "scores.safetensors"))
-    t = engine.tensors
-    t.scores = [scores[n].to(s.device, s.dtype) for n, s in zip(t.names, t.scores, strict=True)]
+    whole = load_file(str(folder / "scores.safetensors"))
     best = load_mask(job.out / MASK_DIR)
-    history = MaskHistory(saved["records"], saved["best_step"], saved["best_value"],
-                          [best.scores[n] for n in t.names])  # fmt: skip
-    print(f"resuming after mask step {history.records[-1]['step']}")
+    t = engine.tensors
+    t.scores = [
+        own_rows(whole[n], p).to(s.device, s.dtype)
+        for n, p, s in zip(t.names, t.params, t.scores, strict=True)
+    ]
+    best_scores = [
+        own_rows(best.scores[n], p).cpu() for n, p in zip(t.names, t.params, strict=True)
+    ]
+    history = MaskHistory(saved["records"], saved["best_step"], saved["best_value"], best_scores)
+    if job.info.is_main:
+        print(f"resuming after mask step {history.records[-1]['step']}")
     return history
 
 
@@ -560,56 +606,67 @@ def reliability(job: Job, results: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+def export_grafted(job: Job, engine: Engine, masks: list[torch.Tensor]) -> None:
+    """θ_pre + γ_bin ⊙ Δ as a Hugging Face folder (a sharded model is gathered first)."""
+    t = engine.tensors
+    t.set_binary(masks)
+    state = (
+        full_state_dict(job.accelerator, engine.model, trainable_only=False) if job.fsdp else None
+    )
+    if job.info.is_main:
+        meta = {"mask": str(job.out / MASK_DIR), "base_model": job.base_ref.name}
+        export_model(engine.model, job.cfg.export_model, job.tokenizer, meta=meta, state_dict=state)
+    t.reset()
+
+
 def finalize(job: Job, engine: Engine, history: MaskHistory) -> dict[str, Any]:
-    """Evaluate the three models, write the mask (eval_only: as given), result and figures."""
+    """Evaluate the three models, export the grafted one, write the result and the figures."""
     from adaptlab.plotting.graft import plot_reliability
 
     cfg, t = job.cfg, engine.tensors
     results = evaluate_models(job, engine, history)
-    curves = reliability(job, results)
     masks = binary_masks(t, cfg.sigmoid_bias)  # the best scores are in place after evaluation
-    n_grafted = int(sum(int(m.sum()) for m in masks))
+    n_grafted = int(all_sum(float(sum(int(m.sum()) for m in masks)), t))
     if cfg.export_model:
-        t.set_binary(masks)
-        meta = {"mask": str(job.out / MASK_DIR), "base_model": job.base_ref.name}
-        export_model(engine.model, cfg.export_model, job.tokenizer, meta=meta)
-        t.reset()
-    write_json(job.out / "reliability.json", curves)
-    plot_reliability(
-        {name: (c["probs"], c["labels"]) for name, c in curves.items()},
-        job.out / "reliability.png",
-    )
-    splits = {model: strip_logits(m) for model, m in results.items()}
-    result = {
-        "format": "adaptlab.graft_result/1",
-        "fingerprint": job.run_id,
-        "config": to_dict(cfg),
-        "data": job.data.record,
-        "base_model": describe_model(job.base_ref),
-        "finetuned": str(cfg.finetuned),
-        "patch": {"rule": engine.patch_rule, "k": engine.k},
-        **graft_sizes(dict(zip(t.names, masks, strict=True)), t.n_eligible, engine.n_params),
-        "n_eligible": t.n_eligible,
-        "n_params": engine.n_params,
-        "metric": metric_of(job),
-        "splits": splits,
-        "history": history.records,
-        "best_step": history.best_step,
-        "timings": {
-            "total_seconds": round(time.perf_counter() - job.started, 3),
-            "peak_memory_mib": peak_memory_mib(job.accelerator.device),
-        },
-        "versions": package_versions(),
-        "hardware": hardware(),
-        "created": now(),
-    }
-    assert result["n_grafted"] == n_grafted
-    write_json(job.out / "result.json", result)
-    if (job.out / RESUME_DIR).is_dir():
-        import shutil
-
-        shutil.rmtree(job.out / RESUME_DIR)
-    sweep_temporaries(job.out)
+        export_grafted(job, engine, masks)
+    result: dict[str, Any] = {}
+    if job.info.is_main:
+        curves = reliability(job, results)
+        write_json(job.out / "reliability.json", curves)
+        plot_reliability(
+            {name: (c["probs"], c["labels"]) for name, c in curves.items()},
+            job.out / "reliability.png",
+        )
+        result = {
+            "format": "adaptlab.graft_result/1",
+            "fingerprint": job.run_id,
+            "config": to_dict(cfg),
+            "data": job.data.record,
+            "base_model": describe_model(job.base_ref),
+            "finetuned": str(cfg.finetuned),
+            "patch": {"rule": engine.patch_rule, "k": engine.k},
+            "n_grafted": n_grafted,
+            "fraction_eligible": n_grafted / t.n_eligible,
+            "fraction_all": n_grafted / engine.n_params,
+            "n_eligible": t.n_eligible,
+            "n_params": engine.n_params,
+            "metric": metric_of(job),
+            "splits": {model: strip_logits(m) for model, m in results.items()},
+            "history": history.records,
+            "best_step": history.best_step,
+            "parallel": {"processes": job.info.world, "fsdp": job.fsdp},
+            "timings": {
+                "total_seconds": round(time.perf_counter() - job.started, 3),
+                "peak_memory_mib": peak_memory_mib(job.accelerator.device),
+            },
+            "versions": package_versions(),
+            "hardware": hardware(),
+            "created": now(),
+        }
+        write_json(job.out / "result.json", result)
+        if (job.out / RESUME_DIR).is_dir():
+            shutil.rmtree(job.out / RESUME_DIR)
+        sweep_temporaries(job.out)
     return result
 
 
@@ -618,20 +675,25 @@ def main(argv: list[str] | None = None) -> None:
     with report_user_errors():
         job = setup(cfg)
         if job.state == "complete":
-            print(f"{job.out} already holds this graft's results; nothing to do.")
+            if job.info.is_main:
+                print(f"{job.out} already holds this graft's results; nothing to do.")
+            shutdown(job.info)
             return
         engine = load(job)  # the last checks (content hashes, finite Δ) need the weights
-        write_json(job.out / RUN_FILE, {"fingerprint": job.run_id, "config": to_dict(cfg)})
+        if job.info.is_main:
+            write_json(job.out / RUN_FILE, {"fingerprint": job.run_id, "config": to_dict(cfg)})
         history = learn(job, engine)
         result = finalize(job, engine, history)
-    test = {m: result["splits"][m]["test"][result["metric"]] for m in result["splits"]}
-    print(
-        f"graft of {result['n_grafted']:,} entries ({result['fraction_eligible']:.2e} of N_E) -> "
-        f"{job.out}: test {result['metric']} base {test['base']:.3f}, fine-tuned "
-        f"{test['finetuned']:.3f}, grafted {test['grafted']:.3f}"
-    )
+    if job.info.is_main:
+        test = {m: result["splits"][m]["test"][result["metric"]] for m in result["splits"]}
+        print(
+            f"graft of {result['n_grafted']:,} entries ({result['fraction_eligible']:.2e} of "
+            f"N_E) -> {job.out}: test {result['metric']} base {test['base']:.3f}, fine-tuned "
+            f"{test['finetuned']:.3f}, grafted {test['grafted']:.3f}"
+        )
     if job.lock is not None:
         job.lock.release()
+    shutdown(job.info)
 
 
 if __name__ == "__main__":

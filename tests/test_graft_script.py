@@ -226,3 +226,48 @@ def test_causal_lm_graft_loads_as_a_model_in_the_other_recipes(
         "--dtype", "float64", "--solvers", "[lstsq]", "--progress", "false",
     ])  # fmt: skip
     assert (tmp_path / "kernel" / "8-42").is_dir()
+
+
+@pytest.mark.multiprocess
+def test_two_fsdp_processes_run_the_recipe_like_one(graft_run, ft_run, tmp_path):
+    """accelerate launch with the FSDP config: each process holds half of θ_pre, θ_ft, b and S;
+    the mask, the step history, the metrics and the exported model match the 1-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port
+
+    whole, whole_export = graft_run
+    out, export = tmp_path / "two", tmp_path / "two_export"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+    args = graft_args(ft_run, out, "--export_model", str(export))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*launcher, str(ROOT / "scripts" / "graft.py"), *args], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    one = json.loads((whole / "result.json").read_text())
+    two = json.loads((out / "result.json").read_text())
+    assert two["parallel"] == {"processes": 2, "fsdp": True}
+    assert [r["n_grafted"] for r in two["history"]] == [r["n_grafted"] for r in one["history"]]
+    for a, b in zip(one["history"][1:], two["history"][1:], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    for model in ("base", "finetuned", "grafted"):
+        for split in ("train", "dev", "test"):
+            assert (
+                two["splits"][model][split]["accuracy"] == one["splits"][model][split]["accuracy"]
+            )
+    ma, mb = load_mask(whole / "mask"), load_mask(out / "mask")
+    assert ma.config["base_model"]["hash"] == mb.config["base_model"]["hash"]
+    for name in ma.names:
+        for part in ("index", "base", "delta"):
+            assert torch.equal(getattr(ma, part)[name], getattr(mb, part)[name]), (part, name)
+        torch.testing.assert_close(ma.scores[name], mb.scores[name], rtol=1e-5, atol=1e-3)
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (AutoModelForMaskedLM.from_pretrained(d).eval() for d in (whole_export, export))
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)

@@ -39,7 +39,25 @@ from adaptlab.io import save_tensors, write_json
 CONFIG_FILE = "graft_config.json"
 MASK_FILE = "graft_mask.safetensors"
 FORMAT = "adaptlab.graft/1"
-_SAMPLE = 4096
+
+
+HASH_SAMPLE = 4096
+"""Entries per tensor a content hash reads."""
+
+
+def hash_positions(n: int) -> Tensor:
+    """The flat positions a content hash samples from an ``n``-entry tensor: ``min(n, 4096)``
+    evenly spaced ones, first and last included, in integer arithmetic (the same everywhere)."""
+    m = min(n, HASH_SAMPLE)
+    if m <= 1:
+        return torch.zeros(m, dtype=torch.long)
+    return torch.arange(m, dtype=torch.long) * (n - 1) // (m - 1)
+
+
+def hash_update(digest: Any, name: str, shape: Sequence[int], sample: Tensor) -> None:
+    """Feed one tensor's name, shape and sampled values (as float32) to ``digest``."""
+    digest.update(f"{name}|{tuple(shape)}|".encode())
+    digest.update(sample.float().contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
 
 def content_hash(tensors: Mapping[str, Tensor], names: Sequence[str]) -> str:
@@ -48,12 +66,7 @@ def content_hash(tensors: Mapping[str, Tensor], names: Sequence[str]) -> str:
     for name in names:
         t = tensors[name].detach()
         flat = t.reshape(-1)
-        n = flat.numel()
-        picks = torch.linspace(0, n - 1, min(n, _SAMPLE), device=flat.device).long()
-        # float32 values: a float32 base loaded in float64 (exact kernels) keeps its hash
-        sample = flat[picks].float().contiguous().cpu()
-        digest.update(f"{name}|{tuple(t.shape)}|".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        hash_update(digest, name, t.shape, flat[hash_positions(flat.numel()).to(flat.device)])
     return digest.hexdigest()
 
 
@@ -126,7 +139,15 @@ def save_mask(
         )
         tensors[f"base/{name}"] = base[name].reshape(-1).nonzero().squeeze(1).cpu()
         tensors[f"scores/{name}"] = scores[name].detach().cpu()
-    save_tensors(folder / MASK_FILE, tensors, metadata={"format": FORMAT})
+    write_mask(folder, config, tensors)
+
+
+def write_mask(folder: str | Path, config: Mapping[str, Any], tensors: Mapping[str, Tensor]):
+    """Write the mask file (``index/``, ``delta/``, ``base/``, ``scores/`` entries) and then the
+    config, each atomically, into ``folder`` (created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / MASK_FILE, dict(tensors), metadata={"format": FORMAT})
     write_json(folder / CONFIG_FILE, {"format": FORMAT, **config})
 
 

@@ -72,6 +72,8 @@ class GraftConfig:
         overwrite: replace an earlier, different graft run in ``output_dir``.
         progress: show progress bars.
         cpu: run on the CPU even when a GPU is present.
+        fsdp: shard θ_pre, θ_ft, b, S and the gradients over the processes with FSDP2 (None:
+            when launched with an accelerate FSDP config). Several processes need it.
     """
 
     finetuned: str | None = None
@@ -109,6 +111,7 @@ class GraftConfig:
     overwrite: bool = False
     progress: bool = True
     cpu: bool = False
+    fsdp: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -42,17 +42,14 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from adaptlab.graft.artefact import CONFIG_FILE, FORMAT, MASK_FILE
+from adaptlab.graft.artefact import hash_positions, hash_update, write_mask
 from adaptlab.graft.errors import GraftError
 from adaptlab.graft.patch import take_top, tie_quota, top_candidates
 from adaptlab.graft.tensors import GraftTensors, local, score_dtype
-from adaptlab.io import save_tensors, write_json
 
 Finetuned = Mapping[str, Tensor] | Callable[..., Tensor]
 """θ_ft: name → whole tensor, or ``(name, rows) -> those dim-0 rows`` of it (``(name)`` -> the
 whole tensor when the model is not sharded)."""
-
-_HASH_SAMPLE = 4096  # entries per tensor in a content hash (adaptlab.graft.artefact)
 
 
 def shard_rows(param: Tensor) -> slice:
@@ -326,16 +323,11 @@ def gather_mask(
 def save_parts(folder: str | Path, config: Mapping[str, Any], parts: MaskParts) -> None:
     """Write a gathered mask as :func:`adaptlab.graft.artefact.save_mask` writes a whole one
     (the same files, byte for byte). Call it on rank 0."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Tensor] = {}
     for name in parts.index:
-        out[f"index/{name}"] = parts.index[name]
-        out[f"delta/{name}"] = parts.delta[name]
-        out[f"base/{name}"] = parts.base[name]
-        out[f"scores/{name}"] = parts.scores[name]
-    save_tensors(folder / MASK_FILE, out, metadata={"format": FORMAT})
-    write_json(folder / CONFIG_FILE, {"format": FORMAT, **config})
+        for part in ("index", "delta", "base", "scores"):
+            out[f"{part}/{name}"] = getattr(parts, part)[name]
+    write_mask(folder, config, out)
 
 
 def content_hash_sharded(tensors: GraftTensors, values: Sequence[Tensor]) -> str:
@@ -344,7 +336,7 @@ def content_hash_sharded(tensors: GraftTensors, values: Sequence[Tensor]) -> str
     samples = []
     for p, v in zip(tensors.params, values, strict=True):
         n = p.numel()
-        picks = torch.linspace(0, n - 1, min(n, _HASH_SAMPLE)).long()
+        picks = hash_positions(n)
         start = flat_offset(p)
         inside = picks[(picks >= start) & (picks < start + v.numel())] - start
         samples.append(v.detach().reshape(-1)[inside.to(v.device)].cpu())
@@ -352,6 +344,5 @@ def content_hash_sharded(tensors: GraftTensors, values: Sequence[Tensor]) -> str
     digest = hashlib.sha256()
     for i, (name, p) in enumerate(zip(tensors.names, tensors.params, strict=True)):
         sample = torch.cat([g[i] for g in gathered]).contiguous()
-        digest.update(f"{name}|{tuple(p.shape)}|{values[i].dtype}|".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        hash_update(digest, name, p.shape, sample)
     return digest.hexdigest()

@@ -11,15 +11,15 @@
 * a PEFT adapter folder (``adapter_config.json``): Δ is the adapter's merged delta on the
   weights it wraps.
 
-:func:`finetuned_tensors` then reads θ_ft of the eligible tensors only: a model folder's
-safetensors are opened lazily and only the eligible entries are read; an adapter is merged one
-layer at a time into a copy of that layer's weight (θ_ft never exists as a second whole model).
+:func:`safetensors_files` lists a model folder's weights, which the recipe reads lazily (only
+the eligible entries, under FSDP only each process's rows); :func:`adapter_tensors` merges an
+adapter one layer at a time into a copy of that layer's weight (θ_ft never exists as a second
+whole model).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,7 +122,8 @@ def resolve_finetuned(path: str | Path) -> FinetunedSource:
     return FinetunedSource(folder, weights, kind, run_config, str(base) if base else None)
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder (safetensors only; a clear error without them)."""
     files = sorted(folder.glob("*.safetensors"))
     files = [f for f in files if f.name not in ("adapter_model.safetensors",)]
     if not files:
@@ -131,24 +132,6 @@ def _safetensors_files(folder: Path) -> list[Path]:
             "model with save_pretrained)."
         )
     return files
-
-
-def model_tensors(folder: Path, names: list[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """θ_ft of ``names`` read lazily from a model folder's safetensors (only those entries).
-
-    Names are matched as saved, or with the model's head prefix stripped/added (a
-    ``…ForMaskedLM`` checkpoint saves ``roberta.encoder…`` as named in the model).
-    """
-    from safetensors import safe_open
-
-    out: dict[str, Tensor] = {}
-    for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            keys = set(handle.keys())
-            for name in names:
-                if name in keys and name not in out:
-                    out[name] = handle.get_tensor(name).to(like[name].dtype)
-    return out
 
 
 @torch.no_grad()

@@ -119,14 +119,21 @@ def merge_graft(model: nn.Module, folder: str | Path, *, check_hash: bool = True
 
 
 def export_model(
-    model: nn.Module, folder: str | Path, tokenizer: Any = None, meta: dict | None = None
+    model: nn.Module,
+    folder: str | Path,
+    tokenizer: Any = None,
+    meta: dict | None = None,
+    state_dict: dict | None = None,
 ) -> None:
-    """Write ``model`` (e.g. with a merged graft) as a Hugging Face folder, atomically."""
+    """Write ``model`` (e.g. with a merged graft) as a Hugging Face folder, atomically.
+
+    ``state_dict``: the gathered weights of a sharded model (the model gives the config).
+    """
     from adaptlab.io import write_json
     from adaptlab.training.checkpoint import atomic_dir
 
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if meta is not None:
