@@ -22,6 +22,11 @@ upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` pr
 the last (causal LMs), optionally started from logistic regression on the pretrained features
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
 ``--l2_loss true`` trains either head on the squared error to the one-hot label.
+``--task a+b`` (few-shot tasks with the same number of labels) fine-tunes one model on all of
+them at once, the multi-task run whose per-task grafts graft.md §8 compares: the training sets
+are concatenated, every example keeps its own task's prompt and label words (a batch carries
+``label_word_ids`` ``[B, C]``), and each task's dev and test splits are scored apart
+(``metrics.final["SST-2"]``, ...); ``accuracy`` is the mean over tasks, the selection metric.
 
 The fine-tuning stage of skill localization by grafting (Panigrahi et al. 2023, graft.md §2)
 adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0..n-1),
@@ -79,6 +84,10 @@ Launch:
         --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
 
+    # multi-task: one model on two binary tasks, evaluated per task (selection: mean accuracy)
+    python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
+        --task tweet-sentiment+mmlu-topics-2 --data_seed 13
+
     # grafting's fine-tuning stage: RoBERTa-base, SGD on the 12 encoder layers only
     python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --seeds [13]
     python scripts/finetune.py --config scripts/configs/finetune_graft_paper.yaml
@@ -124,6 +133,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from adaptlab.config import parse_config, to_dict
+from adaptlab.data import split_tasks
 from adaptlab.distributed import DistInfo, load_from_rank0, main_then_share, shutdown
 from adaptlab.errors import report_user_errors
 from adaptlab.io import read_json, sweep_temporaries, write_json
@@ -149,7 +159,7 @@ from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
-from adaptlab.training.data import Data, mmlu_data, task_data
+from adaptlab.training.data import Data, mmlu_data, multi_task_data, task_data
 from adaptlab.training.fewshot import (
     init_linear_head,
 )
@@ -297,6 +307,8 @@ def setup(cfg: FinetuneConfig) -> Job:
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "mmlu":
         data = mmlu_data(cfg, tokenizer)
+    elif len(split_tasks(cfg.task)) > 1:
+        data = multi_task_data(cfg, tokenizer, skeleton.config)
     else:
         data = task_data(cfg, tokenizer, skeleton.config)
     plan = BatchPlan(
@@ -533,19 +545,26 @@ def save_weights(job: Job, run: Run, name: str) -> None:
         run.state.checkpoints.append(name)
 
 
+def log_metrics(job: Job, run: Run, metrics: dict, prefix: str) -> None:
+    """Log evaluation metrics; a multi-task run's per-task ones under ``{prefix}/{task}``."""
+    run.logger.log(run.state.step, metrics, prefix)
+    for task in job.data.tasks:
+        run.logger.log(run.state.step, metrics[task], f"{prefix}/{task}")
+
+
 def evaluate_and_keep(job: Job, run: Run) -> None:
     """Evaluate at the current step, log it and keep the weights when they are the best."""
     cfg, state = job.cfg, run.state
     started = time.perf_counter()
     metrics = job.data.evaluate(run.model, job.accelerator)
     state.evals.append({"step": state.step, **metrics})
-    run.logger.log(state.step, metrics, "eval")
+    log_metrics(job, run, metrics, "eval")
     value = metrics[cfg.best_metric]
     if ckpt.is_better(cfg.best_metric, value, state.best, ties=cfg.best_ties):
         state.best = {"step": state.step, "metric": cfg.best_metric, "value": value}
         if job.data.test is not None:  # the upstream protocol: test the best-dev weights
             state.best["test"] = job.data.test(run.model, job.accelerator)
-            run.logger.log(state.step, state.best["test"], "test")
+            log_metrics(job, run, state.best["test"], "test")
         save_weights(job, run, ckpt.BEST)
     state.eval_seconds += time.perf_counter() - started
 
@@ -779,9 +798,10 @@ def main(argv: list[str] | None = None) -> None:
             score = f"constrained accuracy {final.get('constrained_micro', float('nan')):.3f}"
         else:
             best = result["metrics"]["test_at_best"] or {}
+            mean = " (mean over tasks)" if job.data.tasks else ""
             score = (
-                f"dev accuracy {final.get('accuracy', float('nan')):.3f}, test accuracy at the "
-                f"best dev step {best.get('accuracy', float('nan')):.3f}"
+                f"dev accuracy{mean} {final.get('accuracy', float('nan')):.3f}, test accuracy "
+                f"at the best dev step {best.get('accuracy', float('nan')):.3f}"
             )
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
     if job.lock is not None:

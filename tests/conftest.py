@@ -126,6 +126,24 @@ def write_sst2_kshot(root: Path, k: int = 8, seed: int = 42, n_test: int = 12) -
     return root
 
 
+def write_mrpc_kshot(root: Path, k: int = 8, seed: int = 42, n_test: int = 12) -> Path:
+    """A synthetic MRPC k-shot folder ``root/k-shot/MRPC/{k}-{seed}`` (GLUE TSV, header, the
+    label first): paraphrases repeat the first sentence, the others are new words."""
+    rng = random.Random(seed + 1)
+    folder = root / "k-shot" / "MRPC" / f"{k}-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": k, "dev": k, "test": n_test // 2}
+    for split, per_label in sizes.items():
+        lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        for label in (0, 1):
+            for i in range(per_label):
+                first = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 7)))
+                second = first if label else " ".join(rng.choice(_WORDS) for _ in range(3))
+                lines.append(f"{label}\t{i}\t{i + 100}\t{first}\t{second}")
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="session")
 def sst2_dir(tmp_path_factory) -> Path:
     """k-shot root with SST-2 8-42 (8 per label in train and dev, 12 test examples)."""

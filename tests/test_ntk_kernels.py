@@ -354,6 +354,10 @@ def test_errors_name_the_choices(models):
         KernelFunction(model, head="cls")
     with pytest.raises(KernelError, match="linear_head="):
         KernelFunction(model, head="linear_head")
+    batch = make_batch([5, 9, 3], 0)  # a multi-task batch: label words per example, [B, C]
+    batch["label_word_ids"] = batch["label_word_ids"].repeat(3, 1)
+    with pytest.raises(KernelError, match=r"\[3, 3\] are per example .* compute it per task"):
+        KernelFunction(model, head="label_words")(select_parameters(model), batch)
 
 
 def test_projected_kernel_converges_to_the_exact_kernel(models):

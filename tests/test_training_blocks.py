@@ -37,6 +37,7 @@ from adaptlab.training import (
     find_linear_head,
     freeze,
     ivon_step_context,
+    label_word_logits,
     label_word_loss,
     lr_factor,
     mask_positions,
@@ -504,6 +505,25 @@ def test_label_word_loss_equals_cross_entropy_by_hand():
     weighted = label_word_loss(logits, positions, label_words, targets, weights)
     expected = (by_hand[0] + 2 * by_hand[1] + 3 * by_hand[2]) / 6
     assert weighted.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_word_logits_per_example_ids_equal_a_loop():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 6, 17)
+    positions = torch.tensor([5, 1, 3, 0])
+    per_example = torch.tensor([[7, 3], [2, 9], [7, 3], [16, 0]])  # rows of two "tasks"
+    scores = label_word_logits(logits, positions, per_example)
+    loop = torch.stack([logits[i, positions[i], per_example[i]] for i in range(4)])
+    assert torch.equal(scores, loop)
+    # [C] ids (one task) still mean the same words for every row
+    shared = label_word_logits(logits, positions, torch.tensor([7, 3]))
+    assert torch.equal(shared, label_word_logits(logits, positions, per_example[[0, 0, 0, 0]]))
+    targets = torch.tensor([0, 1, 1, 0])
+    by_hand = [_ce(loop[i], int(targets[i])) for i in range(4)]
+    loss = label_word_loss(logits, positions, per_example, targets)
+    assert loss.item() == pytest.approx(sum(by_hand) / 4, rel=1e-5)
+    with pytest.raises(TrainingError, match=r"label_word_ids \[3, 2\] do not match"):
+        label_word_logits(logits, positions, per_example[:3])
 
 
 def test_label_words_and_linear_head_objectives_on_tiny_bert():

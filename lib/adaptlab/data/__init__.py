@@ -62,7 +62,7 @@ from adaptlab.data.mmlu import (
 )
 from adaptlab.data.offline import offline_splits, write_offline_kshot
 from adaptlab.data.splits import kshot_split
-from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task
+from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task, split_tasks
 from adaptlab.data.templates import TemplatePart, check_template, parse_template
 
 __all__ = [
@@ -112,6 +112,7 @@ __all__ = [
     "sample_weights",
     "select_shots",
     "shared_prompt_text",
+    "split_tasks",
     "subset_by_subject",
     "task_metrics",
     "tokenize_prompts",

@@ -473,3 +473,22 @@ def get_task(name: str) -> Task:
     if task is None:
         raise DataError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")
     return task
+
+
+def split_tasks(name: str) -> list[str]:
+    """The registered names of the tasks of a multi-task run, ``"sst-2+MRPC"`` -> ``["SST-2",
+    "MRPC"]`` (one name gives a list of one).
+
+    A fine-tuning run on several tasks records ``task`` joined by ``+``; a later stage (a graft
+    per task) reads the tasks back with this.
+
+    Raises:
+        DataError: an empty or unknown name, or a task named twice.
+    """
+    names = [get_task(part.strip()).name if part.strip() else "" for part in str(name).split("+")]
+    if "" in names:
+        raise DataError(f"Task list {name!r} has an empty name; join task names with '+'.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"Task list {name!r} names {', '.join(twice)} twice; name each task once.")
+    return names

@@ -178,6 +178,11 @@ class KernelFunction:
                 "The label_words head needs label_word_ids; pass them to KernelFunction or put "
                 "them in the batch."
             )
+        if ids.dim() != 1:
+            raise KernelError(
+                f"label_word_ids {list(ids.shape)} are per example (a multi-task batch); the "
+                "kernel takes one task's [C] label words: compute it per task."
+            )
         ids = ids.to(positions.device)
         if self.n_classes is None:
             self.n_classes = len(ids)

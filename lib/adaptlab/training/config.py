@@ -107,7 +107,14 @@ class FinetuneConfig:
         task: ``mmlu`` (answer-only SFT on MMLU questions) or a few-shot task of
             ``adaptlab.data.TASKS`` (``SST-2``, ``mmlu-topics``, ...): prompt-based fine-tuning
             with the label-word loss on k examples per label, evaluated on the dev split (model
-            selection) and the test split (at the end and at every new best).
+            selection) and the test split (at the end and at every new best). Few-shot tasks
+            joined by ``+`` (``tweet-sentiment+mmlu-topics-2``, the same number of labels each)
+            train one model on all of them (graft.md §8): every example keeps its own task's
+            prompt and label words (no ``template`` / ``label_words`` override), the shot,
+            seed, mode and test-limit options apply to each task, and each task's dev and test
+            splits are scored apart (metrics under the task's name); the top-level
+            ``accuracy``, ``loss`` and ``ece`` are their means over tasks, so ``best_metric``
+            selects on the mean. ``adaptlab.data.split_tasks`` reads the tasks back.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
             other than the offline ``mmlu-topics*``).
         shots: k, training (and dev) examples per label of a few-shot task.
@@ -450,7 +457,7 @@ class FinetuneConfig:
 
     def _resolve_task(self) -> None:
         """Fill the task-dependent defaults and check the task's options fit together."""
-        from adaptlab.data import get_task
+        from adaptlab.data import get_task, split_tasks
 
         if self.task == "mmlu":
             self.objective = self.objective or "answer_only"
@@ -463,8 +470,11 @@ class FinetuneConfig:
                 (self.l2_loss, "l2_loss=true", ""),
             ]
         else:
-            task = get_task(self.task)
-            self.task = task.name
+            tasks = [get_task(name) for name in split_tasks(self.task)]
+            self.task = "+".join(task.name for task in tasks)
+            task, multi = tasks[0], len(tasks) > 1
+            if multi:
+                self._check_multi_task(tasks)
             wanted = "label_words" if self.head == "prompt" else "linear_head"
             self.objective = self.objective or wanted
             self.best_metric = self.best_metric or "accuracy"
@@ -479,7 +489,7 @@ class FinetuneConfig:
                     self.best_metric in MMLU_METRICS - {"loss", "ece"}
                     or (
                         self.best_metric in TASK_METRICS - {"accuracy"}
-                        and self.best_metric not in task.metrics
+                        and (multi or self.best_metric not in task.metrics)
                     ),
                     f"best_metric={self.best_metric!r}",
                     "",
@@ -492,3 +502,23 @@ class FinetuneConfig:
             if bad:
                 hint = f"use {fix}" if fix else "drop it or pick a metric/value of this task"
                 raise TrainingError(f"{option} does not apply to task={self.task!r}; {hint}.")
+
+    def _check_multi_task(self, tasks: list) -> None:
+        """Several tasks train one prompt-based model: C label words each, their own prompts."""
+        counts = {task.name: len(task.labels) for task in tasks}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{name} ({n} labels)" for name, n in counts.items())
+            raise TrainingError(
+                f"task={self.task!r} joins tasks with different numbers of labels ({listed}); "
+                "a multi-task run needs the same number of labels in every task."
+            )
+        if self.template is not None or self.label_words is not None:
+            raise TrainingError(
+                f"template and label_words overrides apply to one task, not to "
+                f"task={self.task!r}; drop them (each task keeps its own prompt and words)."
+            )
+        if self.head != "prompt":
+            raise TrainingError(
+                f"head={self.head!r} does not apply to task={self.task!r}; a multi-task run is "
+                "prompt-based: use head=prompt."
+            )

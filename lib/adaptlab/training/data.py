@@ -2,7 +2,8 @@
 
 :func:`mmlu_data` trains on MMLU questions (answer letter only) and evaluates on held-out ones;
 :func:`task_data` trains on a few-shot task's k-shot split and evaluates on its dev and test
-splits. Both return a :class:`Data` the fine-tuning recipe runs without knowing which it is.
+splits; :func:`multi_task_data` does so for several tasks at once (``task`` joined by ``+``).
+All return a :class:`Data` the fine-tuning recipe runs without knowing which it is.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from adaptlab import data as mmlu
+from adaptlab.data import split_tasks
 from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.fewshot import (
     FewShotData,
@@ -22,6 +24,7 @@ from adaptlab.training.fewshot import (
     evaluate_classification,
     model_kind,
     prepare_fewshot,
+    tag_task,
 )
 from adaptlab.training.loop import TRAIN_DATA, evaluate
 from adaptlab.training.objectives import OBJECTIVES
@@ -39,7 +42,8 @@ class Data:
     identity: dict  # the rows and dataset that make a run this run
     record: dict  # what was loaded, for result.json
     summary: str  # "N training / M evaluation questions"
-    fewshot: FewShotData | None = None  # the encoded task (few-shot runs)
+    fewshot: FewShotData | None = None  # the encoded task (single-task few-shot runs)
+    tasks: tuple[str, ...] = ()  # multi-task runs: the tasks whose metrics sit under their names
 
 
 def select(
@@ -144,10 +148,10 @@ def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
     )
 
 
-def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
-    """A few-shot task's k-shot split, encoded with its prompt; dev evaluates, test reports."""
-    data = prepare_fewshot(
-        cfg.task,
+def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: object) -> FewShotData:
+    """One few-shot task's k-shot split, encoded with its prompt and the run's data options."""
+    return prepare_fewshot(
+        task,
         tokenizer,
         model_kind(config),
         data_dir=cfg.task_dir,
@@ -159,22 +163,43 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
         test_limit=cfg.test_limit,
         head=cfg.head,
     )
-    pad = tokenizer.pad_token_id
-    objective = partial(OBJECTIVES[cfg.objective], loss="mse" if cfg.l2_loss else "ce")
 
-    def scores(examples: list, model: torch.nn.Module, acc: Accelerator) -> dict:
-        metrics = evaluate_classification(
-            model,
-            examples,
-            data,
-            acc,
-            cfg.eval_batch_size,
-            pad,
-            objective,
-            progress=cfg.progress and acc.is_main_process,
-        )
-        metrics.pop("logits")
-        return metrics
+
+def task_objective(cfg: FinetuneConfig) -> Callable:
+    """The few-shot objective with the run's loss (CE, or MSE to the one-hot label)."""
+    return partial(OBJECTIVES[cfg.objective], loss="mse" if cfg.l2_loss else "ce")
+
+
+def task_scores(
+    cfg: FinetuneConfig,
+    data: FewShotData,
+    pad: int,
+    objective: Callable,
+    examples: list,
+    model: torch.nn.Module,
+    acc: Accelerator,
+) -> dict:
+    """Metrics of ``examples`` of one task, scored with that task's label words."""
+    metrics = evaluate_classification(
+        model,
+        examples,
+        data,
+        acc,
+        cfg.eval_batch_size,
+        pad,
+        objective,
+        progress=cfg.progress and acc.is_main_process,
+    )
+    metrics.pop("logits")
+    return metrics
+
+
+def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
+    """A few-shot task's k-shot split, encoded with its prompt; dev evaluates, test reports."""
+    data = encode_task(cfg, cfg.task, tokenizer, config)
+    pad = tokenizer.pad_token_id
+    objective = task_objective(cfg)
+    scores = partial(task_scores, cfg, data, pad, objective)
 
     return Data(
         train_items=data.train,
@@ -192,4 +217,58 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
             f"training / {len(data.dev)} dev / {len(data.test)} test examples"
         ),
         fewshot=data,
+    )
+
+
+def multi_task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
+    """Several few-shot tasks (``cfg.task`` joined by ``+``) trained as one set (graft.md §8).
+
+    The training examples of all tasks are concatenated, each with its own task's prompt and
+    ``label_word_ids``, so a batch mixes tasks (``label_word_ids`` ``[B, C]``). Dev and test
+    score each task with its own label words: ``{task: metrics, ...}`` plus ``accuracy``,
+    ``loss`` and ``ece``, the means over tasks (``accuracy`` is what best-dev selection reads).
+    """
+    tasks = [encode_task(cfg, name, tokenizer, config) for name in split_tasks(cfg.task)]
+    pad = tokenizer.pad_token_id
+    objective = task_objective(cfg)
+
+    def scores(split: str, model: torch.nn.Module, acc: Accelerator) -> dict:
+        per_task = {
+            data.task.name: task_scores(cfg, data, pad, objective, getattr(data, split), model, acc)
+            for data in tasks
+        }
+        means = {
+            key: sum(metrics[key] for metrics in per_task.values()) / len(per_task)
+            for key in ("accuracy", "loss", "ece")
+        }
+        return {**per_task, **means}
+
+    counts = {
+        data.task.name: {"train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
+        for data in tasks
+    }
+    record = {
+        "task": cfg.task,
+        "n": counts,
+        "tasks": {data.task.name: data.record for data in tasks},
+    }
+    train = [ex for data in tasks for ex in tag_task(data)]
+    n_dev, n_test = (sum(n[split] for n in counts.values()) for split in ("dev", "test"))
+    per_task = ", ".join(f"{name} {n['train']}" for name, n in counts.items())
+    return Data(
+        train_items=train,
+        collate=collate_label_words,  # each item's own label_word_ids: [B, C]
+        evaluate=partial(scores, "dev"),
+        test=partial(scores, "test"),
+        objective=objective,
+        identity={
+            "rows": {"train": [f"{ex['task']}/{ex['guid']}" for ex in train]},
+            "dataset": record["tasks"],
+        },
+        record=record,
+        summary=(
+            f"{cfg.task} {cfg.shots}-shot (seed {cfg.data_seed}): {len(train)} training "
+            f"({per_task}) / {n_dev} dev / {n_test} test examples"
+        ),
+        tasks=tuple(counts),
     )

@@ -162,17 +162,34 @@ def prepare_fewshot(
 
 
 def collate_label_words(
-    items: Sequence[Mapping[str, Any]], pad_token_id: int, label_word_ids: Sequence[int]
+    items: Sequence[Mapping[str, Any]],
+    pad_token_id: int,
+    label_word_ids: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A right-padded label-word batch with its example weights.
 
+    Args:
+        items: ``[B]`` encoded training examples.
+        pad_token_id: padding id.
+        label_word_ids: ``[C]`` the task's label-word ids; None: each item's own
+            ``label_word_ids`` (multi-task runs, :func:`tag_task`).
+
     Returns:
         ``input_ids`` / ``attention_mask`` ``[B, T]``, ``positions`` / ``class_labels`` ``[B]``,
-        ``label_word_ids`` ``[C]`` and ``weights`` ``[B]`` float32.
+        ``label_word_ids`` ``[C]`` (or ``[B, C]`` from the items) and ``weights`` ``[B]``
+        float32.
     """
     batch = collate_prompts(items, pad_token_id, label_word_ids)
+    if label_word_ids is None:
+        batch["label_word_ids"] = torch.tensor([ex["label_word_ids"] for ex in items])
     batch["weights"] = torch.tensor([float(ex.get("weight", 1.0)) for ex in items])
     return batch
+
+
+def tag_task(data: FewShotData) -> list[dict[str, Any]]:
+    """The task's training examples, each carrying the task's name and ``label_word_ids``
+    ``[C]``, so that examples of several tasks can share a batch (:func:`collate_label_words`)."""
+    return [dict(ex, task=data.task.name, label_word_ids=data.label_word_ids) for ex in data.train]
 
 
 @torch.no_grad()

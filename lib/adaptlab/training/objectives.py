@@ -367,7 +367,8 @@ def label_word_logits(logits: Tensor, positions: Tensor, label_word_ids: Tensor)
         logits: ``[B, T, V]`` LM logits.
         positions: ``[B]`` position of the mask token (masked LMs) or of the last prompt token
             (causal LMs).
-        label_word_ids: ``[C]`` vocabulary id of each class's label word.
+        label_word_ids: ``[C]`` vocabulary id of each class's label word, the same for every
+            example, or ``[B, C]`` each example's own (a batch mixing tasks, multi-task runs).
 
     Returns:
         ``[B, C]`` logits.
@@ -378,7 +379,16 @@ def label_word_logits(logits: Tensor, positions: Tensor, label_word_ids: Tensor)
             "expected [B, T, V] and [B]."
         )
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, positions.to(logits.device)][:, label_word_ids.to(logits.device)]
+    at_positions = logits[rows, positions.to(logits.device)]
+    ids = label_word_ids.to(logits.device)
+    if ids.dim() == 1:
+        return at_positions[:, ids]
+    if ids.dim() != 2 or ids.shape[0] != logits.shape[0]:
+        raise TrainingError(
+            f"label_word_ids {list(ids.shape)} do not match logits {list(logits.shape)}; "
+            "expected [C] (one task) or [B, C] (per example)."
+        )
+    return at_positions.gather(1, ids)
 
 
 def label_word_loss(
@@ -394,7 +404,7 @@ def label_word_loss(
     Args:
         logits: ``[B, T, V]`` LM logits.
         positions: ``[B]`` see :func:`label_word_logits`.
-        label_word_ids: ``[C]`` label-word ids.
+        label_word_ids: ``[C]`` label-word ids, or ``[B, C]`` per example.
         targets: ``[B]`` class indices in 0..C-1.
         weights: ``[B]`` example weights, or ``None``.
         weight_norm: see :func:`weighted_mean`.
@@ -571,7 +581,8 @@ def answer_only_objective(
 def label_words_objective(
     model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None, loss: str = "ce"
 ) -> ObjectiveOutput:
-    """Loss over label-word logits (batch: ``positions``, ``label_word_ids``, ``class_labels``)."""
+    """Loss over label-word logits (batch: ``positions``, ``label_word_ids`` ``[C]`` or ``[B, C]``,
+    ``class_labels``)."""
     _require(batch, ("input_ids", "positions", "label_word_ids", "class_labels"), "label_words")
     logits = _forward(model, batch).logits
     scores = label_word_logits(logits, batch["positions"], batch["label_word_ids"])
