@@ -13,6 +13,9 @@ The LM-BFF pipeline of spec ``kernel.md`` §1-§4 for masked and causal LMs::
 
 ``head="prompt"`` encodes the task's template; the scored position is the mask (masked LMs) or
 the last prompt token (causal LMs, whose next-token logits score the label words).
+``scoring="options"`` (causal LMs only) scores each class by its whole option, the tokens of
+``" " + word`` (:func:`option_ids`, any number of tokens), appended after the prompt: label
+words need not be single tokens, and options sharing a first token stay apart.
 ``head="linear"`` (the ``finetune`` setting of §4) encodes ``cls sent_0 sep [sent_1 sep]`` with
 no sentence limits, as upstream does, scored at the first token (masked) or the last (causal).
 See :mod:`adaptlab.data.templates` for the template language and the truncation rules.
@@ -26,6 +29,7 @@ size, a hash of its vocabulary, special ids), length limits, ``truncate_head`` a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -58,6 +62,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Head = Literal["prompt", "linear"]
+Scoring = Literal["label_words", "options"]
+SCORINGS = ("label_words", "options")
 CACHE_VERSION = 1
 
 
@@ -274,23 +280,28 @@ def label_word_ids(
         DataError: a word that is not one token (the message names its tokens and the
             tokenizer), or two classes with the same token.
     """
-    if isinstance(task_or_words, Task):
-        words = list(task_or_words.words)
-    elif isinstance(task_or_words, Mapping):
-        words = list(task_or_words.values())
-    else:
-        words = list(task_or_words)
-    ids = []
-    for word in words:
-        tokens = list(tokenizer.encode(" " + word, add_special_tokens=False))
-        if len(tokens) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(tokens)
-            raise DataError(
-                f"Label word {word!r} is {len(tokens)} tokens {pieces} of tokenizer "
-                f"{tokenizer_name(tokenizer)}, not one (' ' + word must be a single token); "
-                "pick another word with label_words."
-            )
-        ids.append(int(tokens[0]))
+    words = _words(task_or_words)
+    options = _word_tokens(words, tokenizer)
+    for word, tokens in zip(words, options, strict=True):
+        if len(tokens) == 1:
+            continue
+        first = [
+            w for w, t in zip(words, options, strict=True) if w != word and t[:1] == tokens[:1]
+        ]
+        pieces = tokenizer.convert_ids_to_tokens(tokens)
+        shared = (
+            f" and shares its first token with {first[0]!r}, so first-token scoring would merge "
+            "their classes"
+            if first
+            else ""
+        )
+        raise DataError(
+            f"Label word {word!r} is {len(tokens)} tokens {pieces} of tokenizer "
+            f"{tokenizer_name(tokenizer)}, not one (' ' + word must be a single token){shared}; "
+            "pick another word with label_words, or use --scoring options, which scores full "
+            "options (causal LMs)."
+        )
+    ids = [tokens[0] for tokens in options]
     if len(set(ids)) != len(ids):
         shared = {w: i for w, i in zip(words, ids, strict=True) if ids.count(i) > 1}
         raise DataError(
@@ -298,6 +309,64 @@ def label_word_ids(
             f"{tokenizer_name(tokenizer)}; give every class its own word."
         )
     return ids
+
+
+def option_ids(
+    task_or_words: Task | Mapping[str, str] | Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> list[list[int]]:
+    """Token ids of each class's option, ``" " + word``, for ``scoring="options"``.
+
+    The option is tokenised alone, as it is appended after the prompt's tokens (the prompt of
+    a causal LM ends before the mask, so the option's leading space starts a new token, as a
+    label word's does).
+
+    Args:
+        task_or_words: as for :func:`label_word_ids`.
+        tokenizer: the model's tokenizer.
+
+    Returns:
+        ``[C]`` lists of token ids, one or more each.
+
+    Raises:
+        DataError: a word with no tokens, or two classes with the same token sequence.
+    """
+    words = _words(task_or_words)
+    options = _word_tokens(words, tokenizer)
+    for word, tokens in zip(words, options, strict=True):
+        if not tokens:
+            raise DataError(f"Label word {word!r} has no tokens; give every class a word.")
+    for i, j in itertools.combinations(range(len(words)), 2):
+        if options[i] == options[j]:
+            raise DataError(
+                f"Label words {words[i]!r} and {words[j]!r} are the same tokens "
+                f"{tokenizer.convert_ids_to_tokens(options[i])} of tokenizer "
+                f"{tokenizer_name(tokenizer)}, so their classes cannot be told apart; give "
+                "every class its own word."
+            )
+    return options
+
+
+def check_scoring(scoring: str, kind: str) -> None:
+    """Raise :class:`DataError` unless ``scoring`` is known and fits the model ``kind``."""
+    if scoring not in SCORINGS:
+        raise DataError(f"scoring={scoring!r}: choose 'label_words' or 'options'.")
+    if scoring == "options" and kind != "causal":
+        raise DataError(
+            "scoring=options scores a causal LM's continuation of the prompt, but this is a "
+            f"{kind} LM; use scoring=label_words with it."
+        )
+
+
+def _words(task_or_words: Task | Mapping[str, str] | Sequence[str]) -> list[str]:
+    if isinstance(task_or_words, Task):
+        return list(task_or_words.words)
+    if isinstance(task_or_words, Mapping):
+        return list(task_or_words.values())
+    return list(task_or_words)
+
+
+def _word_tokens(words: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    return [[int(t) for t in tokenizer.encode(" " + w, add_special_tokens=False)] for w in words]
 
 
 def encode_examples(
@@ -311,6 +380,7 @@ def encode_examples(
     label_words: dict[str, str] | None = None,
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
+    scoring: Scoring = "label_words",
 ) -> list[PromptExample]:
     """Tokenise examples with the task's prompt (or as plain sentences for a linear head).
 
@@ -324,14 +394,17 @@ def encode_examples(
         label_words: label -> word overriding the task's (checked to be single tokens).
         max_length: token limit overriding ``task.max_seq_length``.
         cache_dir: when given, read / write the encoded list as JSON here.
+        scoring: how classes are scored, which decides the check of the label words:
+            ``label_words`` (single distinct tokens, :func:`label_word_ids`) or ``options``
+            (causal LMs; distinct token sequences, :func:`option_ids`). The encoding is the same.
 
     Returns:
         ``[N]`` encoded examples, in input order; ``label`` indexes ``task.labels``.
 
     Raises:
-        DataError: bad kind or head, a template without mask (masked) or with the mask before
-            the sentence (causal), multi-token label words, an unknown label, or a mask that
-            ``max_length`` cuts off.
+        DataError: bad kind, head or scoring, a template without mask (masked) or with the mask
+            before the sentence (causal), label words that do not fit the scoring, an unknown
+            label, or a mask that ``max_length`` cuts off.
     """
     if kind not in ("masked", "causal"):
         raise DataError(f"kind={kind!r}: choose 'masked' or 'causal'.")
@@ -342,8 +415,9 @@ def encode_examples(
         raise DataError(f"max_length={spec.max_seq_length} must be positive.")
     specials = special_ids(tokenizer, kind)
     if head == "prompt":
+        check_scoring(scoring, kind)
         parts = check_template(spec.template, kind, spec.n_sentences)
-        label_word_ids(spec, tokenizer)
+        (option_ids if scoring == "options" else label_word_ids)(spec, tokenizer)
         limits = (spec.first_sent_limit, spec.other_sent_limit)
         position = "mask" if kind == "masked" else "last"
     else:

@@ -121,7 +121,8 @@ class FinetuneConfig:
         data_seed: seed of the few-shot split (13, 21, 42, 87, 100 upstream).
         kshot_mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
         template: prompt template overriding the task's (kernel.md §2 mini-language).
-        label_words: label -> word overriding the task's (each must be one token).
+        label_words: label -> word overriding the task's (each must be one token, unless
+            ``scoring`` is ``options``).
         test_limit: evaluate at most this many test examples of a few-shot task (None: all).
         dataset_path: MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
             embedded copy (test split only), then the hub.
@@ -158,6 +159,12 @@ class FinetuneConfig:
             prompt token) or ``linear`` (no prompt: a new ``nn.Linear(H, C)`` on the first
             token of a masked LM or the last of a causal LM, trained with the model and saved
             beside it as ``linear_head.safetensors``; LM-BFF ``--few_shot_type finetune``).
+        scoring: few-shot prompt head: ``label_words`` (the LM logits of one token per class
+            at the mask / last prompt token) or ``options`` (causal LMs: class c scores
+            log p(" " + word_c | prompt), summed over the option's tokens, so words may be
+            several tokens and options sharing a first token, like GPT-2's " a description" /
+            " an entity" on TREC, stay apart; each step then runs C rows per example, about C
+            times the prompt's tokens).
         from_linearhead: initialise the linear head by logistic regression on the pretrained
             features of the training set (upstream ``--from_linearhead``, the head the
             no-prompt kernel uses); False: a random init seeded by ``seed``.
@@ -275,6 +282,7 @@ class FinetuneConfig:
     packing: bool = False
     objective: str | None = None
     head: Literal["prompt", "linear"] = "prompt"
+    scoring: Literal["label_words", "options"] = "label_words"
     from_linearhead: bool = False
     l2_loss: bool = False
     optimizer: str = "adamw"
@@ -466,6 +474,7 @@ class FinetuneConfig:
                 (self.objective != "answer_only", f"objective={self.objective!r}", "answer_only"),
                 (self.best_metric in TASK_METRICS, f"best_metric={self.best_metric!r}", ""),
                 (self.head != "prompt", f"head={self.head!r}", "head=prompt"),
+                (self.scoring != "label_words", f"scoring={self.scoring!r}", "scoring=label_words"),
                 (self.from_linearhead, "from_linearhead=true", ""),
                 (self.l2_loss, "l2_loss=true", ""),
             ]
@@ -475,10 +484,15 @@ class FinetuneConfig:
             task, multi = tasks[0], len(tasks) > 1
             if multi:
                 self._check_multi_task(tasks)
-            wanted = "label_words" if self.head == "prompt" else "linear_head"
+            wanted = self.scoring if self.head == "prompt" else "linear_head"
             self.objective = self.objective or wanted
             self.best_metric = self.best_metric or "accuracy"
             wrong = [
+                (
+                    self.scoring == "options" and self.head != "prompt",
+                    "scoring='options'",
+                    "head=prompt with it",
+                ),
                 (self.objective != wanted, f"objective={self.objective!r}", wanted),
                 (
                     self.from_linearhead and self.head != "linear",

@@ -21,9 +21,11 @@ from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.fewshot import (
     FewShotData,
     collate_label_words,
+    collate_options,
     evaluate_classification,
     model_kind,
     prepare_fewshot,
+    scoring_parts,
     tag_task,
 )
 from adaptlab.training.loop import TRAIN_DATA, evaluate
@@ -162,11 +164,13 @@ def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: objec
         label_words=cfg.label_words,
         test_limit=cfg.test_limit,
         head=cfg.head,
+        scoring=cfg.scoring,
     )
 
 
 def task_objective(cfg: FinetuneConfig) -> Callable:
-    """The few-shot objective with the run's loss (CE, or MSE to the one-hot label)."""
+    """The few-shot objective (label words, options or linear head) with the run's loss (CE,
+    or MSE to the one-hot label)."""
     return partial(OBJECTIVES[cfg.objective], loss="mse" if cfg.l2_loss else "ce")
 
 
@@ -179,7 +183,7 @@ def task_scores(
     model: torch.nn.Module,
     acc: Accelerator,
 ) -> dict:
-    """Metrics of ``examples`` of one task, scored with that task's label words."""
+    """Metrics of ``examples`` of one task, scored with that task's label words or options."""
     metrics = evaluate_classification(
         model,
         examples,
@@ -203,7 +207,7 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
 
     return Data(
         train_items=data.train,
-        collate=partial(collate_label_words, label_word_ids=data.label_word_ids),
+        collate=scoring_parts(data)[1],
         evaluate=partial(scores, data.dev),
         test=partial(scores, data.test),
         objective=objective,
@@ -257,7 +261,8 @@ def multi_task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> D
     per_task = ", ".join(f"{name} {n['train']}" for name, n in counts.items())
     return Data(
         train_items=train,
-        collate=collate_label_words,  # each item's own label_word_ids: [B, C]
+        # each item's own label_word_ids ([B, C]) or options
+        collate=collate_options if cfg.scoring == "options" else collate_label_words,
         evaluate=partial(scores, "dev"),
         test=partial(scores, "test"),
         objective=objective,

@@ -11,16 +11,27 @@ LMs) or at the last prompt token (causal LMs). ``scripts/finetune.py`` takes thi
     metrics = evaluate_classification(model, data.dev, data, accelerator, batch_size=16,
                                       pad_token_id=tokenizer.pad_token_id)
 
-Evaluation scores every example's label-word logits: accuracy (argmax over the C words), the
-task's extra metrics (F1 for MRPC/QQP, MCC for CoLA), the expected calibration error of the
-softmax over the words and the mean cross-entropy (``loss``).
+Causal LMs can score whole options instead (``scoring="options"``): class c's score is
+log p(" " + word_c | prompt), summed over the option's tokens, so label words may be several
+tokens and options sharing a first token stay apart. :func:`scoring_parts` gives the objective
+and collate function a prepared task needs, whichever its scoring::
+
+    data = prepare_fewshot("trec", tokenizer, "causal", data_dir="data", scoring="options",
+                           label_words={"0": "a description", "1": "an entity", ...})
+    objective, collate = scoring_parts(data)
+    out = objective(model, collate(data.train[:4], tokenizer.pad_token_id))  # out.scores [4, C]
+
+Evaluation scores every example's C label words (or options): accuracy (argmax over the C
+scores), the task's extra metrics (F1 for MRPC/QQP, MCC for CoLA), the expected calibration
+error of the softmax over the scores and the mean cross-entropy (``loss``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,18 +40,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaptlab.data import (
+    DataError,
     PromptExample,
+    Scoring,
     Task,
     TaskSplits,
+    check_scoring,
     collate_prompts,
     encode_examples,
     label_word_ids,
     load_task,
+    option_ids,
     task_metrics,
 )
 from adaptlab.extract.points import unwrap
 from adaptlab.training.metrics import expected_calibration_error
-from adaptlab.training.objectives import LinearHead, Objective, label_words_objective
+from adaptlab.training.objectives import (
+    IGNORE_INDEX,
+    LinearHead,
+    Objective,
+    label_words_objective,
+    options_objective,
+)
 from adaptlab.training.optim import TrainingError
 
 Kind = Literal["causal", "masked"]
@@ -53,11 +74,17 @@ class FewShotData:
     Attributes:
         task: the task (template, label words, metrics).
         kind: ``causal`` or ``masked``, how the prompt was built.
-        label_word_ids: ``[C]`` vocabulary ids of the label words, in label order.
+        label_word_ids: ``[C]`` vocabulary ids of the label words, in label order; empty with
+            ``scoring="options"`` (words may be several tokens there).
         train: ``[N]`` training examples, each with ``weight`` 1.0.
         dev: ``[M_dev]`` development examples (model selection).
         test: ``[M_test]`` test examples.
-        record: what was loaded, for result records (task, k, seed, mode, sizes, provenance).
+        record: what was loaded, for result records (task, k, seed, mode, sizes, scoring,
+            provenance).
+        scoring: ``label_words`` (one token per class at the scored position) or ``options``
+            (causal LMs: the sum of the log-probabilities of each class's option tokens).
+        option_ids: ``[C]`` token ids of each class's option ``" " + word`` (one list per
+            class; single tokens with label-word scoring).
     """
 
     task: Task
@@ -67,6 +94,8 @@ class FewShotData:
     dev: list[PromptExample]
     test: list[PromptExample]
     record: dict[str, Any] = field(default_factory=dict)
+    scoring: Scoring = "label_words"
+    option_ids: list[list[int]] = field(default_factory=list)
 
 
 def model_kind(config: Any) -> Kind:
@@ -101,6 +130,7 @@ def prepare_fewshot(
     test_limit: int | None = None,
     cache_dir: str | Path | None = None,
     head: Literal["prompt", "linear"] = "prompt",
+    scoring: Scoring = "label_words",
 ) -> FewShotData:
     """Load a task's k-shot split and encode it with the task's (or the given) prompt.
 
@@ -119,14 +149,25 @@ def prepare_fewshot(
         cache_dir: cache of encoded examples (keyed by template and label words too).
         head: ``prompt`` (the template) or ``linear`` (no prompt: the sentences alone, scored
             by a linear head at the first (masked) or last (causal) token).
+        scoring: ``label_words`` (each word one token) or ``options`` (causal LMs, prompt
+            head: each class's whole option ``" " + word`` is scored, any number of tokens);
+            :func:`scoring_parts` gives the matching objective and collate function.
 
     Raises:
-        DataError: unknown task, missing data, too few examples, multi-token label words.
+        DataError: unknown task, missing data, too few examples, label words that do not fit
+            the scoring (multi-token words with ``label_words``, identical options), options
+            for a masked LM or a linear head.
     """
+    check_scoring(scoring, kind)
+    if scoring == "options" and head != "prompt":
+        raise DataError(
+            f"scoring=options scores a prompt's options, not head={head!r}; use head=prompt."
+        )
     splits: TaskSplits = load_task(task, data_dir, k=k, seed=seed, mode=mode, test_limit=test_limit)
     spec = splits.task
     words = dict(label_words) if label_words else None
-    ids = label_word_ids(words or spec, tokenizer)
+    options = option_ids(words or spec, tokenizer)
+    ids = label_word_ids(words or spec, tokenizer) if scoring == "label_words" else []
     encode = dict(
         task=spec,
         tokenizer=tokenizer,
@@ -136,6 +177,7 @@ def prepare_fewshot(
         label_words=words,
         max_length=max_length,
         cache_dir=cache_dir,
+        scoring=scoring,
     )
     train = [dict(ex, weight=1.0) for ex in encode_examples(splits.train, **encode)]
     record = {
@@ -147,6 +189,8 @@ def prepare_fewshot(
         "template": (template or spec.template) if head == "prompt" else None,
         "label_words": words or dict(spec.label_words),
         "label_word_ids": ids,
+        "scoring": scoring,
+        "option_ids": options,
         "n": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test)},
         "provenance": splits.provenance,
     }
@@ -158,6 +202,8 @@ def prepare_fewshot(
         dev=encode_examples(splits.dev, **encode),
         test=encode_examples(splits.test, **encode),
         record=record,
+        scoring=scoring,
+        option_ids=options,
     )
 
 
@@ -186,10 +232,80 @@ def collate_label_words(
     return batch
 
 
+def collate_options(
+    items: Sequence[Mapping[str, Any]],
+    pad_token_id: int,
+    option_ids: Sequence[Sequence[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded options batch: C rows per example, its prompt then each option.
+
+    Row ``b * C + c`` is example b's prompt (up to its scored position, the last prompt token)
+    followed by the tokens of option c; ``option_labels`` holds those option tokens where they
+    stand and -100 elsewhere, so position t's logits score label t + 1 (see
+    :func:`adaptlab.training.objectives.options_objective`). The batch has B x C rows of up to
+    prompt + longest option tokens: C times the prompt's tokens of a label-word batch.
+
+    Args:
+        items: ``[B]`` encoded examples (causal prompts).
+        pad_token_id: padding id.
+        option_ids: ``[C]`` token ids of each class's option; None: each item's own
+            ``option_ids`` (multi-task runs, :func:`tag_task`).
+
+    Returns:
+        ``input_ids`` / ``attention_mask`` / ``option_labels`` ``[B * C, T]`` (long),
+        ``class_labels`` ``[B]`` (long) and ``weights`` ``[B]`` float32.
+
+    Raises:
+        TrainingError: no items, or items whose numbers of options differ.
+    """
+    if not items:
+        raise TrainingError("collate_options got no examples; pass at least one.")
+    per_item = [option_ids if option_ids is not None else ex["option_ids"] for ex in items]
+    if len({len(options) for options in per_item}) != 1:
+        raise TrainingError("The batch mixes tasks with different numbers of options.")
+    rows = [
+        (ex["input_ids"][: ex["position"] + 1], list(option))
+        for ex, options in zip(items, per_item, strict=True)
+        for option in options
+    ]
+    width = max(len(prompt) + len(option) for prompt, option in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt, option) in enumerate(rows):
+        n, m = len(prompt), len(option)
+        input_ids[row, : n + m] = torch.tensor(list(prompt) + option, dtype=torch.long)
+        labels[row, n : n + m] = torch.tensor(option, dtype=torch.long)
+        attention_mask[row, : n + m] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "option_labels": labels,
+        "class_labels": torch.tensor([int(ex["label"]) for ex in items], dtype=torch.long),
+        "weights": torch.tensor([float(ex.get("weight", 1.0)) for ex in items]),
+    }
+
+
+def scoring_parts(data: FewShotData) -> tuple[Objective, Callable[..., dict[str, torch.Tensor]]]:
+    """The objective and collate function of a prepared task's scoring.
+
+    Returns:
+        ``(objective, collate)``: ``objective(model, batch)`` gives the ``[B, C]`` scores and
+        losses; ``collate(items, pad_token_id)`` builds its batch from encoded examples
+        (``label_words_objective`` with :func:`collate_label_words`, or ``options_objective``
+        with :func:`collate_options`).
+    """
+    if data.scoring == "options":
+        return options_objective, partial(collate_options, option_ids=data.option_ids)
+    return label_words_objective, partial(collate_label_words, label_word_ids=data.label_word_ids)
+
+
 def tag_task(data: FewShotData) -> list[dict[str, Any]]:
-    """The task's training examples, each carrying the task's name and ``label_word_ids``
-    ``[C]``, so that examples of several tasks can share a batch (:func:`collate_label_words`)."""
-    return [dict(ex, task=data.task.name, label_word_ids=data.label_word_ids) for ex in data.train]
+    """The task's training examples, each carrying the task's name, ``label_word_ids`` ``[C]``
+    and ``option_ids``, so that examples of several tasks can share a batch
+    (:func:`collate_label_words`, :func:`collate_options`)."""
+    tags = dict(task=data.task.name, label_word_ids=data.label_word_ids, option_ids=data.option_ids)
+    return [dict(ex, **tags) for ex in data.train]
 
 
 @torch.no_grad()
@@ -200,7 +316,7 @@ def evaluate_classification(
     accelerator: Any,
     batch_size: int,
     pad_token_id: int,
-    objective: Objective = label_words_objective,
+    objective: Objective | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy, task metrics, ECE and loss of the class scores; every process runs the same
@@ -216,8 +332,9 @@ def evaluate_classification(
         accelerator: the run's ``accelerate.Accelerator``.
         batch_size: examples per forward pass per process.
         pad_token_id: padding id.
-        objective: gives the ``[B, C]`` scores and per-example losses: the label-word
-            objective (default) or the linear head's, with the run's loss (CE or MSE).
+        objective: gives the ``[B, C]`` scores and per-example losses: the linear head's, or
+            the task's scoring objective with the run's loss (CE or MSE); None: the task's
+            (:func:`scoring_parts`). Batches are built with the task's collate function.
         progress: show a progress bar of this process's examples (examples/s).
 
     Returns:
@@ -227,6 +344,8 @@ def evaluate_classification(
     """
     if not examples:
         raise TrainingError("The evaluation set is empty; check the task's dev/test split.")
+    default, collate = scoring_parts(data)
+    objective = objective or default
     was_training = model.training
     model.eval()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -241,7 +360,7 @@ def evaluate_classification(
     for start in range(0, per_rank, batch_size):
         chunk = mine[start : start + batch_size]
         bar.update(len(chunk))
-        batch = collate_prompts([examples[i] for i in chunk], pad_token_id, data.label_word_ids)
+        batch = collate([examples[i] for i in chunk], pad_token_id)
         batch = {key: value.to(device) for key, value in batch.items()}
         out = objective(model, batch)
         meta = torch.tensor(

@@ -1,15 +1,22 @@
-"""Training objectives: answer-only causal LM loss, label-word loss, linear head on the first token.
+"""Training objectives: answer-only causal LM loss, label-word and option losses, linear head.
 
 | objective      | scores                                         | loss                          |
 |----------------|------------------------------------------------|-------------------------------|
 | ``answer_only``| next-token logits on the answer tokens         | token CE, mean per example    |
 | ``label_words``| LM logits of C label words at one position [B, C] | CE over the C label words  |
+| ``options``    | Σ log p(option tokens), causal LMs [B, C]      | CE over the C options         |
 | ``linear_head``| ``nn.Linear(H, C)`` at one token [B, C]        | CE over C classes             |
 
 Every objective reduces a per-example loss ℓ_i with optional weights:
 L = Σ_i w_i ℓ_i / Σ_i w_i (plain mean without weights; landscape.md §4 ``--weight_samples``).
-The two classification objectives take ``loss="mse"`` for the squared error to the one-hot
+The classification objectives take ``loss="mse"`` for the squared error to the one-hot
 target, mean over the C scores (LM-Kernel-FT ``--l2_loss``, kernel.md §4).
+
+The options objective scores each class by its whole option (``" " + word``, any number of
+tokens) after the prompt, so options sharing a first token stay apart (graft.md §9, the GPT-2
+TREC bug). Its batch (``adaptlab.training.fewshot.collate_options``) holds B x C rows, prompt
+then option, so a step costs about C times the prompt's tokens of a label-word step: simple and
+exact, where caching the prompt's keys and values once per example would save the repeats.
 
 The linear head (the no-prompt setting) reads the token at ``batch["positions"]`` (the first
 token for masked LMs, the last for causal LMs, see ``adaptlab.data.encode_examples``) and lives
@@ -591,6 +598,61 @@ def label_words_objective(
     return ObjectiveOutput(total, per_example, scores)
 
 
+def option_log_probs(
+    logits: Tensor, option_labels: Tensor, positions: Tensor | None = None
+) -> Tensor:
+    """Σ over each row's option tokens of log p(token | everything before it).
+
+    Args:
+        logits: ``[R, T, V]`` LM logits, or ``[R, K, V]`` at ``positions`` only.
+        option_labels: ``[R, T]`` the option's token ids where they stand, -100 elsewhere.
+        positions: ``[K]`` the positions ``logits`` holds (:func:`label_positions`), or
+            ``None`` for all T.
+
+    Returns:
+        ``[R]`` float32 log-probabilities of the options.
+    """
+    if positions is None:
+        positions = torch.arange(option_labels.shape[1] - 1, device=option_labels.device)
+        logits = logits[:, :-1]
+    targets = option_labels[:, positions + 1]
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]
+    token_log_probs = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    sums = torch.zeros(option_labels.shape[0], dtype=torch.float32, device=logits.device)
+    return sums.index_add(0, rows, token_log_probs)
+
+
+def options_objective(
+    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None, loss: str = "ce"
+) -> ObjectiveOutput:
+    """Loss over the C options' log-probabilities, causal LMs (batch: ``input_ids`` and
+    ``option_labels`` ``[B * C, T]``, row b * C + c = example b's prompt then option c;
+    ``class_labels`` ``[B]``; see ``adaptlab.training.fewshot.collate_options``).
+
+    The class scores ``[B, C]`` are log p(option c | prompt b), the sum over the option's
+    tokens; with single-token options they are the label-word logits less the row's log-sum-exp
+    over the vocabulary, so the cross-entropy and the argmax equal the label-word objective's.
+    The LM head runs only at the positions before option tokens when the model takes
+    ``logits_to_keep``.
+    """
+    _require(batch, ("input_ids", "option_labels", "class_labels"), "options")
+    labels = batch["option_labels"]
+    n_examples = batch["class_labels"].shape[0]
+    if labels.shape[0] % max(n_examples, 1):
+        raise TrainingError(
+            f"option_labels has {labels.shape[0]} rows for {n_examples} examples; build batches "
+            "with collate_options (C rows per example)."
+        )
+    positions = label_positions(labels) if _skips_head(model) else None
+    keep = {} if positions is None else {"logits_to_keep": positions}
+    logits = _forward(model, batch, use_cache=False, **keep).logits
+    scores = option_log_probs(logits, labels, positions).view(n_examples, -1)
+    per_example = class_loss(scores, batch["class_labels"], loss)
+    total = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
+    return ObjectiveOutput(total, per_example, scores)
+
+
 def linear_head_objective(
     model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None, loss: str = "ce"
 ) -> ObjectiveOutput:
@@ -621,6 +683,7 @@ Objective = Callable[..., ObjectiveOutput]  # (model, batch, head=None[, loss]) 
 OBJECTIVES: dict[str, Objective] = {
     "answer_only": answer_only_objective,
     "label_words": label_words_objective,
+    "options": options_objective,
     "linear_head": linear_head_objective,
 }
 
