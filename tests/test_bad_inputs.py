@@ -44,6 +44,7 @@ _EXTRACT = "--model {model} --dataset_path {mmlu} --output_dir {out} --progress 
 _ANALYZE = "--output_dir {out} --progress false"
 _FINETUNE = ("--model {model} --dataset_path {mmlu} --output_dir {out} --progress false "
              "--max_steps 2 --batch_size 2 --eval_samples_per_subject 2 --report_to none")
+_SST2 = f"{_FINETUNE} --task SST-2 --task_dir {{sst2}} --shots 8"
 _KERNEL = ("--model {bert} --task SST-2 --task_dir {sst2} --shots 8 --seeds [42] "
            "--output_dir {out} --progress false")
 _PREPARE = "--original_dir {original} --out_dir {out} --tasks [SST-2] --k 4 --seeds [1]"
@@ -179,6 +180,16 @@ CASES = [
          "not writable"),
     case("finetune-missing-resume", "finetune", f"{_FINETUNE} --resume_from {{tmp}}/nowhere",
          "nowhere"),
+    case("finetune-multi-token-word", "finetune",
+         f'{_SST2} --label_words {{{{"0":"great","1":"greatest"}}}}', "--scoring options"),
+    case("finetune-options-masked-lm", "finetune",
+         f"{_SST2} --model {{bert}} --scoring options", "causal LM"),
+    case("finetune-identical-options", "finetune",
+         f'{_SST2} --scoring options --label_words {{{{"0":"good","1":"good"}}}}', "same tokens"),
+    case("finetune-options-linear-head", "finetune", f"{_SST2} --scoring options --head linear",
+         "head=prompt"),
+    case("finetune-options-mmlu", "finetune", f"{_FINETUNE} --scoring options",
+         "scoring=label_words"),
     # --- compute_kernel
     case("kernel-unknown-option", "compute_kernel", f"{_KERNEL} --formulas sgd",
          "unknown option --formulas"),
