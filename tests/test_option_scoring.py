@@ -175,3 +175,43 @@ def test_finetune_with_option_scoring_trains(tiny_model_dir, sst2_dir, tmp_path)
     metrics = result["metrics"]["final"]
     assert metrics["accuracy"] == pytest.approx(float((scores.argmax(1) == labels).double().mean()))
     assert metrics["loss"] == pytest.approx(float(F.cross_entropy(scores, labels)), rel=1e-5)
+
+
+def test_multitask_run_scores_each_tasks_options(tiny_model_dir, sst2_dir, tmp_path):
+    out = tmp_path / "multi"
+    args = fewshot_args(tiny_model_dir, sst2_dir, out, "--task", "sst-2+mmlu-topics-2",
+                        "--scoring", "options", "--batch_size", "8", "--micro_batch_size", "4",
+                        "--max_steps", "1", "--eval_points", "1")  # fmt: skip
+    finetune.main(args)
+    result = json.loads((out / "result.json").read_text())
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tasks = {}
+    for name in ("SST-2", "mmlu-topics-2"):
+        splits = load_task(name, sst2_dir, k=8, seed=42)
+        encode = dict(task=splits.task, tokenizer=tokenizer, kind="causal", scoring="options")
+        tasks[name] = (
+            option_ids(splits.task, tokenizer),
+            encode_examples(splits.train, **encode),
+            encode_examples(splits.dev, **encode),
+        )
+    train = [(ex, options) for options, examples, _ in tasks.values() for ex in examples]
+
+    # step 1's loss: the mean of per-example CEs, each over its own task's options
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plan = finetune.BatchPlan(len(train), 8, 4, 1, 0, 42)
+    first = [train[i] for i in plan.global_indices(0)]
+    assert len({str(options) for _, options in first}) == 2  # the batch mixes the tasks
+    expected = torch.stack([
+        F.cross_entropy(loop_scores(base, [ex], options), torch.tensor([ex["label"]]))
+        for ex, options in first
+    ]).mean()  # fmt: skip
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
+    assert losses[1] == pytest.approx(float(expected), rel=1e-5)
+
+    final_model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    for name, (options, _, dev) in tasks.items():
+        scores = loop_scores(final_model, dev, options)
+        labels = torch.tensor([ex["label"] for ex in dev])
+        metrics = result["metrics"]["final"][name]
+        assert metrics["loss"] == pytest.approx(float(F.cross_entropy(scores, labels)), rel=1e-5)
