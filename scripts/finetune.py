@@ -18,6 +18,9 @@ split (``shots`` per label, ``data_seed``) with cross-entropy over the label-wor
 mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
 and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
 upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
+``--scoring options`` (causal LMs) scores each class by its whole option instead, the summed
+log-probabilities of the tokens of ``" " + word`` after the prompt (C rows per example), so
+label words may be several tokens and options sharing a first token stay apart (graft.md §9).
 ``--head linear`` is the no-prompt variant: a new linear head on the first token (masked LMs) or
 the last (causal LMs), optionally started from logistic regression on the pretrained features
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
