@@ -22,7 +22,12 @@ from adaptlab.models import load_tokenizer
 from adaptlab.models.tiny import tiny_llama, tiny_tokenizer
 from adaptlab.training.fewshot import collate_options, prepare_fewshot, scoring_parts
 from adaptlab.training.loop import read_metrics
-from adaptlab.training.objectives import OBJECTIVES, label_words_objective, options_objective
+from adaptlab.training.objectives import (
+    OBJECTIVES,
+    label_words_objective,
+    option_log_probs,
+    options_objective,
+)
 from tests.conftest import load_script
 from tests.test_fewshot_finetune import fewshot_args
 
@@ -77,6 +82,11 @@ def test_option_scores_equal_a_loop_of_full_forward_passes(model, tokenizer, sst
     ce = F.cross_entropy(expected, labels, reduction="none")
     torch.testing.assert_close(out.per_example, ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ce.mean(), rtol=1e-5, atol=1e-5)
+    # models without logits_to_keep: the same scores from the logits at every position
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = option_log_probs(logits, batch["option_labels"]).view(len(examples), -1)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
     # the first tokens alone would score both classes alike
     assert not torch.allclose(out.scores[:, 0], out.scores[:, 1])
 
