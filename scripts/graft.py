@@ -58,7 +58,7 @@ import torch
 from accelerate import Accelerator
 
 from adaptlab.config import parse_config, to_dict
-from adaptlab.data import get_task
+from adaptlab.data import get_task, split_tasks
 from adaptlab.distributed import (
     DistInfo,
     all_gather_object,
@@ -185,7 +185,17 @@ def data_config(cfg: GraftConfig, run: dict | None, mask: dict | None) -> dict[s
         out[ours] = value
     if out["task"] is None:
         raise GraftError("No task is known: pass --task (and --task_dir), or graft a run folder.")
+    trained = split_tasks(run["task"]) if run is not None and run.get("task") else []
+    if len(trained) > 1 and cfg.task is None:
+        raise GraftError(
+            f"The run was fine-tuned on several tasks ({', '.join(trained)}); a graft is learned "
+            "per task: pass --task with one of them."
+        )
     out["task"] = get_task(out["task"]).name
+    if len(trained) > 1 and out["task"] not in trained:
+        raise GraftError(
+            f"--task {out['task']} is not one of the tasks the run trained ({', '.join(trained)})."
+        )
     return out
 
 

@@ -271,3 +271,64 @@ def test_two_fsdp_processes_run_the_recipe_like_one(graft_run, ft_run, tmp_path)
     with torch.no_grad():
         a, b = (AutoModelForMaskedLM.from_pretrained(d).eval() for d in (whole_export, export))
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_lora_run_grafts_its_merged_delta(tiny_model_dir, sst2_dir, tmp_path):
+    """E is the weights the adapter wraps; a graft of all of E with no mask steps is θ_ft."""
+    run = tmp_path / "lora"
+    finetune.main([
+        "--model", str(tiny_model_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(run), "--method", "lora",
+        "--target_modules", "[q_proj,v_proj]", "--lora_r", "4", "--lora_dropout", "0.0",
+        "--optimizer", "sgd", "--lr", "2.0", "--schedule", "constant", "--batch_size", "4",
+        "--micro_batch_size", "4", "--max_steps", "4", "--eval_points", "1",
+        "--checkpoints", "0", "--save_init", "false", "--report_to", "none",
+        "--progress", "false",
+    ])  # fmt: skip
+    out = tmp_path / "graft"
+    graft.main(graft_args(run, out, "--sparsity", "1.0", "--mask_steps", "0"))
+    result = json.loads((out / "result.json").read_text())
+    mask = load_mask(out / "mask")
+    assert mask.names and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in mask.names)
+    assert len(mask.names) == 2 * 2  # two layers
+    assert result["n_eligible"] == sum(torch.Size(s).numel() for s in mask.shapes.values())
+    assert result["splits"]["grafted"] == result["splits"]["finetuned"]
+    ft = json.loads((run / "result.json").read_text())
+    assert result["splits"]["finetuned"]["test"]["accuracy"] == pytest.approx(
+        ft["metrics"]["test_at_best"]["accuracy"]
+    )
+
+
+def test_host_resident_deltas_give_the_same_graft(graft_run, ft_run, tmp_path):
+    out = tmp_path / "host"
+    graft.main(graft_args(ft_run, out, "--deltas_on_device", "false"))
+    a = json.loads((graft_run[0] / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert a["history"] == b["history"] and a["splits"] == b["splits"]
+
+
+def test_multitask_run_grafts_one_task_at_a_time(tiny_bert_dir, tmp_path, capsys):
+    from tests.conftest import write_mrpc_kshot, write_sst2_kshot
+
+    data = write_mrpc_kshot(write_sst2_kshot(tmp_path / "data", k=8, seed=42), k=8, seed=42)
+    run = tmp_path / "mt"
+    finetune.main([
+        "--model", str(tiny_bert_dir), "--task", "sst-2+mrpc", "--task_dir", str(data),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(run), "--method", "full",
+        "--optimizer", "sgd", "--lr", "0.5", "--schedule", "constant", "--batch_size", "8",
+        "--micro_batch_size", "8", "--max_steps", "2", "--eval_points", "1",
+        "--checkpoints", "0", "--save_init", "false", "--report_to", "none",
+        "--progress", "false",
+    ])  # fmt: skip
+    for task in ("sst-2", "mrpc"):
+        graft.main(graft_args(run, tmp_path / task, "--task", task, "--mask_steps", "1"))
+        result = json.loads((tmp_path / task / "result.json").read_text())
+        assert result["data"]["task"] == task.upper()
+        assert load_mask(tmp_path / task / "mask").config["data"]["task"] == task.upper()
+    mrpc = json.loads((tmp_path / "mrpc" / "result.json").read_text())
+    assert "f1" in mrpc["splits"]["grafted"]["test"] and mrpc["metric"] == "f1"
+    for flags, message in (([], "pass --task with one of them"), (["--task", "cr"], "not one")):
+        with pytest.raises(SystemExit):
+            graft.main(graft_args(run, tmp_path / "bad", *flags))
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], errors

@@ -126,6 +126,11 @@ LAUNCHES = {
         "-m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml "
         "--num_processes 1 --main_process_port 29542 scripts/compute_kernel.py --config c.yaml",
     ),
+    "submit_graft": (
+        ["--finetuned", "runs/ft"],
+        "-m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml "
+        "--num_processes 1 --main_process_port 29542 scripts/graft.py --finetuned runs/ft",
+    ),
     "submit_finetune": (
         ["--config", "c.yaml", "--lr", "1e-4"],
         "-m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml "

@@ -13,6 +13,9 @@ A sparse mask γ over the parameters a fine-tuning run trained grafts θ_ft onto
 | artefact    | the mask folder (config + safetensors), content hashes                 |
 | tuner       | apply / merge / unmerge a saved mask, export the grafted model          |
 | analysis    | graft sizes, recovery, the asymmetric overlap of task masks            |
+| sharded     | the same under FSDP2: per-shard tensors, exact global top-k, gathering |
+| source      | where θ_ft comes from: a fine-tuning run, a model or adapter folder    |
+| config      | the typed config of ``scripts/graft.py``                               |
 """
 
 from adaptlab.graft.artefact import CONFIG_FILE, MASK_FILE, GraftMask, is_mask_folder, load_mask
