@@ -117,12 +117,11 @@ from adaptlab.telemetry import hardware, now, package_versions, peak_memory_mib
 from adaptlab.training.checkpoint import fingerprint
 from adaptlab.training.fewshot import (
     FewShotData,
-    collate_label_words,
     evaluate_classification,
     model_kind,
     prepare_fewshot,
+    scoring_parts,
 )
-from adaptlab.training.objectives import label_words_objective
 from adaptlab.training.parallel import full_state_dict, shard_fsdp
 
 RUN_FILE = "graft_run.json"
@@ -145,8 +144,9 @@ DATA_FIELDS = {  # graft config field -> fine-tuning run field
     "template": "template",
     "label_words": "label_words",
     "test_limit": "test_limit",
+    "scoring": "scoring",
 }
-DATA_DEFAULTS = {"shots": 16, "seed": 42, "kshot_mode": "k-shot"}
+DATA_DEFAULTS = {"shots": 16, "seed": 42, "kshot_mode": "k-shot", "scoring": "label_words"}
 
 
 @dataclass
@@ -308,7 +308,7 @@ def setup(cfg: GraftConfig) -> Job:
         )
     kind = model_kind(skeleton.config)
     fewshot = dict(tokenizer=tokenizer, kind=kind, template=data_cfg["template"],
-                   label_words=data_cfg["label_words"])  # fmt: skip
+                   label_words=data_cfg["label_words"], scoring=data_cfg["scoring"])  # fmt: skip
     data = prepare_fewshot(
         data_cfg["task"],
         data_dir=data_cfg["task_dir"],
@@ -463,22 +463,24 @@ def scorer(job: Job, splits: tuple[str, ...]):
 def batches_of(job: Job):
     """``step -> up to A batches`` of the training set, reshuffled every step (seeded)."""
     train, cfg, device = job.data.train, job.cfg, job.accelerator.device
-    pad, ids = job.tokenizer.pad_token_id, job.data.label_word_ids
+    pad, collate = job.tokenizer.pad_token_id, scoring_parts(job.data)[1]
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
         order = np.random.default_rng([cfg.mask_seed, step]).permutation(len(train))
         chunks = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         out = []
         for chunk in chunks[: cfg.accumulation]:
-            batch = collate_label_words([train[i] for i in chunk], pad, ids)
+            batch = collate([train[i] for i in chunk], pad)
             out.append({key: value.to(device) for key, value in batch.items()})
         return out
 
     return batches
 
 
-def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return label_words_objective(model, batch).loss
+def loss_of(job: Job):
+    """The task loss of a batch: CE over the label-word logits or the full options' scores."""
+    objective = scoring_parts(job.data)[0]
+    return lambda model, batch: objective(model, batch).loss
 
 
 def metric_of(job: Job) -> str:
@@ -586,7 +588,7 @@ def learn(job: Job, engine: Engine) -> MaskHistory:
             save_resume(job, engine, history)
 
     history = resumed_history(job, engine)
-    return learn_mask(engine.model, engine.tensors, settings, batches_of(job), loss_of, score,
+    return learn_mask(engine.model, engine.tensors, settings, batches_of(job), loss_of(job), score,
                       history=history, on_step=on_step, progress=cfg.progress)  # fmt: skip
 
 

@@ -332,3 +332,28 @@ def test_multitask_run_grafts_one_task_at_a_time(tiny_bert_dir, tmp_path, capsys
             graft.main(graft_args(run, tmp_path / "bad", *flags))
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_option_scored_run_grafts_with_full_options(tiny_model_dir, sst2_dir, tmp_path):
+    """Options sharing their first token (upstream's TREC collision) score in full."""
+    run = tmp_path / "ft"
+    words = '{"0": "a description", "1": "an entity"}'
+    finetune.main([
+        "--model", str(tiny_model_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
+        "--shots", "8", "--data_seed", "42", "--output_dir", str(run), "--method", "full",
+        "--scoring", "options", "--label_words", words, "--optimizer", "sgd", "--lr", "0.5",
+        "--schedule", "constant", "--batch_size", "4", "--micro_batch_size", "4",
+        "--max_steps", "2", "--eval_points", "1", "--checkpoints", "0", "--save_init", "false",
+        "--report_to", "none", "--progress", "false", "--fix_embeddings", "true",
+    ])  # fmt: skip
+    out = tmp_path / "graft"
+    graft.main(graft_args(run, out, "--mask_steps", "1"))
+    result = json.loads((out / "result.json").read_text())
+    ft = json.loads((run / "result.json").read_text())
+    assert result["data"]["scoring"] == "options"
+    assert result["splits"]["finetuned"]["test"]["accuracy"] == pytest.approx(
+        ft["metrics"]["test_at_best"]["accuracy"]
+    )
+    assert result["splits"]["finetuned"]["test"]["loss"] == pytest.approx(
+        ft["metrics"]["test_at_best"]["loss"], rel=1e-5
+    )

@@ -40,6 +40,9 @@ class GraftConfig:
         template: prompt template; None: the run's (or the task's).
         label_words: label -> word (each one token); None: the run's (or the task's).
         test_limit: evaluate at most this many test examples; None: the run's.
+        scoring: ``label_words`` (one-token words at the mask / last prompt token) or
+            ``options`` (causal LMs: the log-probability of each class's full option); None:
+            the run's.
         ood_tasks: further tasks whose test splits are evaluated too (distribution shift); they
             must have the same labels as ``task``.
         fix_head: eligible-set override for a plain model folder (a run's own flags otherwise):
@@ -86,6 +89,7 @@ class GraftConfig:
     template: str | None = None
     label_words: dict[str, str] | None = None
     test_limit: int | None = None
+    scoring: Literal["label_words", "options"] | None = None
     ood_tasks: list[str] = field(default_factory=list)
     fix_head: bool | None = None
     fix_embeddings: bool | None = None
