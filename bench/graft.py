@@ -35,7 +35,8 @@ A JSON record goes to bench/results/graft_<device>.json (graft_smollm2_<device>.
 embedded SmolLM2).
 
     python bench/graft.py --threads 1                        # random 4-layer Llama, CPU, ~1.5 min
-    python bench/graft.py --model embedded:smollm2-135m      # the embedded SmolLM2, float32
+    python bench/graft.py --model embedded:smollm2-135m --batch_size 2 --seq_len 32 \
+        --accumulation 2 --repeats 3 --threads 1            # the embedded SmolLM2, CPU, ~1 min
     python bench/graft.py --device cuda --accumulation 16    # on a GPU
 """
 
