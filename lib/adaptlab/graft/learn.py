@@ -85,17 +85,17 @@ def binary_masks(tensors: GraftTensors, beta: float) -> list[Tensor]:
     return [binary(b, s, beta) for b, s in zip(tensors.base, tensors.scores, strict=True)]
 
 
-def mask_gradient(
+def accumulate_gradients(
     model: nn.Module, tensors: GraftTensors, batches: Sequence[Mapping[str, Tensor]], loss: LossFn
-) -> tuple[list[Tensor], float]:
-    """(1/n) Σ_t ∂L_t/∂θ ⊙ Δ per eligible tensor at the model's current weights.
+) -> float:
+    """Σ_t ∂L_t/∂θ into the eligible parameters' ``.grad`` at the model's current weights.
 
     Sharded (FSDP2), every rank is given the same n batches and runs its share of them
     (:func:`~adaptlab.graft.sharded.split_batches`); FSDP2 averages the gradients over the W
-    ranks, so the local shard of ``.grad`` holds (1/W) Σ_t ∂L_t/∂θ and is scaled by W/n.
+    ranks, so the local shard of ``.grad`` holds (1/W) Σ_t ∂L_t/∂θ.
 
     Returns:
-        ``([T] tensors shaped like the local shards, mean loss of the n batches)``.
+        The mean loss of the n batches (over every rank).
     """
     for p in tensors.params:
         p.grad = None
@@ -104,15 +104,32 @@ def mask_gradient(
         value = loss(model, batch)
         (value if weight == 1.0 else value * weight).backward()
         total += weight * float(value.detach())
-    n = max(len(batches), 1)
-    total = all_sum(total, tensors)
+    return all_sum(total, tensors) / max(len(batches), 1)
+
+
+def mask_gradient(
+    model: nn.Module, tensors: GraftTensors, batches: Sequence[Mapping[str, Tensor]], loss: LossFn
+) -> tuple[list[Tensor], float]:
+    """(1/n) Σ_t ∂L_t/∂θ ⊙ Δ per eligible tensor at the model's current weights.
+
+    Returns:
+        ``([T] tensors shaped like the local shards, mean loss of the n batches)``.
+    """
+    mean_loss = accumulate_gradients(model, tensors, batches, loss)
+    scale = tensors.world / max(len(batches), 1)
     grads = []
     for i, p in enumerate(tensors.params):
-        g = local(p.grad) if p.grad is not None else torch.zeros_like(tensors.pre[i])
-        delta = tensors.delta(i)
-        grads.append(g.to(delta.dtype) * delta * tensors.world / n)
+        grads.append(_grad_times_delta(tensors, i, p, scale))
         p.grad = None
-    return grads, total / n
+    return grads, mean_loss
+
+
+def _grad_times_delta(tensors: GraftTensors, i: int, p: Tensor, scale: float) -> Tensor:
+    """scale · ∂L/∂θ_i ⊙ Δ_i, computed into the fresh Δ_i (no other temporary)."""
+    delta = tensors.delta(i)
+    if p.grad is None:
+        return torch.zeros_like(delta)
+    return delta.mul_(local(p.grad)).mul_(scale)
 
 
 def mask_step(
@@ -122,10 +139,18 @@ def mask_step(
     loss: LossFn,
     settings: MaskSettings,
 ) -> float:
-    """One §5 update of S in place; θ is left at θ_pre. Returns the mean training loss at θ(γ)."""
-    tensors.set_fractional(gammas(tensors, settings.beta))
-    grads, mean_loss = mask_gradient(model, tensors, batches, loss)
-    for i, g in enumerate(grads):
+    """One §5 update of S in place; θ is left at θ_pre. Returns the mean training loss at θ(γ).
+
+    Tensor by tensor: θ(γ) is written without a list of every γ, and each S is updated from
+    its gradient as soon as it is read, so no second copy of all gradients exists.
+    """
+    for i, (b, s) in enumerate(zip(tensors.base, tensors.scores, strict=True)):
+        tensors.set_tensor(i, gamma(b, s, settings.beta))
+    mean_loss = accumulate_gradients(model, tensors, batches, loss)
+    scale = tensors.world / max(len(batches), 1)
+    for i, p in enumerate(tensors.params):
+        g = _grad_times_delta(tensors, i, p, scale)
+        p.grad = None
         scores = tensors.scores[i]  # host-resident S is updated where it lives
         update_scores(scores, tensors.base[i], g.to(scores.device), settings.beta, settings.lr)
     tensors.reset()

@@ -95,16 +95,20 @@ class GraftTensors:
     @torch.no_grad()
     def set_fractional(self, gammas: Sequence[Tensor | float]) -> None:
         """θ ← θ_pre + γ ⊙ Δ on every eligible tensor (γ a tensor per parameter or a scalar)."""
-        for i, p in enumerate(self.params):
-            pre, ft = self._dev(self.pre[i]), self._dev(self.ft[i])
-            gamma = gammas[i]
-            if isinstance(gamma, Tensor):
-                gamma = self._dev(gamma)
-                work = torch.promote_types(pre.dtype, gamma.dtype)
-                value = torch.lerp(pre.to(work), ft.to(work), gamma.to(work))
-            else:
-                value = torch.lerp(pre, ft, float(gamma))
-            local(p).copy_(value)
+        for i in range(len(self.params)):
+            self.set_tensor(i, gammas[i])
+
+    @torch.no_grad()
+    def set_tensor(self, i: int, gamma: Tensor | float) -> None:
+        """θ_i ← θ_pre,i + γ ⊙ Δ_i for one eligible tensor (``torch.lerp``: exact at 0 and 1)."""
+        pre, ft = self._dev(self.pre[i]), self._dev(self.ft[i])
+        if isinstance(gamma, Tensor):
+            gamma = self._dev(gamma)
+            work = torch.promote_types(pre.dtype, gamma.dtype)
+            value = torch.lerp(pre.to(work), ft.to(work), gamma.to(work))
+        else:
+            value = torch.lerp(pre, ft, float(gamma))
+        local(self.params[i]).copy_(value)
 
     @torch.no_grad()
     def set_binary(self, masks: Sequence[Tensor]) -> None:
