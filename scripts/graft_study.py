@@ -89,7 +89,7 @@ def recipe(name: str):
 class Study:
     cfg: GraftStudyConfig
     out: Path
-    graft_preset: GraftConfig  # the preset's values (its mask steps, its OOD tasks)
+    ood_tasks: list[str]  # the OOD test sets of grafts of cfg.task
     lock: RunLock | None
 
 
@@ -120,7 +120,8 @@ def setup(cfg: GraftStudyConfig) -> Study:
             f"{'+'.join(cfg.overlap_tasks)}; use multitask=separate (one run per task)."
         )
     lock = lock_output(out, "graft study")
-    return Study(cfg, out, graft_cfg, lock)
+    ood = graft_cfg.ood_tasks if cfg.ood_tasks is None else cfg.ood_tasks
+    return Study(cfg, out, ood, lock)
 
 
 def finetune(study: Study, task: str, name: str, model: str | None = None) -> Path:
@@ -138,19 +139,26 @@ def finetune(study: Study, task: str, name: str, model: str | None = None) -> Pa
     return out
 
 
-def graft(study: Study, run: Path, kind: str, sparsity: float, *, task: str | None = None,
-          ood_tasks: list[str] | None = None) -> Path:  # fmt: skip
-    """A graft ``graft/<run>/[<task>-]<kind>-<sparsity>`` of a fine-tuning run (reused)."""
+def graft(study: Study, run: Path, task: str, kind: str, sparsity: float,
+          joint: bool = False) -> Path:  # fmt: skip
+    """A graft ``graft/<run>/[<task>-]<kind>-<sparsity>`` of a fine-tuning run (reused).
+
+    Every graft of ``task`` gets the study's OOD tasks, so the sweep, overlap and continual
+    experiments share one graft per (run, kind, sparsity). ``joint``: the run was fine-tuned
+    on several tasks; the mask is learned and evaluated on ``task``.
+    """
     cfg = study.cfg
-    out = study.out / "graft" / run.name / f"{task + '-' if task else ''}{kind}-{sparsity:g}"
+    name = f"{task + '-' if joint else ''}{kind}-{sparsity:g}"
+    out = study.out / "graft" / run.name / name
+    ood = study.ood_tasks if task == cfg.task else []
     args = ["--config", cfg.graft_preset, "--finetuned", str(run), "--output_dir", str(out),
-            "--sparsity", str(sparsity), "--ood_tasks", "[" + ",".join(ood_tasks or []) + "]",
+            "--sparsity", str(sparsity), "--ood_tasks", "[" + ",".join(ood) + "]",
             "--progress", str(cfg.progress).lower()]  # fmt: skip
     if kind == "top_delta":
         args += ["--mask_steps", "0"]
-    if task is not None:
+    if joint:
         args += ["--task", task]
-    print(f"\n== {kind} graft of {run.name} at sparsity {sparsity:g} -> {out}", flush=True)
+    print(f"\n== {kind} graft of {run.name} on {task}, sparsity {sparsity:g} -> {out}", flush=True)
     recipe("graft").main(args)
     return out
 
@@ -198,11 +206,10 @@ def sweep(study: Study) -> dict[str, Any]:
     """Learned and top-|Δ| grafts of one run at every sparsity; the reference one copied up."""
     cfg = study.cfg
     run = finetune(study, cfg.task, cfg.task)
-    ood = study.graft_preset.ood_tasks if cfg.ood_tasks is None else cfg.ood_tasks
     records = []
     for sparsity in cfg.sparsities:
         for kind in ("learned", "top_delta"):
-            folder = graft(study, run, kind, sparsity, ood_tasks=ood)
+            folder = graft(study, run, cfg.task, kind, sparsity)
             records.append(sweep_record(study, kind, sparsity, folder))
     write_json(study.out / "sweep.json", records)
     reference = study.out / next(
@@ -230,11 +237,11 @@ def overlap(study: Study) -> dict[str, Any]:
     joint = joint_task(tasks) if cfg.multitask != "separate" else None
     if joint is not None:
         run = finetune(study, joint, joint)
-        folders = {task: graft(study, run, "learned", s, task=task) for task in tasks}
+        folders = {task: graft(study, run, task, "learned", s, joint=True) for task in tasks}
         runs = {task: run for task in tasks}
     else:
         runs = {task: finetune(study, task, task) for task in tasks}
-        folders = {task: graft(study, runs[task], "learned", s) for task in tasks}
+        folders = {task: graft(study, runs[task], task, "learned", s) for task in tasks}
     masks = {task: load_mask(folder / "mask").index for task, folder in folders.items()}
     record = overlap_json(mask_overlap(masks))
     record.update(
@@ -262,7 +269,7 @@ def continual(study: Study) -> dict[str, Any]:
     run_a = finetune(study, a, a)
     weights_a = resolve_finetuned(run_a).weights
     run_ab = finetune(study, b, f"{a}-then-{b}", model=str(weights_a))
-    graft_a = graft(study, run_a, "learned", cfg.reference_sparsity)
+    graft_a = graft(study, run_a, a, "learned", cfg.reference_sparsity)
     source_ab, mask = resolve_finetuned(run_ab), load_mask(graft_a / "mask")
     base = resolve_model(resolve_finetuned(run_a).base_model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from safetensors.torch import load_file
 
 from adaptlab.graft import load_mask
 from adaptlab.graft.analysis import mask_overlap
-from tests.conftest import _WORDS, load_script
+from tests.conftest import _WORDS, ROOT, load_script
 
 study = load_script("graft_study")
 
@@ -70,7 +73,7 @@ def study_dir(tiny_bert_dir, sst2_dir, tmp_path_factory):
         "--model", str(tiny_bert_dir), "--task", "sst-2", "--task_dir", str(sst2_dir),
         "--finetune_preset", str(presets / "finetune.yaml"),
         "--graft_preset", str(presets / "graft.yaml"),
-        "--sparsities", "[0.05,0.01]", "--overlap_tasks", "[sst-2,cr]",
+        "--sparsities", "[0.05,0.01]", "--ood_tasks", "[cr]", "--overlap_tasks", "[sst-2,cr]",
         "--continual_tasks", "[sst-2,cr]", "--output_dir", str(out),
     ]  # fmt: skip
     study.main(argv)
@@ -100,6 +103,9 @@ def test_sweep_records_are_the_graft_runs_results(study_dir):
         assert (r["accuracy"], r["ece"]) == (test["grafted"]["accuracy"], test["grafted"]["ece"])
         assert r["base"]["accuracy"] == test["base"]["accuracy"]
         assert r["finetuned"]["ece"] == test["finetuned"]["ece"]
+        ood = {m: result["splits"][m]["ood:cr"] for m in ("base", "finetuned", "grafted")}
+        assert r["ood"]["cr"]["grafted"]["accuracy"] == ood["grafted"]["accuracy"]
+        assert r["ood"]["cr"]["base"]["ece"] == ood["base"]["ece"]
         gain = test["finetuned"]["accuracy"] - test["base"]["accuracy"]
         expected = (test["grafted"]["accuracy"] - test["base"]["accuracy"]) / gain if gain else None
         assert r["recovery"]["gain"] == pytest.approx(expected)
@@ -107,7 +113,7 @@ def test_sweep_records_are_the_graft_runs_results(study_dir):
             test["grafted"]["accuracy"] / test["finetuned"]["accuracy"]
         )
     # the reference (middle) sparsity's learned graft is the study's result.json
-    reference = out / "graft" / "sst-2" / "learned-0.05"
+    reference = out / "graft" / "SST-2" / "learned-0.05"
     assert read(out / "result.json") == read(reference / "result.json")
     for name in ("accuracy_vs_size.png", "reliability.png", "overlap.png"):
         assert (out / name).stat().st_size > 0
@@ -117,8 +123,8 @@ def test_overlap_is_set_arithmetic_on_the_saved_masks(study_dir):
     out, _ = study_dir
     record = read(out / "overlap.json")
     assert record["setting"] == "separate"  # finetune.py has no joint task on this branch
-    assert record["tasks"] == ["sst-2", "cr"]
-    assert record["runs"] == {"sst-2": "finetune/sst-2", "cr": "finetune/cr"}
+    assert record["tasks"] == ["SST-2", "cr"]
+    assert record["runs"] == {"SST-2": "finetune/SST-2", "cr": "finetune/cr"}
     sets = {}
     for task in record["tasks"]:
         mask = load_mask(out / record["masks"][task])
@@ -129,7 +135,7 @@ def test_overlap_is_set_arithmetic_on_the_saved_masks(study_dir):
             assert record["overlap"][i][j] == pytest.approx(expected)
         assert record["sizes"][gi] == len(sets[gi])
     # the sweep's reference graft is reused: one mask per (run, kind, sparsity)
-    assert record["masks"]["sst-2"] == "graft/sst-2/learned-0.05/mask"
+    assert record["masks"]["SST-2"] == "graft/SST-2/learned-0.05/mask"
     masks = {t: load_mask(out / record["masks"][t]).index for t in record["tasks"]}
     assert mask_overlap(masks)["overlap"] == record["overlap"]
 
@@ -137,11 +143,11 @@ def test_overlap_is_set_arithmetic_on_the_saved_masks(study_dir):
 def test_continual_restores_exactly_a_graft_of_theta_a(study_dir, tiny_bert_dir):
     out, _ = study_dir
     record = read(out / "continual.json")
-    assert record["tasks"] == {"A": "sst-2", "B": "cr"}
-    ab = read(out / "finetune" / "sst-2-then-cr" / "result.json")
-    assert ab["config"]["model"] == str(out / "finetune" / "sst-2" / "best")
-    theta_a = load_file(out / "finetune" / "sst-2" / "best" / "model.safetensors")
-    theta_ab = load_file(out / "finetune" / "sst-2-then-cr" / "best" / "model.safetensors")
+    assert record["tasks"] == {"A": "SST-2", "B": "cr"}
+    ab = read(out / "finetune" / "SST-2-then-cr" / "result.json")
+    assert ab["config"]["model"] == str(out / "finetune" / "SST-2" / "best")
+    theta_a = load_file(out / "finetune" / "SST-2" / "best" / "model.safetensors")
+    theta_ab = load_file(out / "finetune" / "SST-2-then-cr" / "best" / "model.safetensors")
     restored = load_file(out / "continual" / "restored" / "model.safetensors")
     mask = load_mask(out / record["runs"]["graft_A"] / "mask")
     assert set(restored) == set(theta_ab)
@@ -161,19 +167,19 @@ def test_continual_restores_exactly_a_graft_of_theta_a(study_dir, tiny_bert_dir)
     models = record["models"]
     # θ_A and g_A alone on A are what the fine-tuning and graft runs measured
     graft_a = read(out / record["runs"]["graft_A"] / "result.json")["splits"]
-    assert models["A"]["sst-2"]["accuracy"] == pytest.approx(
+    assert models["A"]["SST-2"]["accuracy"] == pytest.approx(
         graft_a["finetuned"]["test"]["accuracy"]
     )
-    assert models["pre+g_A"]["sst-2"]["accuracy"] == pytest.approx(
+    assert models["pre+g_A"]["SST-2"]["accuracy"] == pytest.approx(
         graft_a["grafted"]["test"]["accuracy"]
     )
-    assert models["pre"]["sst-2"]["accuracy"] == pytest.approx(graft_a["base"]["test"]["accuracy"])
+    assert models["pre"]["SST-2"]["accuracy"] == pytest.approx(graft_a["base"]["test"]["accuracy"])
     acc = {m: {t: v["accuracy"] for t, v in s.items()} for m, s in models.items()}
-    assert record["forgetting_A"] == acc["A"]["sst-2"] - acc["AB"]["sst-2"]
+    assert record["forgetting_A"] == acc["A"]["SST-2"] - acc["AB"]["SST-2"]
     assert record["restored_cost_B"] == acc["AB"]["cr"] - acc["AB+g_A"]["cr"]
     report = (out / "report.md").read_text()
-    assert "## Continual fine-tuning sst-2 → cr" in report
-    assert f"| θ_AB | {acc['AB']['sst-2']:.3f} |" in report
+    assert "## Continual fine-tuning SST-2 → cr" in report
+    assert f"| θ_AB | {acc['AB']['SST-2']:.3f} |" in report
     assert "## Mask overlap |g_i ∩ g_j| / |g_j| (separate fine-tuning, sparsity 0.05)" in report
     assert "| learned | 0.01 |" in report and "| top_delta | 0.05 |" in report
 
@@ -196,3 +202,17 @@ def test_joint_setting_without_a_joint_recipe_fails_in_one_line(study_dir, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert exit_info.value.code == 2
     assert len(errors) == 1 and "multitask=separate" in errors[0], errors
+
+
+def test_plot_graft_notebook_reads_the_study_folder(study_dir, tmp_path):
+    out, _ = study_dir
+    env = {**os.environ, "MPLBACKEND": "Agg", "ADAPTLAB_GRAFT": str(out),
+           "ADAPTLAB_FIGURES": str(tmp_path)}  # fmt: skip
+    run = subprocess.run([sys.executable, str(ROOT / "notebook" / "plot_graft.py")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    continual = read(out / "continual.json")
+    ab = continual["models"]["AB"]
+    assert f"AB       {ab['SST-2']['accuracy']:>12.4f} {ab['cr']['accuracy']:>12.4f}" in run.stdout
+    for figure in ("accuracy_vs_size", "reliability", "overlap"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 0

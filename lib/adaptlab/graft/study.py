@@ -47,8 +47,8 @@ class GraftStudyConfig:
         reference_sparsity: the sparsity of the overlap and continual masks and of the
             study's ``result.json`` / ``reliability.json`` (None: the middle of
             ``sparsities``).
-        ood_tasks: tasks whose test splits the sweep's grafts are also evaluated on (same
-            labels as ``task``; None: the graft preset's). The other experiments use none.
+        ood_tasks: tasks whose test splits every graft of ``task`` is also evaluated on (same
+            labels as ``task``; None: the graft preset's); grafts of other tasks use none.
         overlap_tasks: the tasks of the overlap experiment (two or more).
         multitask: how the overlap masks are made: ``joint`` (one run fine-tuned on all tasks
             at once, ``--task a+b``, as in the paper; the tasks need the same number of
@@ -81,6 +81,13 @@ class GraftStudyConfig:
     output_dir: str = "results/graft_study"
 
     def __post_init__(self) -> None:
+        from adaptlab.data import get_task  # unknown tasks fail here, named as registered
+
+        self.task = get_task(self.task).name
+        self.overlap_tasks = [get_task(t).name for t in self.overlap_tasks]
+        self.continual_tasks = [get_task(t).name for t in self.continual_tasks]
+        if self.ood_tasks is not None:
+            self.ood_tasks = [get_task(t).name for t in self.ood_tasks]
         self.sparsities = sorted(float(s) for s in self.sparsities)
         checks = [
             (bool(self.experiments), f"experiments is empty; pick from {list(EXPERIMENTS)}."),
