@@ -87,6 +87,8 @@ def recipe(name: str):
 
 @dataclass
 class Study:
+    """The validated config, the locked study folder and what the presets resolve to."""
+
     cfg: GraftStudyConfig
     out: Path
     ood_tasks: list[str]  # the OOD test sets of grafts of cfg.task

@@ -194,14 +194,29 @@ def test_a_finished_study_reuses_its_runs(study_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("graft/*/*/result.json")} == before
 
 
-def test_joint_setting_without_a_joint_recipe_fails_in_one_line(study_dir, tmp_path, capsys):
+BAD = {
+    "joint without a joint recipe": (["--multitask", "joint"], "use multitask=separate"),
+    "unknown task": (["--task", "sst2"], "sst2"),
+    "reference not swept": (["--reference_sparsity", "0.02"], "is not one of sparsities"),
+    "one overlap task": (["--overlap_tasks", "[cr]"], "two or more different tasks"),
+    "continual task twice": (["--continual_tasks", "[cr,cr]"], "two different tasks"),
+    "graft preset that learns nothing": (["--graft_preset", "{no_steps}"], "mask_steps=0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_study_input_fails_in_one_line(case, study_dir, tmp_path, capsys):
     _, argv = study_dir
-    bad = [*argv[:-1], str(tmp_path / "joint"), "--multitask", "joint"]
+    flags, message = BAD[case]
+    (tmp_path / "no_steps.yaml").write_text("mask_steps: 0\n")
+    flags = [f.format(no_steps=tmp_path / "no_steps.yaml") for f in flags]
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        study.main(bad)
+        study.main([*argv[:-1], str(out), *flags])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert exit_info.value.code == 2
-    assert len(errors) == 1 and "multitask=separate" in errors[0], errors
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
 
 
 def test_plot_graft_notebook_reads_the_study_folder(study_dir, tmp_path):
