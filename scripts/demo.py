@@ -24,7 +24,8 @@
 7. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
 Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 21 minutes plus the
-grafting stage; a rerun reuses finished extractions and runs.
+grafting stage (measured alone on busy cores: 21 minutes, most of it the fine-tuning); a rerun
+reuses finished extractions and runs.
 
 Launch:
     make demo
