@@ -25,9 +25,12 @@
 #   "accuracy"}]` (accuracy vs graft size);
 # - `reliability.json` (optional): `{model: {"probs": [[...]], "labels": [...]}}` (reliability
 #   diagrams);
-# - `overlap.json` (optional): what `adaptlab.graft.analysis.mask_overlap` returns (heat map).
+# - `overlap.json` (optional): what `adaptlab.graft.analysis.mask_overlap` returns (heat map);
+# - `continual.json` (optional): accuracy on tasks A and B of θ_pre, θ_A, θ_AB, θ_AB with A's
+#   graft restored and A's graft alone (a table).
 #
-# A figure whose input is absent is skipped. Headless: `ADAPTLAB_GRAFT=results/graft python
+# `scripts/graft_study.py` writes all five into its output folder. A figure whose input is
+# absent is skipped. Headless: `ADAPTLAB_GRAFT=results/graft python
 # notebook/plot_graft.py` (figures go to `<folder>/figures`, or `ADAPTLAB_FIGURES`).
 
 # %%
@@ -78,3 +81,18 @@ if (RESULTS / "overlap.json").exists():
     print(f"saved {plot_overlap_heatmap(overlap, OUT / 'overlap.png')}")
 else:
     print("no overlap.json: overlap heat map skipped")
+
+# %%
+if (RESULTS / "continual.json").exists():
+    continual = json.loads((RESULTS / "continual.json").read_text())
+    a, b = continual["tasks"]["A"], continual["tasks"]["B"]
+    print(f"{'model':<8} {a + ' acc':>12} {b + ' acc':>12}")
+    for model, scores in continual["models"].items():
+        print(f"{model:<8} {scores[a]['accuracy']:>12.4f} {scores[b]['accuracy']:>12.4f}")
+    gain, cost = continual["restored_gain_A"], continual["restored_cost_B"]
+    print(
+        f"forgetting of {a}: {continual['forgetting_A']:.3f}; restoring A's graft gains "
+        f"{gain:.3f} on {a}, costs {cost:.3f} on {b}"
+    )
+else:
+    print("no continual.json: continual-learning table skipped")

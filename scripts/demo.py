@@ -17,10 +17,15 @@
    (scripts/finetune.py) and compares their test accuracy (kernel_vs_ft/comparison.json,
    notebook/plot_kernel.py): the kernel paper's claim that the kernel tracks fine-tuning on
    sentiment, on real data;
-6. writes a one-page report, results/demo/report.md, with a table per run and the figures.
+6. grafts (Panigrahi et al. 2023) with scripts/graft_study.py: full SGD fine-tuning of
+   SmolLM2's blocks (head and embeddings frozen) on tweet-sentiment, then learned and
+   top-|Δ| grafts at sparsities 1e-5, 1e-4 and 1e-3: test accuracy, ECE, recovery and
+   reliability diagrams (graft/sweep.json, graft/report.md);
+7. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 21 minutes; a
-rerun reuses finished extractions.
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 21 minutes plus the
+grafting stage (measured alone on busy cores: 21 minutes, most of it the fine-tuning); a rerun
+reuses finished extractions and runs.
 
 Launch:
     make demo
@@ -46,7 +51,7 @@ from adaptlab.io import read_json, write_json
 from adaptlab.ntk.compare import compare_kernel_finetune
 from adaptlab.ntk.config import KernelConfig
 from adaptlab.plotting.landscape import draw_shot_controls
-from adaptlab.plotting.report import write_report
+from adaptlab.plotting.report import graft_study_section, write_report
 from adaptlab.rundir import lock_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,11 +205,30 @@ def kernel_vs_finetune(cfg: DemoConfig) -> tuple[Path, str]:
     return out, note
 
 
+def graft_study(cfg: DemoConfig) -> tuple[str, list[Path]]:
+    """The grafting sweep on the demo's model; its tables and figures for the report."""
+    out = Path(cfg.output_dir) / "graft"
+    print(f"\n== grafting study -> {out}", flush=True)
+    run_script("graft_study.py", "--config", cfg.graft_study_preset, "--model", cfg.model,
+               "--output_dir", str(out))  # fmt: skip
+    summary = read_json(out / "summary.json")
+    figures = [out / name for name in ("accuracy_vs_size.png", "reliability.png", "overlap.png")]
+    note = (
+        "Grafting (skill localization, Panigrahi et al. 2023; graft/summary.json, "
+        "graft/sweep.json):\n\n" + graft_study_section(summary, heading="###")
+    )
+    return note, [f for f in figures if f.is_file()]
+
+
 def write_demo_report(
-    cfg: DemoConfig, runs: dict[str, Path], analysis: Path, extra_notes: list[str] | None = None
+    cfg: DemoConfig,
+    runs: dict[str, Path],
+    analysis: Path,
+    extra_notes: list[str] | None = None,
+    extra_figures: list[Path] | None = None,
 ) -> Path:
     manifest = read_json(analysis / "analysis_manifest.json")
-    figures = sorted((analysis / "figures").glob("*.png"))
+    figures = sorted((analysis / "figures").glob("*.png")) + (extra_figures or [])
     path = write_report(
         Path(cfg.output_dir) / "report.md",
         [open_run(p) for p in runs.values()],
@@ -246,7 +270,11 @@ def run(cfg: DemoConfig) -> None:
     analysis = analyse(cfg, runs, checkpoints)
     notes = [shot_controls_note(analysis, [f"{k}shot", *controls])] if controls else []
     notes += [kernel_vs_finetune(cfg)[1]] if cfg.kernel_preset else []
-    write_demo_report(cfg, runs, analysis, notes)
+    figures = []
+    if cfg.graft_study_preset:
+        note, figures = graft_study(cfg)
+        notes.append(note)
+    write_demo_report(cfg, runs, analysis, notes, figures)
     lock.release()
 
 

@@ -36,7 +36,19 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
             "max_steps: 2\neval_points: 1\ncheckpoints: 0\nsave_init: false\n"
             "report_to: none\nprogress: false\n"
         ),
+        "graft_finetune": (
+            f"task: sst-2\ntask_dir: {sst2_dir}\nshots: 8\nmethod: full\nfix_head: true\n"
+            "fix_embeddings: true\noptimizer: sgd\nlr: 0.5\nschedule: constant\nbatch_size: 4\n"
+            "micro_batch_size: 4\nmax_steps: 4\neval_points: 1\ncheckpoints: 0\n"
+            "save_init: false\nsave_epochs: false\nreport_to: none\n"
+        ),
+        "graft": "mask_steps: 2\nbatch_size: 4\nlearning_rate: 1.0e9\n",
     }
+    presets["graft_study"] = (
+        f"experiments: [sweep]\ntask: sst-2\nsparsities: [0.01, 0.1]\n"
+        f"finetune_preset: {tmp_path / 'graft_finetune.yaml'}\n"
+        f"graft_preset: {tmp_path / 'graft.yaml'}\n"
+    )
     for name, text in presets.items():
         (tmp_path / f"{name}.yaml").write_text(text)
     out = tmp_path / "demo"
@@ -48,6 +60,7 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
         "--finetune_preset", str(tmp_path / "finetune.yaml"),
         "--kernel_preset", str(tmp_path / "kernel.yaml"),
         "--fewshot_preset", str(tmp_path / "fewshot.yaml"),
+        "--graft_study_preset", str(tmp_path / "graft_study.yaml"),
         "--output_dir", str(out),
     ])  # fmt: skip
     records = json.loads((out / "analysis" / "metrics.json").read_text())
@@ -75,3 +88,14 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
     assert comparison["seeds"] == [42] and comparison["finetune"]["mean"] == 100 * accuracy
     assert f"LoRA SGD fine-tuning reaches {100 * accuracy:.1f}% test accuracy" in report
     assert (out / "kernel_vs_ft" / "figures" / "kernel_vs_finetune.png").is_file()
+    sweep = json.loads((out / "graft" / "sweep.json").read_text())
+    assert [(r["kind"], r["sparsity"]) for r in sweep] == [
+        ("learned", 0.01), ("top_delta", 0.01), ("learned", 0.1), ("top_delta", 0.1)
+    ]  # fmt: skip
+    assert "### Graft size sweep (SST-2, test split)" in report
+    top = sweep[-1]
+    assert (
+        f"| top_delta | 0.1 | {top['n_grafted']:,} | {top['fraction_eligible']:.2e} "
+        f"| {top['accuracy']:.3f} | {top['ece']:.3f} |"
+    ) in report
+    assert "![accuracy_vs_size](graft/accuracy_vs_size.png)" in report

@@ -28,6 +28,8 @@ class DemoConfig:
             comparison (the eNTK on a few-shot task); None skips it.
         fewshot_preset: YAML preset of scripts/finetune.py for the few-shot fine-tuning the
             kernel is compared with (run once per seed of the kernel preset).
+        graft_study_preset: YAML preset of scripts/graft_study.py for the grafting stage (SGD
+            fine-tuning, then learned and top-|Δ| grafts at several sparsities); None skips it.
         output_dir: where each run's folder (``{k}shot``), ``analysis/`` and ``report.md`` go.
         batch_size: prompts per forward pass.
     """
@@ -51,6 +53,7 @@ class DemoConfig:
     finetune_preset: str | None = "scripts/configs/finetune_demo.yaml"
     kernel_preset: str | None = "scripts/configs/kernel_demo.yaml"
     fewshot_preset: str = "scripts/configs/finetune_fewshot_demo.yaml"
+    graft_study_preset: str | None = "scripts/configs/graft_study_demo.yaml"
     output_dir: str = "results/demo"
     batch_size: int = 8
 
@@ -66,6 +69,7 @@ class DemoConfig:
             "finetune_preset": self.finetune_preset,
             "kernel_preset": self.kernel_preset,
             "fewshot_preset": self.fewshot_preset if self.kernel_preset else None,
+            "graft_study_preset": self.graft_study_preset,
         }
         for name, preset in presets.items():
             if preset is not None and not Path(preset).is_file():
