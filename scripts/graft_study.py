@@ -59,7 +59,8 @@ from adaptlab.graft import export_model, load_mask, merge_graft
 from adaptlab.graft.analysis import mask_overlap, overlap_json, recovery
 from adaptlab.graft.config import GraftConfig
 from adaptlab.graft.continual import restore_graft, task_data, test_scores
-from adaptlab.graft.source import model_tensors, resolve_finetuned
+from adaptlab.graft.sharded import safetensors_rows
+from adaptlab.graft.source import resolve_finetuned, safetensors_files
 from adaptlab.graft.study import EXPERIMENTS, GraftStudyConfig
 from adaptlab.io import read_json, write_json
 from adaptlab.models import load_model, load_tokenizer, resolve_model
@@ -297,7 +298,8 @@ def continual(study: Study) -> dict[str, Any]:
     models["A"] = test(load(resolve_model(str(weights_a))))
     restored = load(resolve_model(str(source_ab.weights)))
     models["AB"] = test(restored)
-    donor = model_tensors(weights_a, mask.names, dict(restored.named_parameters()))
+    read, params = safetensors_rows(safetensors_files(weights_a)), dict(restored.named_parameters())
+    donor = {name: read(name).to(params[name].dtype) for name in mask.names}
     changed = restore_graft(restored, donor, mask)
     models["AB+g_A"] = test(restored)
     if cfg.save_restored:

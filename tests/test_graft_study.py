@@ -122,9 +122,11 @@ def test_sweep_records_are_the_graft_runs_results(study_dir):
 def test_overlap_is_set_arithmetic_on_the_saved_masks(study_dir):
     out, _ = study_dir
     record = read(out / "overlap.json")
-    assert record["setting"] == "separate"  # finetune.py has no joint task on this branch
+    assert record["setting"] == "multitask"  # one model fine-tuned on both tasks (the paper's)
     assert record["tasks"] == ["SST-2", "cr"]
-    assert record["runs"] == {"SST-2": "finetune/SST-2", "cr": "finetune/cr"}
+    assert record["runs"]["SST-2"] == record["runs"]["cr"] == "finetune/SST-2+cr"
+    run = read(out / record["runs"]["SST-2"] / "result.json")
+    assert run["config"]["task"] == "SST-2+cr"
     sets = {}
     for task in record["tasks"]:
         mask = load_mask(out / record["masks"][task])
@@ -134,8 +136,8 @@ def test_overlap_is_set_arithmetic_on_the_saved_masks(study_dir):
             expected = len(sets[gi] & sets[gj]) / len(sets[gj])
             assert record["overlap"][i][j] == pytest.approx(expected)
         assert record["sizes"][gi] == len(sets[gi])
-    # the sweep's reference graft is reused: one mask per (run, kind, sparsity)
-    assert record["masks"]["SST-2"] == "graft/SST-2/learned-0.05/mask"
+    # one graft per task from the joint run, at the reference sparsity
+    assert record["masks"] == {t: f"graft/SST-2+cr/{t}-learned-0.05/mask" for t in ("SST-2", "cr")}
     masks = {t: load_mask(out / record["masks"][t]).index for t in record["tasks"]}
     assert mask_overlap(masks)["overlap"] == record["overlap"]
 
@@ -180,7 +182,7 @@ def test_continual_restores_exactly_a_graft_of_theta_a(study_dir, tiny_bert_dir)
     report = (out / "report.md").read_text()
     assert "## Continual fine-tuning SST-2 → cr" in report
     assert f"| θ_AB | {acc['AB']['SST-2']:.3f} |" in report
-    assert "## Mask overlap |g_i ∩ g_j| / |g_j| (separate fine-tuning, sparsity 0.05)" in report
+    assert "## Mask overlap |g_i ∩ g_j| / |g_j| (multitask fine-tuning, sparsity 0.05)" in report
     assert "| learned | 0.01 |" in report and "| top_delta | 0.05 |" in report
 
 
@@ -189,13 +191,12 @@ def test_a_finished_study_reuses_its_runs(study_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in out.glob("graft/*/*/result.json")}
     study.main(argv)
     printed = capsys.readouterr().out
-    # 4 sweep grafts, 2 overlap masks (sst-2 is the sweep's), 1 continual g_A (the same)
-    assert printed.count("already holds this graft's results") == 7 and len(before) == 5
+    # 4 sweep grafts, 2 overlap masks from the joint run, 1 continual g_A (the sweep's)
+    assert printed.count("already holds this graft's results") == 7 and len(before) == 6
     assert {p: p.stat().st_mtime_ns for p in out.glob("graft/*/*/result.json")} == before
 
 
 BAD = {
-    "joint without a joint recipe": (["--multitask", "joint"], "use multitask=separate"),
     "unknown task": (["--task", "sst2"], "sst2"),
     "reference not swept": (["--reference_sparsity", "0.02"], "is not one of sparsities"),
     "one overlap task": (["--overlap_tasks", "[cr]"], "two or more different tasks"),
@@ -231,3 +232,18 @@ def test_plot_graft_notebook_reads_the_study_folder(study_dir, tmp_path):
     assert f"AB       {ab['SST-2']['accuracy']:>12.4f} {ab['cr']['accuracy']:>12.4f}" in run.stdout
     for figure in ("accuracy_vs_size", "reliability", "overlap"):
         assert (tmp_path / f"{figure}.png").stat().st_size > 0
+
+
+def test_separate_runs_overlap(study_dir, tmp_path):
+    """multitask=separate: one run per task, one graft each (the sweep's folder names)."""
+    _, argv = study_dir
+    source = argv[argv.index("--output_dir") + 1]
+    out = tmp_path / "separate"
+    args = [a if a != source else str(out) for a in argv]
+    study.main([*args, "--experiments", "[overlap]", "--multitask", "separate"])
+    record = read(out / "overlap.json")
+    assert record["setting"] == "separate"
+    assert record["runs"] == {"SST-2": "finetune/SST-2", "cr": "finetune/cr"}
+    assert record["masks"] == {t: f"graft/{t}/learned-0.05/mask" for t in ("SST-2", "cr")}
+    masks = {t: load_mask(out / record["masks"][t]).index for t in record["tasks"]}
+    assert mask_overlap(masks)["overlap"] == record["overlap"]
