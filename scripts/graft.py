@@ -321,7 +321,8 @@ def setup(cfg: GraftConfig) -> Job:
     ood = {}
     for name in cfg.ood_tasks:
         shifted = prepare_fewshot(name, data_dir=data_cfg["task_dir"], k=data_cfg["shots"],
-                                  seed=data_cfg["seed"], **fewshot)  # fmt: skip
+                                  seed=data_cfg["seed"], test_limit=data_cfg["test_limit"],
+                                  **fewshot)  # fmt: skip
         if list(shifted.task.labels) != list(data.task.labels):
             raise GraftError(
                 f"OOD task {name!r} has labels {list(shifted.task.labels)}, not those of "
@@ -505,6 +506,7 @@ def mask_record(job: Job, engine: Engine, history: MaskHistory | None) -> dict[s
         "best_step": history.best_step if history else None,
         "selection": job.selection.as_dict() if job.selection else "adapter",
         "dtype": str(t.pre[0].dtype).removeprefix("torch."),
+        "scores_saved": job.cfg.save_scores,
         "base_model": {
             "name": job.base_ref.name,
             "hash": engine.hashes[0],
@@ -524,7 +526,13 @@ def save_best(job: Job, engine: Engine, history: MaskHistory) -> None:
     t = engine.tensors
     best = [s.to(c.device) for s, c in zip(history.best_scores, t.scores, strict=True)]
     masks = [binary(b, s, job.cfg.sigmoid_bias) for b, s in zip(t.base, best, strict=True)]
-    parts = gather_mask(t, masks, best)
+    parts = gather_mask(t, masks, best, with_scores=job.cfg.save_scores)
+    if not job.cfg.save_scores:  # the best S stays in the resume state until the run ends
+        whole = gather_scores(t, best)
+        if job.info.is_main:
+            (job.out / RESUME_DIR).mkdir(parents=True, exist_ok=True)
+            save_tensors(job.out / RESUME_DIR / "best_scores.safetensors",
+                         dict(zip(t.names, whole, strict=True)))  # fmt: skip
     if job.info.is_main:
         save_parts(job.out / MASK_DIR, mask_record(job, engine, history), parts)
 
@@ -551,15 +559,15 @@ def resumed_history(job: Job, engine: Engine) -> MaskHistory | None:
 
     saved = read_json(folder / "history.json")
     whole = load_file(str(folder / "scores.safetensors"))
-    best = load_mask(job.out / MASK_DIR)
+    best = load_mask(job.out / MASK_DIR).scores or load_file(
+        str(folder / "best_scores.safetensors")
+    )
     t = engine.tensors
     t.scores = [
         own_rows(whole[n], p).to(s.device, s.dtype)
         for n, p, s in zip(t.names, t.params, t.scores, strict=True)
     ]
-    best_scores = [
-        own_rows(best.scores[n], p).cpu() for n, p in zip(t.names, t.params, strict=True)
-    ]
+    best_scores = [own_rows(best[n], p).cpu() for n, p in zip(t.names, t.params, strict=True)]
     history = MaskHistory(saved["records"], saved["best_step"], saved["best_value"], best_scores)
     if job.info.is_main:
         print(f"resuming after mask step {history.records[-1]['step']}")

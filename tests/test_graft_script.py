@@ -95,9 +95,13 @@ def test_saved_mask_export_and_eval_only_agree(graft_run, ft_run, tiny_bert_dir,
     assert evaluated["splits"]["grafted"] == result["splits"]["grafted"]
 
 
-def test_killed_graft_resumes_to_the_same_result(ft_run, graft_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_scores", ["true", "false"])
+def test_killed_graft_resumes_to_the_same_result(
+    save_scores, ft_run, graft_run, tmp_path, monkeypatch
+):
     whole, _ = graft_run
     out = tmp_path / "killed"
+    flags = ["--export_model", str(tmp_path / "x"), "--save_scores", save_scores]
     real = graft.save_resume
     calls = []
 
@@ -109,16 +113,20 @@ def test_killed_graft_resumes_to_the_same_result(ft_run, graft_run, tmp_path, mo
 
     monkeypatch.setattr(graft, "save_resume", dying)
     with pytest.raises(KeyboardInterrupt):
-        graft.main(graft_args(ft_run, out, "--export_model", str(tmp_path / "x")))
+        graft.main(graft_args(ft_run, out, *flags))
     monkeypatch.setattr(graft, "save_resume", real)
-    graft.main(graft_args(ft_run, out, "--export_model", str(tmp_path / "x")))
+    graft.main(graft_args(ft_run, out, *flags))
     a = json.loads((whole / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
     assert a["history"] == b["history"] and a["splits"] == b["splits"]
     ma, mb = load_mask(whole / "mask"), load_mask(out / "mask")
+    assert bool(mb.scores) == (save_scores == "true")
     for name in ma.names:
         assert torch.equal(ma.index[name], mb.index[name])
-        assert torch.equal(ma.scores[name], mb.scores[name])
+        assert torch.equal(ma.delta[name], mb.delta[name])
+        if mb.scores:
+            assert torch.equal(ma.scores[name], mb.scores[name])
+    assert not (out / "resume").exists()
 
 
 def nan_copy(ft_run, tmp_path):

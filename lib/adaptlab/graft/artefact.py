@@ -11,7 +11,8 @@ like an adapter (:mod:`adaptlab.graft.tuner`)::
                                  delta/NAME   float64 [n_i] Δ = θ_ft − θ_pre there (exact:
                                               θ_pre + Δ rounds back to θ_ft's value)
                                  base/NAME    int64 [k_i]   flat positions of the base patch b
-                                 scores/NAME  float32 shaped like the parameter: S
+                                 scores/NAME  float32 shaped like the parameter: S (absent
+                                              when the run passed --save_scores false)
 
 The content hash of a model is SHA-256 over each eligible tensor's name, shape and a fixed
 sample of its values as float32 (4,096 evenly spaced entries, the last one included): cheap for
@@ -79,7 +80,7 @@ class GraftMask:
         index: name -> ``[n_i]`` int64 flat positions of γ_bin = 1.
         delta: name -> ``[n_i]`` float64 Δ at those positions.
         base: name -> ``[k_i]`` int64 flat positions of the base patch.
-        scores: name -> S (shaped like the parameter).
+        scores: name -> S (shaped like the parameter); empty when S was not saved.
     """
 
     config: dict[str, Any]
@@ -192,10 +193,11 @@ def load_mask(folder: str | Path) -> GraftMask:
     except (SafetensorError, OSError, ValueError) as error:
         raise GraftError(f"{path} is damaged ({error}); learn the mask again.") from None
     parts: dict[str, dict[str, Tensor]] = {"index": {}, "delta": {}, "base": {}, "scores": {}}
+    stored = [p for p in parts if p != "scores" or config.get("scores_saved", True)]
     for entry in config["eligible"]:
         name, shape = entry["name"], tuple(entry["shape"])
         numel = int(torch.Size(shape).numel())
-        for part in parts:
+        for part in stored:
             key = f"{part}/{name}"
             if key not in tensors:
                 raise GraftError(f"{path} lacks {key!r}; the mask file is incomplete.")
@@ -203,7 +205,7 @@ def load_mask(folder: str | Path) -> GraftMask:
         index, delta = parts["index"][name], parts["delta"][name]
         bad = (
             index.shape != delta.shape
-            or tuple(parts["scores"][name].shape) != shape
+            or (name in parts["scores"] and tuple(parts["scores"][name].shape) != shape)
             or any(
                 t.numel() and (t.min() < 0 or t.max() >= numel)
                 for t in (index, parts["base"][name])

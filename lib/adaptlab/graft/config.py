@@ -44,7 +44,7 @@ class GraftConfig:
             ``options`` (causal LMs: the log-probability of each class's full option); None:
             the run's.
         ood_tasks: further tasks whose test splits are evaluated too (distribution shift); they
-            must have the same labels as ``task``.
+            must have the same labels as ``task`` (``test_limit`` applies to them too).
         fix_head: eligible-set override for a plain model folder (a run's own flags otherwise):
             the head stayed frozen.
         fix_embeddings: likewise, the input embeddings stayed frozen.
@@ -65,6 +65,9 @@ class GraftConfig:
             not fit next to the model).
         eval_only: evaluate the mask in ``mask`` (no learning).
         mask: a mask folder (``{output_dir}/mask`` of an earlier run) for ``eval_only``.
+        save_scores: store the scores S in the mask folder (4 bytes per eligible entry: 28 GB
+            for a 7B model), so a later run can start from them; false: the mask's positions,
+            Δ there and the patch only (all that applying the graft needs).
         export_model: also write θ_pre + γ_bin ⊙ Δ as a Hugging Face model folder here.
         dtype: ``auto`` (fp32 on CPU, bf16 on GPUs that have it), float32, bfloat16, float16.
         trust_remote_code: allow model code from the hub (off unless you trust the source).
@@ -106,6 +109,7 @@ class GraftConfig:
     deltas_on_device: bool = True
     eval_only: bool = False
     mask: str | None = None
+    save_scores: bool = True
     export_model: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False

@@ -287,7 +287,10 @@ def gather_scores(tensors: GraftTensors, scores: Sequence[Tensor], dst: int = 0)
 
 
 def gather_mask(
-    tensors: GraftTensors, masks: Sequence[Tensor], scores: Sequence[Tensor] | None = None
+    tensors: GraftTensors,
+    masks: Sequence[Tensor],
+    scores: Sequence[Tensor] | None = None,
+    with_scores: bool = True,
 ) -> MaskParts | None:
     """γ_bin, Δ at its positions, b and S in the artefact's single-process layout, on rank 0.
 
@@ -298,6 +301,7 @@ def gather_mask(
         tensors: the sharded (or whole) tensors.
         masks: ``[T]`` local bool γ_bin.
         scores: the S to save (default: ``tensors.scores``; e.g. the best step's copy).
+        with_scores: gather S too (False: positions, Δ and the patch only).
 
     Returns:
         The parts on rank 0, None on the other ranks.
@@ -308,7 +312,11 @@ def gather_mask(
         delta = tensors.delta(i).reshape(-1)[flat.to(tensors.device)].double().cpu()
         local_parts.append((_positions(masks[i], p), delta, _positions(tensors.base[i], p)))
     gathered = _all_gather_object(local_parts, tensors)
-    whole_scores = gather_scores(tensors, scores if scores is not None else tensors.scores)
+    whole_scores = (
+        gather_scores(tensors, scores if scores is not None else tensors.scores)
+        if with_scores
+        else []
+    )
     if tensors.rank != 0:
         return None
     parts = MaskParts({}, {}, {}, {})
@@ -316,7 +324,8 @@ def gather_mask(
         parts.index[name] = torch.cat([g[i][0] for g in gathered])
         parts.delta[name] = torch.cat([g[i][1] for g in gathered])
         parts.base[name] = torch.cat([g[i][2] for g in gathered])
-        parts.scores[name] = whole_scores[i]
+        if with_scores:
+            parts.scores[name] = whole_scores[i]
     return parts
 
 
@@ -326,7 +335,8 @@ def save_parts(folder: str | Path, config: Mapping[str, Any], parts: MaskParts) 
     out: dict[str, Tensor] = {}
     for name in parts.index:
         for part in ("index", "delta", "base", "scores"):
-            out[f"{part}/{name}"] = getattr(parts, part)[name]
+            if name in getattr(parts, part):
+                out[f"{part}/{name}"] = getattr(parts, part)[name]
     write_mask(folder, config, out)
 
 
