@@ -16,7 +16,8 @@ scripts take it as ``--model``), ``result.json``, ``reliability.json`` / ``.png`
 run started again with the same command resumes after the last finished mask step.
 
 Launch:
-    # laptop / CPU: graft the demo's few-shot run of the embedded SmolLM2-135M (~2 minutes)
+    # laptop / CPU: fine-tune the embedded SmolLM2-135M on 8 tweets (a few minutes), then graft
+    # it at sparsity 1e-4 (about a minute and a half on 2 cores)
     python scripts/finetune.py --config scripts/configs/finetune_graft_demo.yaml
     python scripts/graft.py --config scripts/configs/graft_demo.yaml
 

@@ -2,8 +2,10 @@
 calling ``scripts/finetune.py`` and ``scripts/graft.py`` exactly as a user would (in this
 process, through their ``main(argv)``):
 
-1. ``sweep``: one fine-tuning run on ``task``, grafted at every sparsity twice: a learned mask
-   (the graft preset's mask steps) and the top-|Δ| patch alone (``--mask_steps 0``). Test
+1. ``sweep``: one fine-tuning run on ``task``, grafted at every sparsity as a learned mask
+   (the graft preset's mask steps) and as the top-|Δ| patch alone (``--mask_steps 0``), and,
+   the control, as the top-|Δ| mask of the learned mask's final size (``top_delta_matched``:
+   learned masks grow past their patch, since there is no sparsity term). Test
    accuracy, ECE and recovery of each graft against its size, next to θ_pre and θ_ft:
    ``sweep.json``, ``accuracy_vs_size.png``; the learned graft at ``reference_sparsity`` is
    copied up as ``result.json`` / ``reliability.json`` / ``reliability.png``.
@@ -143,21 +145,23 @@ def finetune(study: Study, task: str, name: str, model: str | None = None) -> Pa
 
 
 def graft(study: Study, run: Path, task: str, kind: str, sparsity: float,
-          joint: bool = False) -> Path:  # fmt: skip
+          joint: bool = False, patch_sparsity: float | None = None) -> Path:  # fmt: skip
     """A graft ``graft/<run>/[<task>-]<kind>-<sparsity>`` of a fine-tuning run (reused).
 
     Every graft of ``task`` gets the study's OOD tasks, so the sweep, overlap and continual
     experiments share one graft per (run, kind, sparsity). ``joint``: the run was fine-tuned
-    on several tasks; the mask is learned and evaluated on ``task``.
+    on several tasks; the mask is learned and evaluated on ``task``. ``patch_sparsity``: the
+    sparsity actually passed (``top_delta_matched``: the learned mask's own size).
     """
     cfg = study.cfg
     name = f"{task + '-' if joint else ''}{kind}-{sparsity:g}"
     out = study.out / "graft" / run.name / name
     ood = study.ood_tasks if task == cfg.task else []
     args = ["--config", cfg.graft_preset, "--finetuned", str(run), "--output_dir", str(out),
-            "--sparsity", str(sparsity), "--ood_tasks", "[" + ",".join(ood) + "]",
+            "--sparsity", repr(patch_sparsity or sparsity),
+            "--ood_tasks", "[" + ",".join(ood) + "]",
             "--progress", str(cfg.progress).lower()]  # fmt: skip
-    if kind == "top_delta":
+    if kind in ("top_delta", "top_delta_matched"):
         args += ["--mask_steps", "0"]
     if joint:
         args += ["--task", task]
@@ -214,6 +218,15 @@ def sweep(study: Study) -> dict[str, Any]:
         for kind in ("learned", "top_delta"):
             folder = graft(study, run, cfg.task, kind, sparsity)
             records.append(sweep_record(study, kind, sparsity, folder))
+        # the control: learned masks grow past their patch (no sparsity term), so the top-|Δ|
+        # mask of the learned mask's final size is what "learning beats |Δ|" must beat
+        learned, patch = records[-2], records[-1]
+        if learned["n_grafted"] != patch["n_grafted"]:
+            n_eligible = read_json(study.out / learned["run"] / "result.json")["n_eligible"]
+            grown = (learned["n_grafted"] + 0.5) / n_eligible  # ⌊s·N_E⌋ = its size exactly
+            folder = graft(study, run, cfg.task, "top_delta_matched", sparsity,
+                           patch_sparsity=grown)  # fmt: skip
+            records.append(sweep_record(study, "top_delta_matched", sparsity, folder))
     write_json(study.out / "sweep.json", records)
     reference = study.out / next(
         r["run"] for r in records

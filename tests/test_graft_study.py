@@ -87,12 +87,26 @@ def read(path):
 def test_sweep_records_are_the_graft_runs_results(study_dir):
     out, _ = study_dir
     records = read(out / "sweep.json")
-    assert [(r["kind"], r["sparsity"]) for r in records] == [
+    plain = [(r["kind"], r["sparsity"]) for r in records if r["kind"] != "top_delta_matched"]
+    assert plain == [
         ("learned", 0.01), ("top_delta", 0.01), ("learned", 0.05), ("top_delta", 0.05)
     ]  # fmt: skip
+    learned = {r["sparsity"]: r for r in records if r["kind"] == "learned"}
+    patches = {r["sparsity"]: r for r in records if r["kind"] == "top_delta"}
+    matched = [r for r in records if r["kind"] == "top_delta_matched"]
+    # the control: a top-|Δ| mask of exactly the learned mask's size, where the mask grew
+    assert {r["sparsity"] for r in matched} == {
+        s for s in learned if learned[s]["n_grafted"] != patches[s]["n_grafted"]
+    }
+    assert matched, "the tiny run's learned masks should grow past their patch"
+    for r in matched:
+        assert r["n_grafted"] == r["k"] == learned[r["sparsity"]]["n_grafted"]
     for r in records:
         result = read(out / r["run"] / "result.json")
         test = {m: result["splits"][m]["test"] for m in ("base", "finetuned", "grafted")}
+        if r["kind"] == "top_delta_matched":
+            assert result["config"]["mask_steps"] == 0 and result["n_grafted"] == r["n_grafted"]
+            continue
         assert result["config"]["sparsity"] == r["sparsity"]
         assert result["config"]["mask_steps"] == (5 if r["kind"] == "learned" else 0)
         assert r["n_grafted"] == result["n_grafted"] == load_mask(out / r["run"] / "mask").n_grafted
@@ -191,8 +205,11 @@ def test_a_finished_study_reuses_its_runs(study_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in out.glob("graft/*/*/result.json")}
     study.main(argv)
     printed = capsys.readouterr().out
-    # 4 sweep grafts, 2 overlap masks from the joint run, 1 continual g_A (the sweep's)
-    assert printed.count("already holds this graft's results") == 7 and len(before) == 6
+    # 4 sweep grafts and their matched controls, 2 overlap masks from the joint run, 1
+    # continual g_A (the sweep's)
+    matched = sum(r["kind"] == "top_delta_matched" for r in read(out / "sweep.json"))
+    reused = printed.count("already holds this graft's results")
+    assert reused == 7 + matched and len(before) == 6 + matched
     assert {p: p.stat().st_mtime_ns for p in out.glob("graft/*/*/result.json")} == before
 
 

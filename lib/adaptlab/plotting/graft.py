@@ -19,7 +19,11 @@ from matplotlib.figure import Figure
 from adaptlab.io import atomic_open
 from adaptlab.training.metrics import ReliabilityBins, reliability_bins
 
-KINDS = {"learned": "learned mask", "top_delta": "top-|Δ| mask"}
+KINDS = {
+    "learned": "learned mask",
+    "top_delta": "top-|Δ| mask",
+    "top_delta_matched": "top-|Δ| mask, the learned mask's size",
+}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -153,7 +157,7 @@ def plot_accuracy_vs_size(
     """Accuracy against graft size (fraction of eligible parameters, log x), one line per kind.
 
     Args:
-        records: ``{"kind": "learned" | "top_delta", "sparsity": float,
+        records: ``{"kind": "learned" | "top_delta" | "top_delta_matched", "sparsity": float,
             "fraction_eligible": float, "accuracy": float}`` each.
         path: the PNG to write.
         finetuned: accuracy of θ_ft, drawn as a horizontal line.
