@@ -23,9 +23,9 @@
    reliability diagrams (graft/sweep.json, graft/report.md);
 7. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 21 minutes plus the
-grafting stage (measured alone on busy cores: 21 minutes, most of it the fine-tuning); a rerun
-reuses finished extractions and runs.
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 33 minutes (21
+measured before the grafting stage, which measured alone takes 11.7: the fine-tuning 1 minute,
+9 grafts about 65 s each); a rerun reuses finished extractions and runs.
 
 Launch:
     make demo
