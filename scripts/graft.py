@@ -31,13 +31,15 @@ Launch:
     python scripts/graft.py --finetuned results/ft/sst2-16-13 --eval_only true \
         --mask results/graft/sst2-16-13/mask --export_model results/grafted/sst2
 
-    # one GPU (deltas on the device), or a 7B LoRA run's merged delta
+    # one GPU (deltas on the device): a 7B few-shot LoRA run, Δ its merged delta layer by
+    # layer; or 4 GPUs with θ_pre, θ_ft, b and S sharded by FSDP2
     accelerate launch --config_file accelerate_configs/single_gpu.yaml scripts/graft.py \
-        --finetuned results/sft/llama3-8b --sparsity 1e-5
-    sbatch slurm/submit_graft --finetuned results/sft/llama3-8b
+        --finetuned results/ft/llama3-8b-sst2-lora --sparsity 1e-5
+    sbatch --gpus-per-node=4 slurm/submit_graft --finetuned results/ft/llama3-8b-sst2-full
 
-Trade-offs: ``deltas_on_device`` keeps θ_pre, θ_ft, b and S next to the model (fast, M + 4.25E
-bytes-per-entry-of-float32 in all for E eligible entries); off, they stay in host memory and
+Trade-offs: ``deltas_on_device`` keeps θ_pre, θ_ft, b and S next to the model (fast; with E
+eligible entries of a float32 model of size M: M + 4.25E in all, θ_pre, θ_ft, S and the
+gradient E each and b a quarter); off, they stay in host memory and
 each interpolation copies them tensor by tensor (the upstream behaviour: slow, but the
 accelerator holds only the model and its gradient). ``accumulation`` x ``batch_size`` bounds
 the examples one mask step reads; few-shot training sets are smaller, so a step is one epoch.
