@@ -16,6 +16,9 @@ otherwise. Each carries ``adaptlab_checkpoint.json`` (step, epoch, run fingerpri
 a linear classification head (``head=linear``) also writes it as ``linear_head.safetensors``
 (``linear.weight`` [C, H], ``linear.bias`` [C]; :func:`load_linear_head`), outside the HF
 files, so the folder still loads as a plain model or adapter.
+Bottleneck adapters (``houlsby``, ``pfeiffer``, ``parallel``) are likewise kept out of the HF
+files: ``bottleneck_adapters.safetensors`` + ``bottleneck_config.json`` next to the whole model,
+which ``adaptlab.adapters.load_bottleneck(folder, model)`` attaches to the model loaded from it.
 
 ``resume/`` holds the trainable parameters, the optimiser and scheduler states (with IVON's
 step counter, which its ``state_dict`` omits), every
@@ -54,6 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from adaptlab.adapters.bottleneck import bottleneck_config, save_bottleneck, split_adapters
 from adaptlab.errors import UserError
 from adaptlab.io import ASIDE_SUFFIX, TEMP_SUFFIX, read_json, save_tensors, write_json
 from adaptlab.rundir import Layout
@@ -202,6 +206,7 @@ def save_weights(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         state_dict, head = split_linear_head(state_dict)
+        state_dict, adapters = split_adapters(state_dict)
         with atomic_dir(folder) as tmp:
             # The vocabulary is never resized here, so PEFT need not look for embedding changes
             # (its check reads the base model's config, which fails for embedded: names).
@@ -209,6 +214,8 @@ def save_weights(
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, **extra)
             if head:
                 save_tensors(tmp / HEAD_FILE, head)
+            if adapters:
+                save_bottleneck(tmp, bottleneck_config(unwrapped), adapters)
             if tokenizer is not None and not adapter:
                 tokenizer.save_pretrained(str(tmp))
             write_json(tmp / CHECKPOINT_FILE, dict(meta or {}))

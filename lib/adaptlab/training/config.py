@@ -74,8 +74,9 @@ class FinetuneConfig:
             full-precision base model is HuggingFaceTB/SmolLM2-135M),
             an HF name or a local folder.
         method: what trains, a key of ``adaptlab.training.methods.METHODS``: ``full``,
-            ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only) or ``qlora`` (LoRA on a
-            bitsandbytes 4-bit base).
+            ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only), ``qlora`` (LoRA on a
+            bitsandbytes 4-bit base) or the bottleneck adapters ``houlsby``, ``pfeiffer``,
+            ``parallel`` (Llama and BERT/RoBERTa only).
         target_modules: module names the adapters wrap (a name matches a module whose dotted
             path ends with it); ``[all-linear]`` wraps every linear layer but the output head.
         lora_r: LoRA/DoRA rank.
@@ -89,6 +90,11 @@ class FinetuneConfig:
         adalora_beta1: AdaLoRA EMA rate of the sensitivity.
         adalora_beta2: AdaLoRA EMA rate of the uncertainty.
         adalora_orth_reg_weight: weight of AdaLoRA's orthogonality regulariser in the loss.
+        adapter_reduction_factor: bottleneck adapters (``houlsby``, ``pfeiffer``, ``parallel``):
+            width r = hidden size // factor.
+        adapter_dim: bottleneck adapter width r itself (None: from adapter_reduction_factor).
+        adapter_activation: bottleneck adapter non-linearity: ``relu``, ``gelu`` or ``tanh``.
+        adapter_scaling: factor s on the parallel adapter's output (FFN(x) + s * A(x)).
         fix_head: freeze the head (final norm and output layer).
         fix_embeddings: freeze the input embeddings.
         fix_first_n_layers: freeze transformer blocks 0..n-1.
@@ -245,6 +251,10 @@ class FinetuneConfig:
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg_weight: float = 0.5
+    adapter_reduction_factor: float = 16.0
+    adapter_dim: int | None = None
+    adapter_activation: Literal["relu", "gelu", "tanh"] = "relu"
+    adapter_scaling: float = 1.0
     fix_head: bool = False
     fix_embeddings: bool = False
     fix_first_n_layers: int = 0
@@ -358,6 +368,15 @@ class FinetuneConfig:
             (
                 min(self.adalora_tinit, self.adalora_tfinal) >= 0 and self.adalora_delta_t >= 1,
                 "adalora_tinit and adalora_tfinal must be >= 0 and adalora_delta_t >= 1.",
+            ),
+            (
+                math.isfinite(self.adapter_reduction_factor) and self.adapter_reduction_factor > 0,
+                f"adapter_reduction_factor={self.adapter_reduction_factor} must be a number > 0 "
+                "(the adapter width is hidden size // factor).",
+            ),
+            (
+                self.adapter_dim is None or self.adapter_dim >= 1,
+                f"adapter_dim={self.adapter_dim} must be at least 1 (or omitted).",
             ),
             (bool(self.target_modules), "target_modules is empty; name the modules to adapt."),
             (self.fix_first_n_layers >= 0, "fix_first_n_layers must be 0 or more."),

@@ -8,8 +8,14 @@
 | ``adalora``| SVD-form LoRA with rank reallocation | frozen              | adapter + rank_pattern|
 | ``bitfit``| biases only                          | frozen              | whole model (HF)      |
 | ``qlora`` | LoRA                                 | bitsandbytes NF4    | adapter only (PEFT)   |
+| ``houlsby``| bottleneck adapters after attention and FFN | frozen       | whole model + adapters|
+| ``pfeiffer``| a bottleneck adapter after the FFN  | frozen              | whole model + adapters|
+| ``parallel``| a bottleneck adapter beside the FFN | frozen              | whole model + adapters|
 
-The adapters are PEFT's; this module only builds their configs, checks the names in
+The bottleneck adapters are adaptlab's own (``adaptlab.adapters.bottleneck``: forward hooks
+on Llama and BERT/RoBERTa blocks); their checkpoints hold the whole model, with the adapter
+weights in a separate file that ``load_bottleneck`` attaches. The other adapters are PEFT's;
+this module only builds their configs, checks the names in
 ``target_modules`` against the real model before anything is loaded (PEFT silently skips a name
 that matches nothing as long as another one matches), and applies the freezing flags on top.
 
@@ -38,6 +44,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from adaptlab.adapters.bottleneck import BottleneckConfig, attach_bottleneck, check_architecture
 from adaptlab.extract.points import unwrap
 from adaptlab.training.freezing import freeze
 from adaptlab.training.optim import TrainingError
@@ -60,6 +67,10 @@ class MethodSettings(Protocol):
     adalora_beta1: float
     adalora_beta2: float
     adalora_orth_reg_weight: float
+    adapter_reduction_factor: float
+    adapter_dim: int | None
+    adapter_activation: str
+    adapter_scaling: float
     fix_head: bool
     fix_embeddings: bool
     fix_first_n_layers: int
@@ -85,6 +96,10 @@ def _no_load_state(model: nn.Module, state: dict[str, Any]) -> None:
     return None
 
 
+def _no_check(cfg: MethodSettings, skeleton: nn.Module) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method.
@@ -104,6 +119,8 @@ class Method:
         whole_trainable: needs the whole trainable weights and gradients on every rank
             (AdaLoRA allocates ranks from whole gradients): FSDP then shards only the frozen
             weights, and ZeRO cannot run it.
+        check: ``(cfg, skeleton)``: raises a :class:`UserError` for a model or setting the
+            method cannot use, before the weights load.
     """
 
     name: str
@@ -117,6 +134,7 @@ class Method:
     state: Callable[[nn.Module], dict[str, Any]] = _no_state
     load_state: Callable[[nn.Module, dict[str, Any]], None] = _no_load_state
     whole_trainable: bool = False
+    check: Callable[[MethodSettings, nn.Module], None] = _no_check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +235,33 @@ def _prepare_adalora(model: nn.Module, cfg: MethodSettings, total_steps: int) ->
     return _wrap(model, config, cfg)
 
 
+def _bottleneck_config(cfg: MethodSettings) -> BottleneckConfig:
+    return BottleneckConfig(
+        placement=cfg.method,
+        reduction_factor=cfg.adapter_reduction_factor,
+        dim=cfg.adapter_dim,
+        activation=cfg.adapter_activation,
+        scaling=cfg.adapter_scaling,
+    )
+
+
+def _prepare_bottleneck(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    attach_bottleneck(model, _bottleneck_config(cfg))  # the adapters train
+    _checkpointing(model, cfg)
+    return _finish(model, cfg)
+
+
+def _check_bottleneck(cfg: MethodSettings, skeleton: nn.Module) -> None:
+    check_architecture(skeleton)
+    _bottleneck_config(cfg).width(unwrap(skeleton).config.hidden_size)
+
+
+def _bottleneck(name: str) -> Method:
+    return Method(name, _prepare_bottleneck, adapter=False, check=_check_bottleneck)
+
+
 # ---------------------------------------------------------------------------------------------
 # AdaLoRA hooks
 
@@ -311,6 +356,9 @@ METHODS: dict[str, Method] = {
         requires=("bitsandbytes",),
         uses_targets=True,
     ),
+    "houlsby": _bottleneck("houlsby"),
+    "pfeiffer": _bottleneck("pfeiffer"),
+    "parallel": _bottleneck("parallel"),
 }
 
 
@@ -372,6 +420,8 @@ def check_method(cfg: MethodSettings, skeleton: nn.Module, total_steps: int) -> 
         TrainingError: a missing package (bitsandbytes for QLoRA), a target module the model
             lacks, BitFit on a model without biases, too many frozen blocks, or an AdaLoRA
             schedule that leaves no budgeting phase.
+        AdapterError: a model other than Llama or BERT/RoBERTa, or an adapter width of 0, for
+            the bottleneck adapters.
     """
     method = get_method(cfg.method)
     for package in method.requires:
@@ -384,6 +434,7 @@ def check_method(cfg: MethodSettings, skeleton: nn.Module, total_steps: int) -> 
             ) from None
     if method.uses_targets:
         check_target_modules(list(cfg.target_modules), skeleton)
+    method.check(cfg, skeleton)
     if cfg.method == "bitfit" and not any(
         name.rsplit(".", 1)[-1] == "bias" for name, _ in skeleton.named_parameters()
     ):

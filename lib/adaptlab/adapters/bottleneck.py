@@ -1,0 +1,327 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022) as hooks.
+
+An adapter is ``A(h) = up(act(down(h)))``, down: hidden -> r, up: r -> hidden, r the
+bottleneck. It is attached with forward hooks on the modules a transformer block already has,
+so the model code is untouched:
+
+| placement  | where, per block                                   | output                  |
+|------------|----------------------------------------------------|-------------------------|
+| ``houlsby``| after the attention output projection and the FFN  | ``h + A(h)`` (each)     |
+| ``pfeiffer``| after the FFN output                              | ``h + A(h)``            |
+| ``parallel``| beside the FFN, reading its input x               | ``FFN(x) + s * A(x)``   |
+
+The modules, for the two supported families:
+
+| family          | attention output          | FFN output     | FFN input (parallel)          |
+|-----------------|---------------------------|----------------|-------------------------------|
+| Llama           | ``self_attn.o_proj``      | ``mlp``        | input of ``mlp``              |
+| BERT / RoBERTa  | ``attention.output.dense``| ``output.dense``| ``input_tensor`` of ``output``|
+
+Both hook points come before the residual add (and, in BERT, before dropout and LayerNorm), as
+in Houlsby's figure 2. For BERT's parallel adapter ``s * A(x)`` is added to the residual input
+of ``output`` (``LayerNorm(dropout(dense(i)) + x + s * A(x))``): the same sum, left out of the
+FFN dropout.
+
+Initialisation: Houlsby's truncated normal (std 0.01, cut at ±2 std) on the down-projection,
+zero biases, and a zero up-projection, so ``A(h) = 0`` and the adapted model starts exactly at
+the pretrained one (Houlsby's near-identity init made exact; the gradient still reaches the
+up-projection at once, and the down-projection from the first step on, as for LoRA's B = 0).
+
+Quick start::
+
+    model = tiny_llama()
+    config = BottleneckConfig(placement="houlsby", reduction_factor=8)
+    attach_bottleneck(model, config)   # 2 adapters per block, hidden 32 -> r 4
+    # train the parameters under "bottleneck_"; save_bottleneck / load_bottleneck keep them
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from adaptlab.errors import UserError
+from adaptlab.extract.points import decoder_layers, unwrap
+from adaptlab.io import save_tensors, write_json
+
+Placement = Literal["houlsby", "pfeiffer", "parallel"]
+PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+SUPPORTED = "Llama and BERT/RoBERTa"
+PREFIX = "bottleneck_"  # block attributes (and so parameter names) of the adapters
+WEIGHTS_FILE = "bottleneck_adapters.safetensors"
+CONFIG_FILE = "bottleneck_config.json"
+_CONFIG_ATTRIBUTE = "_adaptlab_bottleneck"  # on the model root, read when saving
+
+
+class AdapterError(UserError):
+    """An adapter setting or model the adapters cannot work with."""
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """What adapters to attach.
+
+    Attributes:
+        placement: ``houlsby``, ``pfeiffer`` or ``parallel`` (see the module docstring).
+        reduction_factor: r = hidden // reduction_factor (ignored when ``dim`` is set).
+        dim: the bottleneck width r itself (None: from ``reduction_factor``).
+        activation: ``relu``, ``gelu`` or ``tanh``.
+        scaling: s, the factor on a parallel adapter's output (ignored otherwise).
+    """
+
+    placement: str = "houlsby"
+    reduction_factor: float = 16.0
+    dim: int | None = None
+    activation: str = "relu"
+    scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise AdapterError(
+                f"Unknown adapter placement {self.placement!r}; choose from "
+                f"{', '.join(PLACEMENTS)}."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise AdapterError(
+                f"Unknown adapter activation {self.activation!r}; choose from "
+                f"{', '.join(ACTIVATIONS)}."
+            )
+        if not (math.isfinite(self.reduction_factor) and self.reduction_factor > 0):
+            raise AdapterError(
+                f"adapter_reduction_factor={self.reduction_factor} must be a number > 0 "
+                "(r = hidden size // factor)."
+            )
+        if self.dim is not None and self.dim <= 0:
+            raise AdapterError(f"adapter_dim={self.dim} must be at least 1 (or omitted).")
+
+    def width(self, hidden: int) -> int:
+        """The bottleneck r for hidden size ``hidden``.
+
+        Raises:
+            AdapterError: the factor leaves no unit (r would be 0).
+        """
+        r = self.dim if self.dim is not None else int(hidden // self.reduction_factor)
+        if r < 1:
+            raise AdapterError(
+                f"adapter_reduction_factor={self.reduction_factor} leaves a bottleneck of 0 for "
+                f"hidden size {hidden}; use a factor of at most {hidden}."
+            )
+        return r
+
+
+class BottleneckAdapter(nn.Module):
+    """``A(h) = up(act(down(h)))``: [..., hidden] -> [..., hidden] through [..., r].
+
+    Args:
+        hidden: the model width.
+        r: the bottleneck width.
+        activation: a key of :data:`ACTIVATIONS`.
+    """
+
+    def __init__(self, hidden: int, r: int, activation: str = "relu") -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, r)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(r, hidden)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Houlsby init on ``down``, zeros on ``up`` and the biases (so ``A(h) = 0``)."""
+        nn.init.trunc_normal_(self.down.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(hidden)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the adapters go
+
+
+_MODULES = {  # family: (attention output projection, FFN output)
+    "llama": ("self_attn.o_proj", "mlp"),
+    "bert": ("attention.output.dense", "output.dense"),
+}
+
+
+def _family(block: nn.Module) -> str | None:
+    def has(path: str) -> bool:
+        try:
+            block.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    return next((family for family, paths in _MODULES.items() if all(map(has, paths))), None)
+
+
+def check_architecture(model: nn.Module) -> str:
+    """The block family of ``model`` (``llama`` or ``bert``); works on a meta skeleton.
+
+    Raises:
+        AdapterError: any other architecture.
+    """
+    base = unwrap(model)
+    try:
+        blocks = decoder_layers(base)
+    except Exception:  # no config or no block list: not a supported transformer
+        blocks = None
+    family = _family(blocks[0]) if blocks is not None and len(blocks) else None
+    if family is None:
+        raise AdapterError(
+            f"Bottleneck adapters support {SUPPORTED} models only, and "
+            f"{type(base).__name__} is neither; pick another method (e.g. lora)."
+        )
+    return family
+
+
+def _sequential_hook(adapter: BottleneckAdapter):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + adapter(output)
+
+    return hook
+
+
+def _parallel_hook(adapter: BottleneckAdapter, scaling: float):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + scaling * adapter(args[0])
+
+    return hook
+
+
+def _parallel_residual_hook(adapter: BottleneckAdapter, scaling: float):
+    # BertOutput(intermediate, input_tensor): the FFN input is its residual input.
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) >= 2:
+            x = args[1]
+            return (args[0], x + scaling * adapter(x), *args[2:]), kwargs
+        x = kwargs["input_tensor"]
+        return args, {**kwargs, "input_tensor": x + scaling * adapter(x)}
+
+    return hook
+
+
+def attach_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[BottleneckAdapter]:
+    """Add adapters to every block of ``model`` (in place) and register their hooks.
+
+    Each adapter becomes a submodule of its block (``bottleneck_attn``, ``bottleneck_ffn``), so
+    its parameters are named with the block's, train with it and are frozen by
+    ``fix_first_n_layers`` like it. New adapters have ``requires_grad=True`` and the model's
+    dtype and device.
+
+    Args:
+        model: a Llama or BERT/RoBERTa model (plain or wrapped).
+        config: what to attach.
+
+    Returns:
+        The adapters, in block order.
+
+    Raises:
+        AdapterError: an unsupported architecture, a bottleneck of 0, adapters already there.
+    """
+    family = check_architecture(model)
+    base = unwrap(model)
+    if hasattr(base, _CONFIG_ATTRIBUTE):
+        raise AdapterError(f"{type(base).__name__} already has bottleneck adapters attached.")
+    hidden = base.config.hidden_size
+    r = config.width(hidden)
+    reference = next(base.parameters())
+    attn_path, ffn_path = _MODULES[family]
+    adapters = []
+    for block in decoder_layers(base):
+        attn_out, ffn_out = block.get_submodule(attn_path), block.get_submodule(ffn_path)
+        slots = ["attn", "ffn"] if config.placement == "houlsby" else ["ffn"]
+        for slot in slots:
+            adapter = BottleneckAdapter(hidden, r, config.activation)
+            adapter.to(device=reference.device, dtype=reference.dtype)
+            block.add_module(PREFIX + slot, adapter)
+            adapters.append(adapter)
+            if config.placement == "parallel" and family == "llama":
+                ffn_out.register_forward_hook(_parallel_hook(adapter, config.scaling))
+            elif config.placement == "parallel":
+                block.output.register_forward_pre_hook(
+                    _parallel_residual_hook(adapter, config.scaling), with_kwargs=True
+                )
+            else:
+                target = attn_out if slot == "attn" else ffn_out
+                target.register_forward_hook(_sequential_hook(adapter))
+    setattr(base, _CONFIG_ATTRIBUTE, config)
+    return adapters
+
+
+def bottleneck_config(model: nn.Module) -> BottleneckConfig | None:
+    """The config of the adapters attached to ``model``, or ``None``."""
+    return getattr(unwrap(model), _CONFIG_ATTRIBUTE, None)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether the parameter (or state-dict entry) ``name`` belongs to a bottleneck adapter."""
+    return any(part.startswith(PREFIX) for part in name.split("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_bottleneck(
+    folder: str | Path, config: BottleneckConfig, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write the adapter tensors (``WEIGHTS_FILE``) and their config (``CONFIG_FILE``).
+
+    Args:
+        folder: an existing folder, e.g. next to the saved base model.
+        config: the adapters' config.
+        tensors: ``{state-dict name: tensor}`` of the adapter entries.
+    """
+    folder = Path(folder)
+    save_tensors(folder / WEIGHTS_FILE, {k: v.detach().cpu() for k, v in tensors.items()})
+    write_json(folder / CONFIG_FILE, asdict(config))
+
+
+def load_bottleneck(folder: str | Path, model: nn.Module) -> nn.Module:
+    """Attach the adapters saved in ``folder`` to ``model`` (its base, e.g. loaded from the
+    same folder) and load their weights; returns ``model``.
+
+    Raises:
+        AdapterError: the folder has no adapters, or they do not fit the model.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise AdapterError(
+            f"{folder} holds no bottleneck adapters ({CONFIG_FILE} and {WEIGHTS_FILE}); pass "
+            "the best/ or final/ folder of a houlsby, pfeiffer or parallel run."
+        )
+    config = BottleneckConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+    attach_bottleneck(model, config)
+    saved = load_file(str(folder / WEIGHTS_FILE))
+    base = unwrap(model)
+    own = {n: p for n, p in base.named_parameters() if is_adapter_parameter(n)}
+    if set(own) != set(saved):
+        raise AdapterError(
+            f"The adapters in {folder} do not fit {type(base).__name__} (e.g. "
+            f"{sorted(set(own) ^ set(saved))[0]!r}); load the model the run trained."
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(saved[name])
+    return model
+
+
+def split_adapters(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model entries, adapter entries)`` of a state dict."""
+    model, adapters = {}, {}
+    for name, tensor in state_dict.items():
+        (adapters if is_adapter_parameter(name) else model)[name] = tensor
+    return model, adapters
