@@ -1,8 +1,9 @@
 """Fine-tune an LM on answer-only MMLU prompts (Doimo et al. 2024, landscape.md §4) or on a
 few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.md §4, §10).
 
-Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters; freezing of the
-head, the embeddings or the first blocks on top). Optimisers AdamW / SGD / SignGD / IVON with
+Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
+Pfeiffer / parallel bottleneck adapters (Llama and BERT/RoBERTa); freezing of the head, the
+embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
 linear, cosine-to-floor or constant schedules after warmup. The loss is taken on the answer
 letter only (optionally weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
@@ -86,6 +87,10 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
+    # bottleneck adapters only (base frozen; reload: adaptlab.adapters.load_bottleneck)
+    python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
+        --model roberta-base --task SST-2 --task_dir data --method houlsby \
+        --adapter_reduction_factor 16
 
     # multi-task: one model on two binary tasks, evaluated per task (selection: mean accuracy)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
