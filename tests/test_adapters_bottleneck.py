@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from adaptlab.adapters import AdapterError, BottleneckConfig, attach_bottleneck, load_bottleneck
@@ -165,6 +166,8 @@ def test_houlsby_fewshot_run_trains_adapters_and_final_reloads(tiny_model_dir, s
     final = out / "final"
     config = json.loads((final / "bottleneck_config.json").read_text())
     assert config["placement"] == "houlsby" and config["reduction_factor"] == 8
+    saved = safe_open(final / "model.safetensors", "pt").keys()
+    assert saved and not any("bottleneck_" in key for key in saved)  # HF files: the base only
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tuned = AutoModelForCausalLM.from_pretrained(final).eval()  # base weights, no adapters
@@ -214,3 +217,19 @@ def test_killed_pfeiffer_run_resumes_exactly(
     assert a.keys() == b.keys() and len(a) == 2 * 4  # 2 blocks x (down, up) x (weight, bias)
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=1e-6)
+
+
+def test_grafting_refuses_a_bottleneck_folder(tmp_path):
+    from adaptlab.adapters import bottleneck_config, save_bottleneck
+    from adaptlab.graft.errors import GraftError
+    from adaptlab.graft.source import resolve_finetuned
+
+    model = tiny_llama()
+    attach_bottleneck(model, BottleneckConfig(placement="pfeiffer", dim=2))
+    model.save_pretrained(tmp_path)
+    adapters = {n: p for n, p in model.state_dict().items() if "bottleneck_" in n}
+    save_bottleneck(tmp_path, bottleneck_config(model), adapters)
+    reloaded = load_bottleneck(tmp_path, AutoModelForCausalLM.from_pretrained(tmp_path))
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(GraftError, match=r"holds bottleneck adapters"):
+        resolve_finetuned(tmp_path)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from adaptlab.adapters.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
 from adaptlab.graft.errors import GraftError
 
 RUN_FILES = ("result.json", "run.json")
@@ -97,6 +98,11 @@ def resolve_finetuned(path: str | Path) -> FinetunedSource:
             )
     elif (folder / CHECKPOINT_META).is_file():
         run_config = _run_config(folder.parent) or _run_config(folder.parent.parent)
+    if (weights / BOTTLENECK_CONFIG).is_file():
+        raise GraftError(
+            f"{weights} holds bottleneck adapters, which add modules instead of changing the "
+            "pretrained weights, so there is no delta to graft; use a full, BitFit or LoRA run."
+        )
     if (weights / "adapter_config.json").is_file():
         kind: Literal["model", "adapter"] = "adapter"
         base = _read(weights / "adapter_config.json").get("base_model_name_or_path")
