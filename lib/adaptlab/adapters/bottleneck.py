@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adaptlab.errors import UserError
-from adaptlab.extract.points import decoder_layers, unwrap
+from adaptlab.extract.points import PointError, decoder_layers, unwrap
 from adaptlab.io import save_tensors, write_json
 
 Placement = Literal["houlsby", "pfeiffer", "parallel"]
@@ -174,7 +174,7 @@ def check_architecture(model: nn.Module) -> str:
     base = unwrap(model)
     try:
         blocks = decoder_layers(base)
-    except Exception:  # no config or no block list: not a supported transformer
+    except (PointError, AttributeError):  # no block list or no config: not supported
         blocks = None
     family = _family(blocks[0]) if blocks is not None and len(blocks) else None
     if family is None:
