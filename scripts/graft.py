@@ -61,7 +61,6 @@ import torch
 from accelerate import Accelerator
 
 from adaptlab.config import parse_config, to_dict
-from adaptlab.data import get_task, split_tasks
 from adaptlab.distributed import (
     DistInfo,
     all_gather_object,
@@ -77,33 +76,35 @@ from adaptlab.graft import (
     MaskSettings,
     Selection,
     collect,
-    eligible_names,
     export_model,
     learn_mask,
     load_mask,
     patch_size,
 )
+from adaptlab.graft.analysis import reliability_curves, strip_logits
 from adaptlab.graft.artefact import read_config
 from adaptlab.graft.config import PATCH_RULES, GraftConfig
+from adaptlab.graft.eligible import check_same_shapes
 from adaptlab.graft.learn import binary_masks, prepare_model
 from adaptlab.graft.mask import binary
 from adaptlab.graft.sharded import (
     all_sum,
+    check_finite,
     collect_sharded,
     content_hash_sharded,
     gather_mask,
     gather_scores,
     init_scores_sharded,
     own_rows,
-    safetensors_rows,
     save_parts,
     top_delta_patch_sharded,
 )
 from adaptlab.graft.source import (
     FinetunedSource,
-    adapter_tensors,
+    data_config,
+    finetuned_tensors,
     resolve_finetuned,
-    safetensors_files,
+    selection_of,
 )
 from adaptlab.graft.tuner import check_mask_fits
 from adaptlab.io import read_json, save_tensors, sweep_temporaries, write_json
@@ -138,18 +139,6 @@ LAYOUT = Layout(
 OPERATIONAL = frozenset(
     {"output_dir", "overwrite", "progress", "eval_batch_size", "export_model", "cpu", "dtype"}
 )
-DATA_FIELDS = {  # graft config field -> fine-tuning run field
-    "task": "task",
-    "task_dir": "task_dir",
-    "shots": "shots",
-    "seed": "data_seed",
-    "kshot_mode": "kshot_mode",
-    "template": "template",
-    "label_words": "label_words",
-    "test_limit": "test_limit",
-    "scoring": "scoring",
-}
-DATA_DEFAULTS = {"shots": 16, "seed": 42, "kshot_mode": "k-shot", "scoring": "label_words"}
 
 
 @dataclass
@@ -173,77 +162,6 @@ class Job:
     state: str  # "new", "resume" or "complete"
     lock: RunLock | None
     started: float
-
-
-def data_config(cfg: GraftConfig, run: dict | None, mask: dict | None) -> dict[str, Any]:
-    """The data fields: the config's, else the fine-tuning run's, else the mask's, else defaults."""
-    recorded = (mask or {}).get("data", {})
-    out = {}
-    for ours, theirs in DATA_FIELDS.items():
-        value = getattr(cfg, ours)
-        if value is None and run is not None:
-            value = run.get(theirs)
-        if value is None:
-            value = recorded.get(ours, DATA_DEFAULTS.get(ours))
-        out[ours] = value
-    if out["task"] is None:
-        raise GraftError("No task is known: pass --task (and --task_dir), or graft a run folder.")
-    trained = split_tasks(run["task"]) if run is not None and run.get("task") else []
-    if len(trained) > 1 and cfg.task is None:
-        raise GraftError(
-            f"The run was fine-tuned on several tasks ({', '.join(trained)}); a graft is learned "
-            "per task: pass --task with one of them."
-        )
-    out["task"] = get_task(out["task"]).name
-    if len(trained) > 1 and out["task"] not in trained:
-        raise GraftError(
-            f"--task {out['task']} is not one of the tasks the run trained ({', '.join(trained)})."
-        )
-    return out
-
-
-def selection_of(cfg: GraftConfig, source: FinetunedSource | None) -> Selection | None:
-    """The eligible-set flags: the run's own, or the config's for a plain model folder."""
-    overrides = {
-        "fix_head": cfg.fix_head,
-        "fix_embeddings": cfg.fix_embeddings,
-        "fix_layers": cfg.fix_layers,
-        "biases_only": cfg.biases_only,
-    }
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if source is not None and source.kind == "adapter":
-        if given:
-            raise GraftError(
-                f"{', '.join(given)} do not apply to an adapter: its eligible set is the weights "
-                "it changes; drop them."
-            )
-        return None
-    if source is not None and source.run_config is not None:
-        if given:
-            raise GraftError(
-                f"{', '.join(given)} override the fine-tuning run's own freezing flags, which "
-                "define the eligible set; drop them to graft what the run trained."
-            )
-        return Selection.from_run_config(source.run_config)
-    run = {k: v for k, v in given.items() if k != "biases_only"}
-    return Selection.from_run_config({**run, "method": "bitfit" if cfg.biases_only else "full"})
-
-
-def check_same_shapes(pre: torch.nn.Module, ft: torch.nn.Module, pre_name: str, ft_name: str):
-    """θ_pre and θ_ft are one architecture: the same parameter names and shapes (meta models).
-
-    Raises:
-        GraftError: naming the first parameter that differs.
-    """
-    a = {n: tuple(p.shape) for n, p in pre.named_parameters()}
-    b = {n: tuple(p.shape) for n, p in ft.named_parameters()}
-    for name in sorted(set(a) | set(b)):
-        if a.get(name) != b.get(name):
-            raise GraftError(
-                f"θ_pre ({pre_name}) and θ_ft ({ft_name}) are different architectures: "
-                f"{name!r} is {a.get(name, 'absent')} in one and {b.get(name, 'absent')} in the "
-                "other; graft a model onto its own base."
-            )
 
 
 def output_state(cfg: GraftConfig, out: Path, run_id: str) -> str:
@@ -355,35 +273,6 @@ class Engine:
     hashes: tuple[str, str]  # content hashes of θ_pre and θ_ft on E
 
 
-def finetuned_of(job: Job, model: torch.nn.Module, saved) -> tuple[list[str], object]:
-    """The eligible names and θ_ft: whole tensors (adapter, mask) or a safetensors row reader
-    (a model folder: each process reads only its rows, and only of eligible tensors)."""
-    params = dict(model.named_parameters())
-    if job.source is None:  # eval_only from the mask alone: θ_ft is known at the mask only
-        finetuned = {n: params[n].detach().clone() for n in saved.names}
-        for n, t in finetuned.items():
-            flat, idx = t.view(-1), saved.index[n].to(t.device)
-            flat[idx] = (flat[idx].double() + saved.delta[n].to(t.device)).to(t.dtype)
-        return saved.names, finetuned
-    if job.source.kind == "adapter":
-        finetuned = adapter_tensors(model, job.source.weights)
-        return [n for n in params if n in finetuned], finetuned
-    return eligible_names(model, job.selection), safetensors_rows(
-        safetensors_files(job.source.weights)
-    )
-
-
-def check_finite(tensors: GraftTensors) -> None:
-    """Refuse a θ_ft with NaN or inf on E (Δ would not be finite), on every process alike."""
-    bad = [i for i, ft in enumerate(tensors.ft) if not torch.isfinite(ft).all()]
-    if all_sum(float(len(bad)), tensors):
-        name = tensors.names[bad[0]] if bad else "an eligible parameter"
-        raise GraftError(
-            f"The fine-tuned parameter {name!r} holds NaN or inf, so Δ = θ_ft − θ_pre is not "
-            "finite; graft a checkpoint from before the run diverged."
-        )
-
-
 def load(job: Job) -> Engine:
     """θ_pre on the device (sharded under FSDP), θ_ft of E, the base patch and the initial S."""
     cfg, device = job.cfg, job.accelerator.device
@@ -396,7 +285,7 @@ def load(job: Job) -> Engine:
     for mask in (saved, start):
         if mask is not None:
             check_mask_fits(model, mask)  # the base it was learned on (content hash)
-    names, finetuned = finetuned_of(job, model, saved)
+    names, finetuned = finetuned_tensors(job.source, job.selection, model, saved)
     if saved is not None and sorted(saved.names) != sorted(names):
         raise GraftError(
             f"The mask {cfg.mask} covers other parameters than {cfg.finetuned} trained; pass "
@@ -577,10 +466,6 @@ def resumed_history(job: Job, engine: Engine) -> MaskHistory | None:
     return history
 
 
-def strip_logits(metrics: dict[str, dict]) -> dict[str, dict]:
-    return {split: {k: v for k, v in m.items() if k != "logits"} for split, m in metrics.items()}
-
-
 def learn(job: Job, engine: Engine) -> MaskHistory:
     """The mask steps (or the saved mask with ``eval_only``), saving the best as it goes."""
     cfg = job.cfg
@@ -617,18 +502,6 @@ def evaluate_models(job: Job, engine: Engine, history: MaskHistory) -> dict[str,
     return results
 
 
-def reliability(job: Job, results: dict[str, dict]) -> dict[str, dict]:
-    """Test-split probabilities and labels of each model, for the reliability diagrams."""
-    labels = [int(ex["label"]) for ex in job.data.test]
-    return {
-        name: {
-            "probs": torch.softmax(torch.tensor(m["test"]["logits"]), 1).tolist(),
-            "labels": labels,
-        }
-        for name, m in results.items()
-    }
-
-
 def export_grafted(job: Job, engine: Engine, masks: list[torch.Tensor]) -> None:
     """θ_pre + γ_bin ⊙ Δ as a Hugging Face folder (a sharded model is gathered first)."""
     t = engine.tensors
@@ -654,7 +527,8 @@ def finalize(job: Job, engine: Engine, history: MaskHistory) -> dict[str, Any]:
         export_grafted(job, engine, masks)
     result: dict[str, Any] = {}
     if job.info.is_main:
-        curves = reliability(job, results)
+        labels = [int(ex["label"]) for ex in job.data.test]
+        curves = reliability_curves({m: r["test"]["logits"] for m, r in results.items()}, labels)
         write_json(job.out / "reliability.json", curves)
         plot_reliability(
             {name: (c["probs"], c["labels"]) for name, c in curves.items()},

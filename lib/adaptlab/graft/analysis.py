@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,4 +172,25 @@ def recovery(grafted_acc: float, base_acc: float, ft_acc: float) -> dict[str, fl
     return {
         "relative": grafted_acc / ft_acc if ft_acc else math.nan,
         "gain": (grafted_acc - base_acc) / (ft_acc - base_acc) if ft_acc != base_acc else math.nan,
+    }
+
+
+def strip_logits(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-split metrics without their ``logits`` (what a result record keeps)."""
+    return {split: {k: v for k, v in m.items() if k != "logits"} for split, m in metrics.items()}
+
+
+def reliability_curves(
+    logits: Mapping[str, Sequence[Sequence[float]]], labels: Sequence[int]
+) -> dict[str, dict[str, list]]:
+    """``{model: {"probs": [M, C] softmax of its scores, "labels": [M]}}`` for reliability
+    diagrams (``adaptlab.plotting.graft.plot_reliability``, ``reliability.json``).
+
+    Args:
+        logits: model name -> ``[M, C]`` class scores of one split.
+        labels: ``[M]`` gold classes of that split.
+    """
+    return {
+        name: {"probs": torch.softmax(torch.tensor(rows), 1).tolist(), "labels": list(labels)}
+        for name, rows in logits.items()
     }

@@ -130,3 +130,20 @@ def check_compatible(
                 f"The fine-tuned parameter {name!r} holds NaN or inf, so Δ = θ_ft − θ_pre is not "
                 "finite; graft a checkpoint from before the run diverged."
             )
+
+
+def check_same_shapes(pre: torch.nn.Module, ft: torch.nn.Module, pre_name: str, ft_name: str):
+    """θ_pre and θ_ft are one architecture: the same parameter names and shapes (meta models).
+
+    Raises:
+        GraftError: naming the first parameter that differs.
+    """
+    a = {n: tuple(p.shape) for n, p in pre.named_parameters()}
+    b = {n: tuple(p.shape) for n, p in ft.named_parameters()}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            raise GraftError(
+                f"θ_pre ({pre_name}) and θ_ft ({ft_name}) are different architectures: "
+                f"{name!r} is {a.get(name, 'absent')} in one and {b.get(name, 'absent')} in the "
+                "other; graft a model onto its own base."
+            )

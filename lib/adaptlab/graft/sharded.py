@@ -356,3 +356,14 @@ def content_hash_sharded(tensors: GraftTensors, values: Sequence[Tensor]) -> str
         sample = torch.cat([g[i] for g in gathered]).contiguous()
         hash_update(digest, name, p.shape, sample)
     return digest.hexdigest()
+
+
+def check_finite(tensors: GraftTensors) -> None:
+    """Refuse a θ_ft with NaN or inf on E (Δ would not be finite), on every process alike."""
+    bad = [i for i, ft in enumerate(tensors.ft) if not torch.isfinite(ft).all()]
+    if all_sum(float(len(bad)), tensors):
+        name = tensors.names[bad[0]] if bad else "an eligible parameter"
+        raise GraftError(
+            f"The fine-tuned parameter {name!r} holds NaN or inf, so Δ = θ_ft − θ_pre is not "
+            "finite; graft a checkpoint from before the run diverged."
+        )

@@ -11,6 +11,9 @@
 * a PEFT adapter folder (``adapter_config.json``): Δ is the adapter's merged delta on the
   weights it wraps.
 
+:func:`data_config` and :func:`selection_of` read the run's data settings and freezing flags,
+so grafting sees the data and the eligible set the fine-tuning run had.
+
 :func:`safetensors_files` lists a model folder's weights, which the recipe reads lazily (only
 the eligible entries, under FSDP only each process's rows); :func:`adapter_tensors` merges an
 adapter one layer at a time into a copy of that layer's weight (θ_ft never exists as a second
@@ -28,7 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from adaptlab.adapters.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
+from adaptlab.data import get_task, split_tasks
+from adaptlab.graft.config import GraftConfig
+from adaptlab.graft.eligible import Selection, eligible_names
 from adaptlab.graft.errors import GraftError
+from adaptlab.graft.sharded import safetensors_rows
 
 RUN_FILES = ("result.json", "run.json")
 CHECKPOINT_META = "adaptlab_checkpoint.json"
@@ -178,3 +185,97 @@ def adapter_tensors(model: nn.Module, adapter: Path) -> dict[str, Tensor]:
     if not out:
         raise GraftError(f"The adapter in {adapter} changes no weight; nothing to graft.")
     return out
+
+
+DATA_FIELDS = {  # graft config field -> fine-tuning run field
+    "task": "task",
+    "task_dir": "task_dir",
+    "shots": "shots",
+    "seed": "data_seed",
+    "kshot_mode": "kshot_mode",
+    "template": "template",
+    "label_words": "label_words",
+    "test_limit": "test_limit",
+    "scoring": "scoring",
+}
+DATA_DEFAULTS = {"shots": 16, "seed": 42, "kshot_mode": "k-shot", "scoring": "label_words"}
+
+
+def data_config(cfg: GraftConfig, run: dict | None, mask: dict | None) -> dict[str, Any]:
+    """The data fields: the config's, else the fine-tuning run's, else the mask's, else defaults."""
+    recorded = (mask or {}).get("data", {})
+    out = {}
+    for ours, theirs in DATA_FIELDS.items():
+        value = getattr(cfg, ours)
+        if value is None and run is not None:
+            value = run.get(theirs)
+        if value is None:
+            value = recorded.get(ours, DATA_DEFAULTS.get(ours))
+        out[ours] = value
+    if out["task"] is None:
+        raise GraftError("No task is known: pass --task (and --task_dir), or graft a run folder.")
+    trained = split_tasks(run["task"]) if run is not None and run.get("task") else []
+    if len(trained) > 1 and cfg.task is None:
+        raise GraftError(
+            f"The run was fine-tuned on several tasks ({', '.join(trained)}); a graft is learned "
+            "per task: pass --task with one of them."
+        )
+    out["task"] = get_task(out["task"]).name
+    if len(trained) > 1 and out["task"] not in trained:
+        raise GraftError(
+            f"--task {out['task']} is not one of the tasks the run trained ({', '.join(trained)})."
+        )
+    return out
+
+
+def selection_of(cfg: GraftConfig, source: FinetunedSource | None) -> Selection | None:
+    """The eligible-set flags: the run's own, or the config's for a plain model folder."""
+    overrides = {
+        "fix_head": cfg.fix_head,
+        "fix_embeddings": cfg.fix_embeddings,
+        "fix_layers": cfg.fix_layers,
+        "biases_only": cfg.biases_only,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if source is not None and source.kind == "adapter":
+        if given:
+            raise GraftError(
+                f"{', '.join(given)} do not apply to an adapter: its eligible set is the weights "
+                "it changes; drop them."
+            )
+        return None
+    if source is not None and source.run_config is not None:
+        if given:
+            raise GraftError(
+                f"{', '.join(given)} override the fine-tuning run's own freezing flags, which "
+                "define the eligible set; drop them to graft what the run trained."
+            )
+        return Selection.from_run_config(source.run_config)
+    run = {k: v for k, v in given.items() if k != "biases_only"}
+    return Selection.from_run_config({**run, "method": "bitfit" if cfg.biases_only else "full"})
+
+
+def finetuned_tensors(
+    source: FinetunedSource | None, selection: Selection | None, model: nn.Module, saved: Any
+) -> tuple[list[str], Any]:
+    """The eligible names and θ_ft: whole tensors (adapter, mask) or a safetensors row reader
+    (a model folder: each process reads only its rows, and only of eligible tensors).
+
+    Args:
+        source: the resolved ``--finetuned`` (None: evaluate ``saved`` alone).
+        selection: the run's freezing flags (model folders).
+        model: θ_pre, not sharded yet.
+        saved: the mask being evaluated (:class:`~adaptlab.graft.artefact.GraftMask`) or None;
+            without a source θ_ft is known at its positions only.
+    """
+    params = dict(model.named_parameters())
+    if source is None:  # eval_only from the mask alone: θ_ft is known at the mask only
+        finetuned = {n: params[n].detach().clone() for n in saved.names}
+        for n, t in finetuned.items():
+            flat, idx = t.view(-1), saved.index[n].to(t.device)
+            flat[idx] = (flat[idx].double() + saved.delta[n].to(t.device)).to(t.dtype)
+        return saved.names, finetuned
+    if source.kind == "adapter":
+        finetuned = adapter_tensors(model, source.weights)
+        return [n for n in params if n in finetuned], finetuned
+    return eligible_names(model, selection), safetensors_rows(safetensors_files(source.weights))
