@@ -104,34 +104,6 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_compatible(
-    pre: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], names: list[str]
-) -> None:
-    """θ_pre and θ_ft agree on every eligible name and shape, and θ_ft is finite there.
-
-    Raises:
-        GraftError: a name is missing, a shape differs, or θ_ft holds NaN or inf.
-    """
-    missing = [name for name in names if name not in finetuned]
-    if missing:
-        raise GraftError(
-            f"The fine-tuned model has no parameter {missing[0]!r} ({len(missing)} eligible "
-            "parameters missing); θ_pre and θ_ft must be the same architecture."
-        )
-    for name in names:
-        a, b = pre[name], finetuned[name]
-        if tuple(a.shape) != tuple(b.shape):
-            raise GraftError(
-                f"Parameter {name!r} is {tuple(a.shape)} in the base model but {tuple(b.shape)} "
-                "in the fine-tuned one; θ_pre and θ_ft must be the same architecture."
-            )
-        if not torch.isfinite(b).all():
-            raise GraftError(
-                f"The fine-tuned parameter {name!r} holds NaN or inf, so Δ = θ_ft − θ_pre is not "
-                "finite; graft a checkpoint from before the run diverged."
-            )
-
-
 def check_same_shapes(pre: torch.nn.Module, ft: torch.nn.Module, pre_name: str, ft_name: str):
     """θ_pre and θ_ft are one architecture: the same parameter names and shapes (meta models).
 

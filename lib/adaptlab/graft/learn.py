@@ -107,23 +107,6 @@ def accumulate_gradients(
     return all_sum(total, tensors) / max(len(batches), 1)
 
 
-def mask_gradient(
-    model: nn.Module, tensors: GraftTensors, batches: Sequence[Mapping[str, Tensor]], loss: LossFn
-) -> tuple[list[Tensor], float]:
-    """(1/n) Σ_t ∂L_t/∂θ ⊙ Δ per eligible tensor at the model's current weights.
-
-    Returns:
-        ``([T] tensors shaped like the local shards, mean loss of the n batches)``.
-    """
-    mean_loss = accumulate_gradients(model, tensors, batches, loss)
-    scale = tensors.world / max(len(batches), 1)
-    grads = []
-    for i, p in enumerate(tensors.params):
-        grads.append(_grad_times_delta(tensors, i, p, scale))
-        p.grad = None
-    return grads, mean_loss
-
-
 def _grad_times_delta(tensors: GraftTensors, i: int, p: Tensor, scale: float) -> Tensor:
     """scale · ∂L/∂θ_i ⊙ Δ_i, computed into the fresh Δ_i (no other temporary)."""
     delta = tensors.delta(i)
