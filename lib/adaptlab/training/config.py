@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adaptlab.adapters.settings import KernelViewSettings
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
@@ -64,7 +65,7 @@ def _plain_name(name: str) -> bool:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(KernelViewSettings):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
 
@@ -76,7 +77,9 @@ class FinetuneConfig:
         method: what trains, a key of ``adaptlab.training.methods.METHODS``: ``full``,
             ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only), ``qlora`` (LoRA on a
             bitsandbytes 4-bit base) or the bottleneck adapters ``houlsby``, ``pfeiffer``,
-            ``parallel`` (Llama and BERT/RoBERTa only).
+            ``parallel`` (Llama and BERT/RoBERTa only), or the kernel-view adapters
+            ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix`` (Llama,
+            GPT-2, BERT, RoBERTa; their fields are :class:`KernelViewSettings`').
         target_modules: module names the adapters wrap (a name matches a module whose dotted
             path ends with it); ``[all-linear]`` wraps every linear layer but the output head.
         lora_r: LoRA/DoRA rank.

@@ -11,6 +11,8 @@
 | ``houlsby``| bottleneck adapters after attention and FFN | frozen       | whole model + adapters|
 | ``pfeiffer``| a bottleneck adapter after the FFN  | frozen              | whole model + adapters|
 | ``parallel``| a bottleneck adapter beside the FFN | frozen              | whole model + adapters|
+| ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix``: attention adapters, |
+| see ``adaptlab.training.kernel_view``; frozen base; checkpoints hold the adapter only       |
 
 The bottleneck adapters are adaptlab's own (``adaptlab.adapters.bottleneck``: forward hooks
 on Llama and BERT/RoBERTa blocks); their checkpoints hold the whole model, with the adapter
@@ -46,6 +48,7 @@ from torch import nn
 
 from adaptlab.adapters.bottleneck import BottleneckConfig, attach_bottleneck, check_architecture
 from adaptlab.extract.points import unwrap
+from adaptlab.training import kernel_view
 from adaptlab.training.freezing import freeze
 from adaptlab.training.optim import TrainingError
 
@@ -262,6 +265,16 @@ def _bottleneck(name: str) -> Method:
     return Method(name, _prepare_bottleneck, adapter=False, check=_check_bottleneck)
 
 
+def _finish_kernel_view(model: nn.Module, cfg: MethodSettings) -> nn.Module:
+    _checkpointing(model, cfg)
+    return _finish(model, cfg)
+
+
+def _kernel_view(name: str) -> Method:
+    prepare = kernel_view.preparer(name, _finish_kernel_view)
+    return Method(name, prepare, adapter=True, check=kernel_view.checker(name))
+
+
 # ---------------------------------------------------------------------------------------------
 # AdaLoRA hooks
 
@@ -359,6 +372,7 @@ METHODS: dict[str, Method] = {
     "houlsby": _bottleneck("houlsby"),
     "pfeiffer": _bottleneck("pfeiffer"),
     "parallel": _bottleneck("parallel"),
+    **{name: _kernel_view(name) for name in kernel_view.TITLES},
 }
 
 
