@@ -160,3 +160,58 @@ def test_the_old_whole_model_layout_is_refused(tmp_path):
     (old / "bottleneck_config.json").write_text("{}")
     with pytest.raises(AdapterError, match=r"old layout .* run its fine-tuning again"):
         resolve_model(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# A houlsby run's best/ folder as --model of the extraction and kernel scripts
+
+
+@pytest.fixture(scope="module")
+def houlsby_best(tiny_model_dir, sst2_dir, tmp_path_factory):
+    from tests.test_fewshot_finetune import fewshot_args, finetune
+
+    out = tmp_path_factory.mktemp("houlsby") / "run"
+    # ties=last: best/ holds the trained adapters, not step 0's (the same dev accuracy, A = 0)
+    finetune.main(fewshot_args(tiny_model_dir, sst2_dir, out, "--method", "houlsby",
+                               "--adapter_reduction_factor", "8", "--max_steps", "2",
+                               "--best_ties", "last"))  # fmt: skip
+    assert is_adaptlab_folder(out / "best")
+    assert json.loads((out / "best" / "adaptlab_checkpoint.json").read_text())["step"] == 2
+    return out / "best"
+
+
+def test_extraction_of_a_houlsby_folder(houlsby_best, tiny_model_dir, mmlu_file, tmp_path):
+    import shutil
+
+    from tests.test_extract_script import args_for, arrays, extract_repr
+
+    zero = tmp_path / "zero"  # the same adapters with up = 0: A(h) = 0, the base model exactly
+    shutil.copytree(houlsby_best, zero)
+    rewrite(zero, lambda t: t.update({n: torch.zeros_like(v) for n, v in t.items() if ".up." in n}))
+    outputs = {}
+    for name, model in (("base", tiny_model_dir), ("tuned", houlsby_best), ("zero", zero)):
+        extract_repr.main(args_for(model, mmlu_file, tmp_path / "out" / name))
+        outputs[name] = arrays(tmp_path / "out" / name)
+    base, tuned = outputs["base"], outputs["tuned"]
+    for file, value in base.items():
+        assert torch.equal(outputs["zero"][file], value), file
+    # block 0's input norm comes before any adapter; every later output passes one
+    assert torch.equal(tuned["norm1/l0.safetensors"], base["norm1/l0.safetensors"])
+    for file in ("block/l0.safetensors", "block/l1.safetensors", "logits/l3.safetensors"):
+        assert (tuned[file] - base[file]).abs().max() > 1e-4, file
+    manifest = json.loads((tmp_path / "out" / "tuned" / "manifest.json").read_text())
+    assert manifest["model"]["adapter_path"] == str(houlsby_best)
+
+
+def test_kernel_of_a_houlsby_folder(houlsby_best, tiny_model_dir, sst2_dir, tmp_path):
+    from tests.test_compute_kernel import compute_kernel, kernel_args
+
+    compute_kernel.main(kernel_args(houlsby_best, sst2_dir, tmp_path / "kernel"))
+    folder = tmp_path / "kernel" / "8-42"
+    kernel, _ = torch.load(folder / "train_kernels_SST-2.pt", weights_only=True)
+    assert kernel.shape == (16, 2, 16, 2) and torch.isfinite(kernel).all()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    base = sum(p.numel() for p in load_model(tiny_model_dir).parameters())
+    hidden, r, blocks = 32, 32 // 8, 2
+    adapters = blocks * 2 * (2 * hidden * r + r + hidden)  # houlsby: 2 adapters per block
+    assert manifest["grad_dim"] == base + adapters  # the kernel's gradients include them
