@@ -502,6 +502,8 @@ def check_weights(
             or pickle weights without ``allow_pickle_weights`` (the message names
             ``--allow_pickle_weights true``) or that torch refuses.
         ModelNotFoundError: see :func:`resolve_model`.
+        AdapterError: an adaptlab adapter folder trained on another base model.
+        ValueError: an adaptlab adapter folder together with other adapters.
     """
     ref = _as_ref(ref_or_name)
     root = ref.root
