@@ -87,7 +87,7 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
-    # bottleneck adapters only (base frozen; reload: adaptlab.adapters.load_bottleneck)
+    # bottleneck adapters only (base frozen; best/ is an adapter folder, load_model reads it)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --method houlsby \
         --adapter_reduction_factor 16

@@ -2,8 +2,9 @@
 
 At init the adapted model is the pretrained one to the bit; with random adapter weights each
 hooked module's output is recomputed from plain matrix products; the trainable count is the
-closed form; a ``--method houlsby`` few-shot run trains only the adapters, reloads from
-``final/`` to the metrics it logged, and resumes exactly after a kill.
+closed form; a ``--method houlsby`` few-shot run trains only the adapters, saves them alone as an
+adapter folder, reloads from ``final/`` to the metrics it logged, and resumes exactly after a
+kill.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from adaptlab.adapters import AdapterError, BottleneckConfig, attach_bottleneck, load_bottleneck
+from adaptlab.adapters import AdapterError, BottleneckConfig, attach_bottleneck
 from adaptlab.data import encode_examples, label_word_ids, load_task
-from adaptlab.models import load_tokenizer
+from adaptlab.models import load_model, load_tokenizer
 from adaptlab.models.tiny import tiny_bert, tiny_llama
 from adaptlab.training.checkpoint import trainable_tensors
 from adaptlab.training.config import FinetuneConfig
@@ -164,16 +165,18 @@ def test_houlsby_fewshot_run_trains_adapters_and_final_reloads(tiny_model_dir, s
                                "--adapter_reduction_factor", "8"))  # fmt: skip
     result = json.loads((out / "result.json").read_text())
     final = out / "final"
-    config = json.loads((final / "bottleneck_config.json").read_text())
-    assert config["placement"] == "houlsby" and config["reduction_factor"] == 8
-    saved = safe_open(final / "model.safetensors", "pt").keys()
-    assert saved and not any("bottleneck_" in key for key in saved)  # HF files: the base only
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADAPTLAB"
+    [entry] = config["adaptlab_adapters"]
+    assert entry["method"] == "houlsby" and entry["config"]["reduction_factor"] == 8
+    saved = safe_open(final / "adapter_model.safetensors", "pt").keys()
+    assert saved and all(".bottleneck_" in key for key in saved)  # the adapters only
+    assert not (final / "model.safetensors").exists()
 
+    tuned = load_model(final)  # the base, with the trained adapters attached
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tuned = AutoModelForCausalLM.from_pretrained(final).eval()  # base weights, no adapters
-    for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name  # the base stayed frozen
-    load_bottleneck(final, tuned)
+    for name, value in base.state_dict().items():
+        assert torch.equal(tuned.state_dict()[name], value), name  # the base stayed frozen
     ups = [p for n, p in tuned.named_parameters() if n.endswith("bottleneck_ffn.up.weight")]
     assert len(ups) == 2 and all(p.abs().max() > 0 for p in ups)  # the adapters trained
 
@@ -212,24 +215,21 @@ def test_killed_pfeiffer_run_resumes_exactly(
     capsys.readouterr()
     finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
     assert "resumed at step 2" in capsys.readouterr().out
-    a = load_file(whole / "final" / "bottleneck_adapters.safetensors")
-    b = load_file(killed / "final" / "bottleneck_adapters.safetensors")
+    a = load_file(whole / "final" / "adapter_model.safetensors")
+    b = load_file(killed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 2 * 4  # 2 blocks x (down, up) x (weight, bias)
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=1e-6)
 
 
 def test_grafting_refuses_a_bottleneck_folder(tmp_path):
-    from adaptlab.adapters import bottleneck_config, save_bottleneck
+    from adaptlab.adapters import save_adapter_folder
     from adaptlab.graft.errors import GraftError
     from adaptlab.graft.source import resolve_finetuned
 
     model = tiny_llama()
     attach_bottleneck(model, BottleneckConfig(placement="pfeiffer", dim=2))
-    model.save_pretrained(tmp_path)
     adapters = {n: p for n, p in model.state_dict().items() if "bottleneck_" in n}
-    save_bottleneck(tmp_path, bottleneck_config(model), adapters)
-    reloaded = load_bottleneck(tmp_path, AutoModelForCausalLM.from_pretrained(tmp_path))
-    assert reloaded.state_dict().keys() == model.state_dict().keys()
-    with pytest.raises(GraftError, match=r"holds bottleneck adapters"):
-        resolve_finetuned(tmp_path)
+    save_adapter_folder(tmp_path / "adapter", model, adapters, base_model="embedded:unused")
+    with pytest.raises(GraftError, match=r"holds adaptlab adapters \(e.g. bottleneck\)"):
+        resolve_finetuned(tmp_path / "adapter")

@@ -148,3 +148,21 @@ def test_checkpoints_are_compared_with_the_reference(runs, tmp_path):
     # a representation's neighbourhoods overlap their own copy exactly
     assert all(r["overlap_reference"] == pytest.approx(1.0) for r in ckpt)
     assert (out / "figures" / "checkpoint_overlap.png").stat().st_size > 10_000
+
+
+def test_clipped_maxk_is_said_once_per_n_over_a_whole_study(runs, tmp_path, caplog, monkeypatch):
+    from adaptlab.geometry import layer
+
+    monkeypatch.setattr(layer, "_CLIPPED", set())  # what earlier tests reported
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="adaptlab.geometry.layer"):
+        analyze_repr.main(["--runs", f"[{runs}]", "--output_dir", str(out), "--progress",
+                           "false", *SMALL, "--metrics.maxk", "500"])  # fmt: skip
+    records = json.loads((out / "metrics.json").read_text())
+    used = {r["maxk"] for r in records}
+    assert len(records) == 6 and max(used) < 500  # every layer clipped, each keeps its k
+    assert len(used) < len(records)  # layers share an N, so fewer warnings than layers
+    said = [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+    assert sorted(said) == sorted(
+        f"maxk=500 clipped to N-1={k} (N unique points); said once per N." for k in used
+    )

@@ -32,37 +32,32 @@ Quick start::
     model = tiny_llama()
     config = BottleneckConfig(placement="houlsby", reduction_factor=8)
     attach_bottleneck(model, config)   # 2 adapters per block, hidden 32 -> r 4
-    # train the parameters under "bottleneck_"; save_bottleneck / load_bottleneck keep them
+    # train the parameters under "bottleneck_"; save_adapter_folder / load_model keep them
+
+The kinds ``houlsby``, ``pfeiffer`` and ``parallel`` are registered in
+:data:`adaptlab.adapters.folder.KINDS` (one per placement, sharing this implementation), so a
+run's checkpoints are PEFT-layout adapter folders (see :mod:`adaptlab.adapters.folder`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from adaptlab.errors import UserError
+from adaptlab.adapters.errors import AdapterError
+from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.extract.points import PointError, decoder_layers, unwrap
-from adaptlab.io import save_tensors, write_json
 
 Placement = Literal["houlsby", "pfeiffer", "parallel"]
 PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 SUPPORTED = "Llama and BERT/RoBERTa"
 PREFIX = "bottleneck_"  # block attributes (and so parameter names) of the adapters
-WEIGHTS_FILE = "bottleneck_adapters.safetensors"
-CONFIG_FILE = "bottleneck_config.json"
 _CONFIG_ATTRIBUTE = "_adaptlab_bottleneck"  # on the model root, read when saving
-
-
-class AdapterError(UserError):
-    """An adapter setting or model the adapters cannot work with."""
 
 
 @dataclass(frozen=True)
@@ -270,58 +265,32 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving
+# Saving: one adapter kind per placement (the name a run's --method gives)
 
 
-def save_bottleneck(
-    folder: str | Path, config: BottleneckConfig, tensors: dict[str, torch.Tensor]
-) -> None:
-    """Write the adapter tensors (``WEIGHTS_FILE``) and their config (``CONFIG_FILE``).
+def _kind(placement: str) -> AdapterKind:
+    def from_dict(data: dict) -> BottleneckConfig:
+        config = BottleneckConfig(**data)
+        if config.placement != placement:
+            raise AdapterError(
+                f"A {placement} adapter entry holds placement {config.placement!r}; save the "
+                "adapters again."
+            )
+        return config
 
-    Args:
-        folder: an existing folder, e.g. next to the saved base model.
-        config: the adapters' config.
-        tensors: ``{state-dict name: tensor}`` of the adapter entries.
-    """
-    folder = Path(folder)
-    save_tensors(folder / WEIGHTS_FILE, {k: v.detach().cpu() for k, v in tensors.items()})
-    write_json(folder / CONFIG_FILE, asdict(config))
+    def config_of(model: nn.Module) -> BottleneckConfig | None:
+        config = bottleneck_config(model)
+        return config if config is not None and config.placement == placement else None
 
-
-def load_bottleneck(folder: str | Path, model: nn.Module) -> nn.Module:
-    """Attach the adapters saved in ``folder`` to ``model`` (its base, e.g. loaded from the
-    same folder) and load their weights; returns ``model``.
-
-    Raises:
-        AdapterError: the folder has no adapters, or they do not fit the model.
-    """
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise AdapterError(
-            f"{folder} holds no bottleneck adapters ({CONFIG_FILE} and {WEIGHTS_FILE}); pass "
-            "the best/ or final/ folder of a houlsby, pfeiffer or parallel run."
-        )
-    config = BottleneckConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-    attach_bottleneck(model, config)
-    saved = load_file(str(folder / WEIGHTS_FILE))
-    base = unwrap(model)
-    own = {n: p for n, p in base.named_parameters() if is_adapter_parameter(n)}
-    if set(own) != set(saved):
-        raise AdapterError(
-            f"The adapters in {folder} do not fit {type(base).__name__} (e.g. "
-            f"{sorted(set(own) ^ set(saved))[0]!r}); load the model the run trained."
-        )
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(saved[name])
-    return model
+    return AdapterKind(
+        name=placement,
+        from_dict=from_dict,
+        to_dict=asdict,
+        attach=attach_bottleneck,
+        config_of=config_of,
+        is_parameter=is_adapter_parameter,
+    )
 
 
-def split_adapters(
-    state_dict: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(model entries, adapter entries)`` of a state dict."""
-    model, adapters = {}, {}
-    for name, tensor in state_dict.items():
-        (adapters if is_adapter_parameter(name) else model)[name] = tensor
-    return model, adapters
+for _placement in PLACEMENTS:
+    register_kind(_kind(_placement))

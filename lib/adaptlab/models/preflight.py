@@ -21,7 +21,8 @@ import importlib.util
 import torch
 
 from adaptlab.errors import UserError
-from adaptlab.models.loader import _check_adapter, pick_attn_implementation, pick_dtype
+from adaptlab.models.adapters_loading import check_adapter
+from adaptlab.models.loader import pick_attn_implementation, pick_dtype
 from adaptlab.models.refs import ModelRef
 
 # bitsandbytes packs 4-bit weights for its CPU kernels in blocks of this many input features
@@ -62,7 +63,7 @@ def check_load(
                 f"--adapter {adapter} would apply a second one; drop --adapter, or pass the base "
                 "model as --model."
             )
-        _check_adapter(adapter)
+        check_adapter(adapter)
     try:
         pick_attn_implementation(attn_implementation, device, pick_dtype(dtype, device))
     except ValueError as err:

@@ -1,4 +1,4 @@
-"""Model names: what a string names (embedded, local folder, PEFT adapter, graft mask, hub id),
+"""Model names: what a string names (embedded, local folder, adapter, graft mask, hub id),
 resolved without loading any weights (see :mod:`adaptlab.models.loader` for the rules)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from adaptlab.adapters.folder import refuse_legacy
 from adaptlab.models.embedded import EMBEDDED_MODELS, EMBEDDED_PREFIX, embedded_model_dir
 from adaptlab.models.errors import ModelFileError, ModelNotFoundError
 from adaptlab.network import hub_reachable
@@ -132,6 +133,7 @@ def _resolve_local(name: str, folder: Path, materialize: bool, seen: tuple[str, 
         base = _resolve_graft_base(name, folder / GRAFT_CONFIG, materialize, seen)
         return ModelRef(name=name, path=str(folder), source="local", base=base,
                         graft_path=str(folder))  # fmt: skip
+    refuse_legacy(folder)  # whole model + bottleneck files: would load without its adapters
     if (folder / "adapter_config.json").is_file():
         base = _resolve_adapter_base(name, folder / "adapter_config.json", materialize, seen)
         path = str(folder)

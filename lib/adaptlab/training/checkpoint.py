@@ -10,15 +10,16 @@ A run folder holds::
     metrics.jsonl, result.json
 
 Weights are in the Hugging Face on-disk format: an adapter folder (``adapter_config.json``,
-``adapter_model.safetensors``) for PEFT methods, which ``PeftModel.from_pretrained`` and
-``scripts/extract_repr.py --model`` load; a ``save_pretrained`` model folder with its tokenizer
-otherwise. Each carries ``adaptlab_checkpoint.json`` (step, epoch, run fingerprint). A run with
-a linear classification head (``head=linear``) also writes it as ``linear_head.safetensors``
+``adapter_model.safetensors``) for adapter methods, a ``save_pretrained`` model folder with its
+tokenizer otherwise. PEFT methods (LoRA...) write PEFT's folder; adaptlab's own adapters
+(``houlsby``, ``pfeiffer``, ``parallel``) write the same layout with ``peft_type`` ``ADAPTLAB``
+and only the trainable tensors (:mod:`adaptlab.adapters.folder`). Both kinds of folder are
+model names that ``adaptlab.models.load_model``, ``scripts/extract_repr.py --model`` and
+``scripts/compute_kernel.py --model`` load on the recorded base model. Each folder carries
+``adaptlab_checkpoint.json`` (step, epoch, run fingerprint). A run with a linear
+classification head (``head=linear``) also writes it as ``linear_head.safetensors``
 (``linear.weight`` [C, H], ``linear.bias`` [C]; :func:`load_linear_head`), outside the HF
 files, so the folder still loads as a plain model or adapter.
-Bottleneck adapters (``houlsby``, ``pfeiffer``, ``parallel``) are likewise kept out of the HF
-files: ``bottleneck_adapters.safetensors`` + ``bottleneck_config.json`` next to the whole model,
-which ``adaptlab.adapters.load_bottleneck(folder, model)`` attaches to the model loaded from it.
 
 ``resume/`` holds the trainable parameters, the optimiser and scheduler states (with IVON's
 step counter, which its ``state_dict`` omits), every
@@ -57,7 +58,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adaptlab.adapters.bottleneck import bottleneck_config, save_bottleneck, split_adapters
+from adaptlab.adapters.folder import attached_kinds, write_adapter_files
 from adaptlab.errors import UserError
 from adaptlab.io import ASIDE_SUFFIX, TEMP_SUFFIX, read_json, save_tensors, write_json
 from adaptlab.rundir import Layout
@@ -198,7 +199,8 @@ def save_weights(
         accelerator: the run's ``accelerate.Accelerator``.
         model: the prepared (possibly wrapped) model.
         folder: destination; replaced if it exists.
-        adapter: save ``adapter_config.json`` + ``adapter_model.safetensors`` only.
+        adapter: save ``adapter_config.json`` + ``adapter_model.safetensors`` only (PEFT's
+            folder, or adaptlab's when its own adapters are attached).
         tokenizer: saved next to a whole model, so the folder loads on its own.
         meta: written as ``adaptlab_checkpoint.json``.
     """
@@ -206,20 +208,39 @@ def save_weights(
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         state_dict, head = split_linear_head(state_dict)
-        state_dict, adapters = split_adapters(state_dict)
+        kinds = attached_kinds(unwrapped)
         with atomic_dir(folder) as tmp:
-            # The vocabulary is never resized here, so PEFT need not look for embedding changes
-            # (its check reads the base model's config, which fails for embedded: names).
-            extra = {"save_embedding_layers": False} if adapter else {}
-            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, **extra)
+            if kinds:  # adaptlab's own adapters: every trainable entry, nothing of the base
+                adapters, others = _adapter_entries(unwrapped, state_dict, kinds)
+                write_adapter_files(tmp, unwrapped, adapters, unwrapped.name_or_path, others)
+            else:
+                # The vocabulary is never resized here, so PEFT need not look for embedding
+                # changes (its check reads the base model's config, which fails for embedded:).
+                extra = {"save_embedding_layers": False} if adapter else {}
+                unwrapped.save_pretrained(str(tmp), state_dict=state_dict, **extra)
             if head:
                 save_tensors(tmp / HEAD_FILE, head)
-            if adapters:
-                save_bottleneck(tmp, bottleneck_config(unwrapped), adapters)
             if tokenizer is not None and not adapter:
                 tokenizer.save_pretrained(str(tmp))
             write_json(tmp / CHECKPOINT_FILE, dict(meta or {}))
     accelerator.wait_for_everyone()
+
+
+def _adapter_entries(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], kinds: list
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(adapter entries, other trainable entries)`` of ``state_dict`` (names of ``model``).
+
+    A replicated model's state dict holds the frozen base too; only the trainable entries are
+    kept, the adapters' apart from anything else that trains.
+    """
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    adapters, others = {}, {}
+    for name, tensor in state_dict.items():
+        if name in trainable:
+            belongs = any(kind.is_parameter(name) for kind, _ in kinds)
+            (adapters if belongs else others)[name] = tensor
+    return adapters, others
 
 
 def split_linear_head(

@@ -262,7 +262,7 @@ def _check_bottleneck(cfg: MethodSettings, skeleton: nn.Module) -> None:
 
 
 def _bottleneck(name: str) -> Method:
-    return Method(name, _prepare_bottleneck, adapter=False, check=_check_bottleneck)
+    return Method(name, _prepare_bottleneck, adapter=True, check=_check_bottleneck)
 
 
 def _finish_kernel_view(model: nn.Module, cfg: MethodSettings) -> nn.Module:
