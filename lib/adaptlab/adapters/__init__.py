@@ -4,6 +4,13 @@
 |--------------|-----------------------------------------------------------------------------|
 | bottleneck   | Houlsby / Pfeiffer / parallel bottleneck adapters attached by forward hooks |
 | folder       | the adapter-folder format and the registry of adapter kinds (``KINDS``)     |
+| attention    | adapters inside attention: transformers' attention registry, every backend  |
+| families     | where q, k, v, W_O live per architecture (Llama, GPT-2, BERT, RoBERTa)      |
+| inducer      | inducer-tuning (+ Q-LoRA in ``query_lora``)                                  |
+| prefix       | prefix-tuning on the attention hooks (no KV cache, so checkpointing works)  |
+| kernel       | kernel-wise adapters: bandwidth, bitfit, kerfit, kerfit_sep, kerfit_X        |
+| kernel_mix   | Kernel-mix: head-wise low-rank Q, V, O updates                               |
+| settings     | the finetune config fields of these methods                                  |
 
 Every kind saves the same way: ``adapter_config.json`` (``peft_type`` ``ADAPTLAB``, the kinds
 and their configs, the base model) and ``adapter_model.safetensors`` (the adapter tensors
@@ -29,10 +36,22 @@ from adaptlab.adapters.folder import (
     register_kind,
     save_adapter_folder,
 )
+from adaptlab.adapters.inducer import InducerConfig, attach_inducer  # registers "inducer"
+from adaptlab.adapters.kernel import KernelAdapterConfig, attach_kernel_adapter
+from adaptlab.adapters.kernel_mix import KernelMixConfig, attach_kernel_mix
+from adaptlab.adapters.prefix import PrefixConfig, attach_prefix
 
 __all__ = [
     "KINDS",
     "AdapterError",
+    "InducerConfig",
+    "KernelAdapterConfig",
+    "KernelMixConfig",
+    "PrefixConfig",
+    "attach_inducer",
+    "attach_kernel_adapter",
+    "attach_kernel_mix",
+    "attach_prefix",
     "AdapterKind",
     "BottleneckAdapter",
     "BottleneckConfig",

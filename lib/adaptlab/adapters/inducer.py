@@ -31,7 +31,7 @@ Quick start::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from adaptlab.adapters.families import (
     family_of,
     geometry,
 )
+from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.adapters.query_lora import QueryLoRA
 from adaptlab.errors import UserError
 from adaptlab.extract.points import unwrap
@@ -274,3 +275,19 @@ def parameter_count(geo: Geometry, layers: int, config: InducerConfig) -> int:
     if config.lora_q_r:
         per_layer += config.lora_q_r * (geo.hidden + h * d)
     return layers * per_layer
+
+
+def _is_parameter(name: str) -> bool:
+    return any(part in ("adaptlab_inducer", "adaptlab_query_lora") for part in name.split("."))
+
+
+register_kind(
+    AdapterKind(
+        name="inducer",
+        from_dict=lambda data: InducerConfig(**data),
+        to_dict=asdict,
+        attach=attach_inducer,
+        config_of=inducer_config,
+        is_parameter=_is_parameter,
+    )
+)

@@ -24,7 +24,7 @@ Quick start::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from adaptlab.adapters.families import (
     geometry,
     projection_weight,
 )
+from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.errors import UserError
 from adaptlab.extract.points import unwrap
 
@@ -205,3 +206,19 @@ def parameter_count(geo: Geometry, layers: int, config: KernelAdapterConfig) -> 
     if not (config.q_only or config.corresponding):
         per_layer += per_value * size_k + sep_k
     return layers * per_layer
+
+
+def _is_parameter(name: str) -> bool:
+    return any(part in ("adaptlab_kernel",) for part in name.split("."))
+
+
+register_kind(
+    AdapterKind(
+        name="kernel_adapter",
+        from_dict=lambda data: KernelAdapterConfig(**data),
+        to_dict=asdict,
+        attach=attach_kernel_adapter,
+        config_of=kernel_adapter_config,
+        is_parameter=_is_parameter,
+    )
+)

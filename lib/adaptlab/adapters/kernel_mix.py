@@ -22,7 +22,7 @@ Quick start::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from adaptlab.adapters.families import (
     family_of,
     geometry,
 )
+from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.errors import UserError
 from adaptlab.extract.points import unwrap
 
@@ -229,3 +230,19 @@ def parameter_count(geo: Geometry, layers: int, config: KernelMixConfig) -> int:
         per_layer += (hidden + 1) * rvs + (rvs + 1) * hkv * d  # shared V
         per_layer += (h * d + 1) * rvs + (rvs + 1) * hidden  # shared O
     return layers * per_layer
+
+
+def _is_parameter(name: str) -> bool:
+    return any(part in ("adaptlab_kernel_mix",) for part in name.split("."))
+
+
+register_kind(
+    AdapterKind(
+        name="kernel_mix",
+        from_dict=lambda data: KernelMixConfig(**data),
+        to_dict=asdict,
+        attach=attach_kernel_mix,
+        config_of=kernel_mix_config,
+        is_parameter=_is_parameter,
+    )
+)

@@ -22,13 +22,14 @@ Quick start::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from adaptlab.adapters.attention import AttentionAdapter, Context, attach, install
 from adaptlab.adapters.families import Geometry, blocks, family_of, geometry
+from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.errors import UserError
 from adaptlab.extract.points import unwrap
 
@@ -123,3 +124,19 @@ def parameter_count(geo: Geometry, layers: int, config: PrefixConfig) -> int:
         per_layer = config.length * geo.hidden + (geo.hidden + 1) * config.reparam_dim
         return layers * (per_layer + (config.reparam_dim + 1) * width)
     return layers * 2 * geo.kv_heads * config.length * geo.head_dim
+
+
+def _is_parameter(name: str) -> bool:
+    return any(part in ("adaptlab_prefix",) for part in name.split("."))
+
+
+register_kind(
+    AdapterKind(
+        name="prefix",
+        from_dict=lambda data: PrefixConfig(**data),
+        to_dict=asdict,
+        attach=attach_prefix,
+        config_of=prefix_config,
+        is_parameter=_is_parameter,
+    )
+)
