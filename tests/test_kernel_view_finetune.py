@@ -20,6 +20,11 @@ from tests.test_fewshot_finetune import fewshot_args, label_word_scores
 
 finetune = load_script("finetune")
 
+
+def _flags(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
 RUNS = {  # method: (extra flags, adapter kinds saved, a parameter-name part every entry has)
     "prefix": (("--prefix_length", "3"), ["prefix"], "adaptlab_prefix"),
     "mam": (
@@ -29,15 +34,16 @@ RUNS = {  # method: (extra flags, adapter kinds saved, a parameter-name part eve
     ),
     "inducer": (("--prefix_length", "3", "--prefix_dim", "4"), ["inducer"], "adaptlab_inducer"),
     "inducer-mam": (
-        ("--prefix_length", "2", "--prefix_dim", "3", "--inducer_lora_q_r", "2",
-         "--inducer_parallel_adapter", "true", "--adapter_dim", "4"),
+        _flags(
+            "--prefix_length 2 --prefix_dim 3 --inducer_lora_q_r 2 "
+            "--inducer_parallel_adapter true --adapter_dim 4"
+        ),
         ["inducer", "parallel"],
         None,
     ),  # fmt: skip
     "kernel_adapter": (("--kernel_variant", "kerfit"), ["kernel_adapter"], "adaptlab_kernel"),
     "kernel_mix": (
-        ("--kmix_q_rank", "2", "--kmix_v_rank", "2", "--kmix_q_share_rank", "2",
-         "--kmix_v_share_rank", "2"),
+        _flags("--kmix_q_rank 2 --kmix_v_rank 2 --kmix_q_share_rank 2 --kmix_v_share_rank 2"),
         ["kernel_mix"],
         "adaptlab_kernel_mix",
     ),  # fmt: skip
