@@ -437,3 +437,29 @@ def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
     assert ("resumed at step 2" in run.stdout) == fsdp
     assert result(two)["parallel"]["strategy"] == ("fsdp" if fsdp else "ddp")
     assert_same_training(two, one)
+
+
+KERNEL_VIEW = {
+    "inducer": ["--method", "inducer", "--prefix_length", "3", "--prefix_dim", "4",
+                "--inducer_lora_q_r", "2"],
+    "kernel_mix": ["--method", "kernel_mix", "--kmix_q_rank", "2", "--kmix_v_rank", "2",
+                   "--kmix_q_share_rank", "2", "--kmix_v_share_rank", "2"],
+}  # fmt: skip
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", KERNEL_VIEW)
+def test_kernel_view_methods_train_over_fsdp2_like_one_process(
+    method, tiny_model_dir, mmlu_file, tmp_path
+):
+    """The attention adapters live inside the sharded blocks: FSDP2 gathers them with the
+    block, and the hooks that read W_O or the projections run on the gathered weights."""
+    flags = KERNEL_VIEW[method]
+    one = tmp_path / "one"
+    finetune.main(args_for(tiny_model_dir, mmlu_file, one, *flags))
+    two = tmp_path / "two"
+    config = ["fsdp_full_shard_ac.yaml", "--num_processes", "2", "--mixed_precision", "no"]
+    run = launch(accelerate(*config), SCRIPT, args_for(tiny_model_dir, mmlu_file, two, *flags))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert result(two)["parallel"]["strategy"] == "fsdp"
+    assert_same_training(two, one)
