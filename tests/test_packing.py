@@ -220,3 +220,24 @@ def test_packed_finetune_run_equals_the_padded_run(tiny_model_dir, mmlu_file, tm
     assert list(packed) == list(range(1, 7))
     assert packed == pytest.approx(padded, abs=1e-5)
     assert padded[6] != pytest.approx(padded[1], abs=1e-3)  # it trained
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("length", [3, 0])  # 0: the √position logit reads position_ids
+def test_packing_keeps_an_inducer_within_each_example(attn_implementation, length, items):
+    """The inducer's w sums over the keys the block-causal mask allows, so a packed example's
+    loss is its loss alone."""
+    from adaptlab.adapters import InducerConfig, attach_inducer
+
+    model = model_with(attn_implementation)
+    torch.manual_seed(3)
+    for inducer in attach_inducer(model, InducerConfig(prefix_length=length, prefix_dim=4)):
+        with torch.no_grad():
+            for param in inducer.parameters():
+                param.add_(torch.randn_like(param) * 0.3)
+    model.eval()
+    pad = tiny_tokenizer().pad_token_id
+    packed = collate_packed_answer_only(items, pad, MAX_LEN)
+    out = OBJECTIVES["answer_only"](model, packed)
+    by_hand = torch.stack([alone(model, item) for item in items])
+    torch.testing.assert_close(out.per_example, by_hand, rtol=0, atol=1e-5)

@@ -51,7 +51,7 @@ class Context:
 
     Attributes:
         scaling: the logit scale (1 / √d for these models).
-        positions: 1-based absolute positions of the queries, [T] (key length − T + 1 … ).
+        positions: 1-based positions of the queries, [B or 1, T].
         groups: query heads per key/value head (GQA).
     """
 
@@ -132,10 +132,7 @@ def _make_function(backend: str) -> Callable:
             )  # fmt: skip
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         groups = query.shape[1] // key.shape[1]
-        positions = (
-            torch.arange(query.shape[2], device=query.device) + key.shape[2] - query.shape[2]
-        )
-        ctx = Context(scaling, positions + 1, groups)
+        ctx = Context(scaling, _positions(query, key, kwargs.get("position_ids")), groups)
         for adapter in adapters:
             query, key, value = adapter.transform(query, key, value, ctx)
         prefixes = [a.prefix(query.shape[0], ctx) for a in adapters if a.n_prefix]
@@ -161,6 +158,15 @@ def _make_function(backend: str) -> Callable:
 
     attention.__name__ = f"adaptlab_{backend}"
     return attention
+
+
+def _positions(query: torch.Tensor, key: torch.Tensor, position_ids) -> torch.Tensor:
+    """1-based query positions [B or 1, T]: the model's ``position_ids`` + 1 when it passes them
+    (Llama; packed rows restart at every example), else the last T of the S key positions."""
+    t, s = query.shape[2], key.shape[2]
+    if position_ids is not None and position_ids.shape[-1] == t:
+        return position_ids.reshape(-1, t) + 1
+    return (torch.arange(t, device=query.device) + s - t + 1)[None]
 
 
 def register() -> None:
@@ -345,11 +351,6 @@ def _sdpa_extended(query, key, value, mask, scaling, dropout, causal, prefixes, 
 _WIDEN = 8
 
 
-def sqrt_positions(ctx: Context) -> torch.Tensor:
-    """√i for the 1-based query positions, [T] (the inducer's adaptive length)."""
-    return ctx.positions.float().sqrt()
-
-
 __all__ = [
     "AttentionAdapter",
     "Context",
@@ -359,6 +360,5 @@ __all__ = [
     "install",
     "original_backend",
     "register",
-    "sqrt_positions",
     "uninstall",
 ]

@@ -185,7 +185,7 @@ class Inducer(AttentionAdapter):
             return (query * (query + mk)).sum(-1) * ctx.scaling
         s0 = query.pow(2).sum(-1) * ctx.scaling
         if self.config.prefix_length == 0:
-            s0 = s0 * ctx.positions.to(s0.dtype).sqrt()
+            s0 = s0 * ctx.positions.to(s0.dtype).sqrt()[:, None, :]  # [B or 1, 1, T]
         return s0
 
     def head_output(self, attn, w, query, ctx: Context):

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from adaptlab.adapters.bottleneck import BottleneckConfig, attach_bottleneck, check_architecture
+from adaptlab.adapters.errors import AdapterError
 from adaptlab.adapters.families import family_of, geometry
 from adaptlab.adapters.inducer import attach_inducer
 from adaptlab.adapters.kernel import attach_kernel_adapter, check_geometry
@@ -83,6 +84,12 @@ def check(name: str, cfg: Any, skeleton: nn.Module) -> None:
         "kernel_mix": kernel_mix_settings,
     }[name](cfg)
     family_of(skeleton, TITLES[name])
+    adds_keys = name in ("prefix", "mam") or (name == "inducer" and not cfg.inducer_mh_adapter)
+    if adds_keys and cfg.packing and str(cfg.attn_implementation).startswith("flash"):
+        raise AdapterError(
+            f"{TITLES[name]} cannot run on packed flash-attention batches (its extra keys need a "
+            "mask per sequence); use packing=false or attn_implementation=sdpa."
+        )
     if name == "kernel_adapter":
         check_geometry(geometry(skeleton), settings)
     if _with_parallel(name, cfg):

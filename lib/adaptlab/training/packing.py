@@ -186,6 +186,8 @@ def packed_inputs(
     Raises:
         TrainingError: an attention implementation packing cannot drive.
     """
+    # attention adapters route the model through "adaptlab_<backend>" (adaptlab.adapters)
+    attn_implementation = attn_implementation.removeprefix("adaptlab_")
     ids, positions = batch["input_ids"], batch["position_ids"]
     labels, segments = batch["labels"], batch["segment_ids"]
     if attn_implementation in VARLEN_ATTENTION:
