@@ -449,3 +449,21 @@ def test_adapters_are_found_only_on_attention_modules():
     attention = model.bert.encoder.layer[0].attention.self
     assert any(isinstance(m, AttentionAdapter) for m in attention.children())
     assert model.config._attn_implementation == "adaptlab_eager"
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])  # transformers offers flex for these
+@pytest.mark.parametrize("method", ["inducer", "prefix", "kmix"])
+def test_flex_attention_backend_equals_eager(kind, method):
+    """With flex attention the adapters that add keys read its BlockMask's mask_mod (forward
+    only: PyTorch has no flex backward on CPU)."""
+    outputs = {}
+    for backend in ("eager", "flex_attention"):
+        model = build(kind, backend)
+        torch.manual_seed(1)
+        if method == "prefix":
+            modules = attach_prefix(model, PrefixConfig(length=3))
+        else:
+            modules = _attach_variant(model, method, "L3" if method == "inducer" else "QVO")
+        _perturb(modules)
+        outputs[backend] = logits(model)
+    assert torch.allclose(outputs["eager"], outputs["flex_attention"], atol=1e-5)

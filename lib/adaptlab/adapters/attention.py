@@ -257,6 +257,8 @@ def allowed_keys(
         causal: whether the attention is causal (applied when the mask does not carry it:
             None or a padding mask). Queries are the last ``q_len`` of ``k_len`` positions.
     """
+    if mask is not None and hasattr(mask, "mask_mod"):  # flex attention's BlockMask
+        return _dense_block_mask(mask, batch, q_len, k_len, device)
     if mask is not None and mask.dim() == 4:
         if mask.dtype == torch.bool:
             return mask
@@ -271,6 +273,15 @@ def allowed_keys(
     if mask is not None:  # [B, S] padding
         visible = visible & mask.bool()[:, None, None, :]
     return visible
+
+
+def _dense_block_mask(mask, batch: int, q_len: int, k_len: int, device) -> torch.Tensor:
+    """The token-level bool [B, 1, T, S] of a flex ``BlockMask`` (its ``mask_mod`` on a grid)."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    kv = torch.arange(k_len, device=device)[None, None, None, :]
+    return mask.mask_mod(b, h, q, kv).expand(batch, 1, q_len, k_len)
 
 
 def _repeat(x: torch.Tensor, groups: int) -> torch.Tensor:
