@@ -2,8 +2,8 @@
 few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.md §4, §10).
 
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
-Pfeiffer / parallel bottleneck adapters (Llama and BERT/RoBERTa); freezing of the head, the
-embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
+Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
+the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
 linear, cosine-to-floor or constant schedules after warmup. The loss is taken on the answer
 letter only (optionally weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
