@@ -92,6 +92,15 @@ Launch:
         --model roberta-base --task SST-2 --task_dir data --method houlsby \
         --adapter_reduction_factor 16
 
+    # kernel-view adapters (peft_methods.md §2-§4): offline demos on SmolLM2, then the recipes
+    python scripts/finetune.py --config scripts/configs/finetune_inducer_demo.yaml
+    python scripts/finetune.py --config scripts/configs/finetune_kernel_mix_demo.yaml
+    python scripts/finetune.py --config scripts/configs/finetune_prefix_demo.yaml
+    python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --k 500 --seeds [42]
+    python scripts/finetune.py --config scripts/configs/finetune_nlu_inducer_lora.yaml
+    # GPT-2 NLG recipes (finetune_nlg_*.yaml): the generation task comes on the command line
+    python scripts/finetune.py --config scripts/configs/finetune_nlg_inducer.yaml --task ...
+
     # multi-task: one model on two binary tasks, evaluated per task (selection: mean accuracy)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --task tweet-sentiment+mmlu-topics-2 --data_seed 13
