@@ -317,6 +317,39 @@ def test_houlsby_fewshot_run_trains_adapters_and_final_reloads(tiny_model_dir, s
         assert metrics["accuracy"] == pytest.approx(accuracy)
 
 
+def test_gpt2_pfeiffer_attention_run_trains_adapters_and_final_reloads(sst2_dir, tmp_path):
+    """The NLG baseline's adapter (in attention, layer norm before) through finetune on GPT-2."""
+    from adaptlab.models.tiny import tiny_tokenizer
+
+    folder, out = tmp_path / "gpt2", tmp_path / "run"
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4,
+                               n_positions=256)).save_pretrained(folder)  # fmt: skip
+    tok.save_pretrained(folder)
+    finetune.main(fewshot_args(folder, sst2_dir, out, "--method", "pfeiffer",
+                               "--adapter_location", "attention", "--adapter_layer_norm", "true",
+                               "--adapter_dim", "4"))  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    [entry] = json.loads((out / "final" / "adapter_config.json").read_text())["adaptlab_adapters"]
+    assert entry["config"]["location"] == "attention" and entry["config"]["layer_norm"]
+    saved = safe_open(out / "final" / "adapter_model.safetensors", "pt").keys()
+    assert len(saved) == 2 * 6  # 2 blocks x (norm, down, up) x (weight, bias), in attention
+    assert all(".bottleneck_attn." in key for key in saved)
+
+    tuned = load_model(out / "final")
+    ups = [p for n, p in tuned.named_parameters() if n.endswith("bottleneck_attn.up.weight")]
+    assert len(ups) == 2 and all(p.abs().max() > 0 for p in ups)  # the adapters trained
+    tokenizer = load_tokenizer(str(folder))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    ids = label_word_ids(splits.task, tokenizer)
+    encoded = encode_examples(splits.test, task=splits.task, tokenizer=tokenizer, kind="causal")
+    logits = label_word_scores(tuned, encoded, tokenizer, ids)
+    labels = torch.tensor([ex["label"] for ex in encoded])
+    loss = float(F.cross_entropy(logits, labels))
+    assert result["metrics"]["test_final"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_killed_pfeiffer_run_resumes_exactly(
     tiny_bert_dir, sst2_dir, tmp_path, monkeypatch, capsys
 ):
