@@ -31,8 +31,8 @@ FFN dropout.
 Initialisation: Houlsby's truncated normal (std 0.01, cut at ±2 std) on the down-projection,
 zero biases, and a zero up-projection, so ``A(h) = 0`` (with or without the LayerNorm, which
 starts as PyTorch's, weight 1 and bias 0) and the adapted model starts exactly at the pretrained
-one (Houlsby's near-identity init made exact; the gradient still reaches the
-up-projection at once, and the down-projection from the first step on, as for LoRA's B = 0).
+one (Houlsby's near-identity init made exact; the gradient still reaches the up-projection at
+once, and the down-projection and the LayerNorm from the first step on, as for LoRA's B = 0).
 
 Quick start::
 
