@@ -2,8 +2,8 @@
 few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.md §4, §10).
 
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
-Pfeiffer / parallel bottleneck adapters (Llama and BERT/RoBERTa); freezing of the head, the
-embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
+Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
+the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
 linear, cosine-to-floor or constant schedules after warmup. The loss is taken on the answer
 letter only (optionally weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
@@ -91,6 +91,15 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --method houlsby \
         --adapter_reduction_factor 16
+
+    # kernel-view adapters (peft_methods.md §2-§4): offline demos on SmolLM2, then the recipes
+    python scripts/finetune.py --config scripts/configs/finetune_inducer_demo.yaml
+    python scripts/finetune.py --config scripts/configs/finetune_kernel_mix_demo.yaml
+    python scripts/finetune.py --config scripts/configs/finetune_prefix_demo.yaml
+    python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --k 500 --seeds [42]
+    python scripts/finetune.py --config scripts/configs/finetune_nlu_inducer_lora.yaml
+    # GPT-2 NLG recipes (finetune_nlg_*.yaml): the generation task comes on the command line
+    python scripts/finetune.py --config scripts/configs/finetune_nlg_inducer.yaml --task ...
 
     # multi-task: one model on two binary tasks, evaluated per task (selection: mean accuracy)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \

@@ -76,7 +76,8 @@ def test_folder_layout(tmp_path):
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     assert config["adaptlab_adapters"] == [
         {"method": "pfeiffer", "config": {"placement": "pfeiffer", "reduction_factor": 16.0,
-                                          "dim": 3, "activation": "relu", "scaling": 1.5}},
+                                          "dim": 3, "activation": "relu", "scaling": 1.5,
+                                          "layer_norm": False, "location": "ffn"}},
     ]  # fmt: skip
     assert config["base_model_fingerprint"] == {
         "architecture": "LlamaForCausalLM", "model_type": "llama", "hidden_size": 32,

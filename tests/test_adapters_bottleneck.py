@@ -1,10 +1,12 @@
 """Bottleneck adapters (Houlsby, Pfeiffer, parallel) attached by hooks, checked by hand.
 
-At init the adapted model is the pretrained one to the bit; with random adapter weights each
-hooked module's output is recomputed from plain matrix products; the trainable count is the
-closed form; a ``--method houlsby`` few-shot run trains only the adapters, saves them alone as an
-adapter folder, reloads from ``final/`` to the metrics it logged, and resumes exactly after a
-kill.
+On Llama, GPT-2 and BERT, for every placement (Pfeiffer also in attention) with and without the
+adapter's layer norm: at init the adapted model is the pretrained one to the bit; with random
+adapter weights each hooked module's output is recomputed from plain matrix products; the
+trainable count is the closed form; the new settings survive an adapter folder, and a folder
+saved without them loads with the defaults; a ``--method houlsby`` few-shot run trains only the
+adapters, saves them alone as an adapter folder, reloads from ``final/`` to the metrics it
+logged, and resumes exactly after a kill.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from adaptlab.adapters import AdapterError, BottleneckConfig, attach_bottleneck
 from adaptlab.data import encode_examples, label_word_ids, load_task
@@ -30,7 +32,22 @@ from tests.test_fewshot_finetune import fewshot_args, label_word_scores
 
 finetune = load_script("finetune")
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
-MODELS = {"llama": tiny_llama, "bert": tiny_bert}
+VARIANTS = {  # name: (BottleneckConfig fields, the blocks' adapter slots)
+    "houlsby": ({"placement": "houlsby"}, {"attn", "ffn"}),
+    "pfeiffer": ({"placement": "pfeiffer"}, {"ffn"}),
+    "pfeiffer-attention": ({"placement": "pfeiffer", "location": "attention"}, {"attn"}),
+    "parallel": ({"placement": "parallel"}, {"ffn"}),
+}
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """A 2-block random GPT-2 (hidden 32, 4 heads), eval mode."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+MODELS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -43,29 +60,52 @@ def randomize(model: torch.nn.Module) -> None:
 
 
 def adapter(h: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """up(relu(down(h))) from the adapter's matrices."""
+    """up(relu(down(h))) from the adapter's matrices, h layer-normed first if it has a norm."""
+    if module.norm is not None:
+        mean = h.mean(-1, keepdim=True)
+        var = ((h - mean) ** 2).mean(-1, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + module.norm.eps) * module.norm.weight + module.norm.bias
     z = torch.relu(h @ module.down.weight.T + module.down.bias)
     return z @ module.up.weight.T + module.up.bias
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+def attach_variant(model, variant: str, layer_norm: bool, **fields) -> None:
+    config, _ = VARIANTS[variant]
+    attach_bottleneck(model, BottleneckConfig(**config, layer_norm=layer_norm, **fields))
+
+
+def expected_outputs(block, variant, o, ffn, x):
+    """Attention output and FFN output of ``block`` by hand (scaling 2.5); its slots checked."""
+    slots = {slot for slot in ("attn", "ffn") if hasattr(block, f"bottleneck_{slot}")}
+    assert slots == VARIANTS[variant][1]
+    expected_attn = o + adapter(o, block.bottleneck_attn) if "attn" in slots else o
+    if variant == "parallel":
+        expected_ffn = ffn + 2.5 * adapter(x, block.bottleneck_ffn)
+    else:
+        expected_ffn = ffn + adapter(ffn, block.bottleneck_ffn) if "ffn" in slots else ffn
+    return expected_attn, expected_ffn
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", MODELS)
-def test_adapted_model_starts_at_the_pretrained_one(family, placement):
+def test_adapted_model_starts_at_the_pretrained_one(family, variant, layer_norm):
     model = MODELS[family]()
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        attach_bottleneck(model, BottleneckConfig(placement=placement, reduction_factor=8))
+        attach_variant(model, variant, layer_norm, reduction_factor=8)
         after = model(input_ids=ids).logits
         assert torch.equal(after, before)
         randomize(model)  # and the hooks are live
         assert not torch.allclose(model(input_ids=ids).logits, before)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_llama_hooked_modules_match_a_hand_computation(placement):
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_llama_hooked_modules_match_a_hand_computation(variant, layer_norm):
     model = tiny_llama().double()
-    attach_bottleneck(model, BottleneckConfig(placement=placement, dim=5, scaling=2.5))
+    attach_variant(model, variant, layer_norm, dim=5, scaling=2.5)
     randomize(model)
     block = model.model.layers[1]
     torch.manual_seed(2)
@@ -75,23 +115,60 @@ def test_llama_hooked_modules_match_a_hand_computation(placement):
         o = x @ attn.weight.T
         gate = x @ mlp.gate_proj.weight.T
         ffn = (F.silu(gate) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
-        if placement == "houlsby":
-            expected_attn = o + adapter(o, block.bottleneck_attn)
-        else:
-            expected_attn = o
-            assert not hasattr(block, "bottleneck_attn")
-        if placement == "parallel":
-            expected_ffn = ffn + 2.5 * adapter(x, block.bottleneck_ffn)
-        else:
-            expected_ffn = ffn + adapter(ffn, block.bottleneck_ffn)
+        expected_attn, expected_ffn = expected_outputs(block, variant, o, ffn, x)
         torch.testing.assert_close(attn(x), expected_attn, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(mlp(x), expected_ffn, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_bert_hooked_modules_match_a_hand_computation(placement):
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpt2_hooked_modules_match_a_hand_computation(variant, layer_norm):
+    """GPT-2's Conv1D computes x W + b (W: [in, out]); ``mlp`` is c_proj(gelu_tanh(c_fc(x)))."""
+    model = tiny_gpt2().double()
+    attach_variant(model, variant, layer_norm, dim=5, scaling=2.5)
+    randomize(model)
+    block = model.transformer.h[1]
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 32, dtype=torch.float64)  # attention heads' output, and the FFN input
+    attn, mlp = block.attn.c_proj, block.mlp
+    with torch.no_grad():
+        o = x @ attn.weight + attn.bias
+        inner = F.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")
+        ffn = inner @ mlp.c_proj.weight + mlp.c_proj.bias
+        expected_attn, expected_ffn = expected_outputs(block, variant, o, ffn, x)
+        torch.testing.assert_close(attn(x), expected_attn, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mlp(x), expected_ffn, rtol=1e-12, atol=1e-12)
+
+
+def test_gpt2_block_adds_the_attention_adapter_before_the_residual():
+    """A whole GPT-2 block with the NLG baseline's adapter (pfeiffer in attention, layer norm):
+    h + a + FFN(ln_2(h + a)), a = c_proj(heads) + A(c_proj(heads)), the FFN left alone."""
+    model = tiny_gpt2().double()
+    attach_variant(model, "pfeiffer-attention", True, dim=5)
+    randomize(model)
+    block = model.transformer.h[0]
+    seen = []
+    block.attn.c_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    torch.manual_seed(3)
+    h = torch.randn(2, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(h)
+        out = out[0] if isinstance(out, tuple) else out
+        c_proj, mlp, ln_2 = block.attn.c_proj, block.mlp, block.ln_2
+        o = seen[0] @ c_proj.weight + c_proj.bias
+        a = o + adapter(o, block.bottleneck_attn)
+        mid = h + a
+        x = F.layer_norm(mid, (32,), ln_2.weight, ln_2.bias, ln_2.eps)
+        inner = F.gelu(x @ mlp.c_fc.weight + mlp.c_fc.bias, approximate="tanh")
+        expected = mid + inner @ mlp.c_proj.weight + mlp.c_proj.bias
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bert_hooked_modules_match_a_hand_computation(variant, layer_norm):
     model = tiny_bert().double()
-    attach_bottleneck(model, BottleneckConfig(placement=placement, dim=5, scaling=2.5))
+    attach_variant(model, variant, layer_norm, dim=5, scaling=2.5)
     randomize(model)
     block = model.bert.encoder.layer[0]
     torch.manual_seed(2)
@@ -101,37 +178,81 @@ def test_bert_hooked_modules_match_a_hand_computation(placement):
     with torch.no_grad():
         o = x @ attn.weight.T + attn.bias
         ffn = inter @ out.dense.weight.T + out.dense.bias
-        expected_attn = o + adapter(o, block.bottleneck_attn) if placement == "houlsby" else o
-        if placement == "parallel":
-            total = ffn + 2.5 * adapter(x, block.bottleneck_ffn) + x
-        else:
-            total = ffn + adapter(ffn, block.bottleneck_ffn) + x
+        expected_attn, expected_ffn = expected_outputs(block, variant, o, ffn, x)
         norm = out.LayerNorm
-        expected = F.layer_norm(total, (32,), norm.weight, norm.bias, norm.eps)
+        expected = F.layer_norm(expected_ffn + x, (32,), norm.weight, norm.bias, norm.eps)
         torch.testing.assert_close(attn(x), expected_attn, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out(inter, x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", MODELS)
-def test_only_the_adapters_train_and_their_count_is_the_closed_form(family, placement):
-    cfg = FinetuneConfig(method=placement, adapter_reduction_factor=6)
-    model = METHODS[placement].prepare(MODELS[family](), cfg, 1)
+def test_only_the_adapters_train_and_their_count_is_the_closed_form(family, variant, layer_norm):
+    config, slots = VARIANTS[variant]
+    cfg = FinetuneConfig(
+        method=config["placement"],
+        adapter_reduction_factor=6,
+        adapter_location=config.get("location", "ffn"),
+        adapter_layer_norm=layer_norm,
+    )
+    model = METHODS[cfg.method].prepare(MODELS[family](), cfg, 1)
     hidden, r, blocks = 32, 32 // 6, 2
-    per_block = (2 if placement == "houlsby" else 1) * (2 * hidden * r + r + hidden)
+    per_adapter = 2 * hidden * r + r + hidden + (2 * hidden if layer_norm else 0)
     trainable, _ = count_parameters(model)
-    assert trainable == blocks * per_block
+    assert trainable == blocks * len(slots) * per_adapter
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(".bottleneck_" in n for n in names)
     assert set(trainable_tensors(model)) == names  # what resume/ saves
 
 
-def test_unsupported_architecture_and_bad_widths_fail_in_one_sentence():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_layer_norm_and_location_round_trip_and_old_folders_load(tmp_path):
+    from adaptlab.adapters import bottleneck_config, load_adapter_folder, save_adapter_folder
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(AdapterError, match=r"support Llama and BERT/RoBERTa models only"):
-        attach_bottleneck(gpt2, BottleneckConfig())
+    model = tiny_gpt2()
+    attach_variant(model, "pfeiffer-attention", True, dim=3)
+    randomize(model)
+    adapters = {n: t for n, t in model.state_dict().items() if "bottleneck_" in n}
+    assert any(n.endswith("bottleneck_attn.norm.weight") for n in adapters)
+    save_adapter_folder(tmp_path / "new", model, adapters, base_model="embedded:unused")
+    [entry] = json.loads((tmp_path / "new" / "adapter_config.json").read_text())[
+        "adaptlab_adapters"
+    ]
+    assert entry["config"]["layer_norm"] is True and entry["config"]["location"] == "attention"
+    reloaded = load_adapter_folder(tmp_path / "new", tiny_gpt2())
+    assert bottleneck_config(reloaded) == bottleneck_config(model)
+    ids = torch.randint(3, 200, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    # a folder written before layer_norm and location existed: the defaults
+    old = tiny_llama()
+    attach_bottleneck(old, BottleneckConfig(placement="pfeiffer", dim=2))
+    adapters = {n: t for n, t in old.state_dict().items() if "bottleneck_" in n}
+    save_adapter_folder(tmp_path / "old", old, adapters, base_model="embedded:unused")
+    path = tmp_path / "old" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    for key in ("layer_norm", "location"):
+        del data["adaptlab_adapters"][0]["config"][key]
+    path.write_text(json.dumps(data))
+    loaded = bottleneck_config(load_adapter_folder(tmp_path / "old", tiny_llama()))
+    assert loaded == BottleneckConfig(placement="pfeiffer", dim=2)
+    assert (loaded.layer_norm, loaded.location) == (False, "ffn")
+
+
+def tiny_opt(vocab_size: int = 64) -> torch.nn.Module:
+    """A 1-block OPT: a block layout (``self_attn.out_proj``, ``fc1``/``fc2``) of none of the
+    supported families."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                       num_attention_heads=2, word_embed_proj_dim=32)  # fmt: skip
+    return OPTForCausalLM(config)
+
+
+def test_unsupported_architecture_and_bad_settings_fail_in_one_sentence():
+    with pytest.raises(AdapterError, match=r"support Llama, GPT-2 and BERT/RoBERTa models only"):
+        attach_bottleneck(tiny_opt(), BottleneckConfig())
     with pytest.raises(AdapterError, match=r"leaves a bottleneck of 0 for hidden size 32"):
         attach_bottleneck(tiny_llama(), BottleneckConfig(reduction_factor=64))
     with pytest.raises(AdapterError, match=r"adapter_reduction_factor=0.0 must be a number > 0"):
@@ -140,22 +261,25 @@ def test_unsupported_architecture_and_bad_widths_fail_in_one_sentence():
         FinetuneConfig(method="houlsby", adapter_reduction_factor=-2.0)
     with pytest.raises(TrainingError, match=r"adapter_dim=0 must be at least 1"):
         FinetuneConfig(method="houlsby", adapter_dim=0)
+    with pytest.raises(AdapterError, match=r"adapter_location='attention' applies to pfeiffer"):
+        BottleneckConfig(placement="parallel", location="attention")
+    with pytest.raises(AdapterError, match=r"Unknown adapter location 'mlp'; choose from ffn"):
+        BottleneckConfig(placement="pfeiffer", location="mlp")
+    with pytest.raises(TrainingError, match=r"applies to method=pfeiffer only; drop it for met"):
+        FinetuneConfig(method="mam", adapter_location="attention")
 
 
-def test_houlsby_run_on_gpt2_fails_before_loading(tmp_path, sst2_dir, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def test_houlsby_run_on_opt_fails_before_loading(tmp_path, sst2_dir, capsys):
     from adaptlab.models.tiny import tiny_tokenizer
 
-    folder = tmp_path / "gpt2"
+    folder = tmp_path / "opt"
     tok = tiny_tokenizer()
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_opt(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     with pytest.raises(SystemExit):
         finetune.main(fewshot_args(folder, sst2_dir, tmp_path / "run", "--method", "houlsby"))
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "support Llama and BERT/RoBERTa models only" in message
+    assert "support Llama, GPT-2 and BERT/RoBERTa models only" in message
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -191,6 +315,39 @@ def test_houlsby_fewshot_run_trains_adapters_and_final_reloads(tiny_model_dir, s
         assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
         accuracy = float((logits.argmax(1) == labels).double().mean())
         assert metrics["accuracy"] == pytest.approx(accuracy)
+
+
+def test_gpt2_pfeiffer_attention_run_trains_adapters_and_final_reloads(sst2_dir, tmp_path):
+    """The NLG baseline's adapter (in attention, layer norm before) through finetune on GPT-2."""
+    from adaptlab.models.tiny import tiny_tokenizer
+
+    folder, out = tmp_path / "gpt2", tmp_path / "run"
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4,
+                               n_positions=256)).save_pretrained(folder)  # fmt: skip
+    tok.save_pretrained(folder)
+    finetune.main(fewshot_args(folder, sst2_dir, out, "--method", "pfeiffer",
+                               "--adapter_location", "attention", "--adapter_layer_norm", "true",
+                               "--adapter_dim", "4"))  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    [entry] = json.loads((out / "final" / "adapter_config.json").read_text())["adaptlab_adapters"]
+    assert entry["config"]["location"] == "attention" and entry["config"]["layer_norm"]
+    saved = safe_open(out / "final" / "adapter_model.safetensors", "pt").keys()
+    assert len(saved) == 2 * 6  # 2 blocks x (norm, down, up) x (weight, bias), in attention
+    assert all(".bottleneck_attn." in key for key in saved)
+
+    tuned = load_model(out / "final")
+    ups = [p for n, p in tuned.named_parameters() if n.endswith("bottleneck_attn.up.weight")]
+    assert len(ups) == 2 and all(p.abs().max() > 0 for p in ups)  # the adapters trained
+    tokenizer = load_tokenizer(str(folder))
+    splits = load_task("sst-2", sst2_dir, k=8, seed=42)
+    ids = label_word_ids(splits.task, tokenizer)
+    encoded = encode_examples(splits.test, task=splits.task, tokenizer=tokenizer, kind="causal")
+    logits = label_word_scores(tuned, encoded, tokenizer, ids)
+    labels = torch.tensor([ex["label"] for ex in encoded])
+    loss = float(F.cross_entropy(logits, labels))
+    assert result["metrics"]["test_final"]["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_killed_pfeiffer_run_resumes_exactly(

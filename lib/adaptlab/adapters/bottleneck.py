@@ -1,31 +1,38 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; He et al. 2022) as hooks.
 
 An adapter is ``A(h) = up(act(down(h)))``, down: hidden -> r, up: r -> hidden, r the
-bottleneck. It is attached with forward hooks on the modules a transformer block already has,
-so the model code is untouched:
+bottleneck; with ``layer_norm`` it reads a LayerNorm of its input, ``up(act(down(LN(h))))``
+("layer norm before adapter", peft_methods.md §2 and §4). It is attached with forward hooks on
+the modules a transformer block already has, so the model code is untouched:
 
-| placement  | where, per block                                   | output                  |
-|------------|----------------------------------------------------|-------------------------|
-| ``houlsby``| after the attention output projection and the FFN  | ``h + A(h)`` (each)     |
-| ``pfeiffer``| after the FFN output                              | ``h + A(h)``            |
-| ``parallel``| beside the FFN, reading its input x               | ``FFN(x) + s * A(x)``   |
+| placement   | where, per block                                  | output                 |
+|-------------|---------------------------------------------------|------------------------|
+| ``houlsby`` | after the attention output projection and the FFN | ``h + A(h)`` (each)    |
+| ``pfeiffer``| after the FFN output (``location="attention"``:   | ``h + A(h)``           |
+|             | after the attention output projection instead)    |                        |
+| ``parallel``| beside the FFN, reading its input x               | ``FFN(x) + s * A(x)``  |
 
-The modules, for the two supported families:
+Pfeiffer et al. place the one adapter after the FFN; the kernel-adapters NLG baseline
+(``pfeiffer-adapter``) puts it in self-attention, hence ``location``. The modules, for the
+supported families (``adaptlab.adapters.families.FAMILIES``):
 
-| family          | attention output          | FFN output     | FFN input (parallel)          |
-|-----------------|---------------------------|----------------|-------------------------------|
-| Llama           | ``self_attn.o_proj``      | ``mlp``        | input of ``mlp``              |
-| BERT / RoBERTa  | ``attention.output.dense``| ``output.dense``| ``input_tensor`` of ``output``|
+| family         | attention output           | FFN output       | FFN input (parallel)          |
+|----------------|----------------------------|------------------|-------------------------------|
+| Llama          | ``self_attn.o_proj``       | ``mlp``          | input of ``mlp``              |
+| GPT-2          | ``attn.c_proj``            | ``mlp``          | input of ``mlp`` (after ln_2) |
+| BERT / RoBERTa | ``attention.output.dense`` | ``output.dense`` | ``input_tensor`` of ``output``|
 
-Both hook points come before the residual add (and, in BERT, before dropout and LayerNorm), as
+All hook points come before the residual add (in GPT-2 the attention one also before the
+residual dropout, and ``mlp`` ends with its dropout; in BERT before dropout and LayerNorm), as
 in Houlsby's figure 2. For BERT's parallel adapter ``s * A(x)`` is added to the residual input
 of ``output`` (``LayerNorm(dropout(dense(i)) + x + s * A(x))``): the same sum, left out of the
 FFN dropout.
 
 Initialisation: Houlsby's truncated normal (std 0.01, cut at ±2 std) on the down-projection,
-zero biases, and a zero up-projection, so ``A(h) = 0`` and the adapted model starts exactly at
-the pretrained one (Houlsby's near-identity init made exact; the gradient still reaches the
-up-projection at once, and the down-projection from the first step on, as for LoRA's B = 0).
+zero biases, and a zero up-projection, so ``A(h) = 0`` (with or without the LayerNorm, which
+starts as PyTorch's, weight 1 and bias 0) and the adapted model starts exactly at the pretrained
+one (Houlsby's near-identity init made exact; the gradient still reaches the up-projection at
+once, and the down-projection and the LayerNorm from the first step on, as for LoRA's B = 0).
 
 Quick start::
 
@@ -49,13 +56,15 @@ import torch
 from torch import nn
 
 from adaptlab.adapters.errors import AdapterError
+from adaptlab.adapters.families import FAMILIES, Family
 from adaptlab.adapters.folder import AdapterKind, register_kind
 from adaptlab.extract.points import PointError, decoder_layers, unwrap
 
 Placement = Literal["houlsby", "pfeiffer", "parallel"]
 PLACEMENTS: tuple[str, ...] = ("houlsby", "pfeiffer", "parallel")
+LOCATIONS: tuple[str, ...] = ("ffn", "attention")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-SUPPORTED = "Llama and BERT/RoBERTa"
+SUPPORTED = "Llama, GPT-2 and BERT/RoBERTa"
 PREFIX = "bottleneck_"  # block attributes (and so parameter names) of the adapters
 _CONFIG_ATTRIBUTE = "_adaptlab_bottleneck"  # on the model root, read when saving
 
@@ -70,6 +79,9 @@ class BottleneckConfig:
         dim: the bottleneck width r itself (None: from ``reduction_factor``).
         activation: ``relu``, ``gelu`` or ``tanh``.
         scaling: s, the factor on a parallel adapter's output (ignored otherwise).
+        layer_norm: a trainable LayerNorm on each adapter's input, inside the adapter.
+        location: where a ``pfeiffer`` adapter goes: ``ffn`` (after the FFN, Pfeiffer et al.)
+            or ``attention`` (after the attention output projection); ``ffn`` for the others.
     """
 
     placement: str = "houlsby"
@@ -77,6 +89,8 @@ class BottleneckConfig:
     dim: int | None = None
     activation: str = "relu"
     scaling: float = 1.0
+    layer_norm: bool = False
+    location: str = "ffn"
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -96,6 +110,15 @@ class BottleneckConfig:
             )
         if self.dim is not None and self.dim <= 0:
             raise AdapterError(f"adapter_dim={self.dim} must be at least 1 (or omitted).")
+        if self.location not in LOCATIONS:
+            raise AdapterError(
+                f"Unknown adapter location {self.location!r}; choose from {', '.join(LOCATIONS)}."
+            )
+        if self.location != "ffn" and self.placement != "pfeiffer":
+            raise AdapterError(
+                f"adapter_location={self.location!r} applies to pfeiffer adapters only; drop it "
+                f"for {self.placement}."
+            )
 
     def width(self, hidden: int) -> int:
         """The bottleneck r for hidden size ``hidden``.
@@ -119,10 +142,14 @@ class BottleneckAdapter(nn.Module):
         hidden: the model width.
         r: the bottleneck width.
         activation: a key of :data:`ACTIVATIONS`.
+        layer_norm: ``A(h) = up(act(down(LN(h))))``, LN a new ``nn.LayerNorm(hidden)``.
     """
 
-    def __init__(self, hidden: int, r: int, activation: str = "relu") -> None:
+    def __init__(
+        self, hidden: int, r: int, activation: str = "relu", layer_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(hidden) if layer_norm else None
         self.down = nn.Linear(hidden, r)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(r, hidden)
@@ -136,6 +163,8 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            hidden = self.norm(hidden)
         return self.up(self.act(self.down(hidden)))
 
 
@@ -143,13 +172,8 @@ class BottleneckAdapter(nn.Module):
 # Where the adapters go
 
 
-_MODULES = {  # family: (attention output projection, FFN output)
-    "llama": ("self_attn.o_proj", "mlp"),
-    "bert": ("attention.output.dense", "output.dense"),
-}
-
-
-def _family(block: nn.Module) -> str | None:
+def _family(block: nn.Module) -> Family | None:
+    # Only the two modules the adapters hook are required (DeBERTa's blocks pass as BERT's).
     def has(path: str) -> bool:
         try:
             block.get_submodule(path)
@@ -157,11 +181,11 @@ def _family(block: nn.Module) -> str | None:
             return False
         return True
 
-    return next((family for family, paths in _MODULES.items() if all(map(has, paths))), None)
+    return next((f for f in FAMILIES.values() if has(f.output) and has(f.ffn)), None)
 
 
 def check_architecture(model: nn.Module) -> str:
-    """The block family of ``model`` (``llama`` or ``bert``); works on a meta skeleton.
+    """The block family of ``model`` (``llama``, ``gpt2`` or ``bert``); works on a meta skeleton.
 
     Raises:
         AdapterError: any other architecture.
@@ -175,9 +199,9 @@ def check_architecture(model: nn.Module) -> str:
     if family is None:
         raise AdapterError(
             f"Bottleneck adapters support {SUPPORTED} models only, and "
-            f"{type(base).__name__} is neither; pick another method (e.g. lora)."
+            f"{type(base).__name__} is none of them; pick another method (e.g. lora)."
         )
-    return family
+    return family.name
 
 
 def _sequential_hook(adapter: BottleneckAdapter):
@@ -215,7 +239,7 @@ def attach_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[Bottle
     dtype and device.
 
     Args:
-        model: a Llama or BERT/RoBERTa model (plain or wrapped).
+        model: a Llama, GPT-2 or BERT/RoBERTa model (plain or wrapped).
         config: what to attach.
 
     Returns:
@@ -224,31 +248,33 @@ def attach_bottleneck(model: nn.Module, config: BottleneckConfig) -> list[Bottle
     Raises:
         AdapterError: an unsupported architecture, a bottleneck of 0, adapters already there.
     """
-    family = check_architecture(model)
+    family = FAMILIES[check_architecture(model)]
     base = unwrap(model)
     if hasattr(base, _CONFIG_ATTRIBUTE):
         raise AdapterError(f"{type(base).__name__} already has bottleneck adapters attached.")
     hidden = base.config.hidden_size
     r = config.width(hidden)
     reference = next(base.parameters())
-    attn_path, ffn_path = _MODULES[family]
+    if config.placement == "houlsby":
+        slots = ["attn", "ffn"]
+    else:
+        slots = ["attn"] if config.location == "attention" else ["ffn"]
     adapters = []
     for block in decoder_layers(base):
-        attn_out, ffn_out = block.get_submodule(attn_path), block.get_submodule(ffn_path)
-        slots = ["attn", "ffn"] if config.placement == "houlsby" else ["ffn"]
         for slot in slots:
-            adapter = BottleneckAdapter(hidden, r, config.activation)
+            adapter = BottleneckAdapter(hidden, r, config.activation, config.layer_norm)
             adapter.to(device=reference.device, dtype=reference.dtype)
             block.add_module(PREFIX + slot, adapter)
             adapters.append(adapter)
-            if config.placement == "parallel" and family == "llama":
-                ffn_out.register_forward_hook(_parallel_hook(adapter, config.scaling))
-            elif config.placement == "parallel":
+            if config.placement == "parallel" and family.name == "bert":
                 block.output.register_forward_pre_hook(
                     _parallel_residual_hook(adapter, config.scaling), with_kwargs=True
                 )
+            elif config.placement == "parallel":
+                hook = _parallel_hook(adapter, config.scaling)
+                block.get_submodule(family.ffn).register_forward_hook(hook)
             else:
-                target = attn_out if slot == "attn" else ffn_out
+                target = block.get_submodule(family.output if slot == "attn" else family.ffn)
                 target.register_forward_hook(_sequential_hook(adapter))
     setattr(base, _CONFIG_ATTRIBUTE, config)
     return adapters

@@ -12,6 +12,10 @@ relative to a transformer block:
 | bert   | ``attention.self`` | ``attention.self.{query,key,value}`` | ``attention.output.dense`` |
 | gpt2   | ``attn``           | ``attn.c_attn`` (fused, thirds)      | ``attn.c_proj``            |
 
+The bottleneck adapters (:mod:`adaptlab.adapters.bottleneck`) also use the feed-forward block,
+``ffn``: ``mlp`` (Llama, GPT-2; its input is the FFN input) and BERT's ``output.dense`` (the FFN
+input is then the residual input of ``output``).
+
 RoBERTa uses the BERT modules. DeBERTa-v2's disentangled attention does not go through the
 attention interface, so these methods refuse it (LoRA and the bottleneck adapters are the
 alternatives there).
@@ -52,12 +56,14 @@ class Family:
         projections: ``{"q"|"k"|"v": (path, index)}``; ``index`` is the third of a fused
             projection's output (None: the whole output).
         output: the output projection W_O.
+        ffn: the feed-forward module whose output the bottleneck adapters change.
     """
 
     name: str
     attention: str
     projections: dict[str, tuple[str, int | None]]
     output: str
+    ffn: str
 
 
 FAMILIES: dict[str, Family] = {
@@ -70,6 +76,7 @@ FAMILIES: dict[str, Family] = {
             "v": ("self_attn.v_proj", None),
         },
         "self_attn.o_proj",
+        "mlp",
     ),
     "bert": Family(
         "bert",
@@ -80,12 +87,14 @@ FAMILIES: dict[str, Family] = {
             "v": ("attention.self.value", None),
         },
         "attention.output.dense",
+        "output.dense",
     ),
     "gpt2": Family(
         "gpt2",
         "attn",
         {"q": ("attn.c_attn", 0), "k": ("attn.c_attn", 1), "v": ("attn.c_attn", 2)},
         "attn.c_proj",
+        "mlp",
     ),
 }
 

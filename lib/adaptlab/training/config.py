@@ -77,7 +77,7 @@ class FinetuneConfig(KernelViewSettings):
         method: what trains, a key of ``adaptlab.training.methods.METHODS``: ``full``,
             ``lora``, ``dora``, ``adalora``, ``bitfit`` (biases only), ``qlora`` (LoRA on a
             bitsandbytes 4-bit base) or the bottleneck adapters ``houlsby``, ``pfeiffer``,
-            ``parallel`` (Llama and BERT/RoBERTa only), or the kernel-view adapters
+            ``parallel`` (Llama, GPT-2 and BERT/RoBERTa only), or the kernel-view adapters
             ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix`` (Llama,
             GPT-2, BERT, RoBERTa; their fields are :class:`KernelViewSettings`').
         target_modules: module names the adapters wrap (a name matches a module whose dotted
@@ -98,6 +98,10 @@ class FinetuneConfig(KernelViewSettings):
         adapter_dim: bottleneck adapter width r itself (None: from adapter_reduction_factor).
         adapter_activation: bottleneck adapter non-linearity: ``relu``, ``gelu`` or ``tanh``.
         adapter_scaling: factor s on the parallel adapter's output (FFN(x) + s * A(x)).
+        adapter_layer_norm: a trainable LayerNorm on each bottleneck adapter's input ("layer
+            norm before adapter"; the adapter still starts at 0).
+        adapter_location: where the ``pfeiffer`` adapter goes: ``ffn`` (after the FFN, Pfeiffer
+            et al.) or ``attention`` (after the attention output projection).
         fix_head: freeze the head (final norm and output layer).
         fix_embeddings: freeze the input embeddings.
         fix_first_n_layers: freeze transformer blocks 0..n-1.
@@ -258,6 +262,8 @@ class FinetuneConfig(KernelViewSettings):
     adapter_dim: int | None = None
     adapter_activation: Literal["relu", "gelu", "tanh"] = "relu"
     adapter_scaling: float = 1.0
+    adapter_layer_norm: bool = False
+    adapter_location: Literal["ffn", "attention"] = "ffn"
     fix_head: bool = False
     fix_embeddings: bool = False
     fix_first_n_layers: int = 0
@@ -380,6 +386,11 @@ class FinetuneConfig(KernelViewSettings):
             (
                 self.adapter_dim is None or self.adapter_dim >= 1,
                 f"adapter_dim={self.adapter_dim} must be at least 1 (or omitted).",
+            ),
+            (
+                self.adapter_location == "ffn" or self.method == "pfeiffer",
+                f"adapter_location={self.adapter_location!r} applies to method=pfeiffer only; "
+                f"drop it for method={self.method!r}.",
             ),
             (bool(self.target_modules), "target_modules is empty; name the modules to adapt."),
             (self.fix_first_n_layers >= 0, "fix_first_n_layers must be 0 or more."),

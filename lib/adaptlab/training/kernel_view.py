@@ -51,6 +51,7 @@ def _parallel_config(cfg: Any) -> BottleneckConfig:
         dim=cfg.adapter_dim,
         activation=cfg.adapter_activation,
         scaling=cfg.adapter_scaling,
+        layer_norm=cfg.adapter_layer_norm,
     )
 
 

@@ -15,8 +15,8 @@
 | see ``adaptlab.training.kernel_view``; frozen base; checkpoints hold the adapter only       |
 
 The bottleneck adapters are adaptlab's own (``adaptlab.adapters.bottleneck``: forward hooks
-on Llama and BERT/RoBERTa blocks); their checkpoints hold the whole model, with the adapter
-weights in a separate file that ``load_bottleneck`` attaches. The other adapters are PEFT's;
+on Llama, GPT-2 and BERT/RoBERTa blocks); their checkpoints hold the whole model, with the
+adapter weights in a separate file that ``load_bottleneck`` attaches. The other adapters are PEFT's;
 this module only builds their configs, checks the names in
 ``target_modules`` against the real model before anything is loaded (PEFT silently skips a name
 that matches nothing as long as another one matches), and applies the freezing flags on top.
@@ -74,6 +74,8 @@ class MethodSettings(Protocol):
     adapter_dim: int | None
     adapter_activation: str
     adapter_scaling: float
+    adapter_layer_norm: bool
+    adapter_location: str
     fix_head: bool
     fix_embeddings: bool
     fix_first_n_layers: int
@@ -245,6 +247,8 @@ def _bottleneck_config(cfg: MethodSettings) -> BottleneckConfig:
         dim=cfg.adapter_dim,
         activation=cfg.adapter_activation,
         scaling=cfg.adapter_scaling,
+        layer_norm=cfg.adapter_layer_norm,
+        location=cfg.adapter_location,
     )
 
 
