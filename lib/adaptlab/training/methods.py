@@ -8,16 +8,16 @@
 | ``adalora``| SVD-form LoRA with rank reallocation | frozen              | adapter + rank_pattern|
 | ``bitfit``| biases only                          | frozen              | whole model (HF)      |
 | ``qlora`` | LoRA                                 | bitsandbytes NF4    | adapter only (PEFT)   |
-| ``houlsby``| bottleneck adapters after attention and FFN | frozen       | whole model + adapters|
-| ``pfeiffer``| a bottleneck adapter after the FFN  | frozen              | whole model + adapters|
-| ``parallel``| a bottleneck adapter beside the FFN | frozen              | whole model + adapters|
-| ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix``: attention adapters, |
-| see ``adaptlab.training.kernel_view``; frozen base; checkpoints hold the adapter only       |
+| ``houlsby``| bottleneck adapters after attention and FFN | frozen       | adapter (adaptlab)    |
+| ``pfeiffer``| a bottleneck adapter after the FFN  | frozen              | adapter (adaptlab)    |
+| ``parallel``| a bottleneck adapter beside the FFN | frozen              | adapter (adaptlab)    |
+| ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix``: attention adapters  |
+| (``adaptlab.training.kernel_view``); frozen base; adapter (adaptlab) checkpoints          |
 
-The bottleneck adapters are adaptlab's own (``adaptlab.adapters.bottleneck``: forward hooks
-on Llama, GPT-2 and BERT/RoBERTa blocks); their checkpoints hold the whole model, with the
-adapter weights in a separate file that ``load_bottleneck`` attaches. The other adapters are PEFT's;
-this module only builds their configs, checks the names in
+The bottleneck and attention adapters are adaptlab's own (``adaptlab.adapters``: forward hooks
+and transformers' attention registry); their checkpoints are PEFT-layout adaptlab adapter
+folders (``adaptlab.adapters.folder``) that ``load_model`` reloads on their base. The other
+adapters are PEFT's; this module only builds their configs, checks the names in
 ``target_modules`` against the real model before anything is loaded (PEFT silently skips a name
 that matches nothing as long as another one matches), and applies the freezing flags on top.
 
