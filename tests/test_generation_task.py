@@ -169,6 +169,38 @@ def test_finetune_trains_and_scores_headlines(bbc_sources, tiny_model_dir, tmp_p
     assert not list(out.rglob("*.tmp*"))
 
 
+def test_killed_and_resumed_run_writes_the_same_titles(
+    bbc_sources, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Greedy titles depend on the weights only: a run killed after step 3 and resumed writes
+    the same predictions and scores as an uninterrupted one."""
+    extra = ("--max_steps", "4", "--eval_points", "2", "--save_state_every", "1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finetune.main(headline_args(tiny_model_dir, whole, *extra))
+    step = finetune.train_step
+
+    def killed_at_step_4(*args, **kwargs):
+        if args[7] == 4:
+            raise KeyboardInterrupt("killed")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(headline_args(tiny_model_dir, killed, *extra))
+    monkeypatch.setattr(finetune, "train_step", step)
+    finetune.main(headline_args(tiny_model_dir, killed, *extra))
+    names = sorted(p.name for p in (whole / "predictions").iterdir())
+    assert names == sorted(p.name for p in (killed / "predictions").iterdir())
+    # dev at both evaluations, test at the end (and at step 2, when it was the best)
+    assert {"dev_step_2.jsonl", "dev_step_4.jsonl", "test_step_4.jsonl"} <= set(names)
+    for name in names:
+        assert (killed / "predictions" / name).read_text() == (
+            whole / "predictions" / name
+        ).read_text()
+    a, b = (json.loads((run / "result.json").read_text())["metrics"] for run in (whole, killed))
+    assert a["final"] == b["final"] and a["test_final"] == b["test_final"]
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
