@@ -32,6 +32,13 @@ are concatenated, every example keeps its own task's prompt and label words (a b
 ``label_word_ids`` ``[B, C]``), and each task's dev and test splits are scored apart
 (``metrics.final["SST-2"]``, ...); ``accuracy`` is the mean over tasks, the selection metric.
 
+``--task bbc-headline`` (causal LMs) is a generation task: the title of a BBC story from its
+body, trained on the title + EOS tokens after ``"Article: {body}\\nTitle:"`` (body cut to
+``source_max_tokens``, title to ``target_max_tokens``); dev and test titles are generated
+(greedy by default, or ``--decoding top_p``) and scored by ROUGE-1/2/L and BLEU, the best step
+picked by ``best_metric`` (``rougeL``), every evaluation's predictions kept in ``predictions/``
+(``adaptlab.training.generation``).
+
 The fine-tuning stage of skill localization by grafting (Panigrahi et al. 2023, graft.md §2)
 adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0..n-1),
 ``--l1_to_init λ`` (the penalty λ·Σ|θ − θ_init| on the trainable weights, logged as
@@ -87,6 +94,8 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --head linear \
         --from_linearhead true
+    # title generation (ROUGE / BLEU) on the embedded BBC News articles
+    python scripts/finetune.py --config scripts/configs/finetune_headline_demo.yaml
     # bottleneck adapters only (base frozen; best/ is an adapter folder, load_model reads it)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \
         --model roberta-base --task SST-2 --task_dir data --method houlsby \
@@ -179,6 +188,11 @@ from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
 from adaptlab.training.data import Data, mmlu_data, multi_task_data, task_data
 from adaptlab.training.fewshot import (
     init_linear_head,
+)
+from adaptlab.training.generation import (
+    GENERATION_TASKS,
+    generation_data,
+    keep_predictions,
 )
 from adaptlab.training.l1_to_init import L1ToInit
 from adaptlab.training.loop import (
@@ -324,6 +338,8 @@ def setup(cfg: FinetuneConfig) -> Job:
     tokenizer = load_tokenizer(model_ref, trust_remote_code=cfg.trust_remote_code)
     if cfg.task == "mmlu":
         data = mmlu_data(cfg, tokenizer)
+    elif cfg.task in GENERATION_TASKS:
+        data = generation_data(cfg, tokenizer, skeleton.config)
     elif len(split_tasks(cfg.task)) > 1:
         data = multi_task_data(cfg, tokenizer, skeleton.config)
     else:
@@ -569,18 +585,27 @@ def log_metrics(job: Job, run: Run, metrics: dict, prefix: str) -> None:
         run.logger.log(run.state.step, metrics[task], f"{prefix}/{task}")
 
 
+def scores(job: Job, run: Run, split: str) -> dict:
+    """Metrics of the evaluation (``dev``) or ``test`` split at the current step; a generation
+    task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
+    evaluate = job.data.evaluate if split == "dev" else job.data.test
+    metrics = evaluate(run.model, job.accelerator)
+    path = job.out / ckpt.PREDICTIONS / f"{split}_step_{run.state.step}.jsonl"
+    return keep_predictions(metrics, path, job.accelerator.is_main_process)
+
+
 def evaluate_and_keep(job: Job, run: Run) -> None:
     """Evaluate at the current step, log it and keep the weights when they are the best."""
     cfg, state = job.cfg, run.state
     started = time.perf_counter()
-    metrics = job.data.evaluate(run.model, job.accelerator)
+    metrics = scores(job, run, "dev")
     state.evals.append({"step": state.step, **metrics})
     log_metrics(job, run, metrics, "eval")
     value = metrics[cfg.best_metric]
     if ckpt.is_better(cfg.best_metric, value, state.best, ties=cfg.best_ties):
         state.best = {"step": state.step, "metric": cfg.best_metric, "value": value}
         if job.data.test is not None:  # the upstream protocol: test the best-dev weights
-            state.best["test"] = job.data.test(run.model, job.accelerator)
+            state.best["test"] = scores(job, run, "test")
             log_metrics(job, run, state.best["test"], "test")
         save_weights(job, run, ckpt.BEST)
     state.eval_seconds += time.perf_counter() - started
@@ -707,7 +732,7 @@ def finalize(job: Job, run: Run) -> dict:
     """Save the final weights, write result.json and drop the resume state."""
     cfg, acc, state = job.cfg, job.accelerator, run.state
     save_weights(job, run, ckpt.FINAL)
-    test = job.data.test(run.model, acc) if job.data.test is not None else None
+    test = scores(job, run, "test") if job.data.test is not None else None
     parallel = {  # what each rank held: the proof that sharding happened
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
@@ -816,9 +841,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             best = result["metrics"]["test_at_best"] or {}
             mean = " (mean over tasks)" if job.data.tasks else ""
+            key = cfg.best_metric if cfg.task in GENERATION_TASKS else "accuracy"
             score = (
-                f"dev accuracy{mean} {final.get('accuracy', float('nan')):.3f}, test accuracy "
-                f"at the best dev step {best.get('accuracy', float('nan')):.3f}"
+                f"dev {key}{mean} {final.get(key, float('nan')):.3f}, test {key} "
+                f"at the best dev step {best.get(key, float('nan')):.3f}"
             )
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
     if job.lock is not None:

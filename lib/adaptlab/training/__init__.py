@@ -7,7 +7,10 @@
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
 - :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
-- :mod:`~adaptlab.training.metrics`: micro/macro accuracy, ECE and reliability bins;
+- :mod:`~adaptlab.training.metrics`: micro/macro accuracy, ECE and reliability bins, ROUGE and
+  BLEU of generated text;
+- :mod:`~adaptlab.training.generation`: the generation task ``bbc-headline`` (title + EOS
+  labels, batched ``generate``, scores and kept predictions);
 - :mod:`~adaptlab.training.freezing`: freeze head / embeddings / first blocks, BitFit;
 - :mod:`~adaptlab.training.l1_to_init`: the penalty λ·Σ|θ − θ_init|, added to the gradients
   once per step (accumulation, DDP and FSDP2 shards alike);

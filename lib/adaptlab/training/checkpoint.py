@@ -73,6 +73,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 FINAL = "final"
 STATE = "resume"
+PREDICTIONS = "predictions"  # generation tasks: {split}_step_{step}.jsonl
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_FILE = "adaptlab_checkpoint.json"
 HEAD_FILE = "linear_head.safetensors"
@@ -85,7 +86,7 @@ LAYOUT = Layout(
     markers=(RUN_FILE, RESULT_FILE),
     owned=(
         RUN_FILE, RESULT_FILE, METRICS_FILE, CHECKPOINTS, BEST, FINAL, STATE, "tensorboard",
-        "wandb",
+        "wandb", PREDICTIONS,
     ),
 )  # fmt: skip
 """What a fine-tuning run writes: ``--overwrite`` removes these entries and nothing else."""

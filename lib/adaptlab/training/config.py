@@ -33,11 +33,16 @@ BEST_METRICS = (
     "accuracy_micro",
     "loss",
     "ece",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "bleu",
 )
 """Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better); ``accuracy``,
-``f1`` and ``mcc`` are few-shot task metrics, the others MMLU ones."""
+``f1`` and ``mcc`` are few-shot task metrics, ROUGE and BLEU generation ones, the others MMLU's."""
 TASK_METRICS = frozenset({"accuracy", "f1", "mcc"})
-MMLU_METRICS = frozenset(BEST_METRICS) - TASK_METRICS
+GENERATION_METRICS = frozenset({"rouge1", "rouge2", "rougeL", "bleu"})
+MMLU_METRICS = frozenset(BEST_METRICS) - TASK_METRICS - GENERATION_METRICS
 
 # Fields that change where and how a run is reported, never its trajectory: a run resumed with
 # other values of these is the same run.
@@ -128,6 +133,9 @@ class FinetuneConfig(KernelViewSettings):
             splits are scored apart (metrics under the task's name); the top-level
             ``accuracy``, ``loss`` and ``ece`` are their means over tasks, so ``best_metric``
             selects on the mean. ``adaptlab.data.split_tasks`` reads the tasks back.
+            ``bbc-headline`` (causal LMs) is a generation task (``adaptlab.training.generation``):
+            the BBC title from the body, title + EOS tokens trained, dev/test titles generated
+            and scored by ROUGE-1/2/L and BLEU (predictions in ``predictions/``).
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
             other than the offline ``mmlu-topics*``).
         shots: k, training (and dev) examples per label of a few-shot task.
@@ -137,6 +145,12 @@ class FinetuneConfig(KernelViewSettings):
         label_words: label -> word overriding the task's (each must be one token, unless
             ``scoring`` is ``options``).
         test_limit: evaluate at most this many test examples of a few-shot task (None: all).
+        source_max_tokens: generation tasks: the source text is cut to its first this many tokens.
+        target_max_tokens: generation tasks: the target is cut to this many tokens (then EOS).
+        decoding: generation tasks: ``greedy`` (default: the same predictions on every run) or
+            ``top_p`` (nucleus sampling with ``top_p``, seeded by ``seed``).
+        top_p: nucleus mass of ``decoding=top_p``.
+        max_new_tokens: generation tasks: most tokens generated per prediction.
         dataset_path: MMLU copy (jsonl/csv/parquet or a saved HF dataset); default: the
             embedded copy (test split only), then the hub.
         train_split: split to train on: ``dev+validation`` with a full copy (spec), ``test``
@@ -213,7 +227,8 @@ class FinetuneConfig(KernelViewSettings):
         eval_at_start: also evaluate before the first step (the baseline).
         eval_batch_size: prompts per evaluation forward pass per process.
         best_metric: evaluation metric whose best value keeps a copy in ``best/``; None:
-            ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks.
+            ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks, ``rougeL`` for
+            generation tasks (``rouge1``, ``rouge2``, ``bleu`` also).
         best_ties: which of two evaluations with the same ``best_metric`` value is kept:
             ``first`` (strictly better only) or ``last`` (``>=``, the later wins, as upstream's
             LM-BFF trainer keeps it).
@@ -282,6 +297,11 @@ class FinetuneConfig(KernelViewSettings):
     template: str | None = None
     label_words: dict[str, str] | None = None
     test_limit: int | None = None
+    source_max_tokens: int = 400
+    target_max_tokens: int = 130
+    decoding: Literal["greedy", "top_p"] = "greedy"
+    top_p: float = 0.9
+    max_new_tokens: int = 40
     dataset_path: str | None = None
     train_split: str = "test"
     subjects: list[str] | None = None
@@ -499,13 +519,22 @@ class FinetuneConfig(KernelViewSettings):
     def _resolve_task(self) -> None:
         """Fill the task-dependent defaults and check the task's options fit together."""
         from adaptlab.data import get_task, split_tasks
+        from adaptlab.training.generation import GENERATION_TASKS, generation_conflicts
 
-        if self.task == "mmlu":
+        if self.task in GENERATION_TASKS:
+            self.objective = self.objective or "answer_only"
+            self.best_metric = self.best_metric or "rougeL"
+            wrong = generation_conflicts(self, GENERATION_METRICS)
+        elif self.task == "mmlu":
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or "constrained_macro"
             wrong = [
                 (self.objective != "answer_only", f"objective={self.objective!r}", "answer_only"),
-                (self.best_metric in TASK_METRICS, f"best_metric={self.best_metric!r}", ""),
+                (
+                    self.best_metric in TASK_METRICS | GENERATION_METRICS,
+                    f"best_metric={self.best_metric!r}",
+                    "",
+                ),
                 (self.head != "prompt", f"head={self.head!r}", "head=prompt"),
                 (self.scoring != "label_words", f"scoring={self.scoring!r}", "scoring=label_words"),
                 (self.from_linearhead, "from_linearhead=true", ""),
@@ -533,7 +562,7 @@ class FinetuneConfig(KernelViewSettings):
                     "head=linear with it",
                 ),
                 (
-                    self.best_metric in MMLU_METRICS - {"loss", "ece"}
+                    self.best_metric in (MMLU_METRICS - {"loss", "ece"}) | GENERATION_METRICS
                     or (
                         self.best_metric in TASK_METRICS - {"accuracy"}
                         and (multi or self.best_metric not in task.metrics)

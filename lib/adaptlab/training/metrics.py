@@ -1,4 +1,5 @@
-"""Evaluation metrics of fine-tuned models: accuracy (micro, macro over subjects) and calibration.
+"""Evaluation metrics of fine-tuned models: accuracy (micro, macro over subjects), calibration,
+and ROUGE / BLEU of generated text (:func:`generation_scores`).
 
 Example::
 
@@ -132,3 +133,47 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> flo
     full = bins.count > 0
     gaps = np.abs(bins.accuracy[full] - bins.confidence[full])
     return float(np.sum(bins.count[full] / bins.count.sum() * gaps))
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L and corpus BLEU of generated texts against one reference each.
+
+    ROUGE is the F-measure of ``rouge-score`` (lower case, Porter stemming of words longer than
+    3 letters), averaged over examples, in [0, 1]; ``rougeL`` is the sentence-level LCS.
+    BLEU is ``sacrebleu``'s corpus BLEU (13a tokenisation, exponential smoothing), in [0, 100].
+
+    Args:
+        predictions: ``[N]`` generated texts.
+        references: ``[N]`` reference texts, same order.
+
+    Returns:
+        ``{"rouge1", "rouge2", "rougeL", "bleu"}``.
+
+    Raises:
+        TrainingError: empty input or lengths that differ.
+
+    >>> scores = generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
+    >>> scores["rougeL"], round(scores["bleu"], 6)
+    (1.0, 100.0)
+    """
+    # imported here: rouge-score loads nltk, which only generation runs need
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise TrainingError(
+            f"{len(predictions)} predictions and {len(references)} references; give one "
+            "reference per prediction."
+        )
+    if not predictions:
+        raise TrainingError("No predictions to score; the evaluation set is empty.")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    per_example = [
+        scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)
+    ]
+    scores = {key: float(np.mean([s[key].fmeasure for s in per_example])) for key in ROUGE_KEYS}
+    scores["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    return scores
