@@ -200,6 +200,19 @@ def _configs(model: nn.Module) -> list:
 
 
 def install(model: nn.Module) -> str:
+    """Route ``model``'s attention through the adapter-aware path; returns the backend name.
+
+    DeBERTa-v2/v3 computes its attention outside transformers' registry: its attention modules
+    are patched instead (:mod:`adaptlab.adapters.deberta`)."""
+    from adaptlab.adapters.deberta import is_deberta, patch_deberta
+
+    if is_deberta(model):
+        patch_deberta(model)
+        return "adaptlab_deberta"
+    return _install_registry(model)
+
+
+def _install_registry(model: nn.Module) -> str:
     """Route ``model``'s attention through ``adaptlab_<its backend>``; returns that name.
 
     Idempotent. The original backend is remembered (:func:`uninstall` restores it), and stays
@@ -303,13 +316,19 @@ def _with_prefixes(
     return torch.cat([pk, key], 2), torch.cat([pv, value], 2), torch.cat([ones, visible], -1)
 
 
-def _eager_extended(query, key, value, mask, scaling, dropout, causal, prefixes, s0):
-    """Explicit attention: returns (Attn [B, H, T, d_v], w [B, H, T] or None, probabilities)."""
+def _eager_extended(query, key, value, mask, scaling, dropout, causal, prefixes, s0, bias=None):
+    """Explicit attention: returns (Attn [B, H, T, d_v], w [B, H, T] or None, probabilities).
+
+    ``bias`` [B, H, T, S] is added to the ordinary logits (DeBERTa's relative-position terms;
+    prefix keys get none)."""
     groups = query.shape[1] // key.shape[1]
     visible = allowed_keys(mask, query.shape[0], query.shape[2], key.shape[2], causal, query.device)
     key, value, visible = _with_prefixes(key, value, visible, prefixes)
     key, value = _repeat(key, groups), _repeat(value, groups)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if bias is not None:
+        n_prefix = logits.shape[-1] - bias.shape[-1]
+        logits = logits + F.pad(bias.to(logits.dtype), (n_prefix, 0))
     logits = logits.float().masked_fill(~visible, torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     w = None

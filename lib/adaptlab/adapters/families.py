@@ -16,9 +16,9 @@ The bottleneck adapters (:mod:`adaptlab.adapters.bottleneck`) also use the feed-
 ``ffn``: ``mlp`` (Llama, GPT-2; its input is the FFN input) and BERT's ``output.dense`` (the FFN
 input is then the residual input of ``output``).
 
-RoBERTa uses the BERT modules. DeBERTa-v2's disentangled attention does not go through the
-attention interface, so these methods refuse it (LoRA and the bottleneck adapters are the
-alternatives there).
+RoBERTa uses the BERT modules. DeBERTa-v2/v3 (``attention.self.{query,key,value}_proj``,
+``attention.output.dense``) computes its disentangled attention itself, outside the attention
+interface; :mod:`adaptlab.adapters.deberta` patches its attention modules instead.
 
 Quick start::
 
@@ -38,8 +38,7 @@ from torch import nn
 from adaptlab.errors import UserError
 from adaptlab.extract.points import PointError, decoder_layers, unwrap
 
-_DEBERTA = " (its disentangled attention bypasses the attention interface)"
-SUPPORTED = "Llama (SmolLM2), GPT-2, BERT (MiniLM) and RoBERTa"
+SUPPORTED = "Llama (SmolLM2), GPT-2, BERT (MiniLM), RoBERTa and DeBERTa-v2/v3"
 
 
 class ArchitectureError(UserError):
@@ -96,6 +95,17 @@ FAMILIES: dict[str, Family] = {
         "attn.c_proj",
         "mlp",
     ),
+    "deberta": Family(  # DeBERTa-v2/v3: its attention is patched (adaptlab.adapters.deberta)
+        "deberta",
+        "attention.self",
+        {
+            "q": ("attention.self.query_proj", None),
+            "k": ("attention.self.key_proj", None),
+            "v": ("attention.self.value_proj", None),
+        },
+        "attention.output.dense",
+        "output.dense",
+    ),
 }
 
 
@@ -119,15 +129,16 @@ def family_of(model: nn.Module, method: str = "this method") -> Family:
     except (PointError, AttributeError):
         blocks = None
     model_type = getattr(getattr(base, "config", None), "model_type", "")
-    if blocks is not None and len(blocks) and "deberta" not in model_type:
+    if model_type == "deberta":  # DeBERTa v1: another attention module, not patched
+        blocks = None
+    if blocks is not None and len(blocks):
         for family in FAMILIES.values():
             paths = [family.attention, family.output] + [p for p, _ in family.projections.values()]
             if all(_has(blocks[0], path) for path in paths):
                 return family
     raise ArchitectureError(
-        f"{method} supports {SUPPORTED} models, not {type(base).__name__}"
-        f"{_DEBERTA if 'deberta' in model_type else ''}"
-        "; pick another method (e.g. lora or houlsby)."
+        f"{method} supports {SUPPORTED} models, not {type(base).__name__}; pick another "
+        "method (e.g. lora or houlsby)."
     )
 
 
