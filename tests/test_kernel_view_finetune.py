@@ -129,3 +129,39 @@ def test_checkpointed_sdpa_run_equals_the_plain_eager_run(tiny_model_dir, sst2_d
         runs[label] = load_file(out / "final" / "adapter_model.safetensors")
     for key, value in runs["eager"].items():
         torch.testing.assert_close(runs["sdpa-ckpt"][key], value, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def inducer_best(tiny_model_dir, sst2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inducer") / "run"
+    finetune.main(fewshot_args(tiny_model_dir, sst2_dir, out, *_method_args("inducer"),
+                               "--max_steps", "2"))  # fmt: skip
+    return out / "best"
+
+
+def test_landscape_and_kernel_of_an_inducer_folder(
+    inducer_best, tiny_model_dir, mmlu_file, sst2_dir, tmp_path
+):
+    """extract_repr.py and compute_kernel.py take the inducer's folder as --model."""
+    from adaptlab.adapters.families import geometry
+    from adaptlab.adapters.inducer import InducerConfig, parameter_count
+    from tests.test_compute_kernel import compute_kernel, kernel_args
+    from tests.test_extract_script import args_for, arrays, extract_repr
+
+    outputs = {}
+    for name, model in (("base", tiny_model_dir), ("tuned", inducer_best)):
+        extract_repr.main(args_for(model, mmlu_file, tmp_path / "out" / name))
+        outputs[name] = arrays(tmp_path / "out" / name)
+    # block 0's input norm comes before any attention; block 0's output passes the inducer
+    base, tuned = outputs["base"], outputs["tuned"]
+    assert torch.equal(tuned["norm1/l0.safetensors"], base["norm1/l0.safetensors"])
+    assert (tuned["block/l0.safetensors"] - base["block/l0.safetensors"]).abs().max() > 0
+
+    compute_kernel.main(kernel_args(inducer_best, sst2_dir, tmp_path / "kernel"))
+    folder = tmp_path / "kernel" / "8-42"
+    kernel, _ = torch.load(folder / "train_kernels_SST-2.pt", weights_only=True)
+    assert torch.isfinite(kernel).all()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    model = load_model(tiny_model_dir)
+    inducer = parameter_count(geometry(model), 2, InducerConfig(prefix_length=3, prefix_dim=4))
+    assert manifest["grad_dim"] == sum(p.numel() for p in model.parameters()) + inducer
