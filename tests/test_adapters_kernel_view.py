@@ -511,3 +511,32 @@ def test_deberta_inducer_finetune_reloads_to_its_metrics(sst2_dir, tmp_path):
     labels = torch.tensor([ex["label"] for ex in encoded])
     loss = float(torch.nn.functional.cross_entropy(scores, labels))
     assert result["metrics"]["test_final"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_flash_attention_masks_take_the_sdpa_path_for_extra_keys():
+    """flash-attention 2 hands the attention function a [B, S] padding mask (or None); the
+    prefix/inducer path reads it as causal + padding and runs SDPA, so the result equals the
+    eager path's with its 4-D additive mask. (flash-attn itself is not installed here: the
+    path with extra keys never calls it.)"""
+    from adaptlab.adapters.attention import _make_function
+    from adaptlab.adapters.inducer import Inducer
+
+    geo = Geometry(hidden=16, heads=2, kv_heads=2, head_dim=8)
+    module = nn.Module()
+    module.is_causal, module.training = True, False
+    torch.manual_seed(0)
+    module.add_module(
+        "adaptlab_inducer", Inducer(geo, InducerConfig(prefix_length=2, prefix_dim=3))
+    )
+    q, k, v, padding, _, _ = _random_attention()
+    q, k, v = q[:, :2], k[:, :2], v[:, :2]
+    flash = _make_function("flash_attention_2")
+    eager = _make_function("eager")
+    additive = torch.where(allowed_keys(padding, 2, 5, 5, True, "cpu"), 0.0, -1e4)  # old style
+    out_flash, _ = flash(module, q, k, v, padding, scaling=8**-0.5)
+    pending_flash = module.adaptlab_inducer.take_pending()
+    out_eager, _ = eager(module, q, k, v, additive, scaling=8**-0.5)
+    pending_eager = module.adaptlab_inducer.take_pending()
+    rows = padding.bool()  # rows with a visible key
+    assert torch.allclose(out_flash[rows], out_eager[rows], atol=1e-5)
+    assert torch.allclose(pending_flash[rows], pending_eager[rows], atol=1e-5)

@@ -123,10 +123,9 @@ def _make_function(backend: str) -> Callable:
         dropout: float = 0.0,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base = _base_function(backend, module)
         adapters = attached(module)
         if not adapters:
-            return base(
+            return _base_function(backend, module)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                 **kwargs,
             )  # fmt: skip
@@ -139,7 +138,7 @@ def _make_function(backend: str) -> Callable:
         inducers = [a for a in adapters if a.has_inducer]
         weights = w = None
         if not prefixes and not inducers:
-            out, weights = base(
+            out, weights = _base_function(backend, module)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                 **kwargs,
             )  # fmt: skip
@@ -275,7 +274,7 @@ def allowed_keys(
     if mask is not None and mask.dim() == 4:
         if mask.dtype == torch.bool:
             return mask
-        return mask > torch.finfo(mask.dtype).min / 2
+        return mask > -1e3  # blocked: the dtype's minimum (or the old -10000 convention)
     if causal:
         offset = k_len - q_len
         rows = torch.arange(q_len, device=device)[:, None] + offset
