@@ -261,3 +261,47 @@ def test_each_hub_task_selects_on_its_spec_metric():
     picked = {t: FinetuneConfig(task=t).best_metric for t in ("cnn-dailymail", "webnlg", "coqa")}
     assert picked == {"cnn-dailymail": "rougeL", "webnlg": "bleu", "coqa": "token_f1"}
     assert FinetuneConfig(task="coqa", label_smoothing=0.1).objective == "answer_only"
+
+
+# --- the recipe on fake hub rows ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["webnlg", "coqa"])
+def test_finetune_runs_a_hub_task_and_scores_its_references(
+    task, hub, tiny_model_dir, tmp_path, monkeypatch
+):
+    import json
+
+    from sacrebleu import corpus_bleu
+
+    from adaptlab.training.metrics import token_f1 as f1
+    from tests.conftest import load_script
+
+    monkeypatch.setattr(nlg_hub, "HELD_OUT_ROWS", 1)  # CoQA: 1 dev story, 2 to train on
+    out = tmp_path / "run"
+    load_script("finetune").main([
+        "--model", str(tiny_model_dir), "--task", task, "--label_smoothing", "0.1",
+        "--method", "full", "--optimizer", "sgd", "--lr", "0.1", "--schedule", "constant",
+        "--batch_size", "1", "--micro_batch_size", "1", "--max_steps", "1",
+        "--eval_points", "1", "--eval_at_start", "false", "--checkpoints", "0",
+        "--save_init", "false", "--save_epochs", "false", "--source_max_tokens", "24",
+        "--max_new_tokens", "4", "--output_dir", str(out), "--report_to", "none",
+        "--progress", "false",
+    ])  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert result["data"]["label_smoothing"] == 0.1
+    metrics = result["metrics"]["test_final"]
+    path = out / "predictions" / "test_step_1.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    predicted = [r["prediction"] for r in records]
+    references = [r.get("references", [r["reference"]]) for r in records]
+    if task == "webnlg":
+        assert references == [["C q D.", "D is q of C.", "C's q is D."]]
+        streams = [[refs[j] for refs in references] for j in range(3)]
+        assert metrics["bleu"] == pytest.approx(corpus_bleu(predicted, streams).score)
+        assert result["metrics"]["best"]["metric"] == "bleu"
+    else:
+        pairs = zip(predicted, references, strict=True)
+        expected = sum(f1(p, refs[0]) for p, refs in pairs) / len(records)
+        assert metrics["token_f1"] == pytest.approx(expected)
+        assert result["metrics"]["best"]["metric"] == "token_f1"

@@ -321,8 +321,8 @@ def split_scores(
 
     Returns:
         ``rouge1``, ``rouge2``, ``rougeL``, ``bleu`` (``token_f1`` with ``answer_f1``), ``n``,
-        and ``predictions``: ``[N]`` records of guid, reference and prediction
-        (:func:`keep_predictions` takes them out).
+        and ``predictions``: ``[N]`` records of guid, reference (the target), prediction and,
+        for several, all ``references`` (:func:`keep_predictions` takes them out).
     """
     show = progress and accelerator.is_main_process
     predicted = generate(model, prompts, tokenizer, accelerator, decoding, batch_size, show)
@@ -332,7 +332,8 @@ def split_scores(
         "n": len(examples),
         "predictions": [
             {"guid": ex.guid, "reference": ex.target, "prediction": text}
-            for ex, text in zip(examples, predicted, strict=True)
+            | ({"references": list(refs)} if isinstance(refs, tuple) and len(refs) > 1 else {})
+            for ex, refs, text in zip(examples, references, predicted, strict=True)
         ],
     }
 
