@@ -37,7 +37,9 @@ body, trained on the title + EOS tokens after ``"Article: {body}\\nTitle:"`` (bo
 ``source_max_tokens``, title to ``target_max_tokens``); dev and test titles are generated
 (greedy by default, or ``--decoding top_p``) and scored by ROUGE-1/2/L and BLEU, the best step
 picked by ``best_metric`` (``rougeL``), every evaluation's predictions kept in ``predictions/``
-(``adaptlab.training.generation``).
+(``adaptlab.training.generation``). The hub generation tasks of spec §4 work the same way on
+whole training splits: ``cnn-dailymail``, ``webnlg`` (BLEU against all references) and ``coqa``
+(also the answer ``token_f1``); ``--label_smoothing`` smooths the answer tokens' cross-entropy.
 
 The fine-tuning stage of skill localization by grafting (Panigrahi et al. 2023, graft.md §2)
 adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0..n-1),
@@ -107,8 +109,10 @@ Launch:
     python scripts/finetune.py --config scripts/configs/finetune_prefix_demo.yaml
     python scripts/prepare_fewshot.py --tasks [SST-2] --mode k-shot --k 500 --seeds [42]
     python scripts/finetune.py --config scripts/configs/finetune_nlu_inducer_lora.yaml
-    # GPT-2 NLG recipes (finetune_nlg_*.yaml): the generation task comes on the command line
-    python scripts/finetune.py --config scripts/configs/finetune_nlg_inducer.yaml --task ...
+    # GPT-2 NLG recipes (finetune_nlg_*.yaml, hub datasets): WebNLG by default, or CoQA / CNN-DM
+    python scripts/finetune.py --config scripts/configs/finetune_nlg_inducer.yaml
+    python scripts/finetune.py --config scripts/configs/finetune_nlg_inducer.yaml --task coqa \
+        --output_dir results/nlg/inducer/coqa
 
     # multi-task: one model on two binary tasks, evaluated per task (selection: mean accuracy)
     python scripts/finetune.py --config scripts/configs/finetune_fewshot_sgd.yaml \

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptlab.data import nlg_hub
 from tests.conftest import ROOT, extract_shot_runs, load_script
 
 SCRIPTS = ("extract_repr", "analyze_repr", "finetune", "compute_kernel", "prepare_fewshot", "demo")
@@ -191,6 +192,16 @@ CASES = [
          f"{_FINETUNE} --attn_implementation flash_attention_2", "flash"),
     case("finetune-hub-unreachable", "finetune", f"{_FINETUNE} --model nobody-here/no-such-model",
          "no-such-model"),
+    case("finetune-cnn-dailymail-offline", "finetune", f"{_FINETUNE} --task cnn-dailymail",
+         "needs the dataset cnn_dailymail (3.0.0)"),
+    case("finetune-webnlg-offline", "finetune", f"{_FINETUNE} --task webnlg",
+         "needs the dataset web_nlg (webnlg_challenge_2017)"),
+    case("finetune-coqa-offline", "finetune", f"{_FINETUNE} --task coqa",
+         "needs the dataset stanfordnlp/coqa"),
+    case("finetune-label-smoothing-one", "finetune", f"{_FINETUNE} --label_smoothing 1",
+         "label_smoothing=1.0 is outside [0, 1)"),
+    case("finetune-label-smoothing-few-shot", "finetune", f"{_SST2} --label_smoothing 0.1",
+         "label_smoothing applies to the answer_only loss"),
     case("finetune-no-data", "finetune", f"{_FINETUNE} --dataset_path {{tmp}}/none.jsonl",
          "none.jsonl"),
     case("finetune-dev-of-one-file", "finetune", f"{_FINETUNE} --eval_split dev", "dev"),
@@ -357,6 +368,9 @@ def test_bad_input_gets_one_sentence_and_changes_nothing(
     before = snapshot(output)
     if hasattr(module, "load_model"):  # the recipes that read weights
         monkeypatch.setattr(module, "load_model", tripwire)
+    # the hub generation tasks see no hub, even where CI has a network (CNN/DailyMail is GBs)
+    monkeypatch.setattr(nlg_hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(nlg_hub, "hub_offline", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         module.main(argv)
     err = capfd.readouterr().err  # file-descriptor level: the demo's steps are processes

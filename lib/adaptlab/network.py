@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+TRUTHY = frozenset({"1", "ON", "YES", "TRUE"})
+
 
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the hub answers at all, asked once with a short timeout.
@@ -17,3 +21,11 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     except Exception:  # requests or httpx, by huggingface_hub version: any failure is "no"
         return False
     return True
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for the local cache only."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get(var, "").upper() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(value in TRUTHY for value in env) or bool(constants.HF_HUB_OFFLINE)

@@ -37,11 +37,13 @@ BEST_METRICS = (
     "rouge2",
     "rougeL",
     "bleu",
+    "token_f1",
 )
 """Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better); ``accuracy``,
-``f1`` and ``mcc`` are few-shot task metrics, ROUGE and BLEU generation ones, the others MMLU's."""
+``f1`` and ``mcc`` are few-shot task metrics, ROUGE, BLEU and the answer ``token_f1`` (CoQA)
+generation ones, the others MMLU's."""
 TASK_METRICS = frozenset({"accuracy", "f1", "mcc"})
-GENERATION_METRICS = frozenset({"rouge1", "rouge2", "rougeL", "bleu"})
+GENERATION_METRICS = frozenset({"rouge1", "rouge2", "rougeL", "bleu", "token_f1"})
 MMLU_METRICS = frozenset(BEST_METRICS) - TASK_METRICS - GENERATION_METRICS
 
 # Fields that change where and how a run is reported, never its trajectory: a run resumed with
@@ -135,7 +137,12 @@ class FinetuneConfig(KernelViewSettings):
             selects on the mean. ``adaptlab.data.split_tasks`` reads the tasks back.
             ``bbc-headline`` (causal LMs) is a generation task (``adaptlab.training.generation``):
             the BBC title from the body, title + EOS tokens trained, dev/test titles generated
-            and scored by ROUGE-1/2/L and BLEU (predictions in ``predictions/``).
+            and scored by ROUGE-1/2/L and BLEU (predictions in ``predictions/``). So are the
+            hub tasks of spec §4 (``adaptlab.data.nlg_hub``, the hub needed): ``cnn-dailymail``
+            (article -> highlights), ``webnlg`` (WebNLG 2017 triples -> text, BLEU against all
+            lexicalisations) and ``coqa`` (story + conversation + question -> answer, also the
+            SQuAD-style ``token_f1``); they train on the whole training split (``shots`` and
+            ``kshot_mode`` apply to ``bbc-headline`` only) and evaluate a seeded dev sample.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
             other than the offline ``mmlu-topics*``).
         shots: k, training (and dev) examples per label of a few-shot task.
@@ -198,6 +205,9 @@ class FinetuneConfig(KernelViewSettings):
         l2_loss: few-shot tasks: squared error of the C scores to the one-hot label (mean over
             C) instead of cross-entropy (upstream ``--l2_loss``, the loss kernel regression
             solves).
+        label_smoothing: ε of the answer-only token cross-entropy (MMLU and generation tasks;
+            0: none; spec §4's NLG runs use 0.1): the target puts 1 − ε on the answer token and
+            ε/V on every vocabulary token, as ``F.cross_entropy(label_smoothing=ε)``.
         optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
@@ -228,7 +238,8 @@ class FinetuneConfig(KernelViewSettings):
         eval_batch_size: prompts per evaluation forward pass per process.
         best_metric: evaluation metric whose best value keeps a copy in ``best/``; None:
             ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks, ``rougeL`` for
-            generation tasks (``rouge1``, ``rouge2``, ``bleu`` also).
+            ``bbc-headline`` and ``cnn-dailymail``, ``bleu`` for ``webnlg``, ``token_f1`` for
+            ``coqa`` (``rouge1``, ``rouge2``, ``rougeL`` and ``bleu`` for every generation task).
         best_ties: which of two evaluations with the same ``best_metric`` value is kept:
             ``first`` (strictly better only) or ``last`` (``>=``, the later wins, as upstream's
             LM-BFF trainer keeps it).
@@ -324,6 +335,7 @@ class FinetuneConfig(KernelViewSettings):
     scoring: Literal["label_words", "options"] = "label_words"
     from_linearhead: bool = False
     l2_loss: bool = False
+    label_smoothing: float = 0.0
     optimizer: str = "adamw"
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -436,6 +448,16 @@ class FinetuneConfig(KernelViewSettings):
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
             (
+                0.0 <= self.label_smoothing < 1.0,
+                f"label_smoothing={self.label_smoothing} is outside [0, 1); the spec's NLG "
+                "runs use 0.1.",
+            ),
+            (
+                self.label_smoothing == 0.0 or self.objective == "answer_only",
+                f"label_smoothing applies to the answer_only loss (MMLU and generation tasks), "
+                f"not to objective={self.objective!r}; drop it for this task.",
+            ),
+            (
                 math.isfinite(self.l1_to_init) and self.l1_to_init >= 0,
                 f"l1_to_init={self.l1_to_init} must be a finite number >= 0 (0: no penalty).",
             ),
@@ -523,8 +545,8 @@ class FinetuneConfig(KernelViewSettings):
 
         if self.task in GENERATION_TASKS:
             self.objective = self.objective or "answer_only"
-            self.best_metric = self.best_metric or "rougeL"
-            wrong = generation_conflicts(self, GENERATION_METRICS)
+            self.best_metric = self.best_metric or GENERATION_TASKS[self.task].best_metric
+            wrong = generation_conflicts(self)
         elif self.task == "mmlu":
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or "constrained_macro"

@@ -140,7 +140,7 @@ def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
             progress=cfg.progress and acc.is_main_process,
         ),
         test=None,
-        objective=OBJECTIVES[cfg.objective],
+        objective=partial(OBJECTIVES[cfg.objective], label_smoothing=cfg.label_smoothing),
         identity={
             "rows": {"train": record["train"]["rows"], "eval": record["eval"]["rows"]},
             "dataset": record["provenance"].get("sha256"),

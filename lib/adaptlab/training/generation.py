@@ -1,8 +1,23 @@
-"""Generation tasks of ``scripts/finetune.py``: ``bbc-headline``, a BBC story's title from its body.
+"""Generation tasks of ``scripts/finetune.py`` (:data:`GENERATION_TASKS`).
 
-The data are :func:`adaptlab.data.load_headlines`: k articles per topic for training and dev
-(``shots``, ``data_seed``, ``kshot_mode``) and the fixed test set (``test_limit``). Causal LMs
-only: an encoder has no way to write text, so it is refused before any weights are read.
+| task              | source -> target                   | data                     | best     |
+|-------------------|------------------------------------|--------------------------|----------|
+| ``bbc-headline``  | BBC story body -> title            | embedded, k-shot         | rougeL   |
+| ``cnn-dailymail`` | article -> highlights              | hub ``cnn_dailymail``    | rougeL   |
+| ``webnlg``        | DBpedia triples -> text            | hub ``web_nlg`` (2017)   | bleu     |
+| ``coqa``          | story + turns + question -> answer | hub ``stanfordnlp/coqa`` | token_f1 |
+
+``bbc-headline``'s data are :func:`adaptlab.data.load_headlines`: k articles per topic for
+training and dev (``shots``, ``data_seed``, ``kshot_mode``) and the fixed test set
+(``test_limit``). The hub tasks (:mod:`adaptlab.data.nlg_hub`, spec §4) train on their whole
+training split and need the hub, or its cached copy: without it they stop with one sentence
+naming the dataset before any weights are read. Causal LMs only: an encoder has no way to write
+text, so it is refused before any weights are read.
+
+Each task has its :class:`PromptLayout`; below, ``bbc-headline``'s (the others write
+``Triples:`` / ``\\nText:``, ``Story:`` / ``\\nA:``, ``Article:`` / ``\\nSummary:``; CoQA keeps the
+end of a long source, where its question is). With ``label_smoothing`` ε the answer tokens'
+cross-entropy is smoothed (spec §4: 0.1).
 
 Training. The prompt is ``"Article: {body}\\nTitle:"`` with the body cut to its first
 ``source_max_tokens`` tokens (400 by default), the target is ``" " + title`` cut to
@@ -39,7 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate.utils import gather_object
@@ -47,12 +62,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from adaptlab.data import load_headlines
+from adaptlab.data.nlg_hub import load_hub_generation
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.io import atomic_open
 from adaptlab.training.data import Data
 from adaptlab.training.fewshot import model_kind
-from adaptlab.training.metrics import generation_scores
+from adaptlab.training.metrics import ROUGE_KEYS, generation_scores
 from adaptlab.training.objectives import (
     IGNORE_INDEX,
     OBJECTIVES,
@@ -64,41 +80,101 @@ from adaptlab.training.optim import TrainingError
 LIMITS = ("source_max_tokens", "target_max_tokens", "max_new_tokens")
 FLAGS = ("from_linearhead", "l2_loss", "weighted_loss", "packing")
 """Classification and MMLU switches that a generation task refuses when they are on."""
-SOURCE_LABEL = "Article:"
-TARGET_LABEL = "\nTitle:"
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How a source becomes a prompt: ``BOS + source_label + " " + source + target_label``.
+
+    Attributes:
+        source_label: written before the source.
+        target_label: written after it; the model continues from here.
+        keep: which end of a long source is kept: ``start`` (an article) or ``end`` (CoQA,
+            whose question comes last).
+    """
+
+    source_label: str = "Article:"
+    target_label: str = "\nTitle:"
+    keep: Literal["start", "end"] = "start"
 
 
 @dataclass(frozen=True)
 class GenerationTask:
     """A text-to-text task: ``load(k, seed, mode, test_limit)`` gives splits whose examples
-    carry ``guid``, ``prompt`` (the source text) and ``target``."""
+    carry ``guid``, ``prompt`` (the source text), ``target`` and, when a prediction is scored
+    against several texts, ``references``.
+
+    Attributes:
+        name: what ``--task`` says.
+        load: the task's loader.
+        about: one line for the run record.
+        layout: the prompt around the source.
+        answer_f1: also score the SQuAD-style token F1 (``token_f1``, CoQA's metric).
+        best_metric: the default model-selection metric.
+        kshot: the task samples k examples per label (``shots``, ``kshot_mode``); the hub
+            tasks train on their whole training split instead.
+    """
 
     name: str
     load: Callable[..., Any]
     about: str
+    layout: PromptLayout = PromptLayout()
+    answer_f1: bool = False
+    best_metric: str = "rougeL"
+    kshot: bool = False
+
+    @property
+    def metrics(self) -> frozenset[str]:
+        """The metrics this task's evaluations report."""
+        return frozenset({*ROUGE_KEYS, "bleu", *(["token_f1"] if self.answer_f1 else [])})
 
 
 GENERATION_TASKS: dict[str, GenerationTask] = {
     "bbc-headline": GenerationTask(
-        "bbc-headline", load_headlines, "the title of a BBC News story from its body"
+        "bbc-headline", load_headlines, "the title of a BBC News story from its body", kshot=True
+    ),
+    "cnn-dailymail": GenerationTask(
+        "cnn-dailymail",
+        partial(load_hub_generation, "cnn-dailymail"),
+        "the highlights of a CNN / Daily Mail news article (cnn_dailymail 3.0.0)",
+        PromptLayout("Article:", "\nSummary:"),
+    ),
+    "webnlg": GenerationTask(
+        "webnlg",
+        partial(load_hub_generation, "webnlg"),
+        "a text verbalising DBpedia triples (WebNLG 2017: web_nlg webnlg_challenge_2017)",
+        PromptLayout("Triples:", "\nText:"),
+        best_metric="bleu",
+    ),
+    "coqa": GenerationTask(
+        "coqa",
+        partial(load_hub_generation, "coqa"),
+        "the answer to a question on a story after the conversation so far (stanfordnlp/coqa)",
+        PromptLayout("Story:", "\nA:", keep="end"),
+        answer_f1=True,
+        best_metric="token_f1",
     ),
 }
 """Generation tasks ``--task`` may name (the few-shot classification tasks are in
-``adaptlab.data.TASKS``)."""
+``adaptlab.data.TASKS``); the hub ones are :data:`adaptlab.data.nlg_hub.HUB_GENERATION`."""
 
 
-def encode_prompt(source: str, tokenizer: Any, source_max_tokens: int) -> tuple[list[int], int]:
-    """``BOS + "Article:" + " " + source (first source_max_tokens tokens) + "\\nTitle:"``.
+def encode_prompt(
+    source: str, tokenizer: Any, source_max_tokens: int, layout: PromptLayout = PromptLayout()
+) -> tuple[list[int], int]:
+    """``BOS + source_label + " " + source (source_max_tokens tokens) + target_label``; a long
+    source keeps its first tokens, or its last with ``layout.keep == "end"``.
 
     Returns:
         ``([P] prompt ids, number of source tokens cut)``.
     """
     head, body, tail = (
         tokenizer(text, add_special_tokens=False)["input_ids"]
-        for text in (SOURCE_LABEL, " " + source, TARGET_LABEL)
+        for text in (layout.source_label, " " + source, layout.target_label)
     )
     cut = max(0, len(body) - source_max_tokens)
-    prompt = _leading_special_ids(tokenizer) + list(head) + list(body[:source_max_tokens])
+    kept = body[cut:] if layout.keep == "end" else body[:source_max_tokens]
+    prompt = _leading_special_ids(tokenizer) + list(head) + list(kept)
     return prompt + list(tail), cut
 
 
@@ -109,6 +185,7 @@ def encode_headline(
     tokenizer: Any,
     source_max_tokens: int,
     target_max_tokens: int,
+    layout: PromptLayout = PromptLayout(),
 ) -> dict[str, Any]:
     """One training item: prompt then target + EOS, labels on the target and EOS only.
 
@@ -123,9 +200,9 @@ def encode_headline(
     if tokenizer.eos_token_id is None:
         raise TrainingError(
             f"The tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no EOS "
-            "token to end a title with; use a model whose tokenizer defines one."
+            "token to end a target with; use a model whose tokenizer defines one."
         )
-    prompt, cut = encode_prompt(source, tokenizer, source_max_tokens)
+    prompt, cut = encode_prompt(source, tokenizer, source_max_tokens, layout)
     answer = tokenizer(" " + target, add_special_tokens=False)["input_ids"][:target_max_tokens]
     answer = [*answer, tokenizer.eos_token_id]
     return {
@@ -237,22 +314,26 @@ def split_scores(
     progress: bool,
     model: torch.nn.Module,
     accelerator: Any,
+    answer_f1: bool = False,
 ) -> dict[str, Any]:
-    """Generate for one split and score it.
+    """Generate for one split and score it against each example's ``references`` (all of
+    them: multi-reference BLEU), or its ``target`` when it has none.
 
     Returns:
-        ``rouge1``, ``rouge2``, ``rougeL``, ``bleu``, ``n``, and ``predictions``: ``[N]``
-        records of guid, reference and prediction (:func:`keep_predictions` takes them out).
+        ``rouge1``, ``rouge2``, ``rougeL``, ``bleu`` (``token_f1`` with ``answer_f1``), ``n``,
+        and ``predictions``: ``[N]`` records of guid, reference (the target), prediction and,
+        for several, all ``references`` (:func:`keep_predictions` takes them out).
     """
     show = progress and accelerator.is_main_process
     predicted = generate(model, prompts, tokenizer, accelerator, decoding, batch_size, show)
-    references = [ex.target for ex in examples]
+    references = [getattr(ex, "references", None) or ex.target for ex in examples]
     return {
-        **generation_scores(predicted, references),
+        **generation_scores(predicted, references, answer_f1=answer_f1),
         "n": len(examples),
         "predictions": [
             {"guid": ex.guid, "reference": ex.target, "prediction": text}
-            for ex, text in zip(examples, predicted, strict=True)
+            | ({"references": list(refs)} if isinstance(refs, tuple) and len(refs) > 1 else {})
+            for ex, refs, text in zip(examples, references, predicted, strict=True)
         ],
     }
 
@@ -272,9 +353,9 @@ def keep_predictions(metrics: dict[str, Any], path: Path, write: bool) -> dict[s
     return metrics
 
 
-def generation_conflicts(cfg: Any, metrics: frozenset[str]) -> list[tuple[bool, str, str]]:
-    """The options of ``cfg`` (a ``FinetuneConfig``) a generation task cannot take, as
-    ``(wrong, option, fix)`` rows for the config's one-sentence error.
+def generation_conflicts(cfg: Any) -> list[tuple[bool, str, str]]:
+    """The options of ``cfg`` (a ``FinetuneConfig`` whose ``task`` is a generation task) the
+    task cannot take, as ``(wrong, option, fix)`` rows for the config's one-sentence error.
 
     Raises:
         TrainingError: a length limit below 1 or ``top_p`` outside (0, 1].
@@ -285,6 +366,8 @@ def generation_conflicts(cfg: Any, metrics: frozenset[str]) -> list[tuple[bool, 
         raise TrainingError(f"{', '.join(low)} must be at least 1 (a count of tokens).")
     if not 0 < cfg.top_p <= 1:
         raise TrainingError(f"top_p={cfg.top_p} is outside (0, 1]; the spec's is 0.9.")
+    task = GENERATION_TASKS[cfg.task]
+    metrics = task.metrics
     choices = ", ".join(sorted(metrics))
     return [
         (cfg.objective != "answer_only", f"objective={cfg.objective!r}", "answer_only"),
@@ -295,6 +378,11 @@ def generation_conflicts(cfg: Any, metrics: frozenset[str]) -> list[tuple[bool, 
         (cfg.template is not None, "template", ""),
         (cfg.label_words is not None, "label_words", ""),
         (cfg.shots < 1, f"shots={cfg.shots}", ""),
+        (
+            not task.kshot and cfg.kshot_mode != "k-shot",
+            f"kshot_mode={cfg.kshot_mode!r}",
+            "kshot_mode=k-shot (it trains on the whole training split)",
+        ),
     ]
 
 
@@ -330,22 +418,27 @@ def generation_data(cfg: Any, tokenizer: Any, config: Any) -> Data:
     splits = task.load(
         k=cfg.shots, seed=cfg.data_seed, mode=cfg.kshot_mode, test_limit=cfg.test_limit
     )
-    limits = (cfg.source_max_tokens, cfg.target_max_tokens)
+    limits, layout = (cfg.source_max_tokens, cfg.target_max_tokens), task.layout
     items = [
-        encode_headline(ex.guid, ex.prompt, ex.target, tokenizer, *limits) for ex in splits.train
+        encode_headline(ex.guid, ex.prompt, ex.target, tokenizer, *limits, layout)
+        for ex in tqdm(splits.train, desc="encode", unit="example", disable=not cfg.progress)
     ]
     prompts = {
-        split: [encode_prompt(ex.prompt, tokenizer, cfg.source_max_tokens)[0] for ex in examples]
+        split: [encode_prompt(ex.prompt, tokenizer, cfg.source_max_tokens, layout)[0]
+                for ex in examples]
         for split, examples in (("dev", splits.dev), ("test", splits.test))
-    }
+    }  # fmt: skip
     decoding = Decoding(cfg.decoding, cfg.top_p, cfg.max_new_tokens, cfg.seed)
     scores = partial(split_scores, tokenizer=tokenizer, decoding=decoding,
-                     batch_size=cfg.eval_batch_size, progress=cfg.progress)  # fmt: skip
+                     batch_size=cfg.eval_batch_size, progress=cfg.progress,
+                     answer_f1=task.answer_f1)  # fmt: skip
     record = {
         **splits.provenance,
         "task": task.name,
         "about": task.about,
-        "prompt": f"{SOURCE_LABEL} {{source}}{TARGET_LABEL}",
+        "prompt": f"{layout.source_label} {{source}}{layout.target_label}",
+        "source_kept": layout.keep,
+        "label_smoothing": cfg.label_smoothing,
         "source_max_tokens": cfg.source_max_tokens,
         "target_max_tokens": cfg.target_max_tokens,
         "sources_truncated": sum(item["n_truncated"] > 0 for item in items),
@@ -358,7 +451,7 @@ def generation_data(cfg: Any, tokenizer: Any, config: Any) -> Data:
             splits.dev, prompts["dev"], model=model, accelerator=acc
         ),
         test=lambda model, acc: scores(splits.test, prompts["test"], model=model, accelerator=acc),
-        objective=OBJECTIVES["answer_only"],
+        objective=partial(OBJECTIVES["answer_only"], label_smoothing=cfg.label_smoothing),
         identity={"rows": {"train": [ex.guid for ex in splits.train]}, "dataset": record},
         record=record,
         summary=(

@@ -1,5 +1,6 @@
 """Evaluation metrics of fine-tuned models: accuracy (micro, macro over subjects), calibration,
-and ROUGE / BLEU of generated text (:func:`generation_scores`).
+ROUGE / BLEU of generated text (:func:`generation_scores`) and the SQuAD-style answer F1
+(:func:`token_f1`).
 
 Example::
 
@@ -12,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,22 +141,63 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> flo
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
-def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """ROUGE-1/2/L and corpus BLEU of generated texts against one reference each.
+Reference = str | Sequence[str]
+"""One example's reference text, or all of its references (WebNLG's lexicalisations)."""
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_answer(text: str) -> list[str]:
+    """SQuAD / CoQA answer normalisation: lower case, punctuation and the articles a, an, the
+    removed, split on whitespace.
+
+    >>> normalize_answer("The Cat's  hat!")
+    ['cats', 'hat']
+    """
+    text = "".join(char for char in text.lower() if char not in string.punctuation)
+    return [word for word in text.split() if word not in ARTICLES]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 of two answers after :func:`normalize_answer`: the harmonic mean
+    of precision and recall of the common tokens (counted with multiplicity); 1.0 when both
+    normalise to nothing, 0.0 when only one does.
+
+    >>> round(token_f1("the big red dog", "a red dog barked"), 4)
+    0.6667
+    """
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_scores(
+    predictions: Sequence[str], references: Sequence[Reference], answer_f1: bool = False
+) -> dict[str, float]:
+    """ROUGE-1/2/L and corpus BLEU of generated texts against one or several references each.
 
     ROUGE is the F-measure of ``rouge-score`` (lower case, Porter stemming of words longer than
-    3 letters), averaged over examples, in [0, 1]; ``rougeL`` is the sentence-level LCS.
-    BLEU is ``sacrebleu``'s corpus BLEU (13a tokenisation, exponential smoothing), in [0, 100].
+    3 letters), averaged over examples, in [0, 1]; ``rougeL`` is the sentence-level LCS. With
+    several references an example takes its best reference (``score_multi``).
+    BLEU is ``sacrebleu``'s corpus BLEU (13a tokenisation, exponential smoothing), in [0, 100];
+    several references per example become several reference streams (``None`` where an example
+    has fewer references than the most any has), as multi-reference BLEU counts them.
 
     Args:
         predictions: ``[N]`` generated texts.
-        references: ``[N]`` reference texts, same order.
+        references: ``[N]`` reference texts, or ``[N]`` lists of references, same order.
+        answer_f1: also give ``token_f1``, the mean over examples of the best
+            :func:`token_f1` against the example's references (CoQA's and SQuAD's F1), in [0, 1].
 
     Returns:
-        ``{"rouge1", "rouge2", "rougeL", "bleu"}``.
+        ``{"rouge1", "rouge2", "rougeL", "bleu"}`` (and ``"token_f1"``).
 
     Raises:
-        TrainingError: empty input or lengths that differ.
+        TrainingError: empty input, lengths that differ, or an example without references.
 
     >>> scores = generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
     >>> scores["rougeL"], round(scores["bleu"], 6)
@@ -166,14 +210,23 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
     if len(predictions) != len(references):
         raise TrainingError(
             f"{len(predictions)} predictions and {len(references)} references; give one "
-            "reference per prediction."
+            "reference (or one list of references) per prediction."
         )
     if not predictions:
         raise TrainingError("No predictions to score; the evaluation set is empty.")
+    refs = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+    if not all(refs):
+        empty = next(i for i, ref in enumerate(refs) if not ref)
+        raise TrainingError(f"Example {empty} has no reference; give it at least one.")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     per_example = [
-        scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)
+        scorer.score_multi(ref, pred) for pred, ref in zip(predictions, refs, strict=True)
     ]
     scores = {key: float(np.mean([s[key].fmeasure for s in per_example])) for key in ROUGE_KEYS}
-    scores["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    width = max(len(ref) for ref in refs)
+    streams = [[ref[j] if j < len(ref) else None for ref in refs] for j in range(width)]
+    scores["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+    if answer_f1:
+        best = [max(token_f1(p, r) for r in ref) for p, ref in zip(predictions, refs, strict=True)]
+        scores["token_f1"] = float(np.mean(best))
     return scores

@@ -276,6 +276,7 @@ def per_example_lm_loss(
     segment_ids: Tensor | None = None,
     n_examples: int = 0,
     positions: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean next-token cross-entropy over each example's label tokens.
 
@@ -292,6 +293,8 @@ def per_example_lm_loss(
         n_examples: B, the examples of a packed batch.
         positions: ``[K]`` the positions ``logits`` holds (:func:`label_positions`), or
             ``None`` for all T.
+        label_smoothing: ε of the token cross-entropy: the target is 1 − ε on the label token
+            plus ε/V on every token of the vocabulary (``F.cross_entropy``'s definition).
 
     Returns:
         ``[B]`` float32 losses (B = R without ``segment_ids``).
@@ -325,7 +328,9 @@ def per_example_lm_loss(
             f"Batch {what} {rows} have no label token after the first position; every example "
             "needs at least one answer token (see answer_only_labels)."
         )
-    token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    token_loss = F.cross_entropy(
+        logits[mask].float(), targets[mask], reduction="none", label_smoothing=label_smoothing
+    )
     sums = torch.zeros(n_examples, dtype=token_loss.dtype, device=token_loss.device)
     return sums.index_add(0, owners, token_loss) / counts
 
@@ -557,9 +562,13 @@ def _skips_head(model: nn.Module) -> bool:
 
 
 def answer_only_objective(
-    model: nn.Module, batch: Mapping[str, Any], head: LinearHead | None = None
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    head: LinearHead | None = None,
+    label_smoothing: float = 0.0,
 ) -> ObjectiveOutput:
-    """Causal LM loss on the answer tokens (batch: ``input_ids``, ``labels``, opt. ``weights``).
+    """Causal LM loss on the answer tokens (batch: ``input_ids``, ``labels``, opt. ``weights``),
+    with label smoothing ε on every answer token when ``label_smoothing`` > 0.
 
     A packed batch (:func:`collate_packed_answer_only`, with ``segment_ids``) gives the same
     per-example losses. The LM head runs only where a label is (:func:`label_positions`) when
@@ -580,7 +589,9 @@ def answer_only_objective(
     positions = label_positions(labels, segments) if _skips_head(model) else None
     keep = {} if positions is None else {"logits_to_keep": positions}
     logits = model(**inputs, **keep).logits
-    per_example = per_example_lm_loss(logits, labels, segments, n_examples, positions)
+    per_example = per_example_lm_loss(
+        logits, labels, segments, n_examples, positions, label_smoothing
+    )
     loss = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
     return ObjectiveOutput(loss, per_example, None)
 
