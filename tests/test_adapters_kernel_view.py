@@ -142,6 +142,9 @@ METHOD_VARIANTS = (
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method,variant", METHOD_VARIANTS)
 def test_zero_output_weights_give_the_pretrained_model_on_every_backend(kind, method, variant):
+    """Prefix-tuning is not here: its prefixes take attention mass from the real keys at any
+    value, so no setting of its weights is the pretrained model (its own test below checks it
+    against explicit concatenated-key attention instead)."""
     for backend in BACKENDS:
         model = build(kind, backend)
         reference = logits(model)
@@ -155,11 +158,9 @@ def test_zero_output_weights_give_the_pretrained_model_on_every_backend(kind, me
         assert torch.allclose(logits(model), reference, atol=1e-6), (kind, backend)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "deberta"])  # DeBERTa: one path
 @pytest.mark.parametrize("method,variant", METHOD_VARIANTS + [("prefix", "l4"), ("gating", "")])
 def test_sdpa_path_equals_eager_path_with_padding(kind, method, variant):
-    if kind == "deberta":
-        pytest.skip("DeBERTa-v2 has one attention path (its own eager computation)")
     outputs = {}
     for backend in BACKENDS:
         model = build(kind, backend)

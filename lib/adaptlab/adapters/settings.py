@@ -14,12 +14,58 @@ fields each method reads:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 from adaptlab.adapters.inducer import InducerConfig
 from adaptlab.adapters.kernel import KernelAdapterConfig
 from adaptlab.adapters.kernel_mix import KernelMixConfig
 from adaptlab.adapters.prefix import PrefixConfig
+
+
+@dataclass
+class BottleneckSettings:
+    """Settings of the bottleneck adapters (``houlsby``, ``pfeiffer``, ``parallel``, and the
+    parallel adapter of ``mam`` and inducer-mam).
+
+    Args:
+        adapter_reduction_factor: width r = hidden size // factor.
+        adapter_dim: the width r itself (None: from adapter_reduction_factor).
+        adapter_activation: the non-linearity: ``relu``, ``gelu`` or ``tanh``.
+        adapter_scaling: factor s on the parallel adapter's output (FFN(x) + s * A(x)).
+        adapter_layer_norm: a trainable LayerNorm on each adapter's input ("layer norm before
+            adapter"; the adapter still starts at 0).
+        adapter_location: where the ``pfeiffer`` adapter goes: ``ffn`` (after the FFN, Pfeiffer
+            et al.) or ``attention`` (after the attention output projection).
+    """
+
+    adapter_reduction_factor: float = 16.0
+    adapter_dim: int | None = None
+    adapter_activation: Literal["relu", "gelu", "tanh"] = "relu"
+    adapter_scaling: float = 1.0
+    adapter_layer_norm: bool = False
+    adapter_location: Literal["ffn", "attention"] = "ffn"
+
+    def bottleneck_checks(self) -> list[tuple[bool, str]]:
+        """``(ok, message)`` for each setting (the config refuses the first one not ok)."""
+        method = getattr(self, "method", "")
+        return [
+            (
+                math.isfinite(self.adapter_reduction_factor) and self.adapter_reduction_factor > 0,
+                f"adapter_reduction_factor={self.adapter_reduction_factor} must be a number > 0 "
+                "(the adapter width is hidden size // factor).",
+            ),
+            (
+                self.adapter_dim is None or self.adapter_dim >= 1,
+                f"adapter_dim={self.adapter_dim} must be at least 1 (or omitted).",
+            ),
+            (
+                self.adapter_location == "ffn" or method == "pfeiffer",
+                f"adapter_location={self.adapter_location!r} applies to method=pfeiffer only; "
+                f"drop it for method={method!r}.",
+            ),
+        ]
 
 
 @dataclass

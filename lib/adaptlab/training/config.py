@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adaptlab.adapters.settings import KernelViewSettings
+from adaptlab.adapters.settings import BottleneckSettings, KernelViewSettings
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
@@ -72,7 +72,7 @@ def _plain_name(name: str) -> bool:
 
 
 @dataclass
-class FinetuneConfig(KernelViewSettings):
+class FinetuneConfig(BottleneckSettings, KernelViewSettings):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
 
@@ -86,7 +86,8 @@ class FinetuneConfig(KernelViewSettings):
             bitsandbytes 4-bit base) or the bottleneck adapters ``houlsby``, ``pfeiffer``,
             ``parallel`` (Llama, GPT-2 and BERT/RoBERTa only), or the kernel-view adapters
             ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix`` (Llama,
-            GPT-2, BERT, RoBERTa; their fields are :class:`KernelViewSettings`').
+            GPT-2, BERT, RoBERTa; their fields are :class:`KernelViewSettings`'; the bottleneck
+            fields ``adapter_*`` are :class:`BottleneckSettings`').
         target_modules: module names the adapters wrap (a name matches a module whose dotted
             path ends with it); ``[all-linear]`` wraps every linear layer but the output head.
         lora_r: LoRA/DoRA rank.
@@ -100,15 +101,6 @@ class FinetuneConfig(KernelViewSettings):
         adalora_beta1: AdaLoRA EMA rate of the sensitivity.
         adalora_beta2: AdaLoRA EMA rate of the uncertainty.
         adalora_orth_reg_weight: weight of AdaLoRA's orthogonality regulariser in the loss.
-        adapter_reduction_factor: bottleneck adapters (``houlsby``, ``pfeiffer``, ``parallel``):
-            width r = hidden size // factor.
-        adapter_dim: bottleneck adapter width r itself (None: from adapter_reduction_factor).
-        adapter_activation: bottleneck adapter non-linearity: ``relu``, ``gelu`` or ``tanh``.
-        adapter_scaling: factor s on the parallel adapter's output (FFN(x) + s * A(x)).
-        adapter_layer_norm: a trainable LayerNorm on each bottleneck adapter's input ("layer
-            norm before adapter"; the adapter still starts at 0).
-        adapter_location: where the ``pfeiffer`` adapter goes: ``ffn`` (after the FFN, Pfeiffer
-            et al.) or ``attention`` (after the attention output projection).
         fix_head: freeze the head (final norm and output layer).
         fix_embeddings: freeze the input embeddings.
         fix_first_n_layers: freeze transformer blocks 0..n-1.
@@ -284,12 +276,6 @@ class FinetuneConfig(KernelViewSettings):
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg_weight: float = 0.5
-    adapter_reduction_factor: float = 16.0
-    adapter_dim: int | None = None
-    adapter_activation: Literal["relu", "gelu", "tanh"] = "relu"
-    adapter_scaling: float = 1.0
-    adapter_layer_norm: bool = False
-    adapter_location: Literal["ffn", "attention"] = "ffn"
     fix_head: bool = False
     fix_embeddings: bool = False
     fix_first_n_layers: int = 0
@@ -410,20 +396,7 @@ class FinetuneConfig(KernelViewSettings):
                 min(self.adalora_tinit, self.adalora_tfinal) >= 0 and self.adalora_delta_t >= 1,
                 "adalora_tinit and adalora_tfinal must be >= 0 and adalora_delta_t >= 1.",
             ),
-            (
-                math.isfinite(self.adapter_reduction_factor) and self.adapter_reduction_factor > 0,
-                f"adapter_reduction_factor={self.adapter_reduction_factor} must be a number > 0 "
-                "(the adapter width is hidden size // factor).",
-            ),
-            (
-                self.adapter_dim is None or self.adapter_dim >= 1,
-                f"adapter_dim={self.adapter_dim} must be at least 1 (or omitted).",
-            ),
-            (
-                self.adapter_location == "ffn" or self.method == "pfeiffer",
-                f"adapter_location={self.adapter_location!r} applies to method=pfeiffer only; "
-                f"drop it for method={self.method!r}.",
-            ),
+            *self.bottleneck_checks(),
             (bool(self.target_modules), "target_modules is empty; name the modules to adapt."),
             (self.fix_first_n_layers >= 0, "fix_first_n_layers must be 0 or more."),
             (
