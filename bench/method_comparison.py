@@ -23,11 +23,13 @@ finalize``, and the numbers are read from what the recipe writes:
   minus the base model's score measured in the same run (accuracy over the four letters and
   the mean cross-entropy of the gold letter).
 
-Peer ratios (goals from the issue, reported, never asserted): the kernel-view methods' tokens/s
-against ``lora`` (PEFT LoRA r8 on every projection, a LoRA of similar size: the trainable counts
-are in the table), goal >= 0.9x; peak memory against ``lora``, goal within 10%. Methods run one
-after the other, not interleaved: on a shared machine the load can change between them (each row
-records the load average), so read CPU ratios as rough. A JSON record goes to
+Peer ratios (goals from the issue, reported, never asserted), every one against ``lora`` (PEFT
+LoRA r8 on every projection; the trainable counts show how close in size each method is): the
+tokens/s of prefix, MAM, the inducers, the kernel adapters, Kernel-mix and the three bottleneck
+adapters, goal >= 0.9x; their peak memory, goal at most 10% above LoRA's (the whole peak, as
+PEFT reports it; what training adds to the loaded model is in the record and the table too).
+Methods run one after the other, not interleaved: on a shared machine the load can change
+between them (each row records the load average), so read CPU ratios as rough. A JSON record goes to
 bench/results/method_comparison_<device>.json and a markdown table next to it (.md).
 
     python bench/method_comparison.py                                 # SmolLM2-135M, all methods
@@ -136,6 +138,7 @@ is left out: Llama projections have no biases."""
 KERNEL_VIEW = ("prefix", "mam", "inducer", "kernel_adapter", "kernel_mix")
 QUICK_METHODS = ["lora", "inducer", "kernel_mix"]
 TOKENS_GOAL, MEMORY_GOAL = 0.9, 0.1
+RATIOS = ("tokens_per_second", "peak_memory", "memory_above_resident", "trainable")
 
 
 def load_finetune():
@@ -327,9 +330,14 @@ def add_comparisons(rows: dict[str, dict]) -> dict:
                 "tokens_per_second_vs_lora": row["vs_lora"]["tokens_per_second"],
                 "tokens_goal_met": row["vs_lora"]["tokens_per_second"] >= TOKENS_GOAL,
                 "peak_memory_vs_lora": row["vs_lora"]["peak_memory"],
-                "memory_goal_met": abs(row["vs_lora"]["peak_memory"] - 1) <= MEMORY_GOAL,
+                "memory_goal_met": row["vs_lora"]["peak_memory"] <= 1 + MEMORY_GOAL,
             }
     return goals
+
+
+def cell(values: dict, key: str, spec: str) -> str:
+    """A table cell: ``values[key]`` formatted, empty when there is none."""
+    return format(values[key], spec) if key in values else ""
 
 
 def markdown(rows: dict[str, dict], record: dict) -> str:
@@ -341,30 +349,31 @@ def markdown(rows: dict[str, dict], record: dict) -> str:
         f"(tokens/s over steps {s['warmup'] + 1}-{s['steps']}; memory: {record['memory_measure']}; "
         f"MMLU: {s['mmlu_per_subject']} question(s) per subject, 0-shot).",
         "",
-        "| method | config | trainable | % | test acc. | tokens/s | × LoRA | peak MiB "
+        "| method | config | trainable | % | test acc. | tokens/s | × LoRA | peak MiB | × LoRA "
         "| train adds MiB | × LoRA | MMLU acc. Δ | MMLU loss Δ |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} |" + " |" * 10)
+            lines.append(f"| {name} | failed: {row['error']} |" + " |" * 11)
             continue
         if name == BASE:
             lines.append(
-                f"| base | not trained | 0 | 0 | {row['test']['accuracy']:.3f} | | | | | "
+                f"| base | not trained | 0 | 0 | {row['test']['accuracy']:.3f} | | | | | | "
                 f"| MMLU {row['mmlu']['accuracy']:.3f} | loss {row['mmlu']['loss']:.3f} |"
             )
             continue
-        vs = row.get("vs_lora", {})
+        vs = row.get("vs_lora", {key: 1.0 for key in RATIOS} if name == PEER else {})
         forget = row.get("forgetting", {})
+        memory = row["memory"]
         lines.append(
             f"| {name} | {CONFIGS[name].about} | {row['trainable']:,} | "
             f"{row['percent_trainable']:.3f} | {row['test']['accuracy']:.3f} | "
-            f"{row['tokens_per_second']:.1f} | {vs.get('tokens_per_second', 1.0):.2f} | "
-            f"{row['memory']['peak_mib']:.0f} | {row['memory']['above_resident_mib']:.0f} | "
-            f"{vs.get('memory_above_resident', 1.0):.2f} | "
-            f"{forget.get('mmlu_accuracy_change', float('nan')):+.3f} | "
-            f"{forget.get('mmlu_loss_change', float('nan')):+.3f} |"
+            f"{row['tokens_per_second']:.1f} | {cell(vs, 'tokens_per_second', '.2f')} | "
+            f"{memory['peak_mib']:.0f} | {cell(vs, 'peak_memory', '.2f')} | "
+            f"{memory['above_resident_mib']:.0f} | {cell(vs, 'memory_above_resident', '.2f')} | "
+            f"{cell(forget, 'mmlu_accuracy_change', '+.3f')} | "
+            f"{cell(forget, 'mmlu_loss_change', '+.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": list(rows.values()),
         "goals": {
             "tokens_per_second_vs_lora": f">= {TOKENS_GOAL}",
-            "peak_memory_vs_lora": f"within {MEMORY_GOAL:.0%}",
+            "peak_memory_vs_lora": f"<= {1 + MEMORY_GOAL}",
             "per_method": goals,
         },  # fmt: skip
         "hardware": hardware(),
@@ -486,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: tokens/s {goal['tokens_per_second_vs_lora']:.2f}x LoRA "
             f"({'met' if goal['tokens_goal_met'] else 'not met'}, goal >= {TOKENS_GOAL}), "
             f"peak memory {goal['peak_memory_vs_lora']:.2f}x "
-            f"({'met' if goal['memory_goal_met'] else 'not met'}, goal within {MEMORY_GOAL:.0%})"
+            f"({'met' if goal['memory_goal_met'] else 'not met'}, goal <= {1 + MEMORY_GOAL}x)"
         )
     print(f"-> {path}")
 
