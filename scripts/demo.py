@@ -21,7 +21,11 @@
    SmolLM2's blocks (head and embeddings frozen) on tweet-sentiment, then learned and
    top-|Δ| grafts at sparsities 1e-5, 1e-4 and 1e-3: test accuracy, ECE, recovery and
    reliability diagrams (graft/sweep.json, graft/report.md);
-7. writes a one-page report, results/demo/report.md, with a table per run and the figures.
+7. compares fine-tuning methods (LoRA, prefix-tuning, Houlsby adapters, inducer-tuning,
+   Kernel-mix) on the same offline task, data and step budget with bench/method_comparison.py:
+   trainable parameters, test accuracy, train tokens/s, peak memory and forgetting (the change
+   of MMLU accuracy), a few minutes (methods/method_comparison.{json,md});
+8. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
 Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 33 minutes (21
 measured before the grafting stage, which measured alone takes 11.7: the fine-tuning 1 minute,
@@ -220,6 +224,27 @@ def graft_study(cfg: DemoConfig) -> tuple[str, list[Path]]:
     return note, [f for f in figures if f.is_file()]
 
 
+def method_comparison(cfg: DemoConfig) -> str:
+    """The method comparison stage; its table for the report."""
+    out = Path(cfg.output_dir) / "methods" / "method_comparison.json"
+    print(f"\n== method comparison -> {out}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
+    command = [sys.executable, str(ROOT / "bench" / "method_comparison.py"), "--model", cfg.model,
+               "--methods", *cfg.method_comparison, *cfg.method_comparison_args,
+               "--output", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise UserError(
+            f"the demo step bench/method_comparison.py failed (exit status {done.returncode}); "
+            "its message is above. Fix that and run the demo again: finished steps are reused."
+        )
+    table = out.with_suffix(".md").read_text()
+    return (
+        "Fine-tuning methods side by side (bench/method_comparison.py; the same task, data and "
+        "step budget; methods/method_comparison.json):\n\n" + table
+    )
+
+
 def write_demo_report(
     cfg: DemoConfig,
     runs: dict[str, Path],
@@ -274,6 +299,8 @@ def run(cfg: DemoConfig) -> None:
     if cfg.graft_study_preset:
         note, figures = graft_study(cfg)
         notes.append(note)
+    if cfg.method_comparison:
+        notes.append(method_comparison(cfg))
     write_demo_report(cfg, runs, analysis, notes, figures)
     lock.release()
 

@@ -61,6 +61,7 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
         "--kernel_preset", str(tmp_path / "kernel.yaml"),
         "--fewshot_preset", str(tmp_path / "fewshot.yaml"),
         "--graft_study_preset", str(tmp_path / "graft_study.yaml"),
+        "--method_comparison", "[lora,inducer]", "--method_comparison_args", "[--quick]",
         "--output_dir", str(out),
     ])  # fmt: skip
     records = json.loads((out / "analysis" / "metrics.json").read_text())
@@ -99,3 +100,7 @@ def test_demo_pipeline_on_a_tiny_model(tiny_model_dir, sst2_dir, tmp_path):
         f"| {top['accuracy']:.3f} | {top['ece']:.3f} |"
     ) in report
     assert "![accuracy_vs_size](graft/accuracy_vs_size.png)" in report
+    comparison = json.loads((out / "methods" / "method_comparison.json").read_text())
+    assert {"lora", "inducer"} <= {row["name"] for row in comparison["rows"]}
+    assert "Fine-tuning methods side by side" in report
+    assert "| inducer |" in report

@@ -30,6 +30,10 @@ class DemoConfig:
             kernel is compared with (run once per seed of the kernel preset).
         graft_study_preset: YAML preset of scripts/graft_study.py for the grafting stage (SGD
             fine-tuning, then learned and top-|Δ| grafts at several sparsities); None skips it.
+        method_comparison: configurations of ``bench/method_comparison.py`` to compare on the
+            demo's model (same few-shot task, data and step budget; its table goes into the
+            report); None or [] skips it.
+        method_comparison_args: further flags of ``bench/method_comparison.py`` for that stage.
         output_dir: where each run's folder (``{k}shot``), ``analysis/`` and ``report.md`` go.
         batch_size: prompts per forward pass.
     """
@@ -54,6 +58,23 @@ class DemoConfig:
     kernel_preset: str | None = "scripts/configs/kernel_demo.yaml"
     fewshot_preset: str = "scripts/configs/finetune_fewshot_demo.yaml"
     graft_study_preset: str | None = "scripts/configs/graft_study_demo.yaml"
+    method_comparison: list[str] | None = field(
+        default_factory=lambda: ["lora", "prefix", "houlsby", "inducer", "kernel_mix"]
+    )
+    method_comparison_args: list[str] = field(
+        default_factory=lambda: [
+            "--shots",
+            "8",
+            "--steps",
+            "6",
+            "--batch_size",
+            "4",
+            "--test_limit",
+            "100",
+            "--mmlu_per_subject",
+            "1",
+        ]  # fmt: skip
+    )
     output_dir: str = "results/demo"
     batch_size: int = 8
 
