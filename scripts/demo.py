@@ -27,9 +27,10 @@
    of MMLU accuracy), a few minutes (methods/method_comparison.{json,md});
 8. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 33 minutes (21
+Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 37 minutes (21
 measured before the grafting stage, which measured alone takes 11.7: the fine-tuning 1 minute,
-9 grafts about 65 s each); a rerun reuses finished extractions and runs.
+9 grafts about 65 s each; the method comparison 3.3); a rerun reuses finished extractions and
+runs.
 
 Launch:
     make demo
@@ -228,6 +229,10 @@ def method_comparison(cfg: DemoConfig) -> str:
     """The method comparison stage; its table for the report."""
     out = Path(cfg.output_dir) / "methods" / "method_comparison.json"
     print(f"\n== method comparison -> {out}", flush=True)
+    if out.is_file() and out.with_suffix(".md").is_file():  # a rerun reuses a finished stage
+        done = [row["name"] for row in read_json(out)["rows"]]
+        if set(cfg.method_comparison) <= set(done):
+            return _comparison_note(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
     command = [sys.executable, str(ROOT / "bench" / "method_comparison.py"), "--model", cfg.model,
                "--methods", *cfg.method_comparison, *cfg.method_comparison_args,
@@ -238,10 +243,13 @@ def method_comparison(cfg: DemoConfig) -> str:
             f"the demo step bench/method_comparison.py failed (exit status {done.returncode}); "
             "its message is above. Fix that and run the demo again: finished steps are reused."
         )
-    table = out.with_suffix(".md").read_text()
+    return _comparison_note(out)
+
+
+def _comparison_note(out: Path) -> str:
     return (
         "Fine-tuning methods side by side (bench/method_comparison.py; the same task, data and "
-        "step budget; methods/method_comparison.json):\n\n" + table
+        "step budget; methods/method_comparison.json):\n\n" + out.with_suffix(".md").read_text()
     )
 
 
