@@ -74,12 +74,12 @@ class AttentionAdapter(nn.Module):
         return query, key, value
 
     def prefix(self, batch: int, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix keys and values, each [B, H_kv, n_prefix, d]."""
-        raise NotImplementedError
+        """Prefix keys and values, each [B, H_kv, n_prefix, d] (adapters with n_prefix > 0)."""
+        raise TypeError(f"{type(self).__name__} sets n_prefix but defines no prefix().")
 
     def inducer_logit(self, query: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """s0 [B, H, T] from the (transformed) queries."""
-        raise NotImplementedError
+        """s0 [B, H, T] from the (transformed) queries (adapters with has_inducer)."""
+        raise TypeError(f"{type(self).__name__} sets has_inducer but defines no inducer_logit().")
 
     def head_output(
         self, attn: torch.Tensor, w: torch.Tensor | None, query: torch.Tensor, ctx: Context
