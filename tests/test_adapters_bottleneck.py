@@ -28,7 +28,7 @@ from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.methods import METHODS, count_parameters
 from adaptlab.training.optim import TrainingError
 from tests.conftest import load_script
-from tests.test_fewshot_finetune import fewshot_args, label_word_scores
+from tests.test_fewshot_finetune import fewshot_args, label_word_scores, whole_and_killed_runs
 
 finetune = load_script("finetune")
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
@@ -356,22 +356,8 @@ def test_killed_pfeiffer_run_resumes_exactly(
     from safetensors.torch import load_file
 
     extra = ("--method", "pfeiffer", "--max_steps", "4", "--save_state_every", "1")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, whole, *extra))
-    step = finetune.train_step
-
-    def killed_at_step_3(*args, **kwargs):
-        if args[7] == 3:
-            raise KeyboardInterrupt("killed")
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    monkeypatch.setattr(finetune, "train_step", step)
-    capsys.readouterr()
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    assert "resumed at step 2" in capsys.readouterr().out
+    whole, killed = whole_and_killed_runs(tiny_bert_dir, sst2_dir, tmp_path, extra, monkeypatch,
+                                          capsys)  # fmt: skip
     a = load_file(whole / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 2 * 4  # 2 blocks x (down, up) x (weight, bias)

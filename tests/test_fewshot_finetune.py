@@ -29,6 +29,28 @@ def fewshot_args(model_dir, data_dir, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def whole_and_killed_runs(model_dir, data_dir, tmp_path, extra, monkeypatch, capsys):
+    """The same few-shot run twice: whole, and killed before step 3 then resumed (it must say
+    it resumed at step 2). Returns the two output folders ``(whole, killed)``."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    finetune.main(fewshot_args(model_dir, data_dir, whole, *extra))
+    step = finetune.train_step
+
+    def killed_at_step_3(*args, **kwargs):
+        if args[7] == 3:
+            raise KeyboardInterrupt("killed")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(fewshot_args(model_dir, data_dir, killed, *extra))
+    monkeypatch.setattr(finetune, "train_step", step)
+    capsys.readouterr()
+    finetune.main(fewshot_args(model_dir, data_dir, killed, *extra))
+    assert "resumed at step 2" in capsys.readouterr().out
+    return whole, killed
+
+
 def label_word_scores(model, examples, tokenizer, ids) -> torch.Tensor:
     """[M, C] label-word logits, one example at a time (no padding involved)."""
     rows = []
@@ -216,22 +238,8 @@ def test_killed_linear_head_run_resumes_exactly(
     from adaptlab.training.checkpoint import load_linear_head
 
     extra = ("--head", "linear", "--max_steps", "4", "--save_state_every", "1")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, whole, *extra))
-    step = finetune.train_step
-
-    def killed_at_step_3(*args, **kwargs):
-        if args[7] == 3:
-            raise KeyboardInterrupt("killed")
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    monkeypatch.setattr(finetune, "train_step", step)
-    capsys.readouterr()
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    assert "resumed at step 2" in capsys.readouterr().out
+    whole, killed = whole_and_killed_runs(tiny_bert_dir, sst2_dir, tmp_path, extra, monkeypatch,
+                                          capsys)  # fmt: skip
     a, b = load_linear_head(whole / "final"), load_linear_head(killed / "final")
     for key, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=1e-6)

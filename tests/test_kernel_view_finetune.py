@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from adaptlab.data import encode_examples, label_word_ids, load_task
 from adaptlab.models import load_model, load_tokenizer
 from tests.conftest import load_script
-from tests.test_fewshot_finetune import fewshot_args, label_word_scores
+from tests.test_fewshot_finetune import fewshot_args, label_word_scores, whole_and_killed_runs
 
 finetune = load_script("finetune")
 
@@ -94,22 +94,8 @@ def test_run_trains_only_its_adapters_and_reloads_to_its_metrics(
 def test_killed_inducer_run_resumes_exactly(tiny_bert_dir, sst2_dir, tmp_path, monkeypatch, capsys):
     extra = (*_method_args("inducer"), "--max_steps", "4", "--save_state_every", "1",
              "--inducer_lora_q_r", "2")  # fmt: skip
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, whole, *extra))
-    step = finetune.train_step
-
-    def killed_at_step_3(*args, **kwargs):
-        if args[7] == 3:
-            raise KeyboardInterrupt("killed")
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    monkeypatch.setattr(finetune, "train_step", step)
-    capsys.readouterr()
-    finetune.main(fewshot_args(tiny_bert_dir, sst2_dir, killed, *extra))
-    assert "resumed at step 2" in capsys.readouterr().out
+    whole, killed = whole_and_killed_runs(tiny_bert_dir, sst2_dir, tmp_path, extra, monkeypatch,
+                                          capsys)  # fmt: skip
     a = load_file(whole / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
