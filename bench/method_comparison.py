@@ -129,7 +129,29 @@ CONFIGS: dict[str, Entry] = {
         ("--prefix_length", "10", "--prefix_dim", "15", "--inducer_gating_ablation", "true"),
         about="(1 - w) Attn + w P_v",
     ),
+    "inducer_value_gating": Entry(
+        "inducer",
+        ("--prefix_length", "10", "--prefix_dim", "15", "--inducer_value_gating", "true"),
+        about="+ key MLP gated by (1 - w)",
+    ),
+    "inducer_mh_adapter": Entry(
+        "inducer",
+        ("--prefix_length", "10", "--prefix_dim", "15", "--inducer_mh_adapter", "true"),
+        about="value MLP without w",
+    ),
+    "inducer_bare_query": Entry(
+        "inducer", ("--prefix_length", "1", "--prefix_dim", "15"), about="key = q (length 1)"
+    ),
+    "inducer_adaptive": Entry(
+        "inducer", ("--prefix_length", "0", "--prefix_dim", "15"), about="key = q, √position"
+    ),
     "kernel_adapter": Entry("kernel_adapter", ("--kernel_variant", "kerfit"), about="kerfit"),
+    "kernel_bandwidth": Entry(
+        "kernel_adapter", ("--kernel_variant", "bandwidth"), about="bandwidth, per head"
+    ),
+    "kernel_bitfit": Entry("kernel_adapter", ("--kernel_variant", "bitfit"), about="bitfit"),
+    "kernel_sep": Entry("kernel_adapter", ("--kernel_variant", "kerfit_sep"), about="kerfit_sep"),
+    "kernel_X": Entry("kernel_adapter", ("--kernel_variant", "kerfit_X"), about="kerfit_X"),
     "kernel_mix": Entry("kernel_mix", about="QVO head-wise 3/8, shared 12/8"),
 }
 """The predefined configurations (``--methods``); spec ranks from peft_methods.md §4. ``bitfit``
