@@ -288,7 +288,7 @@ def test_allowed_keys_reads_every_mask_format():
 def test_inducer_logit_forms_match_the_spec():
     geo = Geometry(hidden=8, heads=2, kv_heads=2, head_dim=4)
     q = torch.randn(1, 2, 3, 4)
-    ctx = Context(scaling=0.5, positions=torch.tensor([[1, 2, 3]]), groups=1)
+    ctx = Context(scaling=0.5, positions=torch.tensor([[1, 2, 3]]))
     from adaptlab.adapters.inducer import Inducer
 
     bare = Inducer(geo, InducerConfig(prefix_length=1, prefix_dim=2)).inducer_logit(q, ctx)
@@ -322,7 +322,7 @@ def test_kernel_mix_updates_equal_a_per_head_computation():
     assert torch.allclose(mix.delta_q(x), torch.cat(expected_q, -1) + shared, atol=1e-6)
 
     key, value = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    ctx = Context(1.0, torch.arange(1, 6)[None], 1)
+    ctx = Context(1.0, torch.arange(1, 6)[None])
     _, _, new_value = mix.transform(key, key, value, ctx)
     for h in range(3):
         low = key[:, h] @ mix.v_A[h].T + mix.v_A_bias[h]
@@ -363,7 +363,7 @@ def test_kernel_adapter_query_equals_the_hand_formula(variant):
         assert torch.allclose(captured["qkv"][..., :32], q_hand, atol=1e-5)
     else:
         q = base_qkv[..., :32].view(1, 3, 4, 8).transpose(1, 2)
-        new_q, _, _ = adapter.transform(q, q, q, Context(1.0, torch.arange(1, 4)[None], 1))
+        new_q, _, _ = adapter.transform(q, q, q, Context(1.0, torch.arange(1, 4)[None]))
         side = adapter.query
         hand = q
         if hasattr(side, "shift"):

@@ -42,7 +42,6 @@ from torch import nn
 
 PREFIX = "adaptlab_"
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-_ORIGINAL = "_adaptlab_original_attn"
 
 
 @dataclass(frozen=True)
@@ -52,12 +51,10 @@ class Context:
     Attributes:
         scaling: the logit scale (1 / √d for these models).
         positions: 1-based positions of the queries, [B or 1, T].
-        groups: query heads per key/value head (GQA).
     """
 
     scaling: float
     positions: torch.Tensor
-    groups: int
 
 
 class AttentionAdapter(nn.Module):
@@ -130,8 +127,7 @@ def _make_function(backend: str) -> Callable:
                 **kwargs,
             )  # fmt: skip
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        groups = query.shape[1] // key.shape[1]
-        ctx = Context(scaling, _positions(query, key, kwargs.get("position_ids")), groups)
+        ctx = Context(scaling, _positions(query, key, kwargs.get("position_ids")))
         for adapter in adapters:
             query, key, value = adapter.transform(query, key, value, ctx)
         prefixes = [a.prefix(query.shape[0], ctx) for a in adapters if a.n_prefix]
@@ -214,8 +210,7 @@ def install(model: nn.Module) -> str:
 def _install_registry(model: nn.Module) -> str:
     """Route ``model``'s attention through ``adaptlab_<its backend>``; returns that name.
 
-    Idempotent. The original backend is remembered (:func:`uninstall` restores it), and stays
-    what a saved config records.
+    Idempotent.
     """
     register()
     name = ""
@@ -232,26 +227,8 @@ def _install_registry(model: nn.Module) -> str:
                 "with attn_implementation eager, sdpa, flex_attention or flash_attention_2."
             )
         name = f"adaptlab_{current}"
-        setattr(config, _ORIGINAL, current)
         config._attn_implementation_internal = name
     return name
-
-
-def uninstall(model: nn.Module) -> None:
-    """Undo :func:`install` (the model's attention backend is its original one again)."""
-    for config in _configs(model):
-        original = getattr(config, _ORIGINAL, None)
-        if original is not None:
-            config._attn_implementation_internal = original
-            delattr(config, _ORIGINAL)
-
-
-def original_backend(model: nn.Module) -> str:
-    """The backend ``model`` was loaded with, whether or not :func:`install` ran."""
-    for config in _configs(model):
-        name = getattr(config, _ORIGINAL, None) or config._attn_implementation or "eager"
-        return name.removeprefix("adaptlab_")
-    return "eager"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +364,5 @@ __all__ = [
     "attach",
     "attached",
     "install",
-    "original_backend",
     "register",
-    "uninstall",
 ]

@@ -77,7 +77,7 @@ def adapted_forward(
     scaling = (query.shape[-1] * scale_factor) ** -0.5
     b, h, t, d = query.shape
     positions = torch.arange(1, t + 1, device=query.device)[None]
-    ctx = Context(scaling, positions, 1)
+    ctx = Context(scaling, positions)
     for adapter in adapters:
         query, key, value = adapter.transform(query, key, value, ctx)
     bias = None
