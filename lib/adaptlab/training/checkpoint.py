@@ -12,10 +12,8 @@ A run folder holds::
 Weights are in the Hugging Face on-disk format: an adapter folder (``adapter_config.json``,
 ``adapter_model.safetensors``) for adapter methods, a ``save_pretrained`` model folder with its
 tokenizer otherwise. PEFT methods (LoRA...) write PEFT's folder; adaptlab's own adapters
-(``houlsby``, ``pfeiffer``, ``parallel``) write the same layout with ``peft_type`` ``ADAPTLAB``
-and only the trainable tensors (:mod:`adaptlab.adapters.folder`). Both kinds of folder are
-model names that ``adaptlab.models.load_model``, ``scripts/extract_repr.py --model`` and
-``scripts/compute_kernel.py --model`` load on the recorded base model. Each folder carries
+(bottleneck and attention adapters) the same layout with ``peft_type`` ``ADAPTLAB``
+(:mod:`adaptlab.adapters.folder`); both load as models on their recorded base. Each folder carries
 ``adaptlab_checkpoint.json`` (step, epoch, run fingerprint). A run with a linear
 classification head (``head=linear``) also writes it as ``linear_head.safetensors``
 (``linear.weight`` [C, H], ``linear.bias`` [C]; :func:`load_linear_head`), outside the HF
@@ -27,8 +25,8 @@ process's RNG states (python, numpy, torch, CUDA), method state (AdaLoRA's alloc
 ``trainer_state.json`` (step, data position, evaluations so far). Restored onto a model
 prepared exactly as in a fresh run, the remaining steps are the same computation as in an
 uninterrupted run. Under FSDP every process writes its own slices of the trainable parameters
-and of the optimiser state (``shard_rank{r}.safetensors``, no pickle) instead of the first two
-files; the run resumes with the same number of processes.
+and of the optimiser state (``shard_rank{r}.safetensors``, no pickle;
+:mod:`adaptlab.training.sharded_state`); the run resumes with the same number of processes.
 
 Every folder is written under a temporary name and renamed into place (the previous version
 is moved aside first and deleted after), so a kill never leaves a half-written checkpoint
@@ -59,13 +57,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adaptlab.adapters.folder import attached_kinds, write_adapter_files
-from adaptlab.errors import UserError
 from adaptlab.io import ASIDE_SUFFIX, TEMP_SUFFIX, read_json, save_tensors, write_json
 from adaptlab.rundir import Layout
+from adaptlab.training.errors import ResumeError
 from adaptlab.training.loop import METRICS_FILE
 from adaptlab.training.objectives import HEAD_ATTRIBUTE, LinearHead
 from adaptlab.training.optim import unwrap_optimizer
-from adaptlab.training.parallel import full_state_dict, is_deepspeed, is_fsdp, zero_partitions
+from adaptlab.training.parallel import full_state_dict, is_deepspeed, is_fsdp
+from adaptlab.training.sharded_state import (
+    _PARAM,
+    _local,
+    _shard_file,
+    load_sharded_optimizer,
+    load_zero_state,
+    sharded_state,
+    zero_state,
+)
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -93,10 +100,6 @@ LAYOUT = Layout(
 # Optimiser attributes that state_dict() leaves out: IVON counts its steps in ``current_step``
 # (its momentum debiasing reads it), so a resume without it takes different steps.
 _OPTIMIZER_ATTRIBUTES = ("current_step",)
-
-
-class ResumeError(UserError):
-    """A run folder that cannot be resumed or reused by this config."""
 
 
 def log_spaced_steps(total_steps: int, n: int) -> list[int]:
@@ -361,175 +364,6 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(param))
             out[name] = param.detach().cpu().clone()
     return out
-
-
-_PARAM = "param/"
-_OPTIM = "optimizer/"
-_FP32 = "fp32/"
-
-
-def _shard_file(rank: int) -> str:
-    return f"shard_rank{rank}.safetensors"
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a ``DTensor`` (FSDP2 shard), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _optimizer_entries(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The optimiser state as ``optimizer/{index}/{key}`` tensors (this rank's slice of a
-    ``DTensor``) and metadata: ``param_groups``, ``sharded`` and ``values`` (JSON)."""
-    state = unwrap_optimizer(optimizer).state_dict()
-    tensors, sharded, values = {}, [], {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            name = f"{_OPTIM}{index}/{key}"
-            if not isinstance(value, torch.Tensor):
-                values[name] = value
-                continue
-            if hasattr(value, "to_local"):
-                sharded.append(name)
-            tensors[name] = _local(value.detach()).cpu().clone()
-    metadata = {
-        "param_groups": json.dumps(state["param_groups"]),
-        "sharded": json.dumps(sharded),
-        "values": json.dumps(values),
-    }
-    return tensors, metadata
-
-
-def sharded_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This rank's slices of the trainable parameters and of the optimiser state (FSDP2).
-
-    Returns:
-        Tensors named ``param/{name}`` and ``optimizer/{index}/{key}``, and safetensors
-        metadata: ``param_groups`` (JSON), ``sharded`` (JSON list of the optimiser entries that
-        are ``DTensor`` slices) and ``values`` (JSON of the non-tensor state entries).
-    """
-    tensors = {
-        _PARAM + name: _local(param.detach()).cpu().clone()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
-    entries, metadata = _optimizer_entries(optimizer)
-    return {**tensors, **entries}, {**metadata, "layout": "fsdp"}
-
-
-def zero_state(engine: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This rank's ZeRO partition: its flat fp32 master weights (``fp32/{i}``) and the
-    optimiser state over each (``optimizer/{i}/{key}``), with the optimiser's hyper-parameters
-    (``param_groups``, JSON without the parameters) and non-tensor state (``values``).
-
-    The state is read per partition rather than through ``state_dict()``: ZeRO-3 empties the
-    optimiser's parameter lists between steps. The partition layout is a function of the
-    model, the config and the world size, so the same launch restores it rank by rank.
-    """
-    inner = unwrap_optimizer(engine.optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    values: dict[str, Any] = {}
-    for i, flat in enumerate(zero_partitions(engine)):
-        tensors[f"{_FP32}{i}"] = flat.detach().cpu().clone()
-        for key, value in inner.state.get(flat, {}).items():
-            name = f"{_OPTIM}{i}/{key}"
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.detach().cpu().clone()
-            else:
-                values[name] = value
-    plain = (int, float, bool, str, type(None), list, tuple)
-    groups = [
-        {k: v for k, v in g.items() if k != "params" and isinstance(v, plain)}
-        for g in inner.param_groups
-    ]
-    metadata = {
-        "layout": "zero",
-        "param_groups": json.dumps(groups),
-        "values": json.dumps(values),
-    }
-    return tensors, metadata
-
-
-def load_sharded_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], metadata: dict
-) -> None:
-    """Restore the optimiser state written by :func:`sharded_state` on the same mesh."""
-    from torch.distributed.tensor import DTensor
-
-    inner = unwrap_optimizer(optimizer)
-    params = [p for group in inner.param_groups for p in group["params"]]
-    sharded = set(json.loads(metadata["sharded"]))
-    entries: dict[str, Any] = dict(json.loads(metadata["values"]))
-    entries.update({k: v for k, v in tensors.items() if k.startswith(_OPTIM)})
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in entries.items():
-        index, key = name.removeprefix(_OPTIM).split("/", 1)
-        param = params[int(index)]
-        if name in sharded:
-            value = DTensor.from_local(
-                value.to(param.device),
-                param.device_mesh,
-                param.placements,
-                run_check=False,
-                shape=param.shape,
-                stride=param.stride(),
-            )
-        state.setdefault(int(index), {})[key] = value
-    inner.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-
-
-def load_zero_state(
-    engine: torch.nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: dict,
-    trainable: Mapping[str, torch.Tensor],
-) -> None:
-    """Restore :func:`zero_state` and the (low-precision) trainable weights a ZeRO engine
-    computes with from their whole values ``trainable`` (every process calls it)."""
-    import deepspeed
-
-    partitions = zero_partitions(engine)
-    saved = sorted((k for k in tensors if k.startswith(_FP32)), key=lambda k: int(k[len(_FP32) :]))
-    if len(saved) != len(partitions) or any(
-        tensors[k].shape != p.shape for k, p in zip(saved, partitions, strict=False)
-    ):
-        raise ResumeError(
-            "The saved ZeRO partitions do not match this engine's; resume with the same "
-            "number of processes and DeepSpeed config."
-        )
-    inner = unwrap_optimizer(engine.optimizer)
-    entries: dict[str, Any] = dict(json.loads(metadata["values"]))
-    entries.update({k: v for k, v in tensors.items() if k.startswith(_OPTIM)})
-    with torch.no_grad():
-        for key, flat in zip(saved, partitions, strict=True):
-            flat.copy_(tensors[key])
-            inner.state.pop(flat, None)
-        for name, value in entries.items():
-            index, key = name.removeprefix(_OPTIM).split("/", 1)
-            flat = partitions[int(index)]
-            if isinstance(value, torch.Tensor):
-                value = value.to(flat.device) if value.dim() else value
-            inner.state.setdefault(flat, {})[key] = value
-        hypers = json.loads(metadata["param_groups"])
-        for group, hyper in zip(inner.param_groups, hypers, strict=True):
-            for key, value in hyper.items():
-                if isinstance(group.get(key), tuple):  # JSON turned tuples (betas) into lists
-                    value = tuple(value)
-                group[key] = value
-        stage3 = engine.zero_optimization_partition_weights()
-        for name, param in engine.module.named_parameters():
-            if name not in trainable:
-                continue
-            value = trainable[name]
-            if stage3:  # gather, let rank 0 write, re-partition
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    if torch.distributed.get_rank() == 0:
-                        param.copy_(value.to(param.dtype))
-            else:
-                param.copy_(value.to(param.dtype))
 
 
 def state_layout(model: torch.nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""The training package's user error, below every training module that raises it."""
+"""The training package's user errors, below every training module that raises them."""
 
 from __future__ import annotations
 
@@ -7,3 +7,7 @@ from adaptlab.errors import UserError
 
 class TrainingError(UserError):
     """A training setting that cannot work (optimiser, schedule, objective, freezing, data)."""
+
+
+class ResumeError(UserError):
+    """A run folder that cannot be resumed or reused by this config."""
