@@ -19,10 +19,11 @@ from transformers import AutoModelForCausalLM
 from adaptlab import assets
 from adaptlab.data import bbc, load_headlines
 from adaptlab.models.tiny import tiny_tokenizer
+from adaptlab.training.answer_only import collate_answer_only
 from adaptlab.training.generation import encode_headline
 from adaptlab.training.loop import read_metrics
 from adaptlab.training.metrics import generation_scores
-from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES, collate_answer_only
+from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
 from tests.conftest import load_script
 from tests.test_bad_inputs import snapshot, tripwire
 from tests.test_offline_tasks import write_bbc

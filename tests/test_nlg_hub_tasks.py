@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM
 from adaptlab.data import nlg_hub
 from adaptlab.data.errors import DataError
 from adaptlab.models.tiny import tiny_tokenizer
+from adaptlab.training.answer_only import collate_answer_only
 from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.generation import GENERATION_TASKS, PromptLayout, encode_prompt
 from adaptlab.training.metrics import generation_scores, normalize_answer, token_f1
-from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES, collate_answer_only
+from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
 from adaptlab.training.optim import TrainingError
 
 TOK = tiny_tokenizer()

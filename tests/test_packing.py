@@ -12,13 +12,13 @@ from peft import LoraConfig, get_peft_model
 from adaptlab.data import load_mmlu
 from adaptlab.extract.points import unwrap
 from adaptlab.models.tiny import tiny_llama, tiny_tokenizer
-from adaptlab.training.loop import TRAIN_DATA
-from adaptlab.training.objectives import (
-    OBJECTIVES,
+from adaptlab.training.answer_only import (
     collate_answer_only,
     collate_packed_answer_only,
     encode_answer_only,
 )
+from adaptlab.training.loop import TRAIN_DATA
+from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import TrainingError
 from adaptlab.training.packing import (
     block_causal_mask,

@@ -35,6 +35,13 @@ A training step with gradient accumulation, correct for every optimiser::
 
 from __future__ import annotations
 
+from adaptlab.training.answer_only import (
+    AnswerOnlyExample,
+    answer_only_labels,
+    collate_answer_only,
+    collate_packed_answer_only,
+    encode_answer_only,
+)
 from adaptlab.training.freezing import ParameterRoles, freeze, parameter_roles
 from adaptlab.training.metrics import (
     ReliabilityBins,
@@ -45,17 +52,12 @@ from adaptlab.training.metrics import (
 from adaptlab.training.objectives import (
     IGNORE_INDEX,
     OBJECTIVES,
-    AnswerOnlyExample,
     LinearHead,
     Objective,
     ObjectiveOutput,
-    answer_only_labels,
     attach_linear_head,
     causal_lm_loss,
     class_loss,
-    collate_answer_only,
-    collate_packed_answer_only,
-    encode_answer_only,
     find_linear_head,
     first_token_positions,
     get_objective,

@@ -66,15 +66,11 @@ from adaptlab.data.nlg_hub import load_hub_generation
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.io import atomic_open
+from adaptlab.training.answer_only import _leading_special_ids, collate_answer_only
 from adaptlab.training.data import Data
 from adaptlab.training.fewshot import model_kind
 from adaptlab.training.metrics import ROUGE_KEYS, generation_scores
-from adaptlab.training.objectives import (
-    IGNORE_INDEX,
-    OBJECTIVES,
-    _leading_special_ids,
-    collate_answer_only,
-)
+from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
 from adaptlab.training.optim import TrainingError
 
 LIMITS = ("source_max_tokens", "target_max_tokens", "max_new_tokens")

@@ -50,15 +50,15 @@ from adaptlab.distributed import average_replicated_gradients
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
 from adaptlab.io import atomic_open
-from adaptlab.training.l1_to_init import L1ToInit
-from adaptlab.training.methods import Method
-from adaptlab.training.metrics import accuracy_report, expected_calibration_error
-from adaptlab.training.objectives import (
-    Objective,
+from adaptlab.training.answer_only import (
     collate_answer_only,
     collate_packed_answer_only,
     encode_answer_only,
 )
+from adaptlab.training.l1_to_init import L1ToInit
+from adaptlab.training.methods import Method
+from adaptlab.training.metrics import accuracy_report, expected_calibration_error
+from adaptlab.training.objectives import Objective
 from adaptlab.training.optim import (
     TrainingError,
     accumulation_loss_scale,
