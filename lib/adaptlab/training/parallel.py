@@ -12,9 +12,8 @@ IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp`` and under ``fs
 trainable weights left whole on every rank (only the frozen base is sharded; their gradients
 all-reduced), not under ZeRO.
 
-Resume states are written by this package, not by DeepSpeed's ``save_checkpoint`` (pickles):
-each rank's shard or ZeRO partition as safetensors, resumed with the same number of processes
-(``adaptlab.training.checkpoint``).
+Resume states are this package's safetensors per rank, not DeepSpeed's pickles, resumed with
+the same number of processes (``adaptlab.training.sharded_state``).
 
 ``fsdp`` is asked for with ``fsdp=true`` or an accelerate FSDP config (``ACCELERATE_USE_FSDP``);
 ``zero{1,2,3}`` with ``deepspeed=CONFIG.json`` or an accelerate DeepSpeed config that names one.
@@ -30,10 +29,9 @@ same code as a GPU cluster::
     model = shard_fsdp(model, info, mixed_precision="bf16")  # FSDP2: per block, then the root
     engine = deepspeed_engine(model, optimizer, fill_deepspeed_config(...))  # ZeRO
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps the module objects, so PEFT, the hooks and
-the optimiser see the same modules; parameters become ``DTensor`` shards. The DeepSpeed engine
-is driven directly (:func:`zero_train_step`): ``engine.backward`` and ``engine.step`` after every
-micro-batch, the optimiser step happening at the last one.
+FSDP2 (``fully_shard``) keeps the module objects, so PEFT, the hooks and the optimiser see the
+same modules; parameters become ``DTensor`` shards. The DeepSpeed engine is driven directly
+(:func:`zero_train_step`: ``engine.backward`` and ``engine.step`` per micro-batch).
 """
 
 from __future__ import annotations
