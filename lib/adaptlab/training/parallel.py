@@ -8,9 +8,8 @@
 | ``zero2``| replicated          | partitioned      | partitioned     | exact  |
 | ``zero3``| partitioned         | partitioned      | partitioned     | exact  |
 
-IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp`` and under ``fsdp`` with the
-trainable weights left whole on every rank (only the frozen base is sharded; their gradients
-all-reduced), not under ZeRO.
+IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp``, and under ``fsdp`` with whole
+trainable weights on every rank (only the frozen base sharded), not under ZeRO.
 
 Resume states are this package's safetensors per rank, not DeepSpeed's pickles, resumed with
 the same number of processes (``adaptlab.training.sharded_state``).
