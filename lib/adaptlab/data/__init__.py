@@ -32,13 +32,11 @@ from adaptlab.data.fewshot import (
     Scoring,
     TaskSplits,
     check_scoring,
-    collate_prompts,
     encode_examples,
     label_word_ids,
     load_task,
     option_ids,
     read_examples,
-    task_metrics,
 )
 from adaptlab.data.kshot import MODES, UPSTREAM_SEEDS, PrepareConfig, generate_kshot, read_original
 from adaptlab.data.mmlu import (
@@ -65,6 +63,7 @@ from adaptlab.data.mmlu import (
     tokenize_prompts,
 )
 from adaptlab.data.offline import offline_splits, write_offline_kshot
+from adaptlab.data.prompt_batches import collate_prompts, task_metrics
 from adaptlab.data.splits import kshot_split
 from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task, split_tasks
 from adaptlab.data.templates import TemplatePart, check_template, parse_template
