@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import math
 import random
 import socket
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaptlab.models.tiny import save_tiny_llama
 
@@ -57,6 +61,59 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def shared_ivon_noise(monkeypatch: pytest.MonkeyPatch, seed: int = 0) -> None:
+    """Give ivon-opt's IVON and adaptlab's IVON the same standard normal draws.
+
+    ivon-opt asks ``torch.randn(n)`` once per parameter group and draw; adaptlab's IVON asks
+    ``_standard_normals`` once per draw for every group's parameters. Here the c-th group draw
+    of either (counted from 0 by each optimiser kind) is ``randn(n)`` from a generator seeded
+    ``seed + c``, split into the group's parameter shapes for adaptlab's IVON. Each optimiser
+    kind should be built once per test (its counter is shared by its instances).
+    """
+    from adaptlab.training.ivon import IVON
+
+    def flat_draw(count: int, numel: int) -> torch.Tensor:
+        return torch.randn(numel, generator=torch.Generator().manual_seed(seed + count))
+
+    inhouse_calls = [0]
+
+    def standard_normals(self: IVON, train: bool) -> list[list[torch.Tensor]]:
+        draws = []
+        for group in self.param_groups:
+            shapes = [p.shape for p in group["params"]]
+            flat = flat_draw(inhouse_calls[0], sum(math.prod(s) for s in shapes))
+            inhouse_calls[0] += 1
+            parts = flat.split([math.prod(s) for s in shapes])
+            draws.append(
+                [
+                    z.view(s).to(p.device)
+                    for z, s, p in zip(parts, shapes, group["params"], strict=True)
+                ]
+            )
+        return draws
+
+    monkeypatch.setattr(IVON, "_standard_normals", standard_normals)
+    if importlib.util.find_spec("ivon") is None:
+        return
+    import ivon
+
+    class TorchWithSharedNoise(types.ModuleType):
+        """torch as ivon-opt's module sees it, with ``randn`` from :func:`flat_draw`."""
+
+        calls = 0
+
+        def randn(self, numel: int, device=None, dtype=None) -> torch.Tensor:
+            flat = flat_draw(self.calls, numel)
+            self.calls += 1
+            return flat.to(device=device, dtype=dtype)
+
+        def __getattr__(self, name: str):
+            return getattr(torch, name)
+
+    module = importlib.import_module(ivon.IVON.__module__)
+    monkeypatch.setattr(module, "torch", TorchWithSharedNoise("torch"))
 
 
 def free_port() -> int:

@@ -1,8 +1,11 @@
 """Fine-tuning building blocks: optimisers, schedules, objectives, metrics and freezing.
 
 - :mod:`~adaptlab.training.optim`: AdamW / SGD / SignGD / IVON by name, no-decay groups, the
-  IVON sampling context for every micro-batch (IVON itself, in
-  :mod:`~adaptlab.training.ivon_optim`, needs the GPL-licensed ``ivon`` extra);
+  IVON sampling context for every micro-batch (``ivon``, in
+  :mod:`~adaptlab.training.ivon_optim`, needs the GPL-licensed ``ivon`` extra;
+  ``ivon_inhouse`` is :mod:`~adaptlab.training.ivon`, adaptlab's own);
+- :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state,
+  the same posterior draws on every process;
 - :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;

@@ -1,4 +1,4 @@
-"""Optimisers by name: AdamW, SGD, SignGD and IVON, with no-decay parameter groups.
+"""Optimisers by name: AdamW, SGD, SignGD and IVON (two of it), with no-decay parameter groups.
 
 ``build_optimizer("adamw", model, lr=5e-5, weight_decay=0.01)`` puts every trainable weight in a
 decayed group and every bias and norm weight in an undecayed one (landscape.md §4, kernel.md §10).
@@ -23,7 +23,10 @@ The same loop is correct for the other optimisers: the context is then a null co
 Monte Carlo count is 1 and ``scale`` is ``1 / accumulation_steps``.
 
 ``ivon-opt`` is GPL-3.0-or-later and so only an optional extra (``pip install 'adaptlab[ivon]'``):
-it is imported, through :mod:`adaptlab.training.ivon_optim`, only when IVON is built.
+it is imported, through :mod:`adaptlab.training.ivon_optim`, only when ``ivon`` is built.
+``ivon_inhouse`` is adaptlab's own IVON (:class:`adaptlab.training.ivon.IVON`, per-parameter
+fp32 state, the same noise on every process), written from the paper and needing no extra; the
+same loop drives both.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 
 from adaptlab.training.errors import TrainingError
+from adaptlab.training.ivon import IVON
 
 IVON_MISSING = (
     "optimizer=ivon needs the ivon-opt package, which adaptlab leaves to an optional extra "
@@ -186,12 +190,13 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def uses_ivon(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` (plain or wrapped) is IVON.
+    """Whether ``optimizer`` (plain or wrapped) is IVON, adaptlab's or ``ivon-opt``'s.
 
-    Never imports ``ivon``: when nothing has imported it, no IVON optimiser can exist.
+    Never imports ``ivon``: when nothing has imported it, no ``ivon-opt`` optimiser can exist.
     """
-    ivon = sys.modules.get("ivon")
-    return ivon is not None and isinstance(unwrap_optimizer(optimizer), ivon.IVON)
+    inner = unwrap_optimizer(optimizer)
+    ivon_opt = sys.modules.get("ivon")
+    return isinstance(inner, IVON) or (ivon_opt is not None and isinstance(inner, ivon_opt.IVON))
 
 
 def ivon_step_context(
@@ -215,8 +220,11 @@ def ivon_step_context(
     Returns:
         A context manager.
     """
+    inner = unwrap_optimizer(optimizer)
+    if isinstance(inner, IVON):
+        return inner.sampled_params(train)
     if uses_ivon(optimizer):
-        return import_ivon_optim().separate_sample(unwrap_optimizer(optimizer), train)
+        return import_ivon_optim().separate_sample(inner, train)
     return contextlib.nullcontext()
 
 
@@ -265,6 +273,7 @@ class OptimizerSettings:
         ivon_clip_radius: elementwise clip ρ of the preconditioned update (ViLoRA: 1e-3).
         ivon_hess_approx: ``"price"`` or ``"gradsq"``.
         ivon_sync: all-reduce the gradient samples across processes (DDP).
+        ivon_seed: seed of ``ivon_inhouse``'s posterior draws (equal on every process).
     """
 
     lr: float
@@ -279,6 +288,7 @@ class OptimizerSettings:
     ivon_clip_radius: float = math.inf
     ivon_hess_approx: str = "price"
     ivon_sync: bool = False
+    ivon_seed: int = 0
 
 
 def _adamw(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -294,19 +304,15 @@ def _signgd(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     return SignSGD(param_groups(model, s.weight_decay), lr=s.lr, momentum=s.momentum)
 
 
-def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
-    ivon_optim = import_ivon_optim()
+def _ivon_arguments(model: nn.Module, s: OptimizerSettings) -> tuple[list[nn.Parameter], dict]:
+    """The trainable parameters and the keyword arguments both IVONs take.
+
+    One group: IVON's weight decay is the prior precision of every weight, as in ViLoRA.
+    """
     if s.ivon_ess is None or not s.ivon_ess > 0:
         raise TrainingError(
             f"IVON needs a positive effective sample size (got ivon_ess={s.ivon_ess}); pass the "
             "number of training examples."
-        )
-    if s.ivon_mc_samples < 1:
-        raise TrainingError(f"ivon_mc_samples={s.ivon_mc_samples} must be at least 1.")
-    methods = ivon_optim.CheckedIVON.hessian_approx_methods
-    if s.ivon_hess_approx not in methods:
-        raise TrainingError(
-            f"Unknown ivon_hess_approx {s.ivon_hess_approx!r}; choose from {', '.join(methods)}."
         )
     params = trainable_parameters(model)
     if not params:
@@ -314,16 +320,7 @@ def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
             f"{type(model).__name__} has no trainable parameter; unfreeze some before building "
             "IVON."
         )
-    placements = sorted({f"{p.device}/{p.dtype}" for p in params})
-    if len(placements) > 1:
-        raise TrainingError(
-            "IVON keeps one flat state buffer, so all trainable parameters must share one device "
-            f"and dtype (found {', '.join(placements)}); move the model first and keep the "
-            "trainable weights in one dtype."
-        )
-    # One group: IVON's weight decay is the prior precision of every weight, as in ViLoRA.
-    return ivon_optim.CheckedIVON(
-        params,
+    arguments = dict(
         lr=s.lr,
         ess=s.ivon_ess,
         hess_init=s.ivon_hess_init,
@@ -335,6 +332,32 @@ def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
         clip_radius=s.ivon_clip_radius,
         sync=s.ivon_sync,
     )
+    return params, arguments
+
+
+def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    ivon_optim = import_ivon_optim()
+    params, arguments = _ivon_arguments(model, s)
+    if s.ivon_mc_samples < 1:
+        raise TrainingError(f"ivon_mc_samples={s.ivon_mc_samples} must be at least 1.")
+    methods = ivon_optim.CheckedIVON.hessian_approx_methods
+    if s.ivon_hess_approx not in methods:
+        raise TrainingError(
+            f"Unknown ivon_hess_approx {s.ivon_hess_approx!r}; choose from {', '.join(methods)}."
+        )
+    placements = sorted({f"{p.device}/{p.dtype}" for p in params})
+    if len(placements) > 1:
+        raise TrainingError(
+            "IVON keeps one flat state buffer, so all trainable parameters must share one device "
+            f"and dtype (found {', '.join(placements)}); move the model first and keep the "
+            "trainable weights in one dtype."
+        )
+    return ivon_optim.CheckedIVON(params, **arguments)
+
+
+def _ivon_inhouse(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    params, arguments = _ivon_arguments(model, s)
+    return IVON(params, **arguments, seed=s.ivon_seed)
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerSettings], torch.optim.Optimizer]] = {
@@ -342,10 +365,13 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerSettings], torch.optim.Optim
     "sgd": _sgd,
     "signgd": _signgd,
     "ivon": _ivon,
+    "ivon_inhouse": _ivon_inhouse,
 }
-WHOLE_TRAINABLE_OPTIMIZERS = frozenset({"ivon"})
-"""Optimisers that need the whole trainable weights and gradients on every rank (IVON keeps
-one flat posterior over the weights it samples)."""
+IVON_OPTIMIZERS = frozenset({"ivon", "ivon_inhouse"})
+"""The names of IVON: both sample the weights and read each gradient sample themselves."""
+WHOLE_TRAINABLE_OPTIMIZERS = IVON_OPTIMIZERS
+"""Optimisers that need the whole trainable weights and gradients on every rank (IVON samples
+whole weights; adaptlab's IVON draws each parameter's noise whole)."""
 
 
 def build_optimizer(
@@ -363,6 +389,7 @@ def build_optimizer(
     ivon_clip_radius: float = math.inf,
     ivon_hess_approx: str = "price",
     ivon_sync: bool = False,
+    ivon_seed: int = 0,
 ) -> torch.optim.Optimizer:
     """The optimiser ``name`` over the trainable parameters of ``model``.
 
@@ -375,8 +402,9 @@ def build_optimizer(
         model: the model to train (plain or PEFT-wrapped).
 
     Returns:
-        ``torch.optim.AdamW``, ``torch.optim.SGD``, :class:`SignSGD` or
-        :class:`~adaptlab.training.ivon_optim.CheckedIVON`.
+        ``torch.optim.AdamW``, ``torch.optim.SGD``, :class:`SignSGD`,
+        :class:`~adaptlab.training.ivon_optim.CheckedIVON` or
+        :class:`~adaptlab.training.ivon.IVON`.
 
     Raises:
         TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess`` or
@@ -401,5 +429,6 @@ def build_optimizer(
         ivon_clip_radius=ivon_clip_radius,
         ivon_hess_approx=ivon_hess_approx,
         ivon_sync=ivon_sync,
+        ivon_seed=ivon_seed,
     )
     return OPTIMIZERS[name](model, settings)
