@@ -3,9 +3,10 @@ few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.
 
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
 Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
-the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON with
-linear, cosine-to-floor or constant schedules after warmup. The loss is taken on the answer
-letter only (optionally weighted so every subject counts alike). During training the model is
+the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``
+through the ivon-opt extra, or adaptlab's own ``ivon_inhouse``) with linear, cosine-to-floor
+or constant schedules after warmup. The loss is taken on the answer letter only (optionally
+weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
 letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
 are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
@@ -507,6 +508,7 @@ def load(job: Job) -> Run:
         ivon_clip_radius=math.inf if cfg.ivon_clip_radius is None else cfg.ivon_clip_radius,
         ivon_hess_approx=cfg.ivon_hess_approx,
         ivon_sync=acc.num_processes > 1,
+        ivon_seed=cfg.seed,  # ivon_inhouse: the same posterior draws on every process
     )
     scheduler = build_scheduler(
         cfg.schedule,
@@ -522,7 +524,7 @@ def load(job: Job) -> Run:
         model, optimizer = acc.prepare(model, optimizer)
     prepare_output(job)
     # Every rank built the same model; from here the randomness of training (dropout masks,
-    # IVON's posterior draws) is each process's own: seed + rank (a resume restores it).
+    # ivon-opt's posterior draws) is each process's own: seed + rank (a resume restores it).
     set_seed(cfg.seed, device_specific=True)
     # θ_init is the weights as loaded and prepared, before a resume restores the trained ones,
     # so a resumed run pulls towards the same weights as the run it continues

@@ -31,7 +31,7 @@ from adaptlab.training.loop import (
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import IGNORE_INDEX, OBJECTIVES
 from adaptlab.training.optim import TrainingError
-from tests.conftest import ROOT, load_script, requires_ivon
+from tests.conftest import ROOT, load_script, requires_ivon, shared_ivon_noise
 
 finetune = load_script("finetune")
 PROBE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
@@ -159,8 +159,10 @@ def test_answer_only_batches_put_the_loss_on_the_answer_token(mmlu_file):
         pytest.param(
             ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5"], marks=requires_ivon
         ),
+        # the step counter (noise seed and debiasing) and the fp32 state come back exactly
+        ["--optimizer", "ivon_inhouse", "--lr", "0.2", "--ivon_ess", "1e5"],
     ],
-    ids=["adamw", "adamw-l1_to_init", "ivon"],
+    ids=["adamw", "adamw-l1_to_init", "ivon", "ivon_inhouse"],
 )
 def test_killed_and_resumed_run_equals_uninterrupted(
     extra, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
@@ -258,12 +260,12 @@ def test_adalora_regularizer_is_the_one_peft_adds_to_a_model_loss():
     assert float(with_penalty - plain) == pytest.approx(float(penalty), rel=1e-5)
 
 
-@requires_ivon
-def test_ivon_trains_with_gradient_accumulation(tiny_model_dir, mmlu_file, tmp_path):
-    out = tmp_path / "ivon"
+@pytest.mark.parametrize("optimizer", [pytest.param("ivon", marks=requires_ivon), "ivon_inhouse"])
+def test_ivon_trains_with_gradient_accumulation(optimizer, tiny_model_dir, mmlu_file, tmp_path):
+    out = tmp_path / optimizer
     finetune.main(
         args_for(
-            tiny_model_dir, mmlu_file, out, "--optimizer", "ivon", "--lr", "0.2",
+            tiny_model_dir, mmlu_file, out, "--optimizer", optimizer, "--lr", "0.2",
             "--ivon_ess", "1e5", "--schedule", "constant", "--batch_size", "6",
             "--micro_batch_size", "3", "--train_samples_per_subject", "2", "--max_steps", "8",
             "--eval_points", "0", "--checkpoints", "0", "--lora_dropout", "0",
@@ -275,6 +277,33 @@ def test_ivon_trains_with_gradient_accumulation(tiny_model_dir, mmlu_file, tmp_p
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.3
     assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 6
+
+
+@requires_ivon
+def test_inhouse_ivon_first_step_equals_ivon_opt_given_the_same_noise(
+    tiny_model_dir, mmlu_file, tmp_path
+):
+    """One step of two micro-batches (two posterior draws), with Price, decay and clipping."""
+    adapters = {}
+    for optimizer in ("ivon", "ivon_inhouse"):
+        out = tmp_path / optimizer
+        with pytest.MonkeyPatch.context() as patch:
+            shared_ivon_noise(patch)
+            finetune.main(
+                args_for(
+                    tiny_model_dir, mmlu_file, out, "--optimizer", optimizer, "--lr", "0.5",
+                    "--ivon_ess", "100", "--ivon_hess_init", "0.5", "--weight_decay", "1e-3",
+                    "--ivon_clip_radius", "0.01", "--max_steps", "1", "--eval_points", "0",
+                    "--checkpoints", "0", "--lora_dropout", "0",
+                )
+            )  # fmt: skip
+        adapters[optimizer] = adapter(out / "final")
+    theirs, ours = adapters["ivon"], adapters["ivon_inhouse"]
+    assert ours.keys() == theirs.keys()
+    lora_b = [k for k in ours if "lora_B" in k]
+    assert lora_b and all(float(ours[k].abs().max()) > 0 for k in lora_b)  # the step moved B
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-6), key
 
 
 @pytest.fixture(scope="module")

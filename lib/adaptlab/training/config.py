@@ -19,7 +19,13 @@ from adaptlab.adapters.settings import BottleneckSettings, KernelViewSettings
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
-from adaptlab.training.optim import IVON_MISSING, OPTIMIZERS, TrainingError, ivon_installed
+from adaptlab.training.optim import (
+    IVON_MISSING,
+    IVON_OPTIMIZERS,
+    OPTIMIZERS,
+    TrainingError,
+    ivon_installed,
+)
 from adaptlab.training.schedules import SCHEDULES
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -200,7 +206,8 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
         label_smoothing: ε of the answer-only token cross-entropy (MMLU and generation tasks;
             0: none; spec §4's NLG runs use 0.1): the target puts 1 − ε on the answer token and
             ε/V on every vocabulary token, as ``F.cross_entropy(label_smoothing=ε)``.
-        optimizer: ``adamw``, ``sgd``, ``signgd`` or ``ivon``.
+        optimizer: ``adamw``, ``sgd``, ``signgd``, ``ivon`` (the ``ivon-opt`` extra) or
+            ``ivon_inhouse`` (adaptlab's own IVON, same settings, noise seeded by ``seed``).
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
         l1_to_init: λ of the penalty λ·Σ|θ − θ_init| on the trainable parameters, θ_init their
@@ -435,9 +442,10 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
                 f"l1_to_init={self.l1_to_init} must be a finite number >= 0 (0: no penalty).",
             ),
             (
-                not (self.l1_to_init > 0 and self.optimizer == "ivon"),
-                "l1_to_init does not work with optimizer=ivon (IVON reads its gradient samples "
-                "before the penalty's gradient could join them); use sgd or adamw.",
+                not (self.l1_to_init > 0 and self.optimizer in IVON_OPTIMIZERS),
+                f"l1_to_init does not work with optimizer={self.optimizer} (IVON reads its "
+                "gradient samples before the penalty's gradient could join them); use sgd or "
+                "adamw.",
             ),
             (
                 self.run_name is None or _plain_name(self.run_name),
@@ -447,7 +455,7 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
             (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
             (self.optimizer != "ivon" or ivon_installed(), IVON_MISSING),
             (
-                not (self.optimizer == "ivon" and self.max_grad_norm is not None),
+                not (self.optimizer in IVON_OPTIMIZERS and self.max_grad_norm is not None),
                 "max_grad_norm has no effect on IVON (it reads each gradient sample before "
                 "clipping); drop it and use ivon_clip_radius.",
             ),
