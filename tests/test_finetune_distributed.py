@@ -439,6 +439,35 @@ def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
     assert_same_training(two, one)
 
 
+IVON_INHOUSE = ["--optimizer", "ivon_inhouse", *IVON[2:]]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2-killed-resumed"])
+def test_inhouse_ivon_over_two_processes_is_one_process_as_it_is(
+    fsdp, tiny_model_dir, mmlu_file, tmp_path
+):
+    """adaptlab's IVON seeds its draws by (seed, step, sample), so every process perturbs the
+    weights alike without any patch, and it all-reduces its averaged samples: a step over two
+    halves of the batch equals one process over the whole batch. Under FSDP the adapter and
+    the posterior stay whole on each rank, and a killed run resumes to the same numbers."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune.main(
+        args_for(tiny_model_dir, mmlu_file, one, *IVON_INHOUSE, "--micro_batch_size", "4")
+    )
+    flags = [*IVON_INHOUSE, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
+    args = args_for(tiny_model_dir, mmlu_file, two, *flags)
+    if fsdp:
+        first = launch(accelerate("cpu_2proc.yaml"), killed_script(tmp_path, step=4), args)
+        assert first.returncode != 0 and not (two / "result.json").exists()
+        assert not list((two / "resume").glob("shard_rank*"))
+    run = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert ("resumed at step 2" in run.stdout) == fsdp
+    assert result(two)["parallel"]["strategy"] == ("fsdp" if fsdp else "ddp")
+    assert_same_training(two, one)
+
+
 KERNEL_VIEW = {
     "inducer": ["--method", "inducer", "--prefix_length", "3", "--prefix_dim", "4",
                 "--inducer_lora_q_r", "2"],
