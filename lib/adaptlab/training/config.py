@@ -16,16 +16,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from adaptlab.adapters.settings import BottleneckSettings, KernelViewSettings
+from adaptlab.training.errors import TrainingError
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
-from adaptlab.training.optim import (
-    IVON_MISSING,
-    IVON_OPTIMIZERS,
-    OPTIMIZERS,
-    TrainingError,
-    ivon_installed,
-)
+from adaptlab.training.optim import IVON_MISSING, IVON_OPTIMIZERS, OPTIMIZERS, ivon_installed
 from adaptlab.training.schedules import SCHEDULES
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -206,8 +201,7 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
         label_smoothing: ε of the answer-only token cross-entropy (MMLU and generation tasks;
             0: none; spec §4's NLG runs use 0.1): the target puts 1 − ε on the answer token and
             ε/V on every vocabulary token, as ``F.cross_entropy(label_smoothing=ε)``.
-        optimizer: ``adamw``, ``sgd``, ``signgd``, ``ivon`` (the ``ivon-opt`` extra) or
-            ``ivon_inhouse`` (adaptlab's own IVON, same settings, noise seeded by ``seed``).
+        optimizer: ``adamw``, ``sgd``, ``signgd``, ``ivon`` (ivon-opt) or ``ivon_inhouse``.
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
         l1_to_init: λ of the penalty λ·Σ|θ − θ_init| on the trainable parameters, θ_init their
@@ -443,9 +437,8 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
             ),
             (
                 not (self.l1_to_init > 0 and self.optimizer in IVON_OPTIMIZERS),
-                f"l1_to_init does not work with optimizer={self.optimizer} (IVON reads its "
-                "gradient samples before the penalty's gradient could join them); use sgd or "
-                "adamw.",
+                f"l1_to_init does not work with optimizer={self.optimizer} (IVON reads its samples "
+                "before the penalty's gradient could join them); use sgd or adamw.",
             ),
             (
                 self.run_name is None or _plain_name(self.run_name),
