@@ -213,7 +213,7 @@ from adaptlab.training.loop import (
 )
 from adaptlab.training.methods import Method, check_method, count_parameters
 from adaptlab.training.objectives import attach_linear_head
-from adaptlab.training.optim import build_optimizer
+from adaptlab.training.optim import build_optimizer, hess_summary
 from adaptlab.training.parallel import (
     REPLICATED_TRAINABLE,
     Strategy,
@@ -637,6 +637,7 @@ def log_step(job: Job, run: Run, result: StepResult, seconds: float) -> None:
         "peak_memory_mib": peak_memory_mib(acc.device),
         "mfu": mfu(run.n_params, tokens_per_second, peak_flops, acc.num_processes),
         "epoch": step / job.plan.steps_per_epoch,
+        **hess_summary(run.optimizer),  # IVON: h's mean, std, min, median, max
     }
     run.logger.log(step, metrics, "train")
 

@@ -277,6 +277,12 @@ def test_ivon_trains_with_gradient_accumulation(optimizer, tiny_model_dir, mmlu_
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.3
     assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 6
+    # h is logged every step; with beta2 = 0.99999 it has moved < 1% from hess_init = 1
+    logged = [r for r in read_metrics(out) if "train/hess_mean" in r]
+    assert len(logged) == 8
+    for record in logged:
+        assert record["train/hess_min"] <= record["train/hess_median"] <= record["train/hess_max"]
+        assert record["train/hess_mean"] == pytest.approx(1.0, abs=1e-2)
 
 
 @requires_ivon

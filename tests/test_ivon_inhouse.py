@@ -338,3 +338,27 @@ def test_ivon_inhouse_is_built_by_name_and_needs_no_ivon_opt(monkeypatch):
     assert torch.equal(layer.weight.detach(), before)
     with pytest.raises(TrainingError, match="ivon_ess"):
         build_optimizer("ivon_inhouse", layer, lr=0.1)
+
+
+def test_hess_summary_reads_each_optimiser_independently():
+    """The logged summary equals statistics computed here from the optimiser's own state."""
+    from adaptlab.training.optim import hess_summary
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    optimizer = IVON(params, lr=0.1, ess=100.0, hess_init=0.5, beta2=0.5, seed=3)
+    for _ in range(2):
+        with optimizer.sampled_params(train=True):
+            loss = sum((p**2 * torch.arange(1, p.numel() + 1).view_as(p)).sum() for p in params)
+            loss.backward()
+        optimizer.step()
+    values = torch.cat([optimizer.state[p]["hess"].flatten() for p in params])
+    summary = hess_summary(optimizer)
+    assert summary["hess_mean"] == pytest.approx(float(values.mean()))
+    assert summary["hess_std"] == pytest.approx(float(values.std(correction=0)))
+    assert summary["hess_max"] == pytest.approx(float(values.max()))
+    assert summary["hess_median"] == pytest.approx(
+        float(values.sort().values[(len(values) - 1) // 2])
+    )
+    assert summary["hess_mean"] != pytest.approx(0.5)  # h moved from hess_init
+    assert hess_summary(torch.optim.AdamW(params)) == {}

@@ -189,6 +189,32 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def hess_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """IVON's Hessian diagonal h summarised for the training log (``{}`` for other optimisers).
+
+    Returns:
+        ``hess_mean``, ``hess_std`` (population), ``hess_min``, ``hess_median`` (lower middle)
+        and ``hess_max`` over every entry: adaptlab's IVON through ``hess_stats()``, ivon-opt's
+        from the flat ``hess`` buffer of each parameter group. h that stays at ``hess_init``
+        means the posterior is not learning curvature (ivon issue #1, peft_methods.md §11).
+    """
+    inner = unwrap_optimizer(optimizer)
+    if not uses_ivon(inner):
+        return {}
+    if isinstance(inner, IVON):
+        stats = inner.hess_stats()
+    else:
+        values = torch.cat([g["hess"].detach().float().flatten() for g in inner.param_groups])
+        stats = {
+            "mean": float(values.mean()),
+            "std": float(values.std(correction=0)),
+            "min": float(values.min()),
+            "median": float(values.median()),
+            "max": float(values.max()),
+        }
+    return {f"hess_{key}": value for key, value in stats.items()}
+
+
 def uses_ivon(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` (plain or wrapped) is IVON, adaptlab's or ``ivon-opt``'s.
 
