@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from adaptlab.adapters.bottleneck import BottleneckConfig
 from adaptlab.adapters.inducer import InducerConfig
 from adaptlab.adapters.kernel import KernelAdapterConfig
 from adaptlab.adapters.kernel_mix import KernelMixConfig
@@ -121,6 +122,21 @@ class KernelViewSettings:
     kmix_q_share_rank: int = 12
     kmix_v_share_rank: int = 8
     kmix_alpha: float = 1.0
+
+
+def bottleneck_settings(cfg, placement: str) -> BottleneckConfig:
+    """The :class:`BottleneckConfig` of a config with :class:`BottleneckSettings` fields, for
+    ``placement`` (the method's own, or ``parallel`` for MAM and inducer-mam, where
+    ``adapter_location`` does not apply)."""
+    return BottleneckConfig(
+        placement=placement,
+        reduction_factor=cfg.adapter_reduction_factor,
+        dim=cfg.adapter_dim,
+        activation=cfg.adapter_activation,
+        scaling=cfg.adapter_scaling,
+        layer_norm=cfg.adapter_layer_norm,
+        location=cfg.adapter_location if placement == "pfeiffer" else "ffn",
+    )
 
 
 def prefix_settings(cfg) -> PrefixConfig:

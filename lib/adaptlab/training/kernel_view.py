@@ -29,6 +29,7 @@ from adaptlab.adapters.kernel import attach_kernel_adapter, check_geometry
 from adaptlab.adapters.kernel_mix import attach_kernel_mix
 from adaptlab.adapters.prefix import attach_prefix
 from adaptlab.adapters.settings import (
+    bottleneck_settings,
     inducer_settings,
     kernel_mix_settings,
     kernel_settings,
@@ -45,14 +46,7 @@ TITLES = {
 
 
 def _parallel_config(cfg: Any) -> BottleneckConfig:
-    return BottleneckConfig(
-        placement="parallel",
-        reduction_factor=cfg.adapter_reduction_factor,
-        dim=cfg.adapter_dim,
-        activation=cfg.adapter_activation,
-        scaling=cfg.adapter_scaling,
-        layer_norm=cfg.adapter_layer_norm,
-    )
+    return bottleneck_settings(cfg, "parallel")
 
 
 def _with_parallel(name: str, cfg: Any) -> bool:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from adaptlab.adapters.bottleneck import BottleneckConfig, attach_bottleneck, check_architecture
+from adaptlab.adapters.settings import bottleneck_settings
 from adaptlab.extract.points import unwrap
 from adaptlab.training import kernel_view
 from adaptlab.training.freezing import freeze
@@ -241,15 +242,7 @@ def _prepare_adalora(model: nn.Module, cfg: MethodSettings, total_steps: int) ->
 
 
 def _bottleneck_config(cfg: MethodSettings) -> BottleneckConfig:
-    return BottleneckConfig(
-        placement=cfg.method,
-        reduction_factor=cfg.adapter_reduction_factor,
-        dim=cfg.adapter_dim,
-        activation=cfg.adapter_activation,
-        scaling=cfg.adapter_scaling,
-        layer_norm=cfg.adapter_layer_norm,
-        location=cfg.adapter_location,
-    )
+    return bottleneck_settings(cfg, cfg.method)
 
 
 def _prepare_bottleneck(model: nn.Module, cfg: MethodSettings, total_steps: int) -> nn.Module:
