@@ -21,6 +21,7 @@ from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import IVON_MISSING, IVON_OPTIMIZERS, OPTIMIZERS, ivon_installed
+from adaptlab.training.posterior_settings import AdaLoRASettings, IvonSettings
 from adaptlab.training.schedules import SCHEDULES
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,7 +74,7 @@ def _plain_name(name: str) -> bool:
 
 
 @dataclass
-class FinetuneConfig(BottleneckSettings, KernelViewSettings):
+class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelViewSettings):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
 
@@ -88,20 +89,14 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
             ``parallel`` (Llama, GPT-2 and BERT/RoBERTa only), or the kernel-view adapters
             ``prefix``, ``mam``, ``inducer``, ``kernel_adapter``, ``kernel_mix`` (Llama,
             GPT-2, BERT, RoBERTa; their fields are :class:`KernelViewSettings`'; the bottleneck
-            fields ``adapter_*`` are :class:`BottleneckSettings`').
+            fields ``adapter_*`` are :class:`BottleneckSettings`'). The ``adalora_*`` and
+            ``vilora_criterion`` fields are :class:`AdaLoRASettings`', the ``ivon_*`` ones
+            :class:`IvonSettings`' (``adaptlab.training.posterior_settings``).
         target_modules: module names the adapters wrap (a name matches a module whose dotted
             path ends with it); ``[all-linear]`` wraps every linear layer but the output head.
         lora_r: LoRA/DoRA rank.
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapter input (LoRA, DoRA, AdaLoRA, QLoRA).
-        adalora_init_r: AdaLoRA starting rank of every matrix.
-        adalora_target_r: AdaLoRA average final rank (budget = target_r x matrices).
-        adalora_tinit: AdaLoRA steps before the budget starts to shrink.
-        adalora_tfinal: AdaLoRA last steps with the final rank pattern frozen.
-        adalora_delta_t: AdaLoRA steps between two rank reallocations.
-        adalora_beta1: AdaLoRA EMA rate of the sensitivity.
-        adalora_beta2: AdaLoRA EMA rate of the uncertainty.
-        adalora_orth_reg_weight: weight of AdaLoRA's orthogonality regulariser in the loss.
         fix_head: freeze the head (final norm and output layer).
         fix_embeddings: freeze the input embeddings.
         fix_first_n_layers: freeze transformer blocks 0..n-1.
@@ -210,12 +205,6 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
         momentum: SGD / SignGD momentum.
         betas: AdamW betas (IVON uses the first as beta1).
         eps: AdamW epsilon.
-        ivon_ess: IVON effective sample size (None: the number of training examples).
-        ivon_hess_init: IVON initial Hessian diagonal.
-        ivon_mc_samples: IVON posterior draws per micro-batch.
-        ivon_beta2: IVON Hessian EMA rate.
-        ivon_clip_radius: IVON elementwise clip of the update (None: no clipping).
-        ivon_hess_approx: IVON Hessian estimator, ``price`` or ``gradsq``.
         max_grad_norm: clip the gradient norm to this (None: no clipping; not with IVON).
         schedule: ``linear``, ``cosine`` (to a floor) or ``constant``, after warmup.
         warmup_steps: warmup in optimiser steps (give this or ``warmup_ratio``).
@@ -269,14 +258,6 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    adalora_init_r: int = 12
-    adalora_target_r: int = 8
-    adalora_tinit: int = 0
-    adalora_tfinal: int = 0
-    adalora_delta_t: int = 1
-    adalora_beta1: float = 0.85
-    adalora_beta2: float = 0.85
-    adalora_orth_reg_weight: float = 0.5
     fix_head: bool = False
     fix_embeddings: bool = False
     fix_first_n_layers: int = 0
@@ -330,12 +311,6 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    ivon_ess: float | None = None
-    ivon_hess_init: float = 1.0
-    ivon_mc_samples: int = 1
-    ivon_beta2: float = 0.99999
-    ivon_clip_radius: float | None = None
-    ivon_hess_approx: Literal["price", "gradsq"] = "price"
     max_grad_norm: float | None = None
     schedule: str = "cosine"
     warmup_steps: int | None = None
@@ -388,15 +363,7 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
             ),
             (self.lora_r >= 1, f"lora_r={self.lora_r} must be at least 1."),
             (0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} is not in [0, 1)."),
-            (
-                1 <= self.adalora_target_r <= self.adalora_init_r,
-                f"adalora_target_r={self.adalora_target_r} must be between 1 and "
-                f"adalora_init_r={self.adalora_init_r}.",
-            ),
-            (
-                min(self.adalora_tinit, self.adalora_tfinal) >= 0 and self.adalora_delta_t >= 1,
-                "adalora_tinit and adalora_tfinal must be >= 0 and adalora_delta_t >= 1.",
-            ),
+            *self.adalora_checks(),
             *self.bottleneck_checks(),
             (bool(self.target_modules), "target_modules is empty; name the modules to adapt."),
             (self.fix_first_n_layers >= 0, "fix_first_n_layers must be 0 or more."),
@@ -445,7 +412,7 @@ class FinetuneConfig(BottleneckSettings, KernelViewSettings):
                 f"run_name={self.run_name!r} must be a plain name (no '/', '\\' or '..'): it "
                 "names the TensorBoard folder inside output_dir.",
             ),
-            (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
+            *self.ivon_checks(),
             (self.optimizer != "ivon" or ivon_installed(), IVON_MISSING),
             (
                 not (self.optimizer in IVON_OPTIMIZERS and self.max_grad_norm is not None),
