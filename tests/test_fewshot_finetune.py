@@ -248,3 +248,32 @@ def test_killed_linear_head_run_resumes_exactly(
     assert ma.keys() == mb.keys() and not any("linear_head" in key for key in ma)
     for key in ma:
         torch.testing.assert_close(mb[key], ma[key], rtol=0, atol=1e-6)
+
+
+def test_bare_encoder_trains_a_linear_head(tiny_bert_dir, sst2_dir, tmp_path):
+    """A BertModel without an LM head (like the embedded MiniLM) fine-tunes with head=linear:
+    prompts are built as for a masked LM, the head reads the first token, and LoRA wraps the
+    encoder (PEFT's feature-extraction model, which needs no generation hooks)."""
+    from transformers import AutoModel
+
+    from adaptlab.training.errors import TrainingError
+    from adaptlab.training.fewshot import model_kind
+
+    encoder_dir = tmp_path / "encoder"
+    encoder = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).bert
+    encoder.save_pretrained(encoder_dir)
+    load_tokenizer(str(tiny_bert_dir)).save_pretrained(encoder_dir)
+    config = AutoModel.from_pretrained(encoder_dir).config
+    with pytest.raises(TrainingError, match="no LM head"):
+        model_kind(config)
+    assert model_kind(config, encoder_ok=True) == "masked"
+
+    out = tmp_path / "run"
+    finetune.main(fewshot_args(encoder_dir, sst2_dir, out, "--head", "linear", "--method",
+                               "lora", "--target_modules", "[query,value]", "--lora_r", "2",
+                               "--optimizer", "adamw", "--lr", "1e-3"))  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    lora = layers * 2 * (2 * hidden + hidden * 2)  # A [r, H] and B [H, r] on query and value
+    assert result["method"]["trainable_parameters"] == lora + hidden * 2 + 2  # + head H x C + C
+    assert 0.0 <= result["metrics"]["test_final"]["accuracy"] <= 1.0

@@ -155,7 +155,7 @@ def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: objec
     return prepare_fewshot(
         task,
         tokenizer,
-        model_kind(config),
+        model_kind(config, encoder_ok=cfg.head == "linear"),
         data_dir=cfg.task_dir,
         k=cfg.shots,
         seed=cfg.data_seed,

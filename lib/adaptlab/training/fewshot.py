@@ -98,16 +98,24 @@ class FewShotData:
     option_ids: list[list[int]] = field(default_factory=list)
 
 
-def model_kind(config: Any) -> Kind:
-    """``causal`` or ``masked`` from a model config's architectures (encoders have no LM head).
+def model_kind(config: Any, encoder_ok: bool = False) -> Kind:
+    """``causal`` or ``masked`` from a model config's architectures.
+
+    Args:
+        config: the model's config.
+        encoder_ok: a bare encoder (``BertModel``, ``RobertaModel``: no LM head) is accepted
+            and builds ``masked`` prompts; for the linear head, which reads the first token's
+            hidden state and never the LM head.
 
     Raises:
-        TrainingError: the model is neither a causal nor a masked LM.
+        TrainingError: the model is neither a causal nor a masked LM (nor an accepted encoder).
     """
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal"
     if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    if encoder_ok and not getattr(config, "is_decoder", False):
         return "masked"
     raise TrainingError(
         f"Model architectures {architectures or '(none)'} have no LM head to score label words; "

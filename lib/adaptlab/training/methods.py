@@ -196,6 +196,8 @@ def _lora_config(cfg: MethodSettings, use_dora: bool = False) -> Any:
 def _wrap(model: nn.Module, peft_config: Any, cfg: MethodSettings) -> nn.Module:
     from peft import get_peft_model
 
+    if not hasattr(model, "prepare_inputs_for_generation"):  # a bare encoder (linear head)
+        peft_config.task_type = "FEATURE_EXTRACTION"
     _checkpointing(model, cfg)
     return _finish(get_peft_model(model, peft_config), cfg)
 
