@@ -261,6 +261,29 @@ def test_a_tiny_vilora_run_ends_at_the_target_budget(criterion):
     assert model.base_model.rankallocator.scores == {}  # reset after the final mask
 
 
+@requires_ivon
+def test_a_tiny_vilora_run_with_ivon_opt_ends_at_the_target_budget():
+    from adaptlab.training.ivon_optim import CheckedIVON
+    from adaptlab.training.optim import ivon_step_context
+
+    torch.manual_seed(1)
+    model = vilora_model("SNR", total=6, adalora_delta_t=2)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = CheckedIVON(trained[::-1], lr=0.2, ess=100.0, beta2=0.9)  # another order
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for step in range(1, 7):
+        with ivon_step_context(optimizer):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        METHODS["adalora"].after_step(model, step, optimizer)
+        optimizer.zero_grad()
+    pattern = model.base_model.peft_config["default"].rank_pattern
+    assert sum(map(sum, pattern.values())) == 2 * 4
+    for name, param in adapter_matrices(model).items():
+        if ".lora_E." in name:
+            assert (param[~torch.tensor(pattern[name])] == 0).all()
+
+
 def test_budget_check_says_tinit_plus_tfinal_must_be_below_the_steps():
     cfg = FinetuneConfig(
         method="adalora", target_modules=TARGETS, adalora_tinit=3, adalora_tfinal=2
