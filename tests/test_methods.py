@@ -136,7 +136,7 @@ def test_adalora_adapter_reloads_with_its_reallocated_ranks_and_equal_logits(tmp
     for step in range(1, 7):
         lm_loss(model(input_ids=ids).logits, ids).backward()
         optimizer.step()
-        method.after_step(model, step)
+        method.after_step(model, step, optimizer)
         optimizer.zero_grad()
     with torch.no_grad():  # large singular values: the adapter moves the logits by O(1)
         for name, param in model.named_parameters():

@@ -10,6 +10,7 @@ the model, so it must be the only adapter of a load.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from torch import nn
 from adaptlab.adapters.folder import check_base, is_adaptlab_folder, load_adapter_folder
 from adaptlab.models.errors import ModelNotFoundError
 from adaptlab.models.refs import GRAFT_CONFIG, _hub_cached_file, _hub_offline, _is_hub_id
+
+_ADALORA_PATTERN_WARNING = (
+    r"The following rank_pattern keys did not match any targeted module and were ignored: "
+    r"\[('[^']*\.lora_E', )*'[^']*\.lora_E'\]"
+)
+"""PEFT's warning, when loading an AdaLoRA folder, that every rank_pattern key (all ending in
+``.lora_E``) matched no module. It is a false alarm: PEFT checks every tuner's ``rank_pattern``
+as LoRA's {module name: rank}, but AdaLoRA's maps the ``lora_E`` parameter path to the kept
+triplets and is applied after injection, when the state dict loads
+(``AdaLoraModel.resize_modules_by_rank_pattern``, which needs exactly these keys)."""
 
 
 def check_adapter(adapter: str) -> str:
@@ -91,5 +102,9 @@ def apply_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
     for path in adapters:
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
-        model = PeftModel.from_pretrained(model, path, is_trainable=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=_ADALORA_PATTERN_WARNING, category=RuntimeWarning
+            )
+            model = PeftModel.from_pretrained(model, path, is_trainable=False)
     return model

@@ -260,8 +260,8 @@ def train_step(
     samples in ``step()`` instead). Then: the L1-to-init gradient λ·sign(θ − θ_init) when
     ``penalty`` is given (once per step, so accumulation does not scale it), clip,
     ``optimizer.step()``,
-    ``scheduler.step()``, ``method.after_step(model, step)`` (AdaLoRA's rank allocation, which
-    reads the gradients), ``zero_grad()``.
+    ``scheduler.step()``, ``method.after_step(model, step, optimizer)`` (AdaLoRA's rank allocation,
+    which reads the gradients or, for ViLoRA, IVON's posterior), ``zero_grad()``.
 
     Args:
         model: the prepared model.
@@ -307,7 +307,7 @@ def train_step(
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.step()
     scheduler.step()
-    method.after_step(model, step)
+    method.after_step(model, step, optimizer)
     optimizer.zero_grad(set_to_none=True)
     loss_mean = accelerator.reduce(loss_sum, reduction="mean")
     token_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")

@@ -6,6 +6,7 @@
 | ``lora``  | LoRA A, B on ``target_modules``       | frozen              | adapter only (PEFT)   |
 | ``dora``  | LoRA + magnitude vector (DoRA)       | frozen              | adapter only (PEFT)   |
 | ``adalora``| SVD-form LoRA with rank reallocation | frozen              | adapter + rank_pattern|
+|           | (ViLoRA: ranks by IVON's posterior)  |                     |                       |
 | ``bitfit``| biases only                          | frozen              | whole model (HF)      |
 | ``qlora`` | LoRA                                 | bitsandbytes NF4    | adapter only (PEFT)   |
 | ``houlsby``| bottleneck adapters after attention and FFN | frozen       | adapter (adaptlab)    |
@@ -21,7 +22,8 @@ adapters are PEFT's; this module only builds their configs, checks the names in
 ``target_modules`` against the real model before anything is loaded (PEFT silently skips a name
 that matches nothing as long as another one matches), and applies the freezing flags on top.
 
-AdaLoRA reallocates ranks only when ``update_and_allocate(step)`` runs after every optimiser
+AdaLoRA (P = B·diag(E)·A with ``lora_A`` [r, d_in], ``lora_E`` [r, 1], ``lora_B``
+[d_out, r]) reallocates ranks only when ``update_and_allocate(step)`` runs after every optimiser
 step with the true number of steps in its config (peft #432, #1801); :class:`Method` carries
 that hook, its orthogonality regulariser (PEFT adds it only when the model computes its own
 loss) and the allocator state a resumed run needs::
@@ -33,7 +35,14 @@ loss) and the allocator state a resumed run needs::
     ...
     loss = objective(model, batch).loss + method.regularizer(model)
     optimizer.step()
-    method.after_step(model, step)
+    method.after_step(model, step, optimizer)
+
+Its importance score is ``vilora_criterion``: ``sensitivity`` keeps PEFT's allocator (EMAs of
+|θ ⊙ ∇θ| and their uncertainty, every step); the ViLoRA criteria (``SNR_mean_abs``, ``SNR``,
+``mean``, ``sigma``, ``E_mean_abs``) score each entry from IVON's posterior N(μ, σ²), read from
+the optimiser the hook receives, on masking steps only (:mod:`adaptlab.training.vilora`). The
+saved adapter's ``rank_pattern`` (``lora_E`` name -> kept triplets) resizes every module,
+rank 0 included, when the folder is loaded again.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from adaptlab.extract.points import unwrap
 from adaptlab.training import kernel_view
 from adaptlab.training.freezing import freeze
 from adaptlab.training.optim import TrainingError
+from adaptlab.training.posterior_settings import SENSITIVITY
 
 
 class MethodSettings(Protocol):
@@ -71,6 +81,7 @@ class MethodSettings(Protocol):
     adalora_beta1: float
     adalora_beta2: float
     adalora_orth_reg_weight: float
+    vilora_criterion: str
     adapter_reduction_factor: float
     adapter_dim: int | None
     adapter_activation: str
@@ -90,7 +101,7 @@ def _no_regularizer(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _no_after_step(model: nn.Module, step: int) -> None:
+def _no_after_step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
     return None
 
 
@@ -119,7 +130,8 @@ class Method:
         requires: packages that must import before the model is loaded.
         uses_targets: whether ``target_modules`` is read (and so checked).
         regularizer: extra loss term of the model, or ``None``.
-        after_step: called with the 1-based step after every optimiser step.
+        after_step: ``(model, step, optimizer)``, called with the 1-based step and the
+            optimiser after every optimiser step, before ``zero_grad``.
         state: method state a resumed run needs (beyond parameters and optimiser).
         load_state: restores :attr:`state`.
         whole_trainable: needs the whole trainable weights and gradients on every rank
@@ -136,7 +148,7 @@ class Method:
     requires: tuple[str, ...] = ()
     uses_targets: bool = False
     regularizer: Callable[[nn.Module], torch.Tensor | None] = _no_regularizer
-    after_step: Callable[[nn.Module, int], None] = _no_after_step
+    after_step: Callable[[nn.Module, int, torch.optim.Optimizer], None] = _no_after_step
     state: Callable[[nn.Module], dict[str, Any]] = _no_state
     load_state: Callable[[nn.Module, dict[str, Any]], None] = _no_load_state
     whole_trainable: bool = False
@@ -240,7 +252,12 @@ def _prepare_adalora(model: nn.Module, cfg: MethodSettings, total_steps: int) ->
         target_modules=_targets(cfg),
         task_type="CAUSAL_LM",
     )
-    return _wrap(model, config, cfg)
+    model = _wrap(model, config, cfg)
+    if cfg.vilora_criterion != SENSITIVITY:
+        from adaptlab.training import vilora
+
+        vilora.install_allocator(_peft_model(model).base_model, cfg.vilora_criterion)
+    return model
 
 
 def _bottleneck_config(cfg: MethodSettings) -> BottleneckConfig:
@@ -317,22 +334,34 @@ def adalora_orth_regularizer(model: nn.Module) -> torch.Tensor | None:
     return config.orth_reg_weight * torch.stack(terms).mean()
 
 
-def adalora_after_step(model: nn.Module, step: int) -> None:
-    """Reallocate AdaLoRA ranks after optimiser step ``step`` (1-based), before ``zero_grad``."""
+def adalora_after_step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+    """Reallocate AdaLoRA ranks after optimiser step ``step`` (1-based), before ``zero_grad``.
+
+    A ViLoRA allocator reads σ from ``optimizer`` (IVON, plain or wrapped); PEFT's sensitivity
+    allocator reads the gradients and ignores it.
+    """
+    from adaptlab.training.vilora import PosteriorRankAllocator
+
     tuner, _, _ = _adalora_parts(model)
+    if isinstance(tuner.rankallocator, PosteriorRankAllocator):
+        tuner.rankallocator.optimizer = optimizer
     tuner.update_and_allocate(step)
 
 
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc", "scores")
+"""Allocator attributes a resume restores: PEFT's sensitivity EMAs, ViLoRA's last scores."""
+
+
 def adalora_state(model: nn.Module) -> dict[str, Any]:
-    """The rank allocator's EMAs and the current rank pattern (for an exact resume)."""
+    """The rank allocator's scores (sensitivity EMAs or ViLoRA's last posterior scores,
+    ``{parameter name: tensor}``) and the current rank pattern, for an exact resume."""
     tuner, config, _ = _adalora_parts(model)
     allocator = tuner.rankallocator
-    return {
-        "rank_pattern": config.rank_pattern,
-        "ipt": allocator.ipt,
-        "exp_avg_ipt": allocator.exp_avg_ipt,
-        "exp_avg_unc": allocator.exp_avg_unc,
-    }
+    state = {"rank_pattern": config.rank_pattern}
+    for key in _ALLOCATOR_STATE:
+        if hasattr(allocator, key):
+            state[key] = getattr(allocator, key)
+    return state
 
 
 def adalora_load_state(model: nn.Module, state: dict[str, Any]) -> None:
@@ -340,8 +369,9 @@ def adalora_load_state(model: nn.Module, state: dict[str, Any]) -> None:
     tuner, config, _ = _adalora_parts(model)
     config.rank_pattern = state["rank_pattern"]
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-        setattr(tuner.rankallocator, key, {k: v.to(device) for k, v in state[key].items()})
+    for key in _ALLOCATOR_STATE:
+        if hasattr(tuner.rankallocator, key) and key in state:
+            setattr(tuner.rankallocator, key, {k: v.to(device) for k, v in state[key].items()})
 
 
 METHODS: dict[str, Method] = {
@@ -463,9 +493,10 @@ def check_method(cfg: MethodSettings, skeleton: nn.Module, total_steps: int) -> 
         )
     if cfg.method == "adalora" and cfg.adalora_tinit >= total_steps - cfg.adalora_tfinal:
         raise TrainingError(
-            f"AdaLoRA needs adalora_tinit < total steps - adalora_tfinal, but tinit="
-            f"{cfg.adalora_tinit}, tfinal={cfg.adalora_tfinal} and the run has {total_steps} "
-            "steps; lower them or train longer."
+            f"AdaLoRA needs adalora_tinit + adalora_tfinal < total steps (a phase in which the "
+            f"budget shrinks), but tinit={cfg.adalora_tinit} + tfinal={cfg.adalora_tfinal} = "
+            f"{cfg.adalora_tinit + cfg.adalora_tfinal} and the run has {total_steps} steps; "
+            "lower them or train longer."
         )
     return method
 

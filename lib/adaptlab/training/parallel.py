@@ -483,7 +483,7 @@ def zero_train_step(
         loss_sum += out.loss.detach().float() / len(micro_batches)
         tokens += int(batch["attention_mask"].sum())
     scheduler.step()
-    method.after_step(engine, step)
+    method.after_step(engine, step, optimizer)
     grad_norm = None if max_grad_norm is None else float(engine.get_global_grad_norm())
     loss_mean = accelerator.reduce(loss_sum, reduction="mean")
     token_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")

@@ -1,0 +1,273 @@
+"""ViLoRA: AdaLoRA ranks allocated by IVON's posterior instead of sensitivity (peft_methods.md §8).
+
+IVON trains each weight as a Gaussian N(μ, σ²): μ is the parameter, σ = 1/√(ess·(h + wd)) comes
+from the optimiser's Hessian diagonal h. ViLoRA scores every entry of AdaLoRA's ``lora_A``
+[r, d_in], ``lora_E`` [r, 1] and ``lora_B`` [d_out, r] by one of :data:`CRITERIA`, and AdaLoRA's
+own budget schedule and masking (PEFT's ``RankAllocator``) keep the triplets that score highest::
+
+    cfg = FinetuneConfig(method="adalora", optimizer="ivon", vilora_criterion="SNR_mean_abs")
+    model = METHODS["adalora"].prepare(model, cfg, total_steps)  # installs the allocator
+    ...
+    optimizer.step()
+    METHODS["adalora"].after_step(model, step, optimizer)     # σ is read from the optimiser
+
+Unlike the sensitivity score, the posterior scores are recomputed only on masking steps
+(tinit < t ≤ T − tfinal and t % ΔT = 0), with no EMA and no uncertainty term, and need no
+gradients. σ is looked up by parameter identity, so the optimiser's parameter order does not
+matter (upstream assumed it equals ``named_parameters()``, peft_methods.md §11).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft.tuners.adalora.layer import RankAllocator
+from torch import nn
+
+from adaptlab.training.errors import TrainingError
+from adaptlab.training.ivon import IVON
+from adaptlab.training.optim import unwrap_optimizer, uses_ivon
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(μ, σ) -> score``: elementwise over tensors of one shape, higher = more important."""
+
+# ---------------------------------------------------------------------------------------------
+# Scores of one entry's posterior N(μ, σ²)
+
+
+def _folded_excess(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E|θ| − |μ| = σ√(2/π)·exp(−μ²/(2σ²)) − |μ|·erfc(|μ|/(σ√2)), without cancelling |μ|."""
+    a = mu.abs()
+    return sigma * math.sqrt(2 / math.pi) * torch.exp(-(a**2) / (2 * sigma**2)) - a * torch.erfc(
+        a / (sigma * math.sqrt(2))
+    )
+
+
+def folded_normal_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E|θ| for θ ~ N(μ, σ²): μ·erf(μ/(σ√2)) + σ√(2/π)·exp(−μ²/(2σ²)) (the folded normal)."""
+    return mu.abs() + _folded_excess(mu, sigma)
+
+
+def snr_mean_abs(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E|θ| / sd|θ| with sd|θ|² = μ² + σ² − (E|θ|)² (ViLoRA's default, "SNR(|θ|)").
+
+    The variance is evaluated as σ² − d(2|μ| + d), d = E|θ| − |μ|, the same number without the
+    cancellation of μ² against (E|θ|)² that loses it when |μ| ≫ σ.
+    """
+    d = _folded_excess(mu, sigma)
+    return (mu.abs() + d) / torch.sqrt(sigma**2 - d * (2 * mu.abs() + d))
+
+
+def snr(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """|μ| / σ."""
+    return mu.abs() / sigma
+
+
+def mean_abs(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """|μ| (σ unused)."""
+    return mu.abs()
+
+
+def inverse_sigma(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """1 / σ (μ unused)."""
+    return 1 / sigma.expand_as(mu)
+
+
+CRITERIA: dict[str, Criterion] = {
+    "SNR_mean_abs": snr_mean_abs,
+    "SNR": snr,
+    "mean": mean_abs,
+    "sigma": inverse_sigma,
+    "E_mean_abs": folded_normal_mean,
+}
+"""The posterior criteria by the name ``vilora_criterion`` takes (all but ``sensitivity``)."""
+
+
+def element_scores(criterion: str, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The importance of every entry of a weight with posterior N(``mu``, ``sigma``²).
+
+    Args:
+        criterion: a key of :data:`CRITERIA`.
+        mu: posterior means, any shape (e.g. ``lora_A`` [r, d_in]).
+        sigma: posterior standard deviations, the shape of ``mu``.
+
+    Returns:
+        Scores [shape of ``mu``], fp32 on ``mu``'s device, computed in fp64; NaN (e.g. from a
+        non-positive h + wd) becomes 0.
+
+    Raises:
+        TrainingError: an unknown criterion.
+    """
+    if criterion not in CRITERIA:
+        raise TrainingError(
+            f"Unknown posterior criterion {criterion!r}; choose from {', '.join(CRITERIA)}."
+        )
+    score = CRITERIA[criterion](mu.detach().double(), sigma.detach().double())
+    return torch.where(torch.isnan(score), 0.0, score).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# σ from the optimiser
+
+
+def _sigma(hess: torch.Tensor, ess: float, weight_decay: float) -> torch.Tensor:
+    return 1 / torch.sqrt(ess * (hess.detach().double() + weight_decay))
+
+
+def posterior_sigmas(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+    """σ = 1/√(ess·(h + wd)) of every parameter an IVON optimiser trains.
+
+    Args:
+        optimizer: adaptlab's :class:`~adaptlab.training.ivon.IVON` (h from
+            ``optimizer.state[p]["hess"]``, ``hess_init`` before its first step) or ivon-opt's
+            ``IVON`` (h sliced from each group's flat ``hess`` buffer in the group's parameter
+            order), plain or wrapped by accelerate.
+
+    Returns:
+        ``{id(parameter): σ}``, σ [parameter's shape], fp64 on the parameter's device; ess and
+        wd are those of the parameter's group.
+
+    Raises:
+        TrainingError: ``optimizer`` is not IVON.
+    """
+    inner = unwrap_optimizer(optimizer)
+    sigmas: dict[int, torch.Tensor] = {}
+    if isinstance(inner, IVON):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param)
+                hess = state["hess"] if state else torch.full_like(param, group["hess_init"])
+                sigmas[id(param)] = _sigma(hess, group["ess"], group["weight_decay"])
+        return sigmas
+    if not uses_ivon(inner):
+        raise TrainingError(
+            f"A ViLoRA criterion reads IVON's posterior, but the optimiser is "
+            f"{type(inner).__name__}; use optimizer=ivon or vilora_criterion=sensitivity."
+        )
+    for group in inner.param_groups:
+        offset = 0
+        for param in group["params"]:
+            if param is None:
+                continue
+            hess = group["hess"][offset : offset + param.numel()].view(param.shape)
+            sigmas[id(param)] = _sigma(hess, group["ess"], group["weight_decay"])
+            offset += param.numel()
+        if offset != group["hess"].numel():
+            raise TrainingError(
+                f"ivon-opt's Hessian buffer holds {group['hess'].numel()} entries but its "
+                f"parameters {offset}; build the optimiser after the model's last change."
+            )
+    return sigmas
+
+
+# ---------------------------------------------------------------------------------------------
+# The rank allocator
+
+
+class PosteriorRankAllocator(RankAllocator):
+    """PEFT's AdaLoRA ``RankAllocator`` with element scores from IVON's posterior.
+
+    The budget b(t) (cubic from b0 = init_r x matrices at tinit to bT = target_r x matrices at
+    T − tfinal), the triplet score S_k = s(E_k) + mean_j s(A_kj) + mean_i s(B_ik) and the
+    masking of ``lora_E`` entries with S ≤ the (b0 − b(t))-th smallest S are PEFT's; only
+    s(·) and when it is computed change (peft_methods.md §8, §9).
+
+    Attributes:
+        criterion: a key of :data:`CRITERIA`.
+        optimizer: the IVON optimiser whose σ is read; set before every
+            ``update_and_allocate`` (``adalora_after_step`` does).
+        scores: ``{parameter name: s}``, s [the parameter's shape], from the last
+            recomputation (empty before the first one and after the final mask).
+    """
+
+    def __init__(
+        self, model: nn.Module, peft_config: Any, adapter_name: str, criterion: str
+    ) -> None:
+        if criterion not in CRITERIA:
+            raise TrainingError(
+                f"Unknown posterior criterion {criterion!r}; choose from {', '.join(CRITERIA)}."
+            )
+        self.criterion = criterion
+        self.optimizer: torch.optim.Optimizer | None = None
+        super().__init__(model, peft_config, adapter_name)
+
+    def reset_ipt(self) -> None:
+        """Forget the scores (PEFT calls this once the final rank pattern is fixed)."""
+        super().reset_ipt()
+        self.scores: dict[str, torch.Tensor] = {}
+
+    def scores_due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) recomputes the scores: tinit < t ≤ T − tfinal and
+        t % ΔT = 0."""
+        config = self.peft_config
+        last = config.total_step - config.tfinal
+        return config.tinit < step <= last and step % config.deltaT == 0
+
+    def update_scores(self, model: nn.Module) -> None:
+        """Score every entry of the adapter's ``lora_A``, ``lora_E`` and ``lora_B`` from the
+        current μ (the weights) and the optimiser's σ.
+
+        Raises:
+            TrainingError: no optimiser was set, or it does not train an adapter matrix.
+        """
+        if self.optimizer is None:
+            raise TrainingError(
+                "The ViLoRA allocator has no optimiser to read σ from; call the method's "
+                "after_step(model, step, optimizer)."
+            )
+        sigmas = posterior_sigmas(self.optimizer)
+        for name, param in model.named_parameters():
+            if not any(f"{m}.{self.adapter_name}" in name for m in ("lora_A", "lora_B", "lora_E")):
+                continue
+            if id(param) not in sigmas:
+                raise TrainingError(
+                    f"{name} is not trained by the IVON optimiser, so ViLoRA has no σ for it; "
+                    "build the optimiser over the AdaLoRA model's trainable parameters."
+                )
+            self.scores[name] = element_scores(self.criterion, param, sigmas[id(param)])
+
+    def update_and_allocate(
+        self, model: nn.Module, global_step: int, force_mask: bool = False
+    ) -> tuple[int, dict[str, list[bool]] | None]:
+        """Recompute the scores when due, then mask to the step's budget when PEFT would.
+
+        Args:
+            model: the model under the PEFT wrapper (``AdaLoraModel.model``).
+            global_step: 1-based optimiser step t.
+            force_mask: mask even off the ΔT grid (PEFT's final mask at T − tfinal); scores are
+                computed first if none exist yet.
+
+        Returns:
+            ``(budget, rank_pattern)``; the pattern maps each ``lora_E`` name to its kept
+            triplets, or is ``None`` when this step does not mask.
+        """
+        if self.scores_due(global_step):
+            self.update_scores(model)
+        budget, mask_ind = self.budget_schedule(global_step)
+        if not (mask_ind or force_mask):
+            return budget, None
+        if not self.scores:
+            self.update_scores(model)
+        return budget, self.mask_to_budget(model, budget)
+
+    def _element_score(self, n: str) -> torch.Tensor:
+        return self.scores[n]
+
+
+def install_allocator(tuner: Any, criterion: str) -> PosteriorRankAllocator:
+    """Replace an ``AdaLoraModel``'s sensitivity allocator by a :class:`PosteriorRankAllocator`.
+
+    Args:
+        tuner: the PEFT ``AdaLoraModel`` (``peft_model.base_model``).
+        criterion: a key of :data:`CRITERIA`.
+
+    Returns:
+        The new allocator, also set as ``tuner.rankallocator``.
+    """
+    name = tuner.trainable_adapter_name
+    allocator = PosteriorRankAllocator(tuner.model, tuner.peft_config[name], name, criterion)
+    tuner.rankallocator = allocator
+    return allocator
