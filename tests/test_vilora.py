@@ -199,6 +199,33 @@ def test_triplet_scores_and_mask_equal_a_hand_computation():
         assert (matrices[name][~torch.tensor(keep)] == 0).all()
 
 
+def test_tied_scores_mask_exactly_the_budget_by_position():
+    """All triplets tie (s = 1/σ with h everywhere at hess_init): PEFT's S ≤ kthvalue rule would
+    mask all 12; ours drops the b0 − b first ones in named_parameters() order."""
+    model = vilora_model("sigma", adalora_init_r=3)
+    matrices = adapter_matrices(model)
+    allocator = model.base_model.rankallocator
+    allocator.optimizer = IVON(list(matrices.values()), lr=0.1, ess=8.0, hess_init=0.5)
+    allocator.update_scores(model.base_model.model)
+    pattern = allocator.mask_to_budget(model.base_model.model, 5)
+    flags = [keep for name in matrices if ".lora_E." in name for keep in pattern[name]]
+    assert flags == [False] * 7 + [True] * 5
+
+
+def test_random_control_scores_are_seeded_by_the_step():
+    model = vilora_model("random", adalora_init_r=3)
+    inner, allocator = model.base_model.model, model.base_model.rankallocator
+    draws = []
+    for step in (4, 4, 5):
+        allocator.step = step
+        allocator.update_scores(inner)
+        draws.append({name: s.clone() for name, s in allocator.scores.items()})
+    assert set(draws[0]) == set(adapter_matrices(model))
+    assert all(torch.equal(draws[0][n], draws[1][n]) for n in draws[0])
+    assert not any(torch.equal(draws[0][n], draws[2][n]) for n in draws[0])
+    assert all(((s >= 0) & (s < 1)).all() for s in draws[0].values())
+
+
 def test_budget_follows_the_cubic_schedule():
     model = vilora_model(total=30, adalora_init_r=6, adalora_tinit=4, adalora_tfinal=6)
     allocator = model.base_model.rankallocator
@@ -243,14 +270,14 @@ def train(model, optimizer, steps: range, ids: torch.Tensor) -> None:
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("criterion", list(CRITERIA))
+@pytest.mark.parametrize("criterion", [*CRITERIA, "random"])
 def test_a_tiny_vilora_run_ends_at_the_target_budget(criterion):
     torch.manual_seed(0)
     model = vilora_model(criterion, total=6, adalora_delta_t=2)
-    # β2 0.9, not ViLoRA's 0.99999: h must move in 6 steps, or 1/σ ties across triplets and
-    # PEFT's mask (S ≤ the threshold) drops more than the budget says
+    # ViLoRA's β2 0.99999: h barely moves in 6 steps, so 1/σ ties across triplets; the mask
+    # still keeps exactly the budget (PEFT's S ≤ threshold would drop every tied triplet)
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = IVON(trained, lr=0.2, ess=100.0, beta2=0.9)
+    optimizer = IVON(trained, lr=0.2, ess=100.0, beta2=0.99999)
     train(model, optimizer, range(1, 7), torch.randint(0, VOCAB, (2, 8)))
     pattern = model.base_model.peft_config["default"].rank_pattern
     assert len(pattern) == 4 and sum(map(sum, pattern.values())) == 2 * 4

@@ -17,7 +17,7 @@ from typing import Literal
 SENSITIVITY = "sensitivity"
 """AdaLoRA's own importance score (sensitivity x uncertainty EMAs); every other criterion reads
 IVON's posterior."""
-CRITERIA = (SENSITIVITY, "SNR_mean_abs", "SNR", "mean", "sigma", "E_mean_abs")
+CRITERIA = (SENSITIVITY, "SNR_mean_abs", "SNR", "mean", "sigma", "E_mean_abs", "random")
 """The names ``vilora_criterion`` may take (``adaptlab.training.vilora.CRITERIA`` scores them)."""
 
 
@@ -38,7 +38,8 @@ class AdaLoRASettings:
             sensitivity x uncertainty EMAs, any optimiser) or a ViLoRA score of IVON's posterior
             N(μ, σ²) (optimizer ``ivon``/``ivon_inhouse``): ``SNR_mean_abs`` (the paper's
             default, E|θ| / sd|θ|), ``SNR`` (|μ|/σ), ``mean`` (|μ|), ``sigma`` (1/σ) or
-            ``E_mean_abs`` (E|θ|).
+            ``E_mean_abs`` (E|θ|); or the control ``random`` (uniform scores, seeded by the
+            step: the budget schedule without any importance signal).
     """
 
     adalora_init_r: int = 12

@@ -85,6 +85,10 @@ CRITERIA: dict[str, Criterion] = {
 }
 """The posterior criteria by the name ``vilora_criterion`` takes (all but ``sensitivity``)."""
 
+RANDOM = "random"
+"""The control criterion: every entry scores a uniform draw, seeded by the step and the
+parameter's position, so a resumed run draws the same scores (no signal, same budget)."""
+
 
 def element_scores(criterion: str, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The importance of every entry of a weight with posterior N(``mu``, ``sigma``²).
@@ -171,9 +175,10 @@ class PosteriorRankAllocator(RankAllocator):
     """PEFT's AdaLoRA ``RankAllocator`` with element scores from IVON's posterior.
 
     The budget b(t) (cubic from b0 = init_r x matrices at tinit to bT = target_r x matrices at
-    T − tfinal), the triplet score S_k = s(E_k) + mean_j s(A_kj) + mean_i s(B_ik) and the
-    masking of ``lora_E`` entries with S ≤ the (b0 − b(t))-th smallest S are PEFT's; only
-    s(·) and when it is computed change (peft_methods.md §8, §9).
+    T − tfinal) and the triplet score S_k = s(E_k) + mean_j s(A_kj) + mean_i s(B_ik) are PEFT's;
+    s(·) and when it is computed change (peft_methods.md §8, §9), and the mask drops exactly the
+    b0 − b(t) lowest S, ties broken by position (PEFT drops every S ≤ the threshold, more than
+    the budget when scores tie: :meth:`mask_to_budget`).
 
     Attributes:
         criterion: a key of :data:`CRITERIA`.
@@ -186,12 +191,14 @@ class PosteriorRankAllocator(RankAllocator):
     def __init__(
         self, model: nn.Module, peft_config: Any, adapter_name: str, criterion: str
     ) -> None:
-        if criterion not in CRITERIA:
+        if criterion not in CRITERIA and criterion != RANDOM:
             raise TrainingError(
-                f"Unknown posterior criterion {criterion!r}; choose from {', '.join(CRITERIA)}."
+                f"Unknown posterior criterion {criterion!r}; choose from {', '.join(CRITERIA)} "
+                f"or {RANDOM}."
             )
         self.criterion = criterion
         self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0
         super().__init__(model, peft_config, adapter_name)
 
     def reset_ipt(self) -> None:
@@ -213,6 +220,12 @@ class PosteriorRankAllocator(RankAllocator):
         Raises:
             TrainingError: no optimiser was set, or it does not train an adapter matrix.
         """
+        if self.criterion == RANDOM:
+            scored = [(n, p) for n, p in model.named_parameters() if self._scored(n)]
+            for index, (name, param) in enumerate(scored):
+                generator = torch.Generator().manual_seed(self.step * 100_003 + index)
+                self.scores[name] = torch.rand(param.shape, generator=generator).to(param.device)
+            return
         if self.optimizer is None:
             raise TrainingError(
                 "The ViLoRA allocator has no optimiser to read σ from; call the method's "
@@ -220,7 +233,7 @@ class PosteriorRankAllocator(RankAllocator):
             )
         sigmas = posterior_sigmas(self.optimizer)
         for name, param in model.named_parameters():
-            if not any(f"{m}.{self.adapter_name}" in name for m in ("lora_A", "lora_B", "lora_E")):
+            if not self._scored(name):
                 continue
             if id(param) not in sigmas:
                 raise TrainingError(
@@ -244,6 +257,7 @@ class PosteriorRankAllocator(RankAllocator):
             ``(budget, rank_pattern)``; the pattern maps each ``lora_E`` name to its kept
             triplets, or is ``None`` when this step does not mask.
         """
+        self.step = global_step
         if self.scores_due(global_step):
             self.update_scores(model)
         budget, mask_ind = self.budget_schedule(global_step)
@@ -253,8 +267,53 @@ class PosteriorRankAllocator(RankAllocator):
             self.update_scores(model)
         return budget, self.mask_to_budget(model, budget)
 
+    def _scored(self, name: str) -> bool:
+        return any(f"{m}.{self.adapter_name}" in name for m in ("lora_A", "lora_B", "lora_E"))
+
     def _element_score(self, n: str) -> torch.Tensor:
         return self.scores[n]
+
+    def triplet_scores(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """S_k = s(E_k) + mean_j s(A_kj) + mean_i s(B_ik) of every matrix's r triplets.
+
+        Returns:
+            ``{lora_E parameter name: S}``, S [r], in ``named_parameters()`` order.
+        """
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for name, _ in model.named_parameters():
+            for kind, reduce in (("lora_A", 1), ("lora_B", 0), ("lora_E", None)):
+                if f"{kind}.{self.adapter_name}" in name:
+                    s = self.scores[name]
+                    key = name.replace(kind, "lora_E")
+                    parts.setdefault(key, {})[kind] = (
+                        s.view(-1) if reduce is None else s.mean(dim=reduce)
+                    )
+        return {key: p["lora_E"] + p["lora_A"] + p["lora_B"] for key, p in parts.items()}
+
+    def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
+        """Zero the ``lora_E`` entries of the b0 − ``budget`` lowest triplet scores, exactly.
+
+        PEFT masks every triplet with S ≤ the (b0 − b)-th smallest S; when scores tie (the
+        ``sigma`` criterion while h is still near ``hess_init``, or a score clipped to 0) that
+        masks more than the budget asks and the run ends below its target rank. Here ties are
+        broken by position (a stable sort), so exactly ``budget`` triplets stay.
+
+        Returns:
+            ``{lora_E name: [r] kept flags}``.
+        """
+        triplets = self.triplet_scores(model)
+        flat = torch.cat([s.float().cpu() for s in triplets.values()])
+        drop = torch.zeros(flat.numel(), dtype=torch.bool)
+        drop[torch.sort(flat, stable=True).indices[: self.init_bgt - budget]] = True
+        rank_pattern, start = {}, 0
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, s in triplets.items():
+                masked = drop[start : start + s.numel()]
+                start += s.numel()
+                params[name].masked_fill_(masked.view(-1, 1).to(params[name].device), 0.0)
+                rank_pattern[name] = (~masked).tolist()
+        return rank_pattern
 
 
 def install_allocator(tuner: Any, criterion: str) -> PosteriorRankAllocator:
