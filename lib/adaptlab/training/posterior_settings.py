@@ -105,7 +105,8 @@ class IvonSettings:
         ivon_infer_mc_samples: posterior draws whose LOGITS (not probabilities) every
             evaluation averages (dev, test, MMLU, few-shot tasks; 0: the posterior mean, one
             forward pass; upstream ``--ivon_infer_mc_samples``); seeded by ``seed`` and the
-            step, so evaluations are reproducible; generation tasks refuse it.
+            step, so evaluations are reproducible; generation tasks and ``head=linear`` refuse
+            it.
         ivon_hessian_from: an ``ivon_hessian.safetensors`` saved by an earlier IVON run to start
             IVON's Hessian h from instead of ``ivon_hess_init`` (by parameter name; this run's
             ess and weight decay apply); its tensors must have the shapes of this run's
@@ -156,6 +157,12 @@ class IvonSettings:
             (
                 self.ivon_infer_mc_samples >= 0,
                 f"ivon_infer_mc_samples={self.ivon_infer_mc_samples} must be 0 (the mean) or more.",
+            ),
+            (
+                self.ivon_infer_mc_samples == 0 or getattr(self, "head", "prompt") != "linear",
+                "ivon_infer_mc_samples averages the model's logits, but head=linear scores the "
+                "classes from hidden states outside the model's forward; use head=prompt or "
+                "ivon_infer_mc_samples=0.",
             ),
             (
                 self.ivon_hessian_from is None
