@@ -60,17 +60,9 @@ def _seeded_ivon_opt_draw(optimizer: torch.optim.Optimizer, draw: int, seed: int
             yield
 
 
-def _average(outputs: list[Any]) -> Any:
-    """The first output with its logits replaced by the mean over ``outputs`` (fp32 sum)."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        logits = [o.float() for o in outputs]
-        return (sum(logits) / len(logits)).to(first.dtype)
-    mean = sum(o["logits"].float() for o in outputs) / len(outputs)
-    first["logits"] = mean.to(first["logits"].dtype)
-    if hasattr(first, "logits"):
-        first.logits = first["logits"]
-    return first
+def _logits(output: Any) -> torch.Tensor:
+    """The logits of a model output: the tensor itself or its ``logits`` field."""
+    return output if isinstance(output, torch.Tensor) else output["logits"]
 
 
 @contextlib.contextmanager
@@ -95,11 +87,19 @@ def mc_averaged_logits(
     forward = model.forward
 
     def averaged_forward(*args: Any, **kwargs: Any) -> Any:
-        outputs = []
+        total = None  # a running fp32 sum: one [B, T, V] buffer whatever S is
         for draw in range(samples):
             with posterior_draw(optimizer, draw, seed):
-                outputs.append(forward(*args, **kwargs))
-        return _average(outputs)
+                output = forward(*args, **kwargs)
+            if total is None:
+                first, total = output, _logits(output).float()
+            else:
+                total += _logits(output).float()
+        mean = (total / samples).to(_logits(first).dtype)
+        if isinstance(first, torch.Tensor):
+            return mean
+        first["logits"] = mean  # a ModelOutput sets the attribute too
+        return first
 
     own = model.__dict__.get("forward")  # accelerate may have set an instance forward
     model.forward = averaged_forward
