@@ -1,22 +1,19 @@
 """Fine-tune an LM on answer-only MMLU prompts (Doimo et al. 2024, landscape.md §4) or on a
 few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.md §4, §10).
 
-Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby / Pfeiffer /
-parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head, the embeddings
-or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``, adaptlab's own;
-``ivon_opt`` is the GPL ivon-opt package, a test dependency for comparisons) with linear,
-cosine-to-floor or constant schedules after warmup. An IVON run writes its Hessian h to
-``ivon_hessian.safetensors`` (AdaLoRA: also ``ivon_hessian_resized.safetensors``, cut to the final
-ranks), which ``--ivon_hessian_from`` loads into the next run, and ``--ivon_infer_mc_samples S``
-evaluates with logits averaged over S posterior draws. The loss is taken on the answer letter only
-(optionally weighted so every subject counts alike). During training the model is evaluated at
-``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four letters and over
-the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights are saved at
-log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for the fine-tuning
-dynamics. A killed run started again with the same command resumes exactly. SIGTERM (SLURM
-pre-emption, ``scancel``, a time limit) does not kill at once: every process finishes the current
-optimiser step, the resume state is saved and the run exits with status 143, so SLURM sees an
-unfinished job (``sbatch --requeue`` restarts it, and it continues).
+Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
+Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
+the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``,
+adaptlab's own; ``ivon_opt``, the GPL ivon-opt package kept for comparisons) with linear,
+cosine-to-floor or constant schedules after warmup. The loss is taken on the answer letter only
+(optionally weighted so every subject counts alike). During training the model is
+evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
+letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
+are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
+the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
+SIGTERM (SLURM pre-emption, ``scancel``, a time limit) does not kill at once: every process
+finishes the current optimiser step, the resume state is saved and the run exits with status
+143, so SLURM sees an unfinished job (``sbatch --requeue`` restarts it, and it continues).
 
 With ``--task SST-2`` (any few-shot task of ``adaptlab.data.TASKS``) the run trains on the k-shot
 split (``shots`` per label, ``data_seed``) with cross-entropy over the label-word logits at the
@@ -52,6 +49,11 @@ adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0.
 parallelism and FSDP2 shards get the same update, at the cost of one more copy of the trainable
 weights; not with IVON or DeepSpeed) and ``--best_ties last`` (upstream's ``>=``: of equally good
 evaluations the later one is kept in ``best/``).
+
+An IVON run writes its Hessian diagonal h to ``ivon_hessian.safetensors`` (AdaLoRA: also
+``ivon_hessian_resized.safetensors``, cut to the final rank pattern), which ``--ivon_hessian_from``
+loads into a later run; ``--ivon_infer_mc_samples S`` evaluates with the logits averaged over S
+seeded posterior draws (0: at the mean).
 
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
