@@ -93,7 +93,7 @@ class AdaLoRASettings:
 @dataclass
 class IvonSettings:
     """Settings of the IVON optimisers (``ivon``: adaptlab's own; ``ivon_opt``: the GPL
-    ivon-opt package, an optional extra kept for comparisons).
+    ivon-opt package, only a test dependency, kept for comparisons).
 
     Args:
         ivon_ess: IVON effective sample size λ (None or 0: the number of training examples).
