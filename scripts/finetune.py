@@ -3,10 +3,10 @@ few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.
 
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
 Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
-the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``
-through the ivon-opt extra, or adaptlab's own ``ivon_inhouse``) with linear, cosine-to-floor
-or constant schedules after warmup. The loss is taken on the answer letter only (optionally
-weighted so every subject counts alike). During training the model is
+the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``,
+adaptlab's own; ``ivon_opt``, the GPL ivon-opt package kept for comparisons) with linear,
+cosine-to-floor or constant schedules after warmup. The loss is taken on the answer letter only
+(optionally weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
 letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
 are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
@@ -49,6 +49,11 @@ adds upstream's options: ``--fix_layers n`` (freeze the embeddings and blocks 0.
 parallelism and FSDP2 shards get the same update, at the cost of one more copy of the trainable
 weights; not with IVON or DeepSpeed) and ``--best_ties last`` (upstream's ``>=``: of equally good
 evaluations the later one is kept in ``best/``).
+
+An IVON run writes its Hessian diagonal h to ``ivon_hessian.safetensors`` (AdaLoRA: also
+``ivon_hessian_resized.safetensors``, cut to the final rank pattern), which ``--ivon_hessian_from``
+loads into a later run; ``--ivon_infer_mc_samples S`` evaluates with the logits averaged over S
+seeded posterior draws (0: at the mean).
 
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)
@@ -199,6 +204,8 @@ from adaptlab.training.generation import (
     generation_data,
     keep_predictions,
 )
+from adaptlab.training.ivon_hessian import load_hessian, save_run_hessian
+from adaptlab.training.ivon_predict import mc_averaged_logits
 from adaptlab.training.l1_to_init import L1ToInit
 from adaptlab.training.loop import (
     BatchPlan,
@@ -213,7 +220,7 @@ from adaptlab.training.loop import (
 )
 from adaptlab.training.methods import Method, check_method, count_parameters
 from adaptlab.training.objectives import attach_linear_head
-from adaptlab.training.optim import build_optimizer, hess_summary
+from adaptlab.training.optim import build_optimizer, hess_summary, uses_ivon
 from adaptlab.training.parallel import (
     REPLICATED_TRAINABLE,
     Strategy,
@@ -508,7 +515,7 @@ def load(job: Job) -> Run:
         ivon_clip_radius=math.inf if cfg.ivon_clip_radius is None else cfg.ivon_clip_radius,
         ivon_hess_approx=cfg.ivon_hess_approx,
         ivon_sync=acc.num_processes > 1,
-        ivon_seed=cfg.seed,  # ivon_inhouse: the same posterior draws on every process
+        ivon_seed=cfg.seed,  # ivon: the same posterior draws on every process
     )
     scheduler = build_scheduler(
         cfg.schedule,
@@ -518,6 +525,8 @@ def load(job: Job) -> Run:
         cfg.warmup_ratio,
         cfg.min_lr_ratio,
     )
+    if cfg.ivon_hessian_from is not None:  # a resume then restores the run's own h
+        load_hessian(Path(cfg.ivon_hessian_from), model, optimizer)
     if strategy.zero_stage is not None:
         model = deepspeed_engine(model, optimizer, job.deepspeed_config)
     elif strategy.name == "ddp":
@@ -595,7 +604,9 @@ def scores(job: Job, run: Run, split: str) -> dict:
     """Metrics of the evaluation (``dev``) or ``test`` split at the current step; a generation
     task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
     evaluate = job.data.evaluate if split == "dev" else job.data.test
-    metrics = evaluate(run.model, job.accelerator)
+    cfg = job.cfg  # IVON: logits averaged over ivon_infer_mc_samples draws (0: the mean)
+    with mc_averaged_logits(run.model, run.optimizer, cfg.ivon_infer_mc_samples, cfg.seed):
+        metrics = evaluate(run.model, job.accelerator)
     path = job.out / ckpt.PREDICTIONS / f"{split}_step_{run.state.step}.jsonl"
     return keep_predictions(metrics, path, job.accelerator.is_main_process)
 
@@ -802,6 +813,8 @@ def finalize(job: Job, run: Run) -> dict:
             "hardware": hardware(),
             "created": now(),
         }
+        if uses_ivon(run.optimizer):  # h for a later run's ivon_hessian_from
+            save_run_hessian(job.out, acc.unwrap_model(run.model), run.optimizer)
         write_json(job.out / ckpt.RESULT_FILE, result)
         ckpt.remove(job.out / ckpt.STATE)
         sweep_temporaries(job.out)

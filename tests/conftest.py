@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # IVON's tests run where the optional, GPL-licensed ivon-opt is installed (the dev extra has it).
 requires_ivon = pytest.mark.skipif(
     importlib.util.find_spec("ivon") is None,
-    reason="ivon-opt is not installed (pip install 'adaptlab[ivon]')",
+    reason="ivon-opt (a GPL test dependency) is not installed (pip install 'adaptlab[dev]')",
 )
 SUBJECTS = ["abstract_algebra", "anatomy", "astronomy"]
 _WORDS = [
@@ -79,7 +79,9 @@ def shared_ivon_noise(monkeypatch: pytest.MonkeyPatch, seed: int = 0) -> None:
 
     inhouse_calls = [0]
 
-    def standard_normals(self: IVON, train: bool) -> list[list[torch.Tensor]]:
+    def standard_normals(
+        self: IVON, train: bool, draw: int | None = None
+    ) -> list[list[torch.Tensor]]:
         draws = []
         for group in self.param_groups:
             shapes = [p.shape for p in group["params"]]

@@ -157,12 +157,12 @@ def test_answer_only_batches_put_the_loss_on_the_answer_token(mmlu_file):
         # θ_init of a resumed run is the original run's (the weights before the resume state)
         ["--optimizer", "adamw", "--l1_to_init", "0.1"],
         pytest.param(
-            ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5"], marks=requires_ivon
+            ["--optimizer", "ivon_opt", "--lr", "0.2", "--ivon_ess", "1e5"], marks=requires_ivon
         ),
         # the step counter (noise seed and debiasing) and the fp32 state come back exactly
-        ["--optimizer", "ivon_inhouse", "--lr", "0.2", "--ivon_ess", "1e5"],
+        ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5"],
     ],
-    ids=["adamw", "adamw-l1_to_init", "ivon", "ivon_inhouse"],
+    ids=["adamw", "adamw-l1_to_init", "ivon_opt", "ivon"],
 )
 def test_killed_and_resumed_run_equals_uninterrupted(
     extra, tiny_model_dir, mmlu_file, tmp_path, monkeypatch, capsys
@@ -260,7 +260,7 @@ def test_adalora_regularizer_is_the_one_peft_adds_to_a_model_loss():
     assert float(with_penalty - plain) == pytest.approx(float(penalty), rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", [pytest.param("ivon", marks=requires_ivon), "ivon_inhouse"])
+@pytest.mark.parametrize("optimizer", [pytest.param("ivon_opt", marks=requires_ivon), "ivon"])
 def test_ivon_trains_with_gradient_accumulation(optimizer, tiny_model_dir, mmlu_file, tmp_path):
     out = tmp_path / optimizer
     finetune.main(
@@ -286,12 +286,10 @@ def test_ivon_trains_with_gradient_accumulation(optimizer, tiny_model_dir, mmlu_
 
 
 @requires_ivon
-def test_inhouse_ivon_first_step_equals_ivon_opt_given_the_same_noise(
-    tiny_model_dir, mmlu_file, tmp_path
-):
+def test_ivon_first_step_equals_ivon_opt_given_the_same_noise(tiny_model_dir, mmlu_file, tmp_path):
     """One step of two micro-batches (two posterior draws), with Price, decay and clipping."""
     adapters = {}
-    for optimizer in ("ivon", "ivon_inhouse"):
+    for optimizer in ("ivon_opt", "ivon"):
         out = tmp_path / optimizer
         with pytest.MonkeyPatch.context() as patch:
             shared_ivon_noise(patch)
@@ -304,7 +302,7 @@ def test_inhouse_ivon_first_step_equals_ivon_opt_given_the_same_noise(
                 )
             )  # fmt: skip
         adapters[optimizer] = adapter(out / "final")
-    theirs, ours = adapters["ivon"], adapters["ivon_inhouse"]
+    theirs, ours = adapters["ivon_opt"], adapters["ivon"]
     assert ours.keys() == theirs.keys()
     lora_b = [k for k in ours if "lora_B" in k]
     assert lora_b and all(float(ours[k].abs().max()) > 0 for k in lora_b)  # the step moved B
@@ -354,7 +352,7 @@ def test_qlora_trains_a_4bit_model_on_cpu(tiny64_dir, mmlu_file, tmp_path, monke
         (["--target_modules", "[q_proj,qkv_proj]"], None, "entry 'qkv_proj' matches no module"),
         (["--method", "qlora"], "bitsandbytes", "method=qlora needs the bitsandbytes package"),
         (["--report_to", "wandb"], "wandb", "report_to=wandb needs the wandb package"),
-        (["--optimizer", "ivon"], "ivon", "optimizer=ivon needs the ivon-opt package"),
+        (["--optimizer", "ivon_opt"], "ivon", "optimizer=ivon_opt needs the ivon-opt package"),
         (["--batch_size", "30"], None, "fewer than batch_size=30"),
     ],
     ids=["method", "optimizer", "objective", "task", "target", "qlora", "wandb", "ivon", "batch"],

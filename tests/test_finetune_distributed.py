@@ -400,13 +400,13 @@ def test_adalora_allocates_ranks_over_two_processes_like_one(
     assert len({sum(keep) for keep in patterns[0].values()}) > 1  # ranks were reallocated
 
 
-IVON = ["--optimizer", "ivon", "--lr", "0.2", "--ivon_ess", "1e5", "--schedule", "constant"]
+IVON_OPT = ["--optimizer", "ivon_opt", "--lr", "0.2", "--ivon_ess", "1e5", "--schedule", "constant"]
 
 
 @requires_ivon
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2-killed-resumed"])
-def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
+def test_ivon_opt_over_two_processes_is_one_process_with_the_same_draws(
     fsdp, tiny_model_dir, mmlu_file, tmp_path, monkeypatch
 ):
     """IVON all-reduces its gradient samples (and their products with the noise) at each step;
@@ -418,8 +418,8 @@ def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
     monkeypatch.setattr(CheckedIVON, "_sample_params", shared_ivon_draw)
     one, two = tmp_path / "one", tmp_path / "two"
     # one posterior draw per step in both runs: no gradient accumulation
-    finetune.main(args_for(tiny_model_dir, mmlu_file, one, *IVON, "--micro_batch_size", "4"))
-    flags = [*IVON, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
+    finetune.main(args_for(tiny_model_dir, mmlu_file, one, *IVON_OPT, "--micro_batch_size", "4"))
+    flags = [*IVON_OPT, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
     args = args_for(tiny_model_dir, mmlu_file, two, *flags)
     if fsdp:
         killed = killed_script(tmp_path, step=4, patch=SHARED_IVON_DRAWS)
@@ -439,23 +439,19 @@ def test_ivon_over_two_processes_is_one_process_with_the_same_draws(
     assert_same_training(two, one)
 
 
-IVON_INHOUSE = ["--optimizer", "ivon_inhouse", *IVON[2:]]
+IVON = ["--optimizer", "ivon", *IVON_OPT[2:]]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp2-killed-resumed"])
-def test_inhouse_ivon_over_two_processes_is_one_process_as_it_is(
-    fsdp, tiny_model_dir, mmlu_file, tmp_path
-):
+def test_ivon_over_two_processes_is_one_process_as_it_is(fsdp, tiny_model_dir, mmlu_file, tmp_path):
     """adaptlab's IVON seeds its draws by (seed, step, sample), so every process perturbs the
     weights alike without any patch, and it all-reduces its averaged samples: a step over two
     halves of the batch equals one process over the whole batch. Under FSDP the adapter and
     the posterior stay whole on each rank, and a killed run resumes to the same numbers."""
     one, two = tmp_path / "one", tmp_path / "two"
-    finetune.main(
-        args_for(tiny_model_dir, mmlu_file, one, *IVON_INHOUSE, "--micro_batch_size", "4")
-    )
-    flags = [*IVON_INHOUSE, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
+    finetune.main(args_for(tiny_model_dir, mmlu_file, one, *IVON, "--micro_batch_size", "4"))
+    flags = [*IVON, "--micro_batch_size", "2", *(["--fsdp", "true"] * fsdp)]
     args = args_for(tiny_model_dir, mmlu_file, two, *flags)
     if fsdp:
         first = launch(accelerate("cpu_2proc.yaml"), killed_script(tmp_path, step=4), args)

@@ -1,11 +1,14 @@
 """Fine-tuning building blocks: optimisers, schedules, objectives, metrics and freezing.
 
 - :mod:`~adaptlab.training.optim`: AdamW / SGD / SignGD / IVON by name, no-decay groups, the
-  IVON sampling context for every micro-batch (``ivon``, in
-  :mod:`~adaptlab.training.ivon_optim`, needs the GPL-licensed ``ivon`` extra;
-  ``ivon_inhouse`` is :mod:`~adaptlab.training.ivon`, adaptlab's own);
-- :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state,
-  the same posterior draws on every process;
+  IVON sampling context for every micro-batch (``ivon`` is :mod:`~adaptlab.training.ivon`,
+  adaptlab's own; ``ivon_opt``, in :mod:`~adaptlab.training.ivon_optim`, is the GPL-licensed
+  ivon-opt package, a test dependency kept for comparisons);
+- :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state
+  (an fp32 mean for bf16 weights), the same posterior draws on every process;
+- :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws;
+- :mod:`~adaptlab.training.ivon_hessian`: IVON's h saved at the end of a run (and sliced to
+  AdaLoRA's final ranks), loaded to start another;
 - :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;

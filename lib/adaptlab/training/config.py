@@ -196,7 +196,8 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
         label_smoothing: ε of the answer-only token cross-entropy (MMLU and generation tasks;
             0: none; spec §4's NLG runs use 0.1): the target puts 1 − ε on the answer token and
             ε/V on every vocabulary token, as ``F.cross_entropy(label_smoothing=ε)``.
-        optimizer: ``adamw``, ``sgd``, ``signgd``, ``ivon`` (ivon-opt) or ``ivon_inhouse``.
+        optimizer: ``adamw``, ``sgd``, ``signgd``, ``ivon`` (adaptlab's IVON) or ``ivon_opt``
+            (the GPL ivon-opt package, a test dependency kept for comparisons).
         lr: peak learning rate (IVON: O(0.1-1)).
         weight_decay: decay of weights, never of biases and norms (IVON: prior precision).
         l1_to_init: λ of the penalty λ·Σ|θ − θ_init| on the trainable parameters, θ_init their
@@ -413,7 +414,7 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
                 "names the TensorBoard folder inside output_dir.",
             ),
             *self.ivon_checks(),
-            (self.optimizer != "ivon" or ivon_installed(), IVON_MISSING),
+            (self.optimizer != "ivon_opt" or ivon_installed(), IVON_MISSING),
             (
                 not (self.optimizer in IVON_OPTIMIZERS and self.max_grad_norm is not None),
                 "max_grad_norm has no effect on IVON (it reads each gradient sample before "

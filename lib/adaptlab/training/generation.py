@@ -379,6 +379,12 @@ def generation_conflicts(cfg: Any) -> list[tuple[bool, str, str]]:
             f"kshot_mode={cfg.kshot_mode!r}",
             "kshot_mode=k-shot (it trains on the whole training split)",
         ),
+        (
+            getattr(cfg, "ivon_infer_mc_samples", 0) > 0,
+            f"ivon_infer_mc_samples={getattr(cfg, 'ivon_infer_mc_samples', 0)}",
+            "ivon_infer_mc_samples=0 (titles are generated at IVON's mean: averaging logits "
+            "over draws would mix them in the key/value cache)",
+        ),
     ]
 
 

@@ -18,6 +18,9 @@ code written for that package switches by changing the import. Unlike it:
 - the state is per parameter, fp32 on the parameter's device (``optimizer.state[p]["hess"]``,
   ``"momentum"`` and the step's sample sums), so parameter groups, several devices and bf16
   weights work, and ``state_dict()`` resumes a run exactly;
+- a bf16 or fp16 parameter's mean m is kept in fp32 (``state[p]["master"]``) and written back
+  rounded after each step: a bf16 weight cannot hold an update of 1e-4 of its size (its spacing
+  is 2^-8 ≈ 4e-3 relative), so without the copy small steps would be rounded away;
 - each ``sampled_params(train=True)`` exit records the gradient of that forward/backward only
   (gradients are zeroed on entry), so micro-batches and MC draws all count as samples, and a
   ``step()`` without a sample is an error instead of a crash;
@@ -41,6 +44,8 @@ from torch import nn
 from adaptlab.training.errors import TrainingError
 
 HessApprox = Literal["price", "gradsq"]
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Parameter dtypes whose mean m IVON keeps in an fp32 master copy."""
 _SAMPLE_SUMS = {"price": "nxg_sum", "gradsq": "gsq_sum"}
 """The state key of each estimator's per-step sum: Σ_s ε_s ⊙ g_s (Price) or Σ_s g_s²."""
 
@@ -150,7 +155,26 @@ class IVON(torch.optim.Optimizer):
             state["grad_sum"] = zeros.clone()
             state[_SAMPLE_SUMS[self.hess_approx]] = zeros
             state["samples"] = 0
+            if param.dtype in _LOW_PRECISION:
+                state["master"] = param.detach().float()
         return state
+
+    def _hess(self, param: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
+        """h of ``param``: its state's, or ``hess_init`` before the first use (state untouched)."""
+        state = self.state[param]
+        if state:
+            return state["hess"]
+        return torch.full_like(param, group["hess_init"], dtype=torch.float32)
+
+    def _mean(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 mean m of ``param``: its master copy, synced where the weight was changed
+        from outside (AdaLoRA masking ranks, loaded weights), else the weight itself."""
+        master = self.state[param].get("master")
+        if master is None:
+            return param.detach().float()
+        stale = master.to(param.dtype) != param
+        master[stale] = param.detach()[stale].float()
+        return master
 
     def hess_stats(self) -> dict[str, float]:
         """Summary of every entry of the Hessian diagonal h, for the training log.
@@ -197,21 +221,24 @@ class IVON(torch.optim.Optimizer):
         entropy = np.random.SeedSequence([self.seed, *key]).generate_state(1, np.uint64)[0]
         return torch.Generator(device=device).manual_seed(int(entropy))
 
-    def _standard_normals(self, train: bool) -> list[list[torch.Tensor]]:
+    def _standard_normals(self, train: bool, draw: int | None) -> list[list[torch.Tensor]]:
         """z ~ N(0, 1) for every parameter of every group (fp32, on its device).
 
         Training draw s of step t uses the key (t, s, group, 0); prediction draws count apart
-        with the key (t, n, group, 1), so evaluating never shifts the training noise.
+        with the key (t, n, group, 1), or (t, ``draw``, group, 2) when ``draw`` is given, so
+        evaluating never shifts the training noise.
         """
         if train:
-            index = next((self.state[p]["samples"] for _, p in self._params()), 0)
+            index, stream = next((self.state[p]["samples"] for _, p in self._params()), 0), 0
+        elif draw is not None:
+            index, stream = draw, 2
         else:
-            index = self._prediction_draws
+            index, stream = self._prediction_draws, 1
             self._prediction_draws += 1
         draws = []
         for group_index, group in enumerate(self.param_groups):
             generators: dict[torch.device, torch.Generator] = {}
-            key = (group["step"], index, group_index, 0 if train else 1)
+            key = (group["step"], index, group_index, stream)
             zs = []
             for param in group["params"]:
                 if param.device not in generators:
@@ -228,31 +255,40 @@ class IVON(torch.optim.Optimizer):
         return draws
 
     @contextlib.contextmanager
-    def sampled_params(self, train: bool = False) -> Iterator[None]:
+    def sampled_params(self, train: bool = False, draw: int | None = None) -> Iterator[None]:
         """Run the body at a posterior draw θ = m + ε, ε ~ N(0, σ²); restore m on exit.
 
         With ``train``, the gradients are zeroed on entry and, when the body ends without an
         error, its gradient g (zeros where a parameter got none) is recorded as one sample with
         ε ⊙ g (Price) or g² (gradsq). With ``train=False`` it only perturbs the weights, for
-        Monte Carlo prediction.
+        Monte Carlo prediction, and leaves the optimiser state as it was.
 
         Args:
             train: record the gradient sample.
+            draw: prediction only: the index of a fixed draw of this step, (``seed``, step,
+                ``draw``) alone choosing the noise, so an evaluation can use the same draws for
+                every batch and again after a resume. None: the next of a running count.
         """
         params = [p for _, p in self._params()]
         if train:
             for param in params:
                 if param.grad is not None:
                     param.grad.zero_()
-        states = [self._param_state(p, g) for g, p in self._params()]
-        zs = [z for group_zs in self._standard_normals(train) for z in group_zs]
+            states = [self._param_state(p, g) for g, p in self._params()]
+            hessians = [state["hess"] for state in states]
+        else:
+            hessians = [self._hess(p, g) for g, p in self._params()]
+        zs = [z for group_zs in self._standard_normals(train, draw) for z in group_zs]
         means, noises = [], []
         with torch.no_grad():
-            for (group, param), state, z in zip(self._params(), states, zs, strict=True):
-                noise = z / (group["ess"] * (state["hess"] + group["weight_decay"])).sqrt()
+            for (group, param), hess, z in zip(self._params(), hessians, zs, strict=True):
+                noise = z / (group["ess"] * (hess + group["weight_decay"])).sqrt()
                 means.append(param.detach().clone())
                 noises.append(noise)
-                param.add_(noise.to(param.dtype))
+                if self.state[param].get("master") is not None:  # θ = m + ε from the fp32 m
+                    param.copy_(self._mean(param) + noise)
+                else:
+                    param.add_(noise.to(param.dtype))
         try:
             yield
         finally:
@@ -344,7 +380,7 @@ class IVON(torch.optim.Optimizer):
         hess.add_(correction, alpha=0.5 * (1.0 - beta2) ** 2)
         lr = group["lr"] * (group["hess_init"] + decay) if self.rescale_lr else group["lr"]
         debias = 1.0 - beta1 ** (group["step"] + 1) if self.debias else 1.0
-        mean = param.float()
+        mean = self._mean(param)
         direction = (momentum / debias + decay * mean) / (hess + decay)
         radius = group["clip_radius"]
         mean.sub_(direction.clamp_(-radius, radius), alpha=lr)

@@ -1,9 +1,9 @@
 """IVON with separate gradient samples: the part of the optimisers that needs ``ivon-opt``.
 
-``ivon-opt`` is GPL-3.0-or-later, so adaptlab (Apache-2.0) does not depend on it: it comes with
-the ``ivon`` extra (``pip install 'adaptlab[ivon]'``), and only this module imports it.
-:mod:`adaptlab.training.optim` imports this module when IVON is asked for and tells the user
-which extra to install when it is missing.
+``ivon-opt`` is GPL-3.0-or-later, so adaptlab (Apache-2.0) does not depend on it: it is only a
+test dependency (the ``dev`` extra), kept to compare adaptlab's own IVON against, and only this
+module imports it. :mod:`adaptlab.training.optim` imports this module when ``optimizer=ivon_opt``
+is asked for and says that it is a GPL test dependency when it is missing.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ decayed group and every bias and norm weight in an undecayed one (landscape.md Â
 Norms are found by module type, so PEFT/DDP prefixes and Llama's ``input_layernorm`` naming do
 not matter.
 
-IVON (``ivon-opt``) keeps a Gaussian posterior over the trainable weights. Its gradient is the
+IVON keeps a Gaussian posterior over the trainable weights. Its gradient is the
 average of gradient *samples*, each taken inside ``sampled_params(train=True)``; a training loop
 therefore wraps every micro-batch (and every Monte Carlo draw) in :func:`ivon_step_context` and
 calls ``optimizer.step()`` once per optimiser step::
@@ -22,11 +22,11 @@ calls ``optimizer.step()`` once per optimiser step::
 The same loop is correct for the other optimisers: the context is then a null context, the
 Monte Carlo count is 1 and ``scale`` is ``1 / accumulation_steps``.
 
-``ivon-opt`` is GPL-3.0-or-later and so only an optional extra (``pip install 'adaptlab[ivon]'``):
-it is imported, through :mod:`adaptlab.training.ivon_optim`, only when ``ivon`` is built.
-``ivon_inhouse`` is adaptlab's own IVON (:class:`adaptlab.training.ivon.IVON`, per-parameter
-fp32 state, the same noise on every process), written from the paper and needing no extra; the
-same loop drives both.
+``ivon`` is adaptlab's own IVON (:class:`adaptlab.training.ivon.IVON`, per-parameter fp32
+state, the same noise on every process), written from the paper. ``ivon_opt`` is the
+``ivon-opt`` package, kept to compare against: it is GPL-3.0-or-later, so adaptlab installs it
+only with its test dependencies (the ``dev`` extra) and imports it, through
+:mod:`adaptlab.training.ivon_optim`, only when ``ivon_opt`` is built. The same loop drives both.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
 
 IVON_MISSING = (
-    "optimizer=ivon needs the ivon-opt package, which adaptlab leaves to an optional extra "
-    "because it is GPL-3.0-or-later: install it with pip install 'adaptlab[ivon]' (or pick "
-    "adamw, sgd or signgd)."
+    "optimizer=ivon_opt needs the ivon-opt package, which is GPL-3.0-or-later and so only a "
+    "test dependency of adaptlab (pip install 'adaptlab[dev]', for comparisons); use "
+    "optimizer=ivon, adaptlab's own IVON."
 )
 
 # A norm class, or a base class of it, is named like LayerNorm, LlamaRMSNorm, BatchNorm2d.
@@ -165,7 +165,7 @@ class SignSGD(torch.optim.Optimizer):
 
 
 def ivon_installed() -> bool:
-    """Whether ``ivon-opt`` (the ``ivon`` extra) is installed, without importing it."""
+    """Whether ``ivon-opt`` (a test dependency) is installed, without importing it."""
     return importlib.util.find_spec("ivon") is not None
 
 
@@ -299,7 +299,7 @@ class OptimizerSettings:
         ivon_clip_radius: elementwise clip Ï of the preconditioned update (ViLoRA: 1e-3).
         ivon_hess_approx: ``"price"`` or ``"gradsq"``.
         ivon_sync: all-reduce the gradient samples across processes (DDP).
-        ivon_seed: seed of ``ivon_inhouse``'s posterior draws (equal on every process).
+        ivon_seed: seed of ``ivon``'s posterior draws (equal on every process).
     """
 
     lr: float
@@ -361,7 +361,7 @@ def _ivon_arguments(model: nn.Module, s: OptimizerSettings) -> tuple[list[nn.Par
     return params, arguments
 
 
-def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+def _ivon_opt(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     ivon_optim = import_ivon_optim()
     params, arguments = _ivon_arguments(model, s)
     if s.ivon_mc_samples < 1:
@@ -381,7 +381,7 @@ def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     return ivon_optim.CheckedIVON(params, **arguments)
 
 
-def _ivon_inhouse(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     params, arguments = _ivon_arguments(model, s)
     return IVON(params, **arguments, seed=s.ivon_seed)
 
@@ -391,13 +391,14 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerSettings], torch.optim.Optim
     "sgd": _sgd,
     "signgd": _signgd,
     "ivon": _ivon,
-    "ivon_inhouse": _ivon_inhouse,
+    "ivon_opt": _ivon_opt,
 }
-IVON_OPTIMIZERS = frozenset({"ivon", "ivon_inhouse"})
-"""The names of IVON: both sample the weights and read each gradient sample themselves."""
+IVON_OPTIMIZERS = frozenset({"ivon", "ivon_opt"})
+"""The names of IVON (adaptlab's own and ivon-opt's): both sample the weights and read each
+gradient sample themselves."""
 WHOLE_TRAINABLE_OPTIMIZERS = IVON_OPTIMIZERS
 """Optimisers that need the whole trainable weights and gradients on every rank (IVON samples
-whole weights; adaptlab's IVON draws each parameter's noise whole)."""
+whole weights, and its noise of a parameter is drawn whole): never ZeRO- or FSDP-sharded."""
 
 
 def build_optimizer(
@@ -433,8 +434,8 @@ def build_optimizer(
         :class:`~adaptlab.training.ivon.IVON`.
 
     Raises:
-        TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess`` or
-            without ``ivon-opt`` installed, no trainable parameter.
+        TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess``,
+            ``ivon_opt`` without ``ivon-opt`` installed, no trainable parameter.
     """
     if name not in OPTIMIZERS:
         raise TrainingError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")

@@ -176,12 +176,22 @@ def check_strategy(
     """Refuse, before loading, what ``strategy`` cannot run.
 
     Raises:
-        TrainingError: IVON or AdaLoRA under ZeRO (they need whole trainable weights and
-            gradients on every rank), ``from_linearhead`` under ZeRO-3 (the head is fitted
-            on features of the whole model, which ZeRO-3 partitions while loading), or
+        TrainingError: IVON with ``method=full`` under FSDP or ZeRO (every base weight would
+            be trainable, and IVON needs the weights it updates whole), IVON or AdaLoRA under
+            ZeRO (they need whole trainable weights and gradients on every rank),
+            ``from_linearhead`` under ZeRO-3 (the head is fitted on features of the whole
+            model, which ZeRO-3 partitions while loading), or
             ``l1_to_init`` under ZeRO (its gradient goes into the gradients between backward
             and clipping, which the engine keeps in its own partitioned buffers).
     """
+    if optimizer in WHOLE_TRAINABLE_OPTIMIZERS and method == "full" and strategy.name != "ddp":
+        raise TrainingError(
+            f"optimizer={optimizer} with method=full under {strategy.name} would need every "
+            "base weight whole on every rank (IVON samples the weights it updates and keeps "
+            "their posterior whole), so nothing could be sharded; train LoRA or AdaLoRA "
+            "adapters, whose parameters stay replicated while the frozen base is sharded, or "
+            "drop the sharding."
+        )
     for name in (optimizer, method):
         if name in REPLICATED_TRAINABLE and strategy.zero_stage is not None:
             raise TrainingError(

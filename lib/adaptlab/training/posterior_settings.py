@@ -19,6 +19,8 @@ SENSITIVITY = "sensitivity"
 IVON's posterior."""
 CRITERIA = (SENSITIVITY, "SNR_mean_abs", "SNR", "mean", "sigma", "E_mean_abs", "random")
 """The names ``vilora_criterion`` may take (``adaptlab.training.vilora.CRITERIA`` scores them)."""
+IVON_NAMES = ("ivon", "ivon_opt")
+"""The ``optimizer`` names of IVON: adaptlab's own and the ivon-opt package."""
 
 
 @dataclass
@@ -36,7 +38,7 @@ class AdaLoRASettings:
         adalora_orth_reg_weight: weight of AdaLoRA's orthogonality regulariser in the loss.
         vilora_criterion: importance score of a rank-1 triplet: ``sensitivity`` (AdaLoRA's
             sensitivity x uncertainty EMAs, any optimiser) or a ViLoRA score of IVON's posterior
-            N(μ, σ²) (optimizer ``ivon``/``ivon_inhouse``): ``SNR_mean_abs`` (the paper's
+            N(μ, σ²) (optimizer ``ivon``/``ivon_opt``): ``SNR_mean_abs`` (the paper's
             default, E|θ| / sd|θ|), ``SNR`` (|μ|/σ), ``mean`` (|μ|), ``sigma`` (1/σ) or
             ``E_mean_abs`` (E|θ|); or the control ``random`` (uniform scores, seeded by the
             step: the budget schedule without any importance signal).
@@ -54,7 +56,7 @@ class AdaLoRASettings:
 
     def adalora_checks(self) -> list[tuple[bool, str]]:
         """``(ok, message)`` for each setting (the config refuses the first one not ok)."""
-        ivon = getattr(self, "optimizer", "") in ("ivon", "ivon_inhouse", "ivon_opt")
+        ivon = getattr(self, "optimizer", "") in IVON_NAMES
         return [
             (
                 1 <= self.adalora_target_r <= self.adalora_init_r,
@@ -92,7 +94,7 @@ class AdaLoRASettings:
 @dataclass
 class IvonSettings:
     """Settings of the IVON optimisers (``ivon``: adaptlab's own; ``ivon_opt``: the GPL
-    ivon-opt package, an optional extra kept for comparisons).
+    ivon-opt package, only a test dependency, kept for comparisons).
 
     Args:
         ivon_ess: IVON effective sample size λ (None or 0: the number of training examples).
@@ -101,12 +103,16 @@ class IvonSettings:
         ivon_beta2: IVON Hessian EMA rate, in [0, 1).
         ivon_clip_radius: IVON elementwise clip of the update (None: no clipping; ViLoRA 1e-3).
         ivon_hess_approx: IVON Hessian estimator, ``price`` or ``gradsq``.
-        ivon_infer_mc_samples: evaluation draws whose logits are averaged (0: the posterior
-            mean, one forward pass; upstream ``--ivon_infer_mc_samples``).
-        ivon_hessian_from: an ``ivon_hessian.safetensors`` saved by an earlier run (its h, ess,
-            weight decay) to start IVON's Hessian from instead of ``ivon_hess_init``; its
-            tensors must have the shapes of this run's trainable parameters (for AdaLoRA, load
-            the ``ivon_hessian_resized`` file with the adapter whose rank pattern it matches).
+        ivon_infer_mc_samples: posterior draws whose LOGITS (not probabilities) every
+            evaluation averages (dev, test, MMLU, few-shot tasks; 0: the posterior mean, one
+            forward pass; upstream ``--ivon_infer_mc_samples``); seeded by ``seed`` and the
+            step, so evaluations are reproducible; generation tasks and ``head=linear`` refuse
+            it.
+        ivon_hessian_from: an ``ivon_hessian.safetensors`` saved by an earlier IVON run to start
+            IVON's Hessian h from instead of ``ivon_hess_init`` (by parameter name; this run's
+            ess and weight decay apply); its tensors must have the shapes of this run's
+            trainable parameters (for AdaLoRA, load the ``ivon_hessian_resized`` file with the
+            adapter whose rank pattern it matches). Safetensors only, never a pickle.
     """
 
     ivon_ess: float | None = None
@@ -121,7 +127,7 @@ class IvonSettings:
     def ivon_checks(self) -> list[tuple[bool, str]]:
         """``(ok, message)`` for each setting (the config refuses the first one not ok)."""
         betas = getattr(self, "betas", (0.9, 0.999))
-        ivon = getattr(self, "optimizer", "") in ("ivon", "ivon_inhouse", "ivon_opt")
+        ivon = getattr(self, "optimizer", "") in IVON_NAMES
         return [
             (
                 self.ivon_ess is None or (math.isfinite(self.ivon_ess) and self.ivon_ess >= 0),
@@ -133,7 +139,10 @@ class IvonSettings:
                 f"ivon_hess_init={self.ivon_hess_init} must be > 0 (ViLoRA uses 1.0; lower it if "
                 "h stays at its initial value).",
             ),
-            (self.ivon_mc_samples >= 1, "ivon_mc_samples must be at least 1."),
+            (
+                self.ivon_mc_samples >= 1,
+                f"ivon_mc_samples={self.ivon_mc_samples} must be at least 1 (ViLoRA uses 1).",
+            ),
             (
                 not ivon or 0.0 <= betas[0] < 1.0,
                 f"betas[0]={betas[0]} is IVON's momentum rate and must be in [0, 1).",
@@ -149,6 +158,18 @@ class IvonSettings:
             (
                 self.ivon_infer_mc_samples >= 0,
                 f"ivon_infer_mc_samples={self.ivon_infer_mc_samples} must be 0 (the mean) or more.",
+            ),
+            (
+                self.ivon_infer_mc_samples == 0 or getattr(self, "head", "prompt") != "linear",
+                "ivon_infer_mc_samples averages the model's logits, but head=linear scores the "
+                "classes from hidden states outside the model's forward; use head=prompt or "
+                "ivon_infer_mc_samples=0.",
+            ),
+            (
+                self.ivon_hessian_from is None
+                or str(self.ivon_hessian_from).endswith(".safetensors"),
+                f"ivon_hessian_from={self.ivon_hessian_from} is not a .safetensors file; pass the "
+                "ivon_hessian.safetensors (or _resized) an IVON run wrote (pickles are refused).",
             ),
             (
                 ivon or (self.ivon_infer_mc_samples == 0 and self.ivon_hessian_from is None),

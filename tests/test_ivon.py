@@ -28,7 +28,7 @@ from tests.conftest import free_port, requires_ivon, shared_ivon_noise
 def fixed_noise(monkeypatch: pytest.MonkeyPatch, draws: list[list[list[torch.Tensor]]]) -> None:
     """Make IVON's standard normal draws the given ones, in order (one entry per draw)."""
     queue = list(draws)
-    monkeypatch.setattr(IVON, "_standard_normals", lambda self, train: queue.pop(0))
+    monkeypatch.setattr(IVON, "_standard_normals", lambda self, train, draw=None: queue.pop(0))
 
 
 def test_two_steps_equal_the_spec_formulas_by_hand(monkeypatch):
@@ -144,7 +144,7 @@ def test_accumulated_micro_batches_equal_one_batch_with_the_same_noise(monkeypat
     zs = [[[torch.randn(p.shape, generator=generator) for p in model.parameters()]]
           for _ in range(3)]  # fmt: skip
     monkeypatch.setattr(
-        IVON, "_standard_normals", lambda self, train: zs[self.param_groups[0]["step"]]
+        IVON, "_standard_normals", lambda self, train, draw=None: zs[self.param_groups[0]["step"]]
     )
     settings = dict(lr=0.2, ess=50.0, hess_init=0.5, beta2=0.99, weight_decay=1e-2)
     split, whole = IVON(model.parameters(), **settings), IVON(twin.parameters(), **settings)
@@ -315,7 +315,7 @@ def test_step_without_a_gradient_sample_is_an_error():
         optimizer.step()
 
 
-def test_ivon_inhouse_is_built_by_name_and_needs_no_ivon_opt(monkeypatch):
+def test_ivon_is_built_by_name_and_needs_no_ivon_opt(monkeypatch):
     """The training loop's helpers treat it as IVON, also behind accelerate's wrapper."""
     monkeypatch.setitem(sys.modules, "ivon", None)  # `import ivon` now fails
 
@@ -325,7 +325,7 @@ def test_ivon_inhouse_is_built_by_name_and_needs_no_ivon_opt(monkeypatch):
 
     layer = nn.Linear(3, 1)
     optimizer = build_optimizer(
-        "ivon_inhouse", layer, lr=0.1, weight_decay=1e-4, ivon_ess=8, ivon_mc_samples=2,
+        "ivon", layer, lr=0.1, weight_decay=1e-4, ivon_ess=8, ivon_mc_samples=2,
         ivon_seed=5,
     )  # fmt: skip
     assert isinstance(optimizer, IVON) and optimizer.seed == 5 and optimizer.mc_samples == 2
@@ -337,7 +337,7 @@ def test_ivon_inhouse_is_built_by_name_and_needs_no_ivon_opt(monkeypatch):
         assert not torch.equal(layer.weight.detach(), before)  # a posterior draw
     assert torch.equal(layer.weight.detach(), before)
     with pytest.raises(TrainingError, match="ivon_ess"):
-        build_optimizer("ivon_inhouse", layer, lr=0.1)
+        build_optimizer("ivon", layer, lr=0.1)
 
 
 def test_hess_summary_reads_each_optimiser_independently():
