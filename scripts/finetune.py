@@ -4,9 +4,9 @@ few-shot task with the label-word loss (LM-BFF prompt-based fine-tuning, kernel.
 Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), Houlsby /
 Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
 the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``
-through the ivon-opt extra, or adaptlab's own ``ivon_inhouse``) with linear, cosine-to-floor
-or constant schedules after warmup. The loss is taken on the answer letter only (optionally
-weighted so every subject counts alike). During training the model is
+through the ivon-opt extra, or adaptlab's own ``ivon_inhouse``) with linear, cosine-to-floor,
+constant or ViLoRA's clr schedules after warmup. The loss is taken on the answer letter only
+(optionally weighted so every subject counts alike). During training the model is
 evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
 letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
 are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
@@ -517,6 +517,7 @@ def load(job: Job) -> Run:
         cfg.warmup_steps,
         cfg.warmup_ratio,
         cfg.min_lr_ratio,
+        clr=cfg.clr_shape(),
     )
     if strategy.zero_stage is not None:
         model = deepspeed_engine(model, optimizer, job.deepspeed_config)

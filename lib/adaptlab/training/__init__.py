@@ -6,7 +6,8 @@
   ``ivon_inhouse`` is :mod:`~adaptlab.training.ivon`, adaptlab's own);
 - :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state,
   the same posterior draws on every process;
-- :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
+- :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup, and
+  ViLoRA's clr;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
 - :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
@@ -88,6 +89,8 @@ from adaptlab.training.optim import (
 )
 from adaptlab.training.schedules import (
     SCHEDULES,
+    ClrSettings,
+    ClrShape,
     build_scheduler,
     lr_factor,
     resolve_warmup_steps,
@@ -99,6 +102,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "AnswerOnlyExample",
+    "ClrSettings",
+    "ClrShape",
     "LinearHead",
     "Objective",
     "ObjectiveOutput",

@@ -22,7 +22,7 @@ from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import IVON_MISSING, IVON_OPTIMIZERS, OPTIMIZERS, ivon_installed
 from adaptlab.training.posterior_settings import AdaLoRASettings, IvonSettings
-from adaptlab.training.schedules import SCHEDULES
+from adaptlab.training.schedules import SCHEDULES, ClrSettings
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BEST_METRICS = (
@@ -74,7 +74,9 @@ def _plain_name(name: str) -> bool:
 
 
 @dataclass
-class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelViewSettings):
+class FinetuneConfig(
+    AdaLoRASettings, IvonSettings, ClrSettings, BottleneckSettings, KernelViewSettings
+):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
 
@@ -206,10 +208,11 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
         betas: AdamW betas (IVON uses the first as beta1).
         eps: AdamW epsilon.
         max_grad_norm: clip the gradient norm to this (None: no clipping; not with IVON).
-        schedule: ``linear``, ``cosine`` (to a floor) or ``constant``, after warmup.
+        schedule: ``linear``, ``cosine`` (to a floor), ``constant`` or ``clr`` (ViLoRA's; its
+            ``clr_*`` fields are :class:`ClrSettings`'), after warmup.
         warmup_steps: warmup in optimiser steps (give this or ``warmup_ratio``).
         warmup_ratio: warmup as a fraction of the total steps.
-        min_lr_ratio: floor of the decay as a fraction of ``lr`` (upstream 0.01).
+        min_lr_ratio: floor of the decay as a fraction of ``lr`` (upstream 0.01; not clr's).
         batch_size: examples per optimiser step over all processes (the global batch).
         micro_batch_size: examples per forward pass per process; the rest is accumulated.
         epochs: passes over the training set (ignored when ``max_steps`` is set).
@@ -413,6 +416,7 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
                 "names the TensorBoard folder inside output_dir.",
             ),
             *self.ivon_checks(),
+            *self.clr_checks(),
             (self.optimizer != "ivon" or ivon_installed(), IVON_MISSING),
             (
                 not (self.optimizer in IVON_OPTIMIZERS and self.max_grad_norm is not None),
