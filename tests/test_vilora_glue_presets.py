@@ -11,6 +11,7 @@ import yaml
 
 from adaptlab.config import parse_config
 from adaptlab.training.config import FinetuneConfig
+from adaptlab.training.errors import TrainingError
 from adaptlab.training.optim import OPTIMIZERS, ivon_installed
 
 PRESETS = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "vilora"
@@ -66,6 +67,7 @@ def build(*files: str | Path) -> FinetuneConfig:
 def test_every_task_builds_vilora(task, budget):
     cfg = build(task_file(task), budget)
     assert (cfg.task, cfg.method, cfg.vilora_criterion) == (task, "adalora", "SNR_mean_abs")
+    assert cfg.task_max_len == SPEC_TABLE[task][0]
     assert (cfg.adalora_init_r, cfg.adalora_target_r) == BUDGETS[budget]
 
 
@@ -74,7 +76,7 @@ def test_task_presets_hold_the_spec_table(task):
     preset = yaml.safe_load(task_file(task).read_text())
     max_len, epochs, lr, warmup, alpha, tinit, tfinal, delta_t = SPEC_TABLE[task]
     assert preset["task"] == task
-    assert (preset["max_seq_len"], preset["epochs"], preset["warmup_steps"]) == (
+    assert (preset["task_max_len"], preset["epochs"], preset["warmup_steps"]) == (
         max_len,
         epochs,
         warmup,
@@ -158,3 +160,31 @@ def test_submit_script_runs_every_combination_on_existing_presets():
         assert 2021 <= int(seed) <= 2025
     # 7 tasks x (4 methods x 2 budgets + full once) x 5 seeds
     assert len(runs) == len(set(map(tuple, runs))) == 7 * (4 * 2 + 1) * 5
+
+
+def test_task_max_len_truncates_fewshot_examples(tiny_bert_dir, sst2_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from adaptlab.training.data import encode_task
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    config = AutoConfig.from_pretrained(tiny_bert_dir)
+    run = {"task": "SST-2", "task_dir": str(sst2_dir), "shots": 8, "head": "linear"}
+    lengths = {}
+    for limit in (None, 5):
+        cfg = FinetuneConfig(**run, task_max_len=limit)
+        data = encode_task(cfg, "SST-2", tokenizer, config)
+        lengths[limit] = max(len(ex["input_ids"]) for ex in data.train + data.dev + data.test)
+    assert lengths[None] > 5 and lengths[5] == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"task": "mmlu", "task_max_len": 128}, "task_max_len does not apply to task='mmlu'"),
+        ({"task": "tweet-sentiment", "task_max_len": 1}, "task_max_len=1 must be at least 2"),
+    ],
+)
+def test_task_max_len_errors(fields, match):
+    with pytest.raises(TrainingError, match=match):
+        FinetuneConfig(**fields)

@@ -142,6 +142,9 @@ class FinetuneConfig(
         label_words: label -> word overriding the task's (each must be one token, unless
             ``scoring`` is ``options``).
         test_limit: evaluate at most this many test examples of a few-shot task (None: all).
+        task_max_len: token limit of a few-shot task's encoded example, overriding the task's
+            ``max_seq_length`` (None: the task's, LM-BFF's 128 or 256); ``max_seq_len`` is
+            MMLU's.
         source_max_tokens: generation tasks: the source text is cut to its first this many tokens.
         target_max_tokens: generation tasks: the target is cut to this many tokens (then EOS).
         decoding: generation tasks: ``greedy`` (default: the same predictions on every run) or
@@ -279,6 +282,7 @@ class FinetuneConfig(
     template: str | None = None
     label_words: dict[str, str] | None = None
     test_limit: int | None = None
+    task_max_len: int | None = None
     source_max_tokens: int = 400
     target_max_tokens: int = 130
     decoding: Literal["greedy", "top_p"] = "greedy"
@@ -390,6 +394,10 @@ class FinetuneConfig(
                 f"{self.eval_num_shots}; hold out at least as many questions as shots.",
             ),
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
+            (
+                self.task_max_len is None or self.task_max_len >= 2,
+                f"task_max_len={self.task_max_len} must be at least 2 (or omitted).",
+            ),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
             (
                 0.0 <= self.label_smoothing < 1.0,
@@ -492,6 +500,7 @@ class FinetuneConfig(
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or GENERATION_TASKS[self.task].best_metric
             wrong = generation_conflicts(self)
+            wrong.append((self.task_max_len is not None, "task_max_len", "source_max_tokens"))
         elif self.task == "mmlu":
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or "constrained_macro"
@@ -506,6 +515,7 @@ class FinetuneConfig(
                 (self.scoring != "label_words", f"scoring={self.scoring!r}", "scoring=label_words"),
                 (self.from_linearhead, "from_linearhead=true", ""),
                 (self.l2_loss, "l2_loss=true", ""),
+                (self.task_max_len is not None, "task_max_len", "max_seq_len"),
             ]
         else:
             tasks = [get_task(name) for name in split_tasks(self.task)]

@@ -162,6 +162,7 @@ def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: objec
         mode=cfg.kshot_mode,
         template=cfg.template,
         label_words=cfg.label_words,
+        max_length=cfg.task_max_len,
         test_limit=cfg.test_limit,
         head=cfg.head,
         scoring=cfg.scoring,
