@@ -115,6 +115,7 @@ def test_base_holds_the_common_settings():
     assert {key: base[key] for key in ivon} == ivon
     assert base["betas"][0] == 0.9
     assert base["vilora_criterion"] == "SNR_mean_abs"
+    assert (base["kshot_mode"], base["weight_decay"]) == ("full", 1e-8)  # whole training sets
     assert base["adalora_orth_reg_weight"] == 0.1
 
 
@@ -188,3 +189,38 @@ def test_task_max_len_truncates_fewshot_examples(tiny_bert_dir, sst2_dir):
 def test_task_max_len_errors(fields, match):
     with pytest.raises(TrainingError, match=match):
         FinetuneConfig(**fields)
+
+
+def write_original(root: Path) -> Path:
+    """Tiny original GLUE folders: SST-2 (train, dev) and MNLI (train, dev_matched,
+    dev_mismatched; the texts in columns 8 and 9, the label last)."""
+    (root / "SST-2").mkdir(parents=True)
+    (root / "SST-2" / "train.tsv").write_text("sentence\tlabel\n" + "good\t1\nbad\t0\nok\t1\n")
+    (root / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine\t1\nawful\t0\n")
+    (root / "MNLI").mkdir()
+    for stem, label in (("train", "neutral"), ("dev_matched", "entailment")):
+        (root / "MNLI" / f"{stem}.tsv").write_text(
+            "\t".join(f"c{i}" for i in range(12)) + "\n" + "x\t" * 8 + f"p\th\t{label}\n"
+        )
+    (root / "MNLI" / "dev_mismatched.tsv").write_text(
+        "header\n" + "x\t" * 8 + "p2\th2\tcontradiction\n"
+    )
+    return root
+
+
+def test_full_mode_reads_the_whole_original_data(tmp_path):
+    from adaptlab.data import load_task
+    from adaptlab.data.errors import DataError
+
+    root = write_original(tmp_path / "original")
+    sst2 = load_task("SST-2", root, mode="full")
+    assert [(e.text_a, e.label) for e in sst2.train] == [("good", "1"), ("bad", "0"), ("ok", "1")]
+    assert [e.text_a for e in sst2.dev] == [e.text_a for e in sst2.test] == ["fine", "awful"]
+    matched = load_task("MNLI", root, mode="full")
+    assert [e.label for e in matched.train + matched.dev] == ["neutral", "entailment"]
+    mismatched = load_task("mnli-mm", root, mode="full")
+    assert [(e.text_a, e.label) for e in mismatched.test] == [("p2", "contradiction")]
+    with pytest.raises(DataError, match="original data root"):
+        load_task("RTE", root, mode="full")
+    with pytest.raises(DataError, match="no original files"):
+        load_task("tweet-sentiment", root, mode="full")

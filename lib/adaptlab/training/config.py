@@ -134,10 +134,13 @@ class FinetuneConfig(
             SQuAD-style ``token_f1``); they train on the whole training split (``shots`` and
             ``kshot_mode`` apply to ``bbc-headline`` only) and evaluate a seeded dev sample.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
-            other than the offline ``mmlu-topics*``).
+            other than the offline ``mmlu-topics*``); with ``kshot_mode: full``, its original data
+            root (``--original_dir``).
         shots: k, training (and dev) examples per label of a few-shot task.
         data_seed: seed of the few-shot split (13, 21, 42, 87, 100 upstream).
-        kshot_mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        kshot_mode: ``k-shot``, ``k-shot-10x``, ``k-shot-1k-test`` or ``full``: the whole original
+            data in ``task_dir/<TASK>/`` (e.g. GLUE), dev and test both its evaluation file;
+            ``shots`` and ``data_seed`` unused.
         template: prompt template overriding the task's (kernel.md §2 mini-language).
         label_words: label -> word overriding the task's (each must be one token, unless
             ``scoring`` is ``options``).
@@ -278,7 +281,7 @@ class FinetuneConfig(
     task_dir: str | None = None
     shots: int = 16
     data_seed: int = 42
-    kshot_mode: Literal["k-shot", "k-shot-10x", "k-shot-1k-test"] = "k-shot"
+    kshot_mode: Literal["k-shot", "k-shot-10x", "k-shot-1k-test", "full"] = "k-shot"
     template: str | None = None
     label_words: dict[str, str] | None = None
     test_limit: int | None = None
