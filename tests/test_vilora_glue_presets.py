@@ -224,3 +224,22 @@ def test_full_mode_reads_the_whole_original_data(tmp_path):
         load_task("RTE", root, mode="full")
     with pytest.raises(DataError, match="no original files"):
         load_task("tweet-sentiment", root, mode="full")
+
+
+def test_full_data_clr_run_logs_the_hand_computed_lrs(tiny_bert_dir, tmp_path):
+    from adaptlab.training.loop import read_metrics
+    from tests.conftest import load_script
+
+    root = write_original(tmp_path / "original")
+    out = tmp_path / "run"
+    load_script("finetune").main([
+        "--model", str(tiny_bert_dir), "--task", "SST-2", "--task_dir", str(root),
+        "--kshot_mode", "full", "--head", "linear", "--method", "full", "--optimizer", "sgd",
+        "--schedule", "clr", "--lr", "2.0", "--warmup_steps", "1", "--clr_const_steps", "2",
+        "--clr_second_lr", "0.5", "--batch_size", "1", "--max_steps", "4", "--eval_points", "1",
+        "--checkpoints", "0", "--save_init", "false", "--save_epochs", "false",
+        "--report_to", "none", "--progress", "false", "--output_dir", str(out),
+    ])  # fmt: skip
+    steps = [r for r in read_metrics(out) if "train/lr" in r]
+    # t = 0: warmup 0/1; t = 1: the first lr; t = C = 2: the second lr; t = 3: 0.5 (1 - 1/2)
+    assert [r["train/lr"] for r in steps] == pytest.approx([0.0, 2.0, 0.5, 0.25])
