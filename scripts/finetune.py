@@ -5,12 +5,12 @@ Methods: full fine-tuning, LoRA, DoRA, AdaLoRA, BitFit, QLoRA (PEFT adapters), H
 Pfeiffer / parallel bottleneck adapters (Llama, GPT-2 and BERT/RoBERTa); freezing of the head,
 the embeddings or the first blocks on top. Optimisers AdamW / SGD / SignGD / IVON (``ivon``,
 adaptlab's own; ``ivon_opt``, the GPL ivon-opt package kept for comparisons) with linear,
-cosine-to-floor or constant schedules after warmup. The loss is taken on the answer letter only
-(optionally weighted so every subject counts alike). During training the model is
-evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to the four
-letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``; weights
-are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods) for
-the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
+cosine-to-floor, constant or ViLoRA's clr schedules after warmup. The loss is taken on the
+answer letter only (optionally weighted so every subject counts alike). During training the
+model is evaluated at ``eval_points`` evenly spaced steps (accuracy micro/macro, constrained to
+the four letters and over the full vocabulary, ECE, loss) and the best one is kept in ``best/``;
+weights are saved at log-spaced steps (``checkpoints/step_{s}``, adapter-only for PEFT methods)
+for the fine-tuning dynamics. A killed run started again with the same command resumes exactly.
 SIGTERM (SLURM pre-emption, ``scancel``, a time limit) does not kill at once: every process
 finishes the current optimiser step, the resume state is saved and the run exits with status
 143, so SLURM sees an unfinished job (``sbatch --requeue`` restarts it, and it continues).
@@ -524,6 +524,7 @@ def load(job: Job) -> Run:
         cfg.warmup_steps,
         cfg.warmup_ratio,
         cfg.min_lr_ratio,
+        clr=cfg.clr_shape(),
     )
     if cfg.ivon_hessian_from is not None:  # a resume then restores the run's own h
         load_hessian(Path(cfg.ivon_hessian_from), model, optimizer)

@@ -22,7 +22,6 @@ from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
 from adaptlab.training.methods import METHODS, check_method
-from adaptlab.training.optim import OPTIMIZERS
 from adaptlab.training.vilora import (
     CRITERIA,
     PosteriorRankAllocator,
@@ -36,8 +35,8 @@ from tests.test_finetune import args_for
 finetune = load_script("finetune")
 VOCAB = len(tiny_tokenizer())
 TARGETS = ["q_proj", "v_proj"]  # 2 blocks: 4 matrices
-ADAPTLAB_IVON = "ivon_inhouse" if "ivon_inhouse" in OPTIMIZERS else "ivon"
-"""The config name of adaptlab's own IVON (``ivon_inhouse``, to become ``ivon``)."""
+ADAPTLAB_IVON = "ivon"
+"""The config name of adaptlab's own IVON."""
 
 
 def vilora_model(criterion: str = "SNR_mean_abs", total: int = 6, **settings):

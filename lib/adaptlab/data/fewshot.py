@@ -20,6 +20,11 @@ words need not be single tokens, and options sharing a first token stay apart.
 no sentence limits, as upstream does, scored at the first token (masked) or the last (causal).
 See :mod:`adaptlab.data.templates` for the template language and the truncation rules.
 
+``mode="full"`` reads a task's whole original data instead (``<data_dir>/<TASK>/``, the
+original folder ``scripts/prepare_fewshot.py`` reads, e.g. GLUE): train is the training file,
+dev and test are both the original evaluation file (GLUE's dev set, which the GLUE recipes
+select on and report), k and seed unused.
+
 Encoded examples can be cached as JSON (``cache_dir``). Unlike upstream's cache, whose name
 omitted the template and label words and went stale silently (§11), the key is a sha256 over
 everything the encoding depends on: template, label words, head, kind, tokenizer (name, class,
@@ -57,6 +62,9 @@ from adaptlab.io import atomic_open
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+FULL = "full"
+"""The data mode that reads a task's whole original data instead of a k-shot split."""
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +143,8 @@ def load_task(
             built in memory.
         k: training examples per label.
         seed: data seed.
-        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        mode: ``k-shot``, ``k-shot-10x``, ``k-shot-1k-test`` or ``full`` (the whole original
+            data in ``data_dir/<TASK>/``; see the module docstring).
         test_limit: keep ``test_limit`` test examples drawn without replacement by
             ``numpy.random.default_rng(0)``, in file order (a plain head would keep one label
             of a file sorted by label); None: all.
@@ -148,11 +157,17 @@ def load_task(
             unknown label, or (offline) too few questions for k.
     """
     task = get_task(name)
-    check_mode(mode)
+    if mode != FULL:
+        check_mode(mode)
     if k < 1:
         raise DataError(f"k={k} must be at least 1 (training examples per label).")
     check_test_limit(test_limit)
     provenance: dict[str, Any] = {"task": task.name, "k": k, "seed": seed, "mode": mode}
+    if task.offline and mode == FULL:
+        raise DataError(
+            f"Task {task.name} is built in memory and has no original files for mode={FULL}; "
+            "use a k-shot mode."
+        )
     if task.offline:
         train, dev, test, offline = offline_splits(task, k, seed, mode)
         splits = [
@@ -161,14 +176,14 @@ def load_task(
         ]
         provenance.update(offline)
     else:
-        folder = _setting_dir(task, data_dir, k, seed, mode)
         assert task.layout is not None
+        if mode == FULL:
+            folder, stems = _original_files(task, data_dir)
+        else:
+            folder = _setting_dir(task, data_dir, k, seed, mode)
+            stems = ("train", task.layout.dev, task.layout.test)
         splits, hashes = [], {}
-        for split, stem in (
-            ("train", "train"),
-            ("dev", task.layout.dev),
-            ("test", task.layout.test),
-        ):
+        for split, stem in zip(("train", "dev", "test"), stems, strict=True):
             path = folder / f"{stem}.{task.layout.format}"
             splits.append(read_examples(path, task, split))
             hashes[path.name] = assets.sha256_file(path)
@@ -177,6 +192,24 @@ def load_task(
     test = limit_test(test, test_limit)
     provenance.update(test_limit=test_limit, n_train=len(train), n_dev=len(dev), n_test=len(test))
     return TaskSplits(task, train, dev, test, provenance)
+
+
+def _original_files(task: Task, data_dir: str | Path | None) -> tuple[Path, tuple[str, ...]]:
+    """``mode="full"``: the task's original folder and the file stems of train, dev and test."""
+    assert task.layout is not None
+    # the original evaluation file that the k-shot generator renames to the test split
+    renamed = {stem.replace("dev", "test", 1): stem for stem in task.layout.original_eval}
+    evaluation = renamed.get(task.layout.test)
+    folder = Path(data_dir or ".").expanduser() / task.data_name
+    train_file = folder / f"train.{task.layout.format}"
+    if data_dir is None or evaluation is None or not train_file.is_file():
+        raise DataError(
+            f"Task {task.name} with mode={FULL} reads the original files {train_file.name} and "
+            f"{evaluation or task.layout.test}.{task.layout.format} from <data_dir>/"
+            f"{task.data_name}/; pass data_dir, the original data root of "
+            "scripts/prepare_fewshot.py (its --original_dir)."
+        )
+    return folder, ("train", evaluation, evaluation)
 
 
 def _setting_dir(task: Task, data_dir: str | Path | None, k: int, seed: int, mode: str) -> Path:

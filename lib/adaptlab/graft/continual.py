@@ -32,6 +32,7 @@ RUN_DATA = {  # prepare_fewshot argument -> fine-tuning run config field
     "template": "template",
     "label_words": "label_words",
     "test_limit": "test_limit",
+    "max_length": "task_max_len",
 }
 
 

@@ -9,7 +9,8 @@
 - :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws;
 - :mod:`~adaptlab.training.ivon_hessian`: IVON's h saved at the end of a run (and sliced to
   AdaLoRA's final ranks), loaded to start another;
-- :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup;
+- :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup, and
+  ViLoRA's clr;
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
 - :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
@@ -91,6 +92,8 @@ from adaptlab.training.optim import (
 )
 from adaptlab.training.schedules import (
     SCHEDULES,
+    ClrSettings,
+    ClrShape,
     build_scheduler,
     lr_factor,
     resolve_warmup_steps,
@@ -102,6 +105,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "AnswerOnlyExample",
+    "ClrSettings",
+    "ClrShape",
     "LinearHead",
     "Objective",
     "ObjectiveOutput",

@@ -22,7 +22,7 @@ from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
 from adaptlab.training.optim import IVON_MISSING, IVON_OPTIMIZERS, OPTIMIZERS, ivon_installed
 from adaptlab.training.posterior_settings import AdaLoRASettings, IvonSettings
-from adaptlab.training.schedules import SCHEDULES
+from adaptlab.training.schedules import SCHEDULES, ClrSettings
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BEST_METRICS = (
@@ -74,7 +74,9 @@ def _plain_name(name: str) -> bool:
 
 
 @dataclass
-class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelViewSettings):
+class FinetuneConfig(
+    AdaLoRASettings, IvonSettings, ClrSettings, BottleneckSettings, KernelViewSettings
+):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
 
@@ -132,14 +134,20 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
             SQuAD-style ``token_f1``); they train on the whole training split (``shots`` and
             ``kshot_mode`` apply to ``bbc-headline`` only) and evaluate a seeded dev sample.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
-            other than the offline ``mmlu-topics*``).
+            other than the offline ``mmlu-topics*``); with ``kshot_mode: full``, its original data
+            root (``--original_dir``).
         shots: k, training (and dev) examples per label of a few-shot task.
         data_seed: seed of the few-shot split (13, 21, 42, 87, 100 upstream).
-        kshot_mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        kshot_mode: ``k-shot``, ``k-shot-10x``, ``k-shot-1k-test`` or ``full``: the whole original
+            data in ``task_dir/<TASK>/`` (e.g. GLUE), dev and test both its evaluation file;
+            ``shots`` and ``data_seed`` unused.
         template: prompt template overriding the task's (kernel.md §2 mini-language).
         label_words: label -> word overriding the task's (each must be one token, unless
             ``scoring`` is ``options``).
         test_limit: evaluate at most this many test examples of a few-shot task (None: all).
+        task_max_len: token limit of a few-shot task's encoded example, overriding the task's
+            ``max_seq_length`` (None: the task's, LM-BFF's 128 or 256); ``max_seq_len`` is
+            MMLU's.
         source_max_tokens: generation tasks: the source text is cut to its first this many tokens.
         target_max_tokens: generation tasks: the target is cut to this many tokens (then EOS).
         decoding: generation tasks: ``greedy`` (default: the same predictions on every run) or
@@ -207,10 +215,11 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
         betas: AdamW betas (IVON uses the first as beta1).
         eps: AdamW epsilon.
         max_grad_norm: clip the gradient norm to this (None: no clipping; not with IVON).
-        schedule: ``linear``, ``cosine`` (to a floor) or ``constant``, after warmup.
+        schedule: ``linear``, ``cosine`` (to a floor), ``constant`` or ``clr`` (ViLoRA's; its
+            ``clr_*`` fields are :class:`ClrSettings`'), after warmup.
         warmup_steps: warmup in optimiser steps (give this or ``warmup_ratio``).
         warmup_ratio: warmup as a fraction of the total steps.
-        min_lr_ratio: floor of the decay as a fraction of ``lr`` (upstream 0.01).
+        min_lr_ratio: floor of the decay as a fraction of ``lr`` (upstream 0.01; not clr's).
         batch_size: examples per optimiser step over all processes (the global batch).
         micro_batch_size: examples per forward pass per process; the rest is accumulated.
         epochs: passes over the training set (ignored when ``max_steps`` is set).
@@ -273,10 +282,11 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
     task_dir: str | None = None
     shots: int = 16
     data_seed: int = 42
-    kshot_mode: Literal["k-shot", "k-shot-10x", "k-shot-1k-test"] = "k-shot"
+    kshot_mode: Literal["k-shot", "k-shot-10x", "k-shot-1k-test", "full"] = "k-shot"
     template: str | None = None
     label_words: dict[str, str] | None = None
     test_limit: int | None = None
+    task_max_len: int | None = None
     source_max_tokens: int = 400
     target_max_tokens: int = 130
     decoding: Literal["greedy", "top_p"] = "greedy"
@@ -388,6 +398,10 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
                 f"{self.eval_num_shots}; hold out at least as many questions as shots.",
             ),
             (self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2."),
+            (
+                self.task_max_len is None or self.task_max_len >= 2,
+                f"task_max_len={self.task_max_len} must be at least 2 (or omitted).",
+            ),
             (self.lr >= 0, f"lr={self.lr} is negative; use a positive learning rate."),
             (
                 0.0 <= self.label_smoothing < 1.0,
@@ -414,6 +428,7 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
                 "names the TensorBoard folder inside output_dir.",
             ),
             *self.ivon_checks(),
+            *self.clr_checks(),
             (self.optimizer != "ivon_opt" or ivon_installed(), IVON_MISSING),
             (
                 not (self.optimizer in IVON_OPTIMIZERS and self.max_grad_norm is not None),
@@ -489,6 +504,7 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or GENERATION_TASKS[self.task].best_metric
             wrong = generation_conflicts(self)
+            wrong.append((self.task_max_len is not None, "task_max_len", "source_max_tokens"))
         elif self.task == "mmlu":
             self.objective = self.objective or "answer_only"
             self.best_metric = self.best_metric or "constrained_macro"
@@ -503,6 +519,7 @@ class FinetuneConfig(AdaLoRASettings, IvonSettings, BottleneckSettings, KernelVi
                 (self.scoring != "label_words", f"scoring={self.scoring!r}", "scoring=label_words"),
                 (self.from_linearhead, "from_linearhead=true", ""),
                 (self.l2_loss, "l2_loss=true", ""),
+                (self.task_max_len is not None, "task_max_len", "max_seq_len"),
             ]
         else:
             tasks = [get_task(name) for name in split_tasks(self.task)]

@@ -150,6 +150,11 @@ def mmlu_data(cfg: FinetuneConfig, tokenizer: object) -> Data:
     )
 
 
+def split_name(cfg: FinetuneConfig) -> str:
+    """How the run's summary names its data: ``16-shot (seed 42)`` or ``full data``."""
+    return "full data" if cfg.kshot_mode == "full" else f"{cfg.shots}-shot (seed {cfg.data_seed})"
+
+
 def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: object) -> FewShotData:
     """One few-shot task's k-shot split, encoded with its prompt and the run's data options."""
     return prepare_fewshot(
@@ -162,6 +167,7 @@ def encode_task(cfg: FinetuneConfig, task: str, tokenizer: object, config: objec
         mode=cfg.kshot_mode,
         template=cfg.template,
         label_words=cfg.label_words,
+        max_length=cfg.task_max_len,
         test_limit=cfg.test_limit,
         head=cfg.head,
         scoring=cfg.scoring,
@@ -217,8 +223,8 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
         },
         record=data.record,
         summary=(
-            f"{data.task.name} {cfg.shots}-shot (seed {cfg.data_seed}): {len(data.train)} "
-            f"training / {len(data.dev)} dev / {len(data.test)} test examples"
+            f"{data.task.name} {split_name(cfg)}: {len(data.train)} training / "
+            f"{len(data.dev)} dev / {len(data.test)} test examples"
         ),
         fewshot=data,
     )
@@ -272,7 +278,7 @@ def multi_task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> D
         },
         record=record,
         summary=(
-            f"{cfg.task} {cfg.shots}-shot (seed {cfg.data_seed}): {len(train)} training "
+            f"{cfg.task} {split_name(cfg)}: {len(train)} training "
             f"({per_task}) / {n_dev} dev / {n_test} test examples"
         ),
         tasks=tuple(counts),

@@ -149,7 +149,7 @@ def prepare_fewshot(
         data_dir: the k-shot data root (``scripts/prepare_fewshot.py``); unused by offline tasks.
         k: examples per label in train and dev.
         seed: data seed of the split.
-        mode: ``k-shot``, ``k-shot-10x`` or ``k-shot-1k-test``.
+        mode: ``k-shot``, ``k-shot-10x``, ``k-shot-1k-test`` or ``full`` (the original data).
         template: prompt template overriding the task's.
         label_words: label -> word overriding the task's.
         max_length: token limit overriding the task's ``max_seq_length``.
