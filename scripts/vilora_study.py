@@ -64,8 +64,8 @@ def plan(cfg: ViLoRAStudyConfig) -> list[tuple[str, str, int, Path]]:
     root = Path(cfg.output_dir) / "runs"
     return [
         (name, method, seed, root / name / method / f"seed_{seed}")
-        for name in cfg.models
-        for method in cfg.methods
+        for name, model in cfg.models.items()
+        for method in model.methods or cfg.methods
         for seed in cfg.seeds
     ]
 
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ViLoRAStudyConfig, argv)
     with report_user_errors():
         runs = plan(cfg)
-    print(f"{len(runs)} runs ({len(cfg.models)} models x {len(cfg.methods)} methods x "
-          f"{len(cfg.seeds)} seeds), {cfg.workers} at a time -> {cfg.output_dir}")  # fmt: skip
+    print(f"{len(runs)} runs ({len(cfg.models)} models, {len(cfg.seeds)} seeds), "
+          f"{cfg.workers} at a time -> {cfg.output_dir}")  # fmt: skip
     with ThreadPoolExecutor(cfg.workers) as pool:
         errors = [e for e in pool.map(lambda r: run_one(cfg, *r), runs) if e is not None]
     for error in errors:

@@ -421,3 +421,22 @@ def test_killed_and_resumed_vilora_run_equals_uninterrupted(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+
+
+def test_sensitivity_of_a_module_without_gradient_is_zero():
+    """A module the loss never reaches (a pooler under a linear head) has no gradient: its
+    sensitivity EMA is 0 and the others follow (1 − β1)|θ ⊙ g| after one step."""
+    model = vilora_model("sensitivity")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    matrices = adapter_matrices(model)
+    unreached = [n for n in matrices if "layers.1.self_attn.v_proj" in n]
+    for name in unreached:
+        matrices[name].grad = None
+    expected = {
+        n: (p * p.grad).abs() * (1 - 0.85) for n, p in matrices.items() if p.grad is not None
+    }
+    METHODS["adalora"].after_step(model, 1, torch.optim.SGD(matrices.values(), lr=0.0))
+    ema = model.base_model.rankallocator.exp_avg_ipt
+    assert all((ema[n] == 0).all() for n in unreached)
+    assert all(torch.allclose(ema[n], value) for n, value in expected.items())

@@ -338,13 +338,19 @@ def adalora_after_step(model: nn.Module, step: int, optimizer: torch.optim.Optim
     """Reallocate AdaLoRA ranks after optimiser step ``step`` (1-based), before ``zero_grad``.
 
     A ViLoRA allocator reads σ from ``optimizer`` (IVON, plain or wrapped); PEFT's sensitivity
-    allocator reads the gradients and ignores it.
+    allocator reads the gradients and ignores it. An adapted module the loss never reaches (a
+    pooler or MLM-head ``dense`` under a linear head) has no gradient: its sensitivity is 0, so
+    its ranks are the first to go (PEFT would fail on the missing gradient).
     """
     from adaptlab.training.vilora import PosteriorRankAllocator
 
-    tuner, _, _ = _adalora_parts(model)
+    tuner, _, name = _adalora_parts(model)
     if isinstance(tuner.rankallocator, PosteriorRankAllocator):
         tuner.rankallocator.optimizer = optimizer
+    else:
+        for param_name, param in tuner.model.named_parameters():
+            if "lora_" in param_name and name in param_name and param.grad is None:
+                param.grad = torch.zeros_like(param)
     tuner.update_and_allocate(step)
 
 

@@ -69,12 +69,15 @@ class StudyModel:
         full_args: flags of the full fine-tuning run (its learning rate).
         lora_args: flags of the LoRA and AdaLoRA + Adam runs.
         ivon_args: flags of every IVON run (learning rate, ``ivon_*``).
+        methods: this model's methods (None: the study's ``methods``), e.g. fewer for a model
+            whose runs are slow.
     """
 
     preset: str
-    full_args: list[str] = field(default_factory=list)
-    lora_args: list[str] = field(default_factory=list)
-    ivon_args: list[str] = field(default_factory=list)
+    full_args: list[str | int | float] = field(default_factory=list)
+    lora_args: list[str | int | float] = field(default_factory=list)
+    ivon_args: list[str | int | float] = field(default_factory=list)
+    methods: list[str] | None = None
 
 
 @dataclass
@@ -98,14 +101,15 @@ class ViLoRAStudyConfig:
     seeds: list[int] = field(default_factory=lambda: [2021, 2022, 2023, 2024, 2025])
     workers: int = 1
     output_dir: str = "results/vilora_study"
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str | int | float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.models = {
             name: m if isinstance(m, StudyModel) else StudyModel(**m)
             for name, m in self.models.items()
         }
-        unknown = [m for m in self.methods if m not in STUDY_METHODS]
+        named = [*self.methods, *(m for model in self.models.values() for m in model.methods or [])]
+        unknown = [m for m in named if m not in STUDY_METHODS]
         if unknown:
             raise UserError(
                 f"Unknown study method(s) {', '.join(unknown)}; choose from "
@@ -119,12 +123,14 @@ class ViLoRAStudyConfig:
             raise UserError(f"workers={self.workers} must be at least 1.")
 
 
-def run_args(model: StudyModel, method: str, seed: int, out: str, extra: Sequence[str]) -> list:
+def run_args(
+    model: StudyModel, method: str, seed: int, out: str, extra: Sequence[Any]
+) -> list[str]:
     """The ``scripts/finetune.py`` argv of one run."""
     kind = "ivon_args" if method in IVON_METHODS else ADAM_KINDS[method]
     return [
-        "--config", model.preset, *STUDY_METHODS[method], *getattr(model, kind),
-        "--seed", str(seed), "--output_dir", out, *extra,
+        "--config", model.preset, *STUDY_METHODS[method], *map(str, getattr(model, kind)),
+        "--seed", str(seed), "--output_dir", out, *map(str, extra),
     ]  # fmt: skip
 
 
