@@ -16,6 +16,7 @@ from adaptlab.graft.config import GraftConfig
 from adaptlab.graft.study import GraftStudyConfig
 from adaptlab.ntk.config import KernelConfig
 from adaptlab.training.config import FinetuneConfig
+from adaptlab.training.vilora_study import ViLoRAStudyConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 CONFIG_CLASSES = {
@@ -27,6 +28,7 @@ CONFIG_CLASSES = {
     "graft_study": GraftStudyConfig,
     "kernel": KernelConfig,
     "prepare": PrepareConfig,
+    "vilora_study": ViLoRAStudyConfig,
 }
 
 
