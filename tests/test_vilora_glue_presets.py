@@ -38,6 +38,10 @@ def task_file(task: str) -> Path:
     return PRESETS / f"glue_{task.lower().replace('-', '')}.yaml"
 
 
+ENCODER_TARGETS = ["query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"]
+"""Spec §9's `dense` without the MLM head's transform (the linear head never reads it)."""
+
+
 def build(*files: str | Path) -> FinetuneConfig:
     """Parse the presets in order, as ``--config a --config b ...`` on the command line."""
     paths = [PRESETS / "base.yaml", *(PRESETS / f for f in files)]
@@ -95,7 +99,7 @@ def test_task_presets_hold_the_spec_table(task):
 def test_base_holds_the_common_settings():
     base = yaml.safe_load((PRESETS / "base.yaml").read_text())
     assert base["model"] == "microsoft/deberta-v3-base"
-    assert base["target_modules"] == ["query_proj", "key_proj", "value_proj", "dense"]
+    assert base["target_modules"] == ENCODER_TARGETS
     assert (base["batch_size"], base["method"], base["optimizer"]) == (32, "adalora", "ivon")
     ivon = {  # §6: ViLoRA's IVON settings
         "ivon_ess": 0,
@@ -136,7 +140,7 @@ def test_overlays_compose(task, budget, overlay):
         assert cfg.clr_shape() is None and cfg.weight_decay == 0.0
     elif overlay == "lora":
         assert (cfg.method, cfg.lora_r, cfg.lora_alpha, cfg.lr) == ("lora", target_r, 32.0, 2e-4)
-        assert cfg.target_modules == ["query_proj", "key_proj", "value_proj", "dense"]
+        assert cfg.target_modules == ENCODER_TARGETS
     else:
         assert (cfg.method, cfg.optimizer, cfg.weight_decay) == ("full", "adamw", 0.0)
     assert (cfg.adalora_init_r, cfg.adalora_target_r) == (init_r, target_r)
