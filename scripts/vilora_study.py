@@ -65,7 +65,7 @@ def plan(cfg: ViLoRAStudyConfig) -> list[tuple[str, str, int, Path]]:
     return [
         (name, method, seed, root / name / method / f"seed_{seed}")
         for name, model in cfg.models.items()
-        for method in model.methods or cfg.methods
+        for method in model.runs(cfg.methods)
         for seed in cfg.seeds
     ]
 
@@ -133,6 +133,7 @@ def summarize(cfg: ViLoRAStudyConfig, found: dict[str, dict[str, Any]], errors: 
                 {m: row["patterns"] for m, row in methods.items() if row["patterns"]}
             ),
             "claim": claim_verdict(pairs),
+            "claim_b2": claim_verdict(pairs, suffix="_b2"),
         }
     return {"format": "adaptlab.vilora_study/1", "config": to_dict(cfg), "models": models,
             "failed_runs": errors}  # fmt: skip
@@ -158,6 +159,8 @@ def report(summary: dict, path: Path) -> None:
             lines += ["", "| rank patterns | Jaccard of kept triplets |", "|---|---|"]
             lines += [f"| {pair} | {v['jaccard']:.2f} |" for pair, v in jac.items()]
         lines += ["", f"Claim: {model['claim']}", ""]
+        if not model["claim_b2"].startswith("not tested"):
+            lines += [f"Claim with the β2 control (`_b2` runs): {model['claim_b2']}", ""]
     if summary["failed_runs"]:
         lines += ["## Failed runs", "", *[f"- {e}" for e in summary["failed_runs"]], ""]
     tmp = path.with_suffix(".md.tmp")

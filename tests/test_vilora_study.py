@@ -145,3 +145,16 @@ def test_one_real_run_through_the_study(tiny_model_dir, sst2_dir, tmp_path):
     with pytest.raises(SystemExit):  # a preset that does not exist: one sentence, exit 2
         study.main(["--config", str(config), "--models", '{"x": {"preset": "missing.yaml"}}'])
     assert parse_config(ViLoRAStudyConfig, ["--config", str(config)]).seeds == [5]
+
+
+def test_controls_add_their_flags_after_the_models_learning_rate():
+    model = StudyModel("p.yaml", lora_args=["--lr", "2e-3"], ivon_args=["--lr", 1.0],
+                       controls={"vilora_SNR_b2": ["--method", "adalora", "--optimizer", "ivon",
+                                                   "--ivon_beta2", 0.99],
+                                 "probe": ["--method", "full", "--lr", 0.5]})  # fmt: skip
+    assert model.runs(["lora"]) == ["lora", "vilora_SNR_b2", "probe"]
+    assert model.flags("vilora_SNR_b2")[:2] == ["--lr", "1.0"]  # IVON's lr, then the control's
+    assert model.flags("vilora_SNR_b2")[-2:] == ["--ivon_beta2", "0.99"]
+    assert model.flags("probe") == ["--lr", "2e-3", "--method", "full", "--lr", "0.5"]
+    with pytest.raises(UserError, match="reuse a method's name"):
+        ViLoRAStudyConfig(models={"m": StudyModel("p.yaml", controls={"lora": []})})

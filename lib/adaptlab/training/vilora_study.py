@@ -55,8 +55,16 @@ PAIRS = (
     ("vilora_sigma", "vilora_random"),
     ("vilora_SNR_mean_abs", "adalora_ivon"),
     ("adalora_ivon", "adalora_adam"),
+    ("adalora_ivon", "ivon_head_only"),
+    ("vilora_SNR_mean_abs", "ivon_head_only"),
+    *(
+        (f"vilora_{a}_b2", f"vilora_{b}_b2")
+        for a, b in (("mean", "SNR"), ("sigma", "SNR"), ("SNR", "random"), ("mean", "random"))
+    ),
 )
-"""Paired differences the report tests (first minus second, per seed)."""
+"""Paired differences the report tests (first minus second, per seed). ``ivon_head_only`` and
+the ``_b2`` runs are controls a model may add (``StudyModel.controls``): IVON training the head
+alone (do the adapters matter at all?), and ViLoRA with a β2 at which h moves within the run."""
 
 
 @dataclass
@@ -71,6 +79,9 @@ class StudyModel:
         ivon_args: flags of every IVON run (learning rate, ``ivon_*``).
         methods: this model's methods (None: the study's ``methods``), e.g. fewer for a model
             whose runs are slow.
+        controls: this model's extra runs, name -> ``finetune.py`` flags (after the preset and
+            ``ivon_args``, or ``lora_args`` when the flags do not select IVON), e.g. a head-only
+            IVON run, or ViLoRA with another ``ivon_beta2``; reported like the methods.
     """
 
     preset: str
@@ -78,6 +89,21 @@ class StudyModel:
     lora_args: list[str | int | float] = field(default_factory=list)
     ivon_args: list[str | int | float] = field(default_factory=list)
     methods: list[str] | None = None
+    controls: dict[str, list[str | int | float]] = field(default_factory=dict)
+
+    def runs(self, default: Sequence[str]) -> list[str]:
+        """The names of this model's runs: its methods (or ``default``), then its controls."""
+        return [*(self.methods or default), *self.controls]
+
+    def flags(self, name: str) -> list[str]:
+        """The flags a method or control adds after the preset, learning rate included."""
+        if name in self.controls:
+            own = [str(v) for v in self.controls[name]]
+            pairs = zip(own, own[1:], strict=False)
+            ivon = any(a == "--optimizer" and b.startswith("ivon") for a, b in pairs)
+            return [*map(str, self.ivon_args if ivon else self.lora_args), *own]
+        kind = "ivon_args" if name in IVON_METHODS else ADAM_KINDS[name]
+        return [*STUDY_METHODS[name], *map(str, getattr(self, kind))]
 
 
 @dataclass
@@ -110,6 +136,11 @@ class ViLoRAStudyConfig:
         }
         named = [*self.methods, *(m for model in self.models.values() for m in model.methods or [])]
         unknown = [m for m in named if m not in STUDY_METHODS]
+        clashes = [
+            c for model in self.models.values() for c in model.controls if c in STUDY_METHODS
+        ]
+        if clashes:
+            raise UserError(f"Control(s) {', '.join(clashes)} reuse a method's name; rename them.")
         if unknown:
             raise UserError(
                 f"Unknown study method(s) {', '.join(unknown)}; choose from "
@@ -126,10 +157,9 @@ class ViLoRAStudyConfig:
 def run_args(
     model: StudyModel, method: str, seed: int, out: str, extra: Sequence[Any]
 ) -> list[str]:
-    """The ``scripts/finetune.py`` argv of one run."""
-    kind = "ivon_args" if method in IVON_METHODS else ADAM_KINDS[method]
+    """The ``scripts/finetune.py`` argv of one run (``method``: a method or a control)."""
     return [
-        "--config", model.preset, *STUDY_METHODS[method], *map(str, getattr(model, kind)),
+        "--config", model.preset, *model.flags(method),
         "--seed", str(seed), "--output_dir", out, *map(str, extra),
     ]  # fmt: skip
 
@@ -196,10 +226,14 @@ def pattern_agreement(
     return out
 
 
-def claim_verdict(pairs: Mapping[str, dict[str, Any] | None], alpha: float = 0.05) -> str:
+def claim_verdict(
+    pairs: Mapping[str, dict[str, Any] | None], alpha: float = 0.05, suffix: str = ""
+) -> str:
     """One sentence on the paper's claim (``mean`` ≈ ``SNR``, ``sigma`` worse) from the paired
-    differences ``pairs["vilora_mean-vilora_SNR"]`` and ``pairs["vilora_sigma-vilora_SNR"]``."""
-    same, worse = pairs.get("vilora_mean-vilora_SNR"), pairs.get("vilora_sigma-vilora_SNR")
+    differences ``pairs["vilora_mean{suffix}-vilora_SNR{suffix}"]`` and
+    ``pairs["vilora_sigma{suffix}-vilora_SNR{suffix}"]``."""
+    same = pairs.get(f"vilora_mean{suffix}-vilora_SNR{suffix}")
+    worse = pairs.get(f"vilora_sigma{suffix}-vilora_SNR{suffix}")
     if same is None or worse is None:
         return "not tested: the study lacks paired mean, SNR and sigma runs."
 
