@@ -424,13 +424,9 @@ class IVON(torch.optim.Optimizer):
                 "backward inside optimizer.sampled_params(train=True) before calling step()."
             )
         key = _SAMPLE_SUMS[self.hess_approx]
+        for bucket in buckets:  # the sums become means in place
+            self._average(bucket.params, key, bucket.foreach)
         sums = [state[name] for state in states for name in ("grad_sum", key)]
-        counts = [state["samples"] for state in states for _ in range(2)]
-        if self.foreach and len(set(counts)) == 1:  # the sums become means in place
-            torch._foreach_div_(sums, counts[0])
-        else:
-            for total, count in zip(sums, counts, strict=True):
-                total.div_(count)
         if self.sync and dist.is_available() and dist.is_initialized():
             _all_reduce_mean(sums)
         for bucket in buckets:
@@ -449,6 +445,19 @@ class IVON(torch.optim.Optimizer):
         for group in self.param_groups:
             group["step"] += 1
         return loss
+
+    def _average(self, params: list[nn.Parameter], key: str, foreach: bool) -> None:
+        """Divide the step's sums of ``params`` by their sample count, in place."""
+        states = [self.state[p] for p in params]
+        counts = {state["samples"] for state in states}
+        if foreach and len(counts) == 1:
+            if counts != {1}:
+                count = _scalar(counts.pop(), params[0].device)
+                torch._foreach_div_([s[name] for s in states for name in ("grad_sum", key)], count)
+            return
+        for state in states:
+            state["grad_sum"].div_(state["samples"])
+            state[key].div_(state["samples"])
 
     def _update(
         self,
@@ -488,7 +497,8 @@ class IVON(torch.optim.Optimizer):
 
         ``curvs`` (the step's own buffers) are overwritten with ĥ.
         """
-        ess, decay = group["ess"], group["weight_decay"]
+        device = params[0].device
+        ess, decay = _scalar(group["ess"], device), _scalar(group["weight_decay"], device)
         beta1, beta2 = group["beta1"], group["beta2"]
         hess = [state["hess"] for state in states]
         momentum = [state["momentum"] for state in states]
@@ -497,17 +507,17 @@ class IVON(torch.optim.Optimizer):
             torch._foreach_mul_(curvs, torch._foreach_mul(hess_decay, ess))
         else:
             torch._foreach_mul_(curvs, ess)
-        torch._foreach_mul_(momentum, beta1)
+        torch._foreach_mul_(momentum, _scalar(beta1, device))
         torch._foreach_add_(momentum, grads, alpha=1.0 - beta1)
         correction = torch._foreach_sub(hess, curvs)
         torch._foreach_mul_(correction, correction)
         torch._foreach_div_(correction, hess_decay)
-        torch._foreach_mul_(hess, beta2)
+        torch._foreach_mul_(hess, _scalar(beta2, device))
         torch._foreach_add_(hess, curvs, alpha=1.0 - beta2)
         torch._foreach_add_(hess, correction, alpha=0.5 * (1.0 - beta2) ** 2)
         lr, debias = self._lr_and_debias(group)
         means = [self._mean(param) for param in params]
-        direction = torch._foreach_div(momentum, debias)
+        direction = torch._foreach_div(momentum, _scalar(debias, device))
         torch._foreach_add_(direction, torch._foreach_mul(means, decay))
         torch._foreach_div_(direction, torch._foreach_add(hess, decay))
         radius = group["clip_radius"]
@@ -536,10 +546,21 @@ def _noise(
     """ε = z / √(λ(h + δ)) for standard normals ``zs`` (left unchanged)."""
     if not foreach:
         return [z / (ess * (h + decay)).sqrt() for z, h in zip(zs, hess, strict=True)]
-    scale = torch._foreach_add(hess, decay)
-    torch._foreach_mul_(scale, ess)
+    scale = torch._foreach_add(hess, _scalar(decay, zs[0].device))
+    torch._foreach_mul_(scale, _scalar(ess, zs[0].device))
     torch._foreach_sqrt_(scale)
     return torch._foreach_div(zs, scale)
+
+
+def _scalar(value: float, device: torch.device) -> float | torch.Tensor:
+    """``value`` as a foreach op's scalar operand on ``device``.
+
+    On the CPU a 0-dim fp32 tensor: a Python number would be wrapped into a tensor once per
+    list entry, which triples the cost of an op on small tensors. The result is the same: the
+    kernel reads the number as fp32 either way. Elsewhere the number itself (no copy to the
+    device).
+    """
+    return torch.tensor(value, dtype=torch.float32) if device.type == "cpu" else value
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
