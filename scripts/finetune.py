@@ -228,8 +228,6 @@ from adaptlab.training.parallel import (
     deepspeed_engine,
     fill_deepspeed_config,
     hidden_from_accelerate,
-    optimizer_state_fraction,
-    param_fraction,
     requested_strategy,
     resolve_strategy,
     shard_fsdp,
@@ -238,6 +236,7 @@ from adaptlab.training.parallel import (
     zero_train_step,
 )
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
+from adaptlab.training.sharded_state import optimizer_state_fraction, param_fraction
 
 
 @dataclass

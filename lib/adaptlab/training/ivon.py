@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptlab.training.errors import TrainingError
+from adaptlab.training.ivon_ops import all_reduce_mean, posterior_noise, scalar
 
 HessApprox = Literal["price", "gradsq"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -332,7 +333,9 @@ class IVON(torch.optim.Optimizer):
                 group, params = bucket.group, bucket.params
                 hess = [self._hess(p, group) for p in params]
                 zs = [draws[bucket.group_index][i] for i in bucket.positions]
-                noise = _noise(zs, hess, group["ess"], group["weight_decay"], bucket.foreach)
+                noise = posterior_noise(
+                    zs, hess, group["ess"], group["weight_decay"], bucket.foreach
+                )
                 means.append([p.detach().clone() for p in params])
                 self._perturb(params, noise, bucket.foreach)
                 noises.append(noise)
@@ -428,7 +431,7 @@ class IVON(torch.optim.Optimizer):
             self._average(bucket.params, key, bucket.foreach)
         sums = [state[name] for state in states for name in ("grad_sum", key)]
         if self.sync and dist.is_available() and dist.is_initialized():
-            _all_reduce_mean(sums)
+            all_reduce_mean(sums)
         for bucket in buckets:
             group, params = bucket.group, bucket.params
             bucket_states = [self.state[p] for p in params]
@@ -452,7 +455,7 @@ class IVON(torch.optim.Optimizer):
         counts = {state["samples"] for state in states}
         if foreach and len(counts) == 1:
             if counts != {1}:
-                count = _scalar(counts.pop(), params[0].device)
+                count = scalar(counts.pop(), params[0].device)
                 torch._foreach_div_([s[name] for s in states for name in ("grad_sum", key)], count)
             return
         for state in states:
@@ -498,7 +501,7 @@ class IVON(torch.optim.Optimizer):
         ``curvs`` (the step's own buffers) are overwritten with ĥ.
         """
         device = params[0].device
-        ess, decay = _scalar(group["ess"], device), _scalar(group["weight_decay"], device)
+        ess, decay = scalar(group["ess"], device), scalar(group["weight_decay"], device)
         beta1, beta2 = group["beta1"], group["beta2"]
         hess = [state["hess"] for state in states]
         momentum = [state["momentum"] for state in states]
@@ -507,17 +510,17 @@ class IVON(torch.optim.Optimizer):
             torch._foreach_mul_(curvs, torch._foreach_mul(hess_decay, ess))
         else:
             torch._foreach_mul_(curvs, ess)
-        torch._foreach_mul_(momentum, _scalar(beta1, device))
+        torch._foreach_mul_(momentum, scalar(beta1, device))
         torch._foreach_add_(momentum, grads, alpha=1.0 - beta1)
         correction = torch._foreach_sub(hess, curvs)
         torch._foreach_mul_(correction, correction)
         torch._foreach_div_(correction, hess_decay)
-        torch._foreach_mul_(hess, _scalar(beta2, device))
+        torch._foreach_mul_(hess, scalar(beta2, device))
         torch._foreach_add_(hess, curvs, alpha=1.0 - beta2)
         torch._foreach_add_(hess, correction, alpha=0.5 * (1.0 - beta2) ** 2)
         lr, debias = self._lr_and_debias(group)
         means = [self._mean(param) for param in params]
-        direction = torch._foreach_div(momentum, _scalar(debias, device))
+        direction = torch._foreach_div(momentum, scalar(debias, device))
         torch._foreach_add_(direction, torch._foreach_mul(means, decay))
         torch._foreach_div_(direction, torch._foreach_add(hess, decay))
         radius = group["clip_radius"]
@@ -538,29 +541,6 @@ class IVON(torch.optim.Optimizer):
         )
         debias = 1.0 - group["beta1"] ** (group["step"] + 1) if self.debias else 1.0
         return lr, debias
-
-
-def _noise(
-    zs: list[torch.Tensor], hess: list[torch.Tensor], ess: float, decay: float, foreach: bool
-) -> list[torch.Tensor]:
-    """ε = z / √(λ(h + δ)) for standard normals ``zs`` (left unchanged)."""
-    if not foreach:
-        return [z / (ess * (h + decay)).sqrt() for z, h in zip(zs, hess, strict=True)]
-    scale = torch._foreach_add(hess, _scalar(decay, zs[0].device))
-    torch._foreach_mul_(scale, _scalar(ess, zs[0].device))
-    torch._foreach_sqrt_(scale)
-    return torch._foreach_div(zs, scale)
-
-
-def _scalar(value: float, device: torch.device) -> float | torch.Tensor:
-    """``value`` as a foreach op's scalar operand on ``device``.
-
-    On the CPU a 0-dim fp32 tensor: a Python number would be wrapped into a tensor once per
-    list entry, which triples the cost of an op on small tensors. The result is the same: the
-    kernel reads the number as fp32 either way. Elsewhere the number itself (no copy to the
-    device).
-    """
-    return torch.tensor(value, dtype=torch.float32) if device.type == "cpu" else value
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -589,17 +569,3 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over the processes: one all-reduce per device."""
-    world = dist.get_world_size()
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_device.setdefault(tensor.device, []).append(tensor)
-    for group in by_device.values():
-        flat = torch.cat([t.flatten() for t in group])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
-            tensor.copy_(part.view_as(tensor))
