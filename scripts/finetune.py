@@ -20,6 +20,8 @@ split (``shots`` per label, ``data_seed``) with cross-entropy over the label-wor
 mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
 and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
 upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
+``--extra_test_tasks [mnli-mm]`` scores other tasks' test splits the same way, with the run's
+prompt (``metrics.extra_tests``, ``adaptlab.training.extra_tests``).
 ``--scoring options`` (causal LMs) scores each class by its whole option instead, the summed
 log-probabilities of the tokens of ``" " + word`` after the prompt (C rows per example), so
 label words may be several tokens and options sharing a first token stay apart (graft.md §9).
@@ -196,6 +198,7 @@ from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
 from adaptlab.training.data import Data, mmlu_data, multi_task_data, task_data
+from adaptlab.training.extra_tests import extra_test_metrics, extra_test_summary
 from adaptlab.training.fewshot import (
     init_linear_head,
 )
@@ -601,9 +604,9 @@ def log_metrics(job: Job, run: Run, metrics: dict, prefix: str) -> None:
 
 
 def scores(job: Job, run: Run, split: str) -> dict:
-    """Metrics of the evaluation (``dev``) or ``test`` split at the current step; a generation
-    task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
-    evaluate = job.data.evaluate if split == "dev" else job.data.test
+    """Metrics of the evaluation (``dev``), ``test`` or an extra task's test split at the current
+    step; a generation task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
+    evaluate = {"dev": job.data.evaluate, "test": job.data.test, **job.data.extra_tests}[split]
     cfg = job.cfg  # IVON: logits averaged over ivon_infer_mc_samples draws (0: the mean)
     with mc_averaged_logits(run.model, run.optimizer, cfg.ivon_infer_mc_samples, cfg.seed):
         metrics = evaluate(run.model, job.accelerator)
@@ -624,6 +627,8 @@ def evaluate_and_keep(job: Job, run: Run) -> None:
         if job.data.test is not None:  # the upstream protocol: test the best-dev weights
             state.best["test"] = scores(job, run, "test")
             log_metrics(job, run, state.best["test"], "test")
+            if job.data.extra_tests:  # e.g. MNLI mismatched, by the same weights
+                state.best["extra_tests"] = {t: scores(job, run, t) for t in job.data.extra_tests}
         save_weights(job, run, ckpt.BEST)
     state.eval_seconds += time.perf_counter() - started
 
@@ -751,6 +756,7 @@ def finalize(job: Job, run: Run) -> dict:
     cfg, acc, state = job.cfg, job.accelerator, run.state
     save_weights(job, run, ckpt.FINAL)
     test = scores(job, run, "test") if job.data.test is not None else None
+    extra = {task: scores(job, run, task) for task in job.data.extra_tests}
     parallel = {  # what each rank held: the proof that sharding happened
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
@@ -793,6 +799,7 @@ def finalize(job: Job, run: Run) -> dict:
                     if test is not None
                     else {}
                 ),
+                **extra_test_metrics(extra, state.best),
             },
             "checkpoints": [*state.checkpoints, ckpt.FINAL] + ([ckpt.BEST] if state.best else []),
             "timings": {
@@ -865,7 +872,7 @@ def main(argv: list[str] | None = None) -> None:
             score = (
                 f"dev {key}{mean} {final.get(key, float('nan')):.3f}, test {key} "
                 f"at the best dev step {best.get(key, float('nan')):.3f}"
-            )
+            ) + extra_test_summary(result["metrics"], key)
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
     if job.lock is not None:
         job.lock.release()

@@ -17,6 +17,7 @@ from typing import Literal
 
 from adaptlab.adapters.settings import BottleneckSettings, KernelViewSettings
 from adaptlab.training.errors import TrainingError
+from adaptlab.training.extra_tests import ExtraTestSettings
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
@@ -75,7 +76,12 @@ def _plain_name(name: str) -> bool:
 
 @dataclass
 class FinetuneConfig(
-    AdaLoRASettings, IvonSettings, ClrSettings, BottleneckSettings, KernelViewSettings
+    AdaLoRASettings,
+    IvonSettings,
+    ClrSettings,
+    BottleneckSettings,
+    KernelViewSettings,
+    ExtraTestSettings,
 ):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
@@ -133,6 +139,7 @@ class FinetuneConfig(
             lexicalisations) and ``coqa`` (story + conversation + question -> answer, also the
             SQuAD-style ``token_f1``); they train on the whole training split (``shots`` and
             ``kshot_mode`` apply to ``bbc-headline`` only) and evaluate a seeded dev sample.
+            ``extra_test_tasks`` (:class:`ExtraTestSettings`) scores other tasks' test splits.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
             other than the offline ``mmlu-topics*``); with ``kshot_mode: full``, its original data
             root (``--original_dir``).
@@ -358,6 +365,7 @@ class FinetuneConfig(
         self.betas = tuple(self.betas)
         self._resolve_fix_layers()
         self._resolve_task()
+        self._resolve_extra_tests()  # after the task's name is spelled as registered
         for name, registry, what in (
             (self.method, METHODS, "method"),
             (self.optimizer, OPTIMIZERS, "optimizer"),
