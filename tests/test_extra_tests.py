@@ -142,3 +142,41 @@ def test_bad_extra_tasks_fail_in_one_line(flags, message, tiny_bert_dir, data_di
     assert exit_info.value.code == 2
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+def test_mnli_preset_scores_mismatched_on_the_full_data(tiny_bert_dir, tmp_path):
+    """glue_mnli.yaml asks for mnli-mm; in full mode its test split is MNLI/dev_mismatched.tsv,
+    scored by the linear head of the MNLI run."""
+    from adaptlab.training.checkpoint import load_linear_head
+    from tests.test_vilora_glue_presets import build, task_file, write_original
+
+    assert build(task_file("MNLI"), "budget_r2.yaml").extra_test_tasks == ["mnli-mm"]
+    root = write_original(tmp_path / "original")
+    out = tmp_path / "run"
+    finetune.main([
+        "--model", str(tiny_bert_dir), "--task", "MNLI", "--task_dir", str(root),
+        "--kshot_mode", "full", "--head", "linear", "--extra_test_tasks", "[mnli-mm]",
+        "--method", "full", "--optimizer", "sgd", "--lr", "0.1", "--batch_size", "1",
+        "--max_steps", "1", "--eval_points", "1", "--checkpoints", "0", "--save_init", "false",
+        "--report_to", "none", "--progress", "false", "--output_dir", str(out),
+    ])  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert list(result["data"]["extra_tests"]["mnli-mm"]["sha256"]) == [
+        "train.tsv",
+        "dev_mismatched.tsv",
+    ]
+    mismatched = result["metrics"]["extra_tests"]["mnli-mm"]
+    # one contradiction example (class 0), scored by hand with the saved model and head
+    tokenizer = load_tokenizer(str(out / "final"))
+    splits = load_task("mnli-mm", root, mode="full")
+    (example,) = encode_examples(splits.test, get_task("MNLI"), tokenizer, kind="masked",
+                                 head="linear")  # fmt: skip
+    model = AutoModelForMaskedLM.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([example["input_ids"]]), output_hidden_states=True)
+        scores = load_linear_head(out / "final")(hidden.hidden_states[-1][:, :1], None)[0]
+    assert example["label"] == 0
+    assert mismatched["final"]["accuracy"] == float(scores.argmax() == 0)
+    loss = F.cross_entropy(scores[None], torch.tensor([0]))
+    assert mismatched["final"]["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert mismatched["final"]["n"] == mismatched["at_best"]["n"] == 1
