@@ -629,6 +629,8 @@ def evaluate_and_keep(job: Job, run: Run) -> None:
             log_metrics(job, run, state.best["test"], "test")
             if job.data.extra_tests:  # e.g. MNLI mismatched, by the same weights
                 state.best["extra_tests"] = {t: scores(job, run, t) for t in job.data.extra_tests}
+                for task, metrics in state.best["extra_tests"].items():
+                    run.logger.log(state.step, metrics, f"test/{task}")
         save_weights(job, run, ckpt.BEST)
     state.eval_seconds += time.perf_counter() - started
 

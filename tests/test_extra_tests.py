@@ -12,6 +12,7 @@ from transformers import AutoModelForMaskedLM
 
 from adaptlab.data import encode_examples, get_task, label_word_ids, load_task
 from adaptlab.models import load_tokenizer
+from adaptlab.training.loop import read_metrics
 from tests.conftest import load_script, write_sst2_kshot
 from tests.test_fewshot_finetune import fewshot_args, whole_and_killed_runs
 
@@ -94,8 +95,12 @@ def test_summary_line_names_the_extra_task(tiny_bert_dir, data_dir, capsys):
     finetune.main(fewshot_args(tiny_bert_dir, data_dir, out, "--extra_test_tasks", "[cr]",
                                "--max_steps", "1", "--eval_points", "1"))  # fmt: skip
     printed = capsys.readouterr().out
-    extra = json.loads((out / "result.json").read_text())["metrics"]["extra_tests"]["cr"]
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    extra = metrics["extra_tests"]["cr"]
     assert "+ 10 cr test" in printed  # the data summary
+    # logged at every new best, as the run's own test split; the last one is the best's
+    logged = [(r["step"], r["test/cr/accuracy"]) for r in read_metrics(out) if "test/cr/n" in r]
+    assert logged[-1] == (metrics["best"]["step"], extra["at_best"]["accuracy"])
     assert (
         f"cr test accuracy {extra['final']['accuracy']:.3f} (final) "
         f"{extra['at_best']['accuracy']:.3f} (at the best dev step)" in printed
