@@ -3,16 +3,19 @@
 ViLoRA's GLUE recipe selects MNLI on the matched dev set and also reports the mismatched one.
 ``extra_test_tasks: [mnli-mm]`` scores the test split of each named task with the run's own
 prompt, label words, length limit, head and tokenizer, by the best-dev weights (at each new
-best, as the run's own test split) and by the final ones::
+best, as the run's own test split) and by the final ones. ``glue_mnli.yaml`` sets it::
 
     python scripts/finetune.py --config scripts/configs/vilora/base.yaml \
-        --config scripts/configs/vilora/glue_mnli.yaml --extra_test_tasks [mnli-mm]
+        --config scripts/configs/vilora/glue_mnli.yaml \
+        --config scripts/configs/vilora/budget_r2.yaml
 
 ``result.json`` then holds ``metrics.extra_tests["mnli-mm"] = {"final": {...}, "at_best":
 {...}}``, the same metrics as ``test_final``. An extra task reads its test split from
 ``task_dir`` with the run's ``kshot_mode``, ``shots``, ``data_seed`` and ``test_limit`` (for
 ``mnli-mm`` in ``full`` mode: ``MNLI/dev_mismatched.tsv``); it must have the run task's labels
-and number of sentences, since its examples are read as the run's task.
+and number of sentences, since its examples are read as the run's task. Each extra split costs
+one evaluation pass at every new best and one at the end; its loader reads all of the task's
+files (``mnli-mm``: also ``MNLI/train.tsv``) but only the test split is encoded.
 """
 
 from __future__ import annotations
