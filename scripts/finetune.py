@@ -861,7 +861,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             best = result["metrics"]["test_at_best"] or {}
             mean = " (mean over tasks)" if job.data.tasks else ""
-            key = cfg.best_metric if cfg.task in GENERATION_TASKS else "accuracy"
+            # few-shot tasks report accuracy; generation tasks and STS-B their selection metric
+            key = "accuracy" if "accuracy" in final else cfg.best_metric
             score = (
                 f"dev {key}{mean} {final.get(key, float('nan')):.3f}, test {key} "
                 f"at the best dev step {best.get(key, float('nan')):.3f}"
