@@ -219,3 +219,11 @@ def test_prompt_head_is_refused_for_stsb(tiny_bert_dir, stsb_dir):
     tokenizer = load_tokenizer(str(tiny_bert_dir))
     with pytest.raises(DataError, match="regression task.*use head=linear"):
         prepare_fewshot("STS-B", tokenizer, "masked", data_dir=stsb_dir, k=8, seed=42)
+
+
+def test_kernel_config_refuses_stsb():
+    from adaptlab.ntk.config import KernelConfig
+    from adaptlab.ntk.errors import KernelError
+
+    with pytest.raises(KernelError, match="STS-B is a regression task; the kernel"):
+        KernelConfig(task="STS-B")
