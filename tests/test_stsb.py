@@ -119,6 +119,10 @@ def test_kshot_generator_samples_by_lm_bffs_score_bins(tmp_path):
     assert sorted(ex.score for ex in loaded.train) == sorted(
         float(line.split("\t")[-1]) for line in expected
     )
+    # mode=full reads the original files the same way: every training score, in file order
+    full = load_task("STS-B", tmp_path / "original", mode="full")
+    assert [ex.score for ex in full.train] == [float(line.split("\t")[-1]) for line in train]
+    assert len(full.test) == 5
 
 
 def test_non_numeric_score_is_a_one_sentence_error(tmp_path):
