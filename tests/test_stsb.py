@@ -231,3 +231,11 @@ def test_kernel_config_refuses_stsb():
 
     with pytest.raises(KernelError, match="STS-B is a regression task; the kernel"):
         KernelConfig(task="STS-B")
+
+
+def test_a_nan_correlation_never_stays_the_best():
+    """Constant predictions have no Pearson correlation (NaN): a later number replaces it."""
+    from adaptlab.training.checkpoint import is_better
+
+    assert is_better("pearson", 0.1, {"value": float("nan")})
+    assert not is_better("pearson", float("nan"), {"value": 0.1})
