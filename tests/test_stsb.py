@@ -239,3 +239,17 @@ def test_a_nan_correlation_never_stays_the_best():
 
     assert is_better("pearson", 0.1, {"value": float("nan")})
     assert not is_better("pearson", float("nan"), {"value": 0.1})
+
+
+def test_encoded_scores_survive_the_cache_and_key_it(tiny_bert_dir, stsb_dir, tmp_path):
+    from dataclasses import replace
+
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    splits = load_task("STS-B", stsb_dir, k=8, seed=42)
+    encode = dict(task=splits.task, tokenizer=tokenizer, kind="masked", head="linear")
+    first = encode_examples(splits.dev, cache_dir=tmp_path, **encode)
+    assert [ex["score"] for ex in first] == [ex.score for ex in splits.dev]
+    assert encode_examples(splits.dev, cache_dir=tmp_path, **encode) == first
+    moved = [replace(splits.dev[0], score=4.9), *splits.dev[1:]]
+    assert encode_examples(moved, cache_dir=tmp_path, **encode)[0]["score"] == 4.9
+    assert len(list(tmp_path.glob("prompts-STS-B-*.json"))) == 2

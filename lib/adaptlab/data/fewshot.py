@@ -546,7 +546,9 @@ def _cache_settings(
     vocab = sorted(tokenizer.get_vocab().items())
     examples_hash = hashlib.sha256()
     for ex in examples:
-        examples_hash.update(json.dumps(asdict(ex), sort_keys=True).encode() + b"\n")
+        # without a score, an example hashes as before the field existed (caches stay valid)
+        fields = {k: v for k, v in asdict(ex).items() if k != "score" or v is not None}
+        examples_hash.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     return {
         "version": CACHE_VERSION,
         "task": task.name,
