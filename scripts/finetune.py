@@ -29,6 +29,8 @@ label words may be several tokens and options sharing a first token stay apart (
 the last (causal LMs), optionally started from logistic regression on the pretrained features
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
 ``--l2_loss true`` trains either head on the squared error to the one-hot label.
+``--task STS-B`` (regression) needs ``--head linear``: one output, the squared error to the
+unscaled score, least squares for ``--from_linearhead``; it reports pearson, spearman and corr.
 ``--task a+b`` (few-shot tasks with the same number of labels) fine-tunes one model on all of
 them at once, the multi-task run whose per-task grafts graft.md §8 compares: the training sets
 are concatenated, every example keeps its own task's prompt and label words (a batch carries
@@ -870,7 +872,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             best = result["metrics"]["test_at_best"] or {}
             mean = " (mean over tasks)" if job.data.tasks else ""
-            key = cfg.best_metric if cfg.task in GENERATION_TASKS else "accuracy"
+            # few-shot tasks report accuracy; generation tasks and STS-B their selection metric
+            key = "accuracy" if "accuracy" in final else cfg.best_metric
             score = (
                 f"dev {key}{mean} {final.get(key, float('nan')):.3f}, test {key} "
                 f"at the best dev step {best.get(key, float('nan')):.3f}"
