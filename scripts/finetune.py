@@ -20,6 +20,8 @@ split (``shots`` per label, ``data_seed``) with cross-entropy over the label-wor
 mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
 and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
 upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
+``--extra_test_tasks [mnli-mm]`` scores other tasks' test splits the same way, with the run's
+prompt (``metrics.extra_tests``, ``adaptlab.training.extra_tests``).
 ``--scoring options`` (causal LMs) scores each class by its whole option instead, the summed
 log-probabilities of the tokens of ``" " + word`` after the prompt (C rows per example), so
 label words may be several tokens and options sharing a first token stay apart (graft.md §9).
@@ -27,6 +29,8 @@ label words may be several tokens and options sharing a first token stay apart (
 the last (causal LMs), optionally started from logistic regression on the pretrained features
 (``--from_linearhead true``) and saved beside the weights as ``linear_head.safetensors``;
 ``--l2_loss true`` trains either head on the squared error to the one-hot label.
+``--task STS-B`` (regression) needs ``--head linear``: one output, the squared error to the
+unscaled score, least squares for ``--from_linearhead``; it reports pearson, spearman and corr.
 ``--task a+b`` (few-shot tasks with the same number of labels) fine-tunes one model on all of
 them at once, the multi-task run whose per-task grafts graft.md §8 compares: the training sets
 are concatenated, every example keeps its own task's prompt and label words (a batch carries
@@ -196,6 +200,7 @@ from adaptlab.training import checkpoint as ckpt
 from adaptlab.training.checkpoint import ResumeError, TrainerState
 from adaptlab.training.config import OPERATIONAL_FIELDS, FinetuneConfig
 from adaptlab.training.data import Data, mmlu_data, multi_task_data, task_data
+from adaptlab.training.extra_tests import extra_test_metrics, extra_test_summary
 from adaptlab.training.fewshot import (
     init_linear_head,
 )
@@ -228,8 +233,6 @@ from adaptlab.training.parallel import (
     deepspeed_engine,
     fill_deepspeed_config,
     hidden_from_accelerate,
-    optimizer_state_fraction,
-    param_fraction,
     requested_strategy,
     resolve_strategy,
     shard_fsdp,
@@ -238,6 +241,7 @@ from adaptlab.training.parallel import (
     zero_train_step,
 )
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
+from adaptlab.training.sharded_state import optimizer_state_fraction, param_fraction
 
 
 @dataclass
@@ -602,9 +606,9 @@ def log_metrics(job: Job, run: Run, metrics: dict, prefix: str) -> None:
 
 
 def scores(job: Job, run: Run, split: str) -> dict:
-    """Metrics of the evaluation (``dev``) or ``test`` split at the current step; a generation
-    task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
-    evaluate = job.data.evaluate if split == "dev" else job.data.test
+    """Metrics of the evaluation (``dev``), ``test`` or an extra task's test split at the current
+    step; a generation task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
+    evaluate = {"dev": job.data.evaluate, "test": job.data.test, **job.data.extra_tests}[split]
     cfg = job.cfg  # IVON: logits averaged over ivon_infer_mc_samples draws (0: the mean)
     with mc_averaged_logits(run.model, run.optimizer, cfg.ivon_infer_mc_samples, cfg.seed):
         metrics = evaluate(run.model, job.accelerator)
@@ -625,6 +629,10 @@ def evaluate_and_keep(job: Job, run: Run) -> None:
         if job.data.test is not None:  # the upstream protocol: test the best-dev weights
             state.best["test"] = scores(job, run, "test")
             log_metrics(job, run, state.best["test"], "test")
+            if job.data.extra_tests:  # e.g. MNLI mismatched, by the same weights
+                state.best["extra_tests"] = {t: scores(job, run, t) for t in job.data.extra_tests}
+                for task, metrics in state.best["extra_tests"].items():
+                    run.logger.log(state.step, metrics, f"test/{task}")
         save_weights(job, run, ckpt.BEST)
     state.eval_seconds += time.perf_counter() - started
 
@@ -752,6 +760,7 @@ def finalize(job: Job, run: Run) -> dict:
     cfg, acc, state = job.cfg, job.accelerator, run.state
     save_weights(job, run, ckpt.FINAL)
     test = scores(job, run, "test") if job.data.test is not None else None
+    extra = {task: scores(job, run, task) for task in job.data.extra_tests}
     parallel = {  # what each rank held: the proof that sharding happened
         "strategy": job.strategy.name,
         "processes": acc.num_processes,
@@ -794,6 +803,7 @@ def finalize(job: Job, run: Run) -> dict:
                     if test is not None
                     else {}
                 ),
+                **extra_test_metrics(extra, state.best),
             },
             "checkpoints": [*state.checkpoints, ckpt.FINAL] + ([ckpt.BEST] if state.best else []),
             "timings": {
@@ -862,11 +872,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             best = result["metrics"]["test_at_best"] or {}
             mean = " (mean over tasks)" if job.data.tasks else ""
-            key = cfg.best_metric if cfg.task in GENERATION_TASKS else "accuracy"
+            # few-shot tasks report accuracy; generation tasks and STS-B their selection metric
+            key = "accuracy" if "accuracy" in final else cfg.best_metric
             score = (
                 f"dev {key}{mean} {final.get(key, float('nan')):.3f}, test {key} "
                 f"at the best dev step {best.get(key, float('nan')):.3f}"
-            )
+            ) + extra_test_summary(result["metrics"], key)
         print(f"{cfg.method}: {job.total_steps} steps -> {job.out}  {score}")
     if job.lock is not None:
         job.lock.release()

@@ -236,6 +236,91 @@ def test_state_dict_round_trip_continues_identically():
             assert torch.equal(optimizer.state[p][key], resumed.state[q][key])
 
 
+def test_state_between_steps_is_hess_and_momentum_only():
+    """The step's sample sums live from its first sample to ``step()``: between steps the
+    state of an fp32 weight is two fp32 copies of it, as ivon-opt's (bf16: plus the master)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5).bfloat16())]
+    optimizer = IVON(params, lr=0.1, ess=10.0)
+    quadratic_steps(optimizer, params, 1)
+    with optimizer.sampled_params(train=True):
+        sum(p.float().sum() for p in params).backward()
+    assert {"grad_sum", "nxg_sum", "samples"} <= set(optimizer.state[params[0]])  # mid-step
+    optimizer.step()
+    assert set(optimizer.state[params[0]]) == {"hess", "momentum"}
+    assert set(optimizer.state[params[1]]) == {"hess", "momentum", "master"}
+    full = optimizer.state[params[0]]
+    assert sum(t.numel() * t.element_size() for t in full.values()) == 2 * 4 * params[0].numel()
+    saved = optimizer.state_dict()["state"]
+    assert set(saved[0]) == {"hess", "momentum"} and set(saved[1]) == {"hess", "momentum", "master"}
+
+
+def test_a_state_dict_with_zero_sample_sums_still_resumes_exactly():
+    """State dicts saved between steps by the older IVON hold zero sums and a zero count."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2, 3))]
+    settings = dict(lr=0.3, ess=20.0, hess_init=0.5, beta2=0.999, seed=7)
+    optimizer = IVON(params, **settings)
+    quadratic_steps(optimizer, params, 2)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for state in saved["state"].values():
+        state.update(grad_sum=torch.zeros_like(state["hess"]), samples=0)
+        state["nxg_sum"] = torch.zeros_like(state["hess"])
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    resumed = IVON(copies, **settings)
+    resumed.load_state_dict(saved)
+    assert all(set(resumed.state[q]) == {"hess", "momentum"} for q in copies)
+    quadratic_steps(optimizer, params, 2)
+    quadratic_steps(resumed, copies, 2)
+    for p, q in zip(params, copies, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["hess"], resumed.state[q]["hess"])
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_foreach_path_equals_the_per_parameter_path(hess_approx):
+    """Several shapes, a bf16 weight (master copy), a weight without gradient, two groups
+    (one clipping), two draws a step, and prediction draws: both paths agree to 1e-7."""
+
+    def build(foreach: bool) -> tuple[list[nn.Parameter], IVON]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(*shape)) for shape in [(4, 3), (4,), (2, 4), (2,)]]
+        params += [nn.Parameter(torch.randn(3, 2).bfloat16()), nn.Parameter(torch.randn(6))]
+        groups = [
+            {"params": params[:2]},
+            {"params": params[2:], "lr": 0.05, "weight_decay": 0.1, "clip_radius": 0.02},
+        ]
+        optimizer = IVON(groups, lr=0.3, ess=20.0, hess_init=0.5, beta2=0.99, mc_samples=2,
+                         hess_approx=hess_approx, seed=4, foreach=foreach)  # fmt: skip
+        return params, optimizer
+
+    runs = {foreach: build(foreach) for foreach in (True, False)}
+    assert [b.foreach for b in runs[True][1]._buckets()] == [True, True, True]  # fp32, bf16
+    assert not any(b.foreach for b in runs[False][1]._buckets())
+    weights = torch.arange(1.0, 13.0)
+    predictions = {}
+    for foreach, (params, optimizer) in runs.items():
+        predictions[foreach] = []
+        for _ in range(4):
+            for _ in range(2):
+                with optimizer.sampled_params(train=True):
+                    loss = sum((weights[: p.numel()] * p.float().flatten() ** 2).sum()
+                               + p.float().sin().sum() ** 3 for p in params[:-1])  # fmt: skip
+                    loss.backward()
+            optimizer.step()
+            with optimizer.sampled_params(train=False):
+                predictions[foreach].append(torch.cat([p.float().flatten() for p in params]))
+    (mine, fast), (theirs, slow) = runs[True], runs[False]
+    for p, q in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-7)
+        for key in fast.state[p]:
+            torch.testing.assert_close(fast.state[p][key], slow.state[q][key], rtol=1e-7, atol=1e-7)
+    for a, b in zip(predictions[True], predictions[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    moved = [float((p - q).detach().abs().max()) for p, q in zip(mine, build(True)[0], strict=True)]
+    assert min(moved) > 1e-4
+
+
 def test_draws_depend_on_seed_step_and_sample_only():
     """Equal seeds draw alike (every process of a run); each sample and step draws anew."""
     params = [nn.Parameter(torch.zeros(6)) for _ in range(2)]

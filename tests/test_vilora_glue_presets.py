@@ -30,8 +30,6 @@ SPEC_TABLE = {
 }
 BUDGETS = {"budget_r2.yaml": (3, 2), "budget_r4.yaml": (6, 4)}
 OVERLAYS = [None, "adalora_ivon_sensitivity", "adalora_adam", "lora", "full"]
-# STS-B is a regression task the task registry does not have yet (see glue_stsb.yaml).
-MISSING_TASKS = {"STS-B": "STS-B regression is not in the task registry yet"}
 
 
 def task_file(task: str) -> Path:
@@ -53,15 +51,7 @@ def build(*files: str | Path) -> FinetuneConfig:
     return parse_config(FinetuneConfig, args)
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        pytest.param(t, marks=pytest.mark.xfail(raises=SystemExit, strict=True, reason=why))
-        if (why := MISSING_TASKS.get(t))
-        else t
-        for t in SPEC_TABLE
-    ],
-)
+@pytest.mark.parametrize("task", SPEC_TABLE)
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_every_task_builds_vilora(task, budget):
     cfg = build(task_file(task), budget)
@@ -152,14 +142,14 @@ def test_submit_script_runs_every_combination_on_existing_presets():
     ).stdout.split("\n")
     runs = [line.split() for line in listing if line]
     tasks = {task: f"glue_{task}.yaml" for task, _, _, _ in runs}
-    wanted = {task_file(t).name for t in SPEC_TABLE if t not in MISSING_TASKS}
+    wanted = {task_file(t).name for t in SPEC_TABLE}
     assert set(tasks.values()) == wanted
     for task, budget, method, seed in runs:
         assert (PRESETS / tasks[task]).is_file() and (PRESETS / f"budget_{budget}.yaml").is_file()
         assert method == "vilora" or (PRESETS / f"{method}.yaml").is_file()
         assert 2021 <= int(seed) <= 2025
-    # 7 tasks x (4 methods x 2 budgets + full once) x 5 seeds
-    assert len(runs) == len(set(map(tuple, runs))) == 7 * (4 * 2 + 1) * 5
+    # 8 tasks x (4 methods x 2 budgets + full once) x 5 seeds
+    assert len(runs) == len(set(map(tuple, runs))) == 8 * (4 * 2 + 1) * 5
 
 
 def test_task_max_len_truncates_fewshot_examples(tiny_bert_dir, sst2_dir):

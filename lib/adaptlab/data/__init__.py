@@ -63,7 +63,7 @@ from adaptlab.data.mmlu import (
     tokenize_prompts,
 )
 from adaptlab.data.offline import offline_splits, write_offline_kshot
-from adaptlab.data.prompt_batches import collate_prompts, task_metrics
+from adaptlab.data.prompt_batches import collate_prompts, regression_metrics, task_metrics
 from adaptlab.data.splits import kshot_split
 from adaptlab.data.tasks import PAPER_TASKS, TASKS, FileLayout, Task, get_task, split_tasks
 from adaptlab.data.templates import TemplatePart, check_template, parse_template
@@ -116,6 +116,7 @@ __all__ = [
     "question_block",
     "read_examples",
     "read_original",
+    "regression_metrics",
     "sample_weights",
     "select_shots",
     "shared_prompt_text",

@@ -41,7 +41,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 from tqdm.auto import tqdm
 
@@ -82,13 +82,15 @@ class FewShotExample:
         guid: ``<split>-<row>`` (row number in its file) or ``mmlu-<index>``.
         text_a: first sentence.
         text_b: second sentence of a pair task, else ``None``.
-        label: the label string, one of ``task.labels``.
+        label: the label string, one of ``task.labels`` (regression: the score's bin).
+        score: the real-valued score of a regression task (STS-B), else None.
     """
 
     guid: str
     text_a: str
     text_b: str | None
     label: str
+    score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,14 @@ class TaskSplits:
 
 
 class PromptExample(TypedDict):
-    """One encoded example: ``input_ids`` ``[T]``, the scored ``position``, the class index."""
+    """One encoded example: ``input_ids`` ``[T]``, the scored ``position``, the class index
+    (and a regression task's ``score``)."""
 
     guid: str
     input_ids: list[int]
     position: int
     label: int
+    score: NotRequired[float]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +267,16 @@ def read_examples(path: Path, task: Task, split: str) -> list[FewShotExample]:
                 f"columns {[*layout.text_columns, layout.label_column]}. Check the file layout."
             ) from None
         label = str(raw) if layout.format == "tsv" else csv_label(raw, layout.label_offset)
+        score = None
+        if task.regression is not None:
+            label, score = task.score_label(raw, f"Row {number + 1} of {path}")
         if label not in task.labels:
             raise DataError(
                 f"Row {number + 1} of {path} has label {label!r}; task {task.name} has labels "
                 f"{list(task.labels)}. Check the file layout."
             )
         text_a, text_b = (_text(t) for t in texts) if len(texts) == 2 else (_text(texts[0]), None)
-        examples.append(FewShotExample(f"{split}-{number}", text_a, text_b, label))
+        examples.append(FewShotExample(f"{split}-{number}", text_a, text_b, label, score))
     return examples
 
 
@@ -497,14 +504,15 @@ def encode_examples(
         except DataError as err:
             raise DataError(f"Example {ex.guid} of task {spec.name}: {err}") from None
         n_cut += out.n_truncated > 0
-        encoded.append(
-            PromptExample(
-                guid=ex.guid,
-                input_ids=out.input_ids,
-                position=out.position,
-                label=spec.labels.index(ex.label),
-            )
+        item = PromptExample(
+            guid=ex.guid,
+            input_ids=out.input_ids,
+            position=out.position,
+            label=spec.labels.index(ex.label),
         )
+        if ex.score is not None:
+            item["score"] = ex.score
+        encoded.append(item)
     if n_cut:
         logger.info(
             "Truncated %d of %d %s examples to max_length=%d.",
@@ -538,7 +546,9 @@ def _cache_settings(
     vocab = sorted(tokenizer.get_vocab().items())
     examples_hash = hashlib.sha256()
     for ex in examples:
-        examples_hash.update(json.dumps(asdict(ex), sort_keys=True).encode() + b"\n")
+        # without a score, an example hashes as before the field existed (caches stay valid)
+        fields = {k: v for k, v in asdict(ex).items() if k != "score" or v is not None}
+        examples_hash.update(json.dumps(fields, sort_keys=True).encode() + b"\n")
     return {
         "version": CACHE_VERSION,
         "task": task.name,

@@ -175,6 +175,8 @@ def generate_kshot(
     layout = _layout(task)
     original = original or read_original(task, original_dir)
     label_of = _line_label(layout) if layout.format == "tsv" else _row_label(layout)
+    if task.regression is not None:  # LM-BFF buckets STS-B by its score bin (score < 2.5)
+        label_of = _score_bin(task, label_of)
     sizes: dict[str, int] = {}
     for item in original.train:
         label = _normalise_label(label_of(item), layout)
@@ -230,6 +232,15 @@ def _line_label(layout: FileLayout) -> Callable[[str], str]:
         return line.strip().split("\t")[column]
 
     return label_of
+
+
+def _score_bin(task: Task, label_of: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """A regression task's bucket: the bin label of the line's score (the line is kept)."""
+
+    def bin_of(item: Any) -> str:
+        return task.score_label(label_of(item), f"Training line {str(item).strip()[:60]!r}")[0]
+
+    return bin_of
 
 
 def _row_label(layout: FileLayout) -> Callable[[list[Any]], Any]:

@@ -28,8 +28,9 @@ def collate_prompts(
 
     Returns:
         ``input_ids`` and ``attention_mask`` ``[B, T]`` (long, T = longest example),
-        ``positions`` and ``class_labels`` ``[B]`` (long), and ``label_word_ids`` ``[C]``
-        (long) when given.
+        ``positions`` and ``class_labels`` ``[B]`` (long), ``label_word_ids`` ``[C]``
+        (long) when given, and ``target_scores`` ``[B]`` (float32) when the examples carry a
+        regression ``score``.
 
     Raises:
         DataError: no examples.
@@ -49,6 +50,8 @@ def collate_prompts(
         "positions": torch.tensor([ex["position"] for ex in examples], dtype=torch.long),
         "class_labels": torch.tensor([ex["label"] for ex in examples], dtype=torch.long),
     }
+    if all("score" in ex for ex in examples):
+        batch["target_scores"] = torch.tensor([ex["score"] for ex in examples])
     if label_word_ids is not None:
         batch["label_word_ids"] = torch.tensor(list(label_word_ids), dtype=torch.long)
     return batch
@@ -88,3 +91,31 @@ def task_metrics(
     if "mcc" in spec.metrics:
         scores["mcc"] = float(matthews_corrcoef(gold, preds))
     return scores
+
+
+def regression_metrics(predictions: Sequence[float], scores: Sequence[float]) -> dict[str, float]:
+    """GLUE's STS-B metrics of predicted vs gold scores (:data:`~adaptlab.data.tasks.
+    REGRESSION_METRICS`): ``pearson`` and ``spearman`` (``scipy.stats``) and ``corr``, their
+    mean. A constant prediction has no correlation: NaN, as scipy gives.
+
+    >>> regression_metrics([0.0, 1.0, 3.0], [0.5, 1.0, 2.0])["spearman"]
+    1.0
+
+    Raises:
+        DataError: fewer than two pairs, or unequal lengths.
+    """
+    import warnings
+
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(predictions) != len(scores) or len(scores) < 2:
+        raise DataError(
+            f"regression_metrics got {len(predictions)} predictions and {len(scores)} scores; "
+            "pass one prediction per scored example (at least two)."
+        )
+    preds, gold = [float(p) for p in predictions], [float(y) for y in scores]
+    with warnings.catch_warnings():  # a constant input warns and gives NaN: reported as NaN
+        warnings.simplefilter("ignore")
+        pearson = float(pearsonr(preds, gold)[0])
+        spearman = float(spearmanr(preds, gold)[0])
+    return {"pearson": pearson, "spearman": spearman, "corr": (pearson + spearman) / 2}

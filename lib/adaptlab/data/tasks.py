@@ -1,14 +1,15 @@
 """The few-shot task registry: templates, label words, limits, metrics and file layouts.
 
 ``TASKS`` maps the name a user types to a :class:`Task`. The 14 tasks of spec ``kernel.md`` §3
-(``SST-2`` ... ``ag_news``, plus ``mnli-mm``, MNLI's mismatched test set) carry upstream's
-template, label words (``run_fewshot.sh``), label order (``processor.get_labels()``) and
-limits. The grafting repo adds ``ag_news-graft`` (another file layout, template and words) and
-the out-of-distribution evaluation sets ``imdb``, ``yelp_polarity``, ``amazon_polarity``,
-``anli``, ``hans`` and the MNLI genre splits (``telephone_telephone``, ...); their layouts are
-exactly what its processors read, and their prompts are those of the in-distribution task they
-test (SST-2 for the sentiment sets, MNLI for the NLI sets; HANS labels ``non-entailment`` /
-``entailment`` get the words No / Yes). The offline tasks, built in memory from embedded data
+(``SST-2`` ... ``ag_news``, plus ``mnli-mm``, MNLI's mismatched test set, and the GLUE
+regression task ``STS-B``, LM-BFF's settings) carry upstream's template, label words
+(``run_fewshot.sh``), label order (``processor.get_labels()``) and limits. The grafting repo
+adds ``ag_news-graft`` (another file layout, template and words) and the out-of-distribution
+evaluation sets ``imdb``, ``yelp_polarity``, ``amazon_polarity``, ``anli``, ``hans`` and the
+MNLI genre splits (``telephone_telephone``, ...); their layouts are exactly what its processors
+read, and their prompts are those of the in-distribution task they test (SST-2 for the
+sentiment sets, MNLI for the NLI sets; HANS labels ``non-entailment`` / ``entailment`` get the
+words No / Yes). The offline tasks, built in memory from embedded data
 (:mod:`adaptlab.data.offline`), are ``mmlu-topics`` and ``mmlu-topics-2``
 (:mod:`adaptlab.data.topics`; ``mmlu-topics-id`` and ``mmlu-topics-ood`` split its subjects for a
 distribution-shift evaluation), ``bbc-news`` (:mod:`adaptlab.data.bbc`) and ``tweet-sentiment``
@@ -31,13 +32,17 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from adaptlab.data import bbc, topics, tweets
 from adaptlab.data.errors import DataError
 
-Metric = Literal["acc", "f1", "mcc"]
+Metric = Literal["acc", "f1", "mcc", "pearson", "spearman", "corr"]
+REGRESSION_METRICS: tuple[Metric, ...] = ("pearson", "spearman", "corr")
+"""GLUE's STS-B metrics: Pearson and Spearman correlation of predicted and gold scores, and
+``corr``, their mean (LM-BFF's and the GLUE leaderboard's combined score)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class FileLayout:
 
 @dataclass(frozen=True)
 class Task:
-    """One few-shot classification task.
+    """One few-shot task: classification, or regression to a score (STS-B).
 
     Attributes:
         name: the registry key, e.g. ``"SST-2"``.
@@ -89,12 +94,17 @@ class Task:
         first_sent_limit: token limit of sentence 0 (None: none).
         other_sent_limit: token limit of the other sentences.
         truncate_head: cut over-long inputs at the head instead of the tail.
-        metrics: metric names; ``acc`` always first, then ``f1`` / ``mcc``.
+        metrics: metric names; classification: ``acc`` first, then ``f1`` / ``mcc``;
+            regression: :data:`REGRESSION_METRICS`.
         data_name: folder name under ``<root>/<mode>/`` and ``original/`` (MNLI for mnli-mm).
         layout: how the files are read (offline tasks: how prepare_fewshot.py writes them).
         n_sentences: sentences per example (1, or 2 for pairs).
         offline: built in memory by :mod:`adaptlab.data.offline`, no files needed.
         source: the upstream repository the settings come from.
+        regression: ``(low, high)``, the score range of a regression task, else None. Its
+            label column holds a real score, kept for training and metrics; its two labels
+            are only the bins LM-BFF's k-shot generator samples by (``labels[0]`` below the
+            midpoint, ``labels[1]`` from it on: STS-B's ``score < 2.5``).
     """
 
     name: str
@@ -111,6 +121,7 @@ class Task:
     n_sentences: int = 1
     offline: bool = False
     source: str = "LM-Kernel-FT"
+    regression: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.data_name:
@@ -120,6 +131,25 @@ class Task:
                 f"Task {self.name}: label_words keys {sorted(self.label_words)} differ from its "
                 f"labels {list(self.labels)}; give one word per label."
             )
+
+    def score_label(self, raw: Any, where: str) -> tuple[str, float]:
+        """A regression task's score cell as ``(bin label, score)``.
+
+        Raises:
+            DataError: the cell is not a number (``where`` names the row and file).
+        """
+        assert self.regression is not None
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            score = math.nan
+        if not math.isfinite(score):
+            raise DataError(
+                f"{where} has score {raw!r}; task {self.name} reads a number in its score "
+                "column. Check the file layout."
+            )
+        low, high = self.regression
+        return self.labels[int(score >= (low + high) / 2)], score
 
     @property
     def words(self) -> tuple[str, ...]:
@@ -190,6 +220,7 @@ MNLI_TSV = FileLayout(
 )
 SNLI_TSV = FileLayout("tsv", header=True, text_columns=(7, 8), label_column=-1)
 PAIR_TSV = FileLayout("tsv", header=True, text_columns=(1, 2), label_column=-1)  # QNLI, RTE
+STSB_TSV = FileLayout("tsv", header=True, text_columns=(7, 8), label_column=-1)
 MRPC_TSV = FileLayout("tsv", header=True, text_columns=(3, 4), label_column=0)
 QQP_TSV = FileLayout(
     "tsv",
@@ -311,6 +342,17 @@ _LM_BFF: list[Task] = [
         metrics=("acc", "f1"),
         layout=MRPC_TSV,
         n_sentences=2,
+    ),
+    # LM-BFF's regression: bins No (score < 2.5) / Yes for sampling, the score for training
+    Task(
+        "STS-B",
+        BINARY,
+        _words(BINARY, ("No", "Yes")),
+        PARAPHRASE,
+        metrics=REGRESSION_METRICS,
+        layout=STSB_TSV,
+        n_sentences=2,
+        regression=(0.0, 5.0),
     ),
     Task(
         "QQP",

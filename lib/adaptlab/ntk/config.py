@@ -138,6 +138,11 @@ class KernelConfig:
             ),
             (not unknown, f"Unknown solver(s) {unknown}; choose from {', '.join(SOLVERS)}."),
             (bool(self.solvers), "solvers is empty; name at least one (e.g. [lstsq])."),
+            (
+                task.regression is None,
+                f"Task {task.name} is a regression task; the kernel's label-word solvers are for "
+                "classification tasks, pick another task.",
+            ),
             (self.shots >= 1, f"shots={self.shots} must be at least 1."),
             (bool(self.seeds), "seeds is empty; give at least one data seed."),
             (len(set(self.seeds)) == len(self.seeds), f"seeds={self.seeds} repeats a seed."),

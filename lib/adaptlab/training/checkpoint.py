@@ -591,7 +591,7 @@ def is_better(
     >>> is_better("accuracy", 0.5, best), is_better("accuracy", 0.5, best, ties="last")
     (False, True)
     """
-    if best is None:
+    if best is None or best["value"] != best["value"]:  # any value beats a NaN (no correlation)
         return True
     if value == best["value"]:
         return ties == "last"

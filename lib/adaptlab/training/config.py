@@ -17,6 +17,7 @@ from typing import Literal
 
 from adaptlab.adapters.settings import BottleneckSettings, KernelViewSettings
 from adaptlab.training.errors import TrainingError
+from adaptlab.training.extra_tests import ExtraTestSettings
 from adaptlab.training.loop import TRAIN_DATA
 from adaptlab.training.methods import METHODS
 from adaptlab.training.objectives import OBJECTIVES
@@ -29,6 +30,9 @@ BEST_METRICS = (
     "accuracy",
     "f1",
     "mcc",
+    "pearson",
+    "spearman",
+    "corr",
     "constrained_macro",
     "constrained_micro",
     "accuracy_macro",
@@ -42,9 +46,10 @@ BEST_METRICS = (
     "token_f1",
 )
 """Evaluation metrics ``best_metric`` may name (loss and ECE: lower is better); ``accuracy``,
-``f1`` and ``mcc`` are few-shot task metrics, ROUGE, BLEU and the answer ``token_f1`` (CoQA)
-generation ones, the others MMLU's."""
-TASK_METRICS = frozenset({"accuracy", "f1", "mcc"})
+``f1`` and ``mcc`` are few-shot task metrics, ``pearson``, ``spearman`` and their mean ``corr``
+those of the regression task STS-B (higher is better), ROUGE, BLEU and the answer ``token_f1``
+(CoQA) generation ones, the others MMLU's."""
+TASK_METRICS = frozenset({"accuracy", "f1", "mcc", "pearson", "spearman", "corr"})
 GENERATION_METRICS = frozenset({"rouge1", "rouge2", "rougeL", "bleu", "token_f1"})
 MMLU_METRICS = frozenset(BEST_METRICS) - TASK_METRICS - GENERATION_METRICS
 
@@ -75,7 +80,12 @@ def _plain_name(name: str) -> bool:
 
 @dataclass
 class FinetuneConfig(
-    AdaLoRASettings, IvonSettings, ClrSettings, BottleneckSettings, KernelViewSettings
+    AdaLoRASettings,
+    IvonSettings,
+    ClrSettings,
+    BottleneckSettings,
+    KernelViewSettings,
+    ExtraTestSettings,
 ):
     """Fine-tune an LM on answer-only MMLU prompts or a few-shot task: full, LoRA, DoRA, AdaLoRA,
     BitFit, QLoRA.
@@ -133,6 +143,7 @@ class FinetuneConfig(
             lexicalisations) and ``coqa`` (story + conversation + question -> answer, also the
             SQuAD-style ``token_f1``); they train on the whole training split (``shots`` and
             ``kshot_mode`` apply to ``bbc-headline`` only) and evaluate a seeded dev sample.
+            ``extra_test_tasks`` (:class:`ExtraTestSettings`) scores other tasks' test splits.
         task_dir: the k-shot data root written by ``scripts/prepare_fewshot.py`` (few-shot tasks
             other than the offline ``mmlu-topics*``); with ``kshot_mode: full``, its original data
             root (``--original_dir``).
@@ -197,10 +208,11 @@ class FinetuneConfig(
             times the prompt's tokens).
         from_linearhead: initialise the linear head by logistic regression on the pretrained
             features of the training set (upstream ``--from_linearhead``, the head the
-            no-prompt kernel uses); False: a random init seeded by ``seed``.
+            no-prompt kernel uses; STS-B: least squares to the scores); False: a random init
+            seeded by ``seed``.
         l2_loss: few-shot tasks: squared error of the C scores to the one-hot label (mean over
             C) instead of cross-entropy (upstream ``--l2_loss``, the loss kernel regression
-            solves).
+            solves). Not for STS-B, whose one-output head always has the MSE to the score.
         label_smoothing: ε of the answer-only token cross-entropy (MMLU and generation tasks;
             0: none; spec §4's NLG runs use 0.1): the target puts 1 − ε on the answer token and
             ε/V on every vocabulary token, as ``F.cross_entropy(label_smoothing=ε)``.
@@ -229,7 +241,8 @@ class FinetuneConfig(
         eval_at_start: also evaluate before the first step (the baseline).
         eval_batch_size: prompts per evaluation forward pass per process.
         best_metric: evaluation metric whose best value keeps a copy in ``best/``; None:
-            ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks, ``rougeL`` for
+            ``constrained_macro`` for MMLU, ``accuracy`` for few-shot tasks (``pearson`` for
+            STS-B, which reports ``pearson``, ``spearman`` and ``corr``), ``rougeL`` for
             ``bbc-headline`` and ``cnn-dailymail``, ``bleu`` for ``webnlg``, ``token_f1`` for
             ``coqa`` (``rouge1``, ``rouge2``, ``rougeL`` and ``bleu`` for every generation task).
         best_ties: which of two evaluations with the same ``best_metric`` value is kept:
@@ -358,6 +371,7 @@ class FinetuneConfig(
         self.betas = tuple(self.betas)
         self._resolve_fix_layers()
         self._resolve_task()
+        self._resolve_extra_tests()  # after the task's name is spelled as registered
         for name, registry, what in (
             (self.method, METHODS, "method"),
             (self.optimizer, OPTIMIZERS, "optimizer"),
@@ -529,8 +543,11 @@ class FinetuneConfig(
                 self._check_multi_task(tasks)
             wanted = self.scoring if self.head == "prompt" else "linear_head"
             self.objective = self.objective or wanted
-            self.best_metric = self.best_metric or "accuracy"
+            regression = task.regression is not None  # STS-B: LM-BFF selects on Pearson
+            self.best_metric = self.best_metric or ("pearson" if regression else "accuracy")
             wrong = [
+                (regression and self.head != "linear", f"head={self.head!r}", "head=linear"),
+                (regression and self.l2_loss, "l2_loss=true", ""),  # regression is MSE already
                 (
                     self.scoring == "options" and self.head != "prompt",
                     "scoring='options'",
@@ -547,7 +564,8 @@ class FinetuneConfig(
                     or (
                         self.best_metric in TASK_METRICS - {"accuracy"}
                         and (multi or self.best_metric not in task.metrics)
-                    ),
+                    )
+                    or (regression and self.best_metric in ("accuracy", "ece")),
                     f"best_metric={self.best_metric!r}",
                     "",
                 ),

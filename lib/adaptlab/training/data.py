@@ -9,7 +9,7 @@ All return a :class:`Data` the fine-tuning recipe runs without knowing which it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from adaptlab import data as mmlu
 from adaptlab.data import split_tasks
 from adaptlab.training.config import FinetuneConfig
+from adaptlab.training.extra_tests import encode_extra_tests
 from adaptlab.training.fewshot import (
     FewShotData,
     collate_label_words,
@@ -46,6 +47,8 @@ class Data:
     summary: str  # "N training / M evaluation questions"
     fewshot: FewShotData | None = None  # the encoded task (single-task few-shot runs)
     tasks: tuple[str, ...] = ()  # multi-task runs: the tasks whose metrics sit under their names
+    # extra_test_tasks: task -> (model, accelerator) -> metrics of its test split
+    extra_tests: dict[str, Callable] = field(default_factory=dict)
 
 
 def select(
@@ -210,7 +213,10 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
     pad = tokenizer.pad_token_id
     objective = task_objective(cfg)
     scores = partial(task_scores, cfg, data, pad, objective)
-
+    extra, extra_sources = encode_extra_tests(cfg, data.task, tokenizer, data.kind)
+    # the extra tasks' files join the identity only when there are some (older runs keep theirs)
+    extra_identity = {"extra_tests": extra_sources} if extra else {}
+    record = {**data.record, **extra_identity}
     return Data(
         train_items=data.train,
         collate=scoring_parts(data)[1],
@@ -220,13 +226,16 @@ def task_data(cfg: FinetuneConfig, tokenizer: object, config: object) -> Data:
         identity={
             "rows": {"train": [ex["guid"] for ex in data.train]},
             "dataset": data.record,
+            **extra_identity,
         },
-        record=data.record,
+        record=record,
         summary=(
             f"{data.task.name} {split_name(cfg)}: {len(data.train)} training / "
             f"{len(data.dev)} dev / {len(data.test)} test examples"
+            + "".join(f" + {len(ex)} {name} test" for name, ex in extra.items())
         ),
         fewshot=data,
+        extra_tests={name: partial(scores, examples) for name, examples in extra.items()},
     )
 
 

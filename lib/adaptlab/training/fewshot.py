@@ -51,6 +51,7 @@ from adaptlab.data import (
     label_word_ids,
     load_task,
     option_ids,
+    regression_metrics,
     task_metrics,
 )
 from adaptlab.extract.points import unwrap
@@ -164,7 +165,7 @@ def prepare_fewshot(
     Raises:
         DataError: unknown task, missing data, too few examples, label words that do not fit
             the scoring (multi-token words with ``label_words``, identical options), options
-            for a masked LM or a linear head.
+            for a masked LM or a linear head, or a regression task (STS-B) with a prompt head.
     """
     check_scoring(scoring, kind)
     if scoring == "options" and head != "prompt":
@@ -173,6 +174,11 @@ def prepare_fewshot(
         )
     splits: TaskSplits = load_task(task, data_dir, k=k, seed=seed, mode=mode, test_limit=test_limit)
     spec = splits.task
+    if spec.regression is not None and head != "linear":
+        raise DataError(
+            f"Task {spec.name} is a regression task, scored by a one-output linear head; use "
+            "head=linear (prompt-based regression by label words is not supported)."
+        )
     words = dict(label_words) if label_words else None
     options = option_ids(words or spec, tokenizer)
     ids = label_word_ids(words or spec, tokenizer) if scoring == "label_words" else []
@@ -328,7 +334,7 @@ def evaluate_classification(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy, task metrics, ECE and loss of the class scores; every process runs the same
-    batches.
+    batches. A regression task (STS-B) reports its score metrics instead of accuracy and ECE.
 
     Examples are sorted by length and dealt round-robin to the processes (short processes
     repeat one, dropped after the gather).
@@ -348,12 +354,15 @@ def evaluate_classification(
     Returns:
         ``accuracy``, the task's other metrics, ``ece`` (of the softmax over the scores),
         ``loss`` (the objective's mean loss), ``n`` and ``logits`` (``[M, C]`` scores in input
-        order, as nested lists).
+        order, as nested lists). Regression: ``pearson``, ``spearman``, ``corr``
+        (:func:`~adaptlab.data.regression_metrics` of the predicted scores, ``logits``
+        ``[M, 1]``), ``loss`` and ``n``.
     """
     if not examples:
         raise TrainingError("The evaluation set is empty; check the task's dev/test split.")
     default, collate = scoring_parts(data)
     objective = objective or default
+    regression = data.task.regression is not None
     was_training = model.training
     model.eval()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -376,7 +385,8 @@ def evaluate_classification(
             device=device,
             dtype=torch.float64,
         )
-        columns = [meta, batch["class_labels"][:, None].double(), out.per_example[:, None]]
+        target = batch["target_scores"] if regression else batch["class_labels"]
+        columns = [meta, target[:, None].double(), out.per_example[:, None]]
         rows.append(torch.cat([*(c.double() for c in columns), out.scores.double()], 1))
     bar.close()
     table = accelerator.gather(torch.cat(rows)).cpu()
@@ -384,8 +394,12 @@ def evaluate_classification(
     table = table[table[:, 0].argsort()]
     model.train(was_training)
 
-    labels = table[:, 2].long()
     scores = table[:, 4:]
+    if regression:
+        metrics = regression_metrics(scores[:, 0].tolist(), table[:, 2].tolist())
+        metrics.update(loss=float(table[:, 3].mean()), n=len(table), logits=scores.tolist())
+        return metrics
+    labels = table[:, 2].long()
     predictions = scores.argmax(1)
     metrics = task_metrics(data.task, predictions.tolist(), labels.tolist())
     metrics["accuracy"] = metrics.pop("acc", float((predictions == labels).double().mean()))
@@ -405,24 +419,30 @@ def init_linear_head(
     batch_size: int = 16,
     progress: bool = False,
 ) -> LinearHead:
-    """A new ``LinearHead(H, C)`` for no-prompt fine-tuning, random or fitted.
+    """A new ``LinearHead(H, C)`` for no-prompt fine-tuning, random or fitted
+    (``LinearHead(H, 1)`` for a regression task, fitted by least squares).
 
     Args:
         model: the plain (unsharded) model whose hidden size and features the head reads.
         data: the task encoded with ``head="linear"`` (positions: first/last token).
         pad_token_id: padding id.
         from_logistic: fit it by logistic regression on the training features
-            (:func:`fit_linear_head`, upstream ``--from_linearhead``); else ``nn.Linear``'s
+            (:func:`fit_linear_head`, upstream ``--from_linearhead``; regression: ordinary
+            least squares to the scores, :func:`fit_regression_head`); else ``nn.Linear``'s
             random init from the global RNG.
         batch_size: examples per feature forward pass.
         progress: show a progress bar of the feature pass (examples/s).
     """
     hidden = unwrap(model).config.hidden_size
-    head = LinearHead(hidden, len(data.task.labels))
+    regression = data.task.regression is not None
+    head = LinearHead(hidden, 1 if regression else len(data.task.labels))
     if from_logistic:
         features = head_features(model, data.train, pad_token_id, batch_size, progress)
-        labels = [int(ex["label"]) for ex in data.train]
-        fitted = fit_linear_head(features, labels, len(data.task.labels))
+        if regression:
+            fitted = fit_regression_head(features, [float(ex["score"]) for ex in data.train])
+        else:
+            labels = [int(ex["label"]) for ex in data.train]
+            fitted = fit_linear_head(features, labels, len(data.task.labels))
         head.linear.load_state_dict(fitted.state_dict())
     return head
 
@@ -515,4 +535,29 @@ def fit_linear_head(features: torch.Tensor, labels: Sequence[int], n_classes: in
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
+    return head
+
+
+def fit_regression_head(features: torch.Tensor, scores: Sequence[float]) -> nn.Linear:
+    """A one-output head fitted by ordinary least squares to the training scores.
+
+    The regression counterpart of :func:`fit_linear_head`: upstream's ``LinearHeadTrainer``
+    fits scikit-learn ``LinearRegression`` for a regression task (kernel.md §10), as here.
+
+    Args:
+        features: ``[N, H]`` from :func:`head_features`.
+        scores: ``[N]`` gold scores (unscaled).
+
+    Returns:
+        ``nn.Linear(H, 1)`` in float32 holding the fitted weights.
+    """
+    from sklearn.linear_model import LinearRegression
+
+    if len(scores) < 2:
+        raise TrainingError("The regression head needs at least two training examples to fit.")
+    fit = LinearRegression().fit(features.double().numpy(), list(scores))
+    head = nn.Linear(features.shape[1], 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(fit.coef_)[None])
+        head.bias.fill_(float(fit.intercept_))
     return head

@@ -15,9 +15,14 @@ itself, and σ = 1/√(λ(h + δ)) comes from a Hessian estimate h (λ = ``ess``
 The constructor and ``sampled_params`` are those of ``ivon-opt``'s ``IVON`` (plus ``seed``), so
 code written for that package switches by changing the import. Unlike it:
 
-- the state is per parameter, fp32 on the parameter's device (``optimizer.state[p]["hess"]``,
-  ``"momentum"`` and the step's sample sums), so parameter groups, several devices and bf16
-  weights work, and ``state_dict()`` resumes a run exactly;
+- the state is per parameter, fp32 on the parameter's device (``optimizer.state[p]["hess"]``
+  and ``"momentum"``), so parameter groups, several devices and bf16 weights work, and
+  ``state_dict()`` resumes a run exactly. The step's sample sums exist only from its first
+  sample to ``step()``, so between steps the state is two fp32 copies of the weights, as
+  ivon-opt's flat buffers;
+- ``step()`` and ``sampled_params`` work on all the parameters of a group that share a device
+  and dtype at once (``torch._foreach_*`` ops), one parameter at a time only for tensors those
+  ops cannot mix with plain ones (a ``DTensor``) or with ``foreach=False``;
 - a bf16 or fp16 parameter's mean m is kept in fp32 (``state[p]["master"]``) and written back
   rounded after each step: a bf16 weight cannot hold an update of 1e-4 of its size (its spacing
   is 2^-8 ≈ 4e-3 relative), so without the copy small steps would be rounded away;
@@ -34,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -42,12 +47,27 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptlab.training.errors import TrainingError
+from adaptlab.training.ivon_ops import all_reduce_mean, posterior_noise, scalar
 
 HessApprox = Literal["price", "gradsq"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 """Parameter dtypes whose mean m IVON keeps in an fp32 master copy."""
 _SAMPLE_SUMS = {"price": "nxg_sum", "gradsq": "gsq_sum"}
 """The state key of each estimator's per-step sum: Σ_s ε_s ⊙ g_s (Price) or Σ_s g_s²."""
+_STEP_KEYS = ("samples", "grad_sum", *_SAMPLE_SUMS.values())
+"""State keys that live from a step's first sample to its ``step()`` only."""
+_FOREACH_TYPES = (torch.Tensor, nn.Parameter)
+"""Tensor types ``torch._foreach_*`` ops take together (a subclass such as DTensor goes alone)."""
+
+
+class _Bucket(NamedTuple):
+    """Parameters of one group that foreach ops update together (or one updated alone)."""
+
+    group_index: int
+    group: dict[str, Any]
+    positions: list[int]  # in group["params"]
+    params: list[nn.Parameter]
+    foreach: bool
 
 
 class IVON(torch.optim.Optimizer):
@@ -80,6 +100,9 @@ class IVON(torch.optim.Optimizer):
         debias: divide the momentum by 1 − β1^t.
         rescale_lr: multiply the learning rate by h0 + δ.
         seed: seed of the posterior draws (non-negative); equal seeds give equal draws.
+        foreach: update the parameters of a group that share a device and dtype together with
+            ``torch._foreach_*`` ops (the same numbers, fewer kernel launches); False: one
+            parameter at a time.
 
     Raises:
         TrainingError: a setting outside its range (each named with the range).
@@ -103,6 +126,7 @@ class IVON(torch.optim.Optimizer):
         debias: bool = True,
         rescale_lr: bool = True,
         seed: int = 0,
+        foreach: bool = True,
     ) -> None:
         if not mc_samples >= 1:
             raise TrainingError(f"IVON mc_samples={mc_samples} must be at least 1.")
@@ -132,6 +156,7 @@ class IVON(torch.optim.Optimizer):
         self.debias = debias
         self.rescale_lr = rescale_lr
         self.seed = seed
+        self.foreach = foreach
         self._prediction_draws = 0  # draws with train=False, for a fresh seed each time
 
     # -----------------------------------------------------------------------------------------
@@ -143,18 +168,34 @@ class IVON(torch.optim.Optimizer):
             for param in group["params"]:
                 yield group, param
 
+    def _buckets(self) -> list[_Bucket]:
+        """Each group's parameters split by device and dtype, as torch.optim's foreach paths do.
+
+        A parameter that foreach ops cannot take with plain tensors (a ``DTensor``), or every
+        parameter with ``foreach=False``, is a bucket of its own, updated one tensor at a time.
+        """
+        buckets = []
+        for index, group in enumerate(self.param_groups):
+            shared: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+            for position, param in enumerate(group["params"]):
+                if self.foreach and type(param) in _FOREACH_TYPES:
+                    shared.setdefault((param.device, param.dtype), []).append(position)
+                else:
+                    buckets.append(_Bucket(index, group, [position], [param], False))
+            for positions in shared.values():
+                params = [group["params"][i] for i in positions]
+                buckets.append(_Bucket(index, group, positions, params, True))
+        return buckets
+
     def _param_state(self, param: nn.Parameter, group: dict[str, Any]) -> dict[str, Any]:
         """The parameter's state, created on first use on its device (fp32)."""
         state = self.state[param]
-        if not state:
+        if "hess" not in state:
             zeros = torch.zeros_like(
                 param, dtype=torch.float32, memory_format=torch.preserve_format
             )
-            state["momentum"] = zeros.clone()
+            state["momentum"] = zeros
             state["hess"] = torch.full_like(zeros, group["hess_init"])
-            state["grad_sum"] = zeros.clone()
-            state[_SAMPLE_SUMS[self.hess_approx]] = zeros
-            state["samples"] = 0
             if param.dtype in _LOW_PRECISION:
                 state["master"] = param.detach().float()
         return state
@@ -162,7 +203,7 @@ class IVON(torch.optim.Optimizer):
     def _hess(self, param: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
         """h of ``param``: its state's, or ``hess_init`` before the first use (state untouched)."""
         state = self.state[param]
-        if state:
+        if "hess" in state:
             return state["hess"]
         return torch.full_like(param, group["hess_init"], dtype=torch.float32)
 
@@ -200,7 +241,8 @@ class IVON(torch.optim.Optimizer):
         """Load a :meth:`state_dict`, keeping the state fp32 (and a copy) whatever the weights.
 
         ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would
-        round a bf16 model's Hessian and momentum to bf16.
+        round a bf16 model's Hessian and momentum to bf16. A state dict saved between steps by
+        an older adaptlab holds zero sample sums; they are dropped.
         """
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -212,6 +254,9 @@ class IVON(torch.optim.Optimizer):
                     else value
                     for key, value in state_dict["state"][saved_id].items()
                 }
+                if self.state[param].get("samples") == 0:
+                    for key in _STEP_KEYS:
+                        self.state[param].pop(key, None)
 
     # -----------------------------------------------------------------------------------------
     # Posterior draws
@@ -229,7 +274,8 @@ class IVON(torch.optim.Optimizer):
         evaluating never shifts the training noise.
         """
         if train:
-            index, stream = next((self.state[p]["samples"] for _, p in self._params()), 0), 0
+            index = next((self.state[p].get("samples", 0) for _, p in self._params()), 0)
+            stream = 0
         elif draw is not None:
             index, stream = draw, 2
         else:
@@ -269,51 +315,84 @@ class IVON(torch.optim.Optimizer):
                 ``draw``) alone choosing the noise, so an evaluation can use the same draws for
                 every batch and again after a resume. None: the next of a running count.
         """
-        params = [p for _, p in self._params()]
+        buckets = self._buckets()
         if train:
-            for param in params:
-                if param.grad is not None:
-                    param.grad.zero_()
-            states = [self._param_state(p, g) for g, p in self._params()]
-            hessians = [state["hess"] for state in states]
-        else:
-            hessians = [self._hess(p, g) for g, p in self._params()]
-        zs = [z for group_zs in self._standard_normals(train, draw) for z in group_zs]
+            for bucket in buckets:
+                grads = [p.grad for p in bucket.params if p.grad is not None]
+                if bucket.foreach and grads:
+                    torch._foreach_zero_(grads)
+                elif not bucket.foreach:
+                    for grad in grads:
+                        grad.zero_()
+                for param in bucket.params:
+                    self._param_state(param, bucket.group)
+        draws = self._standard_normals(train, draw)
         means, noises = [], []
         with torch.no_grad():
-            for (group, param), hess, z in zip(self._params(), hessians, zs, strict=True):
-                noise = z / (group["ess"] * (hess + group["weight_decay"])).sqrt()
-                means.append(param.detach().clone())
+            for bucket in buckets:
+                group, params = bucket.group, bucket.params
+                hess = [self._hess(p, group) for p in params]
+                zs = [draws[bucket.group_index][i] for i in bucket.positions]
+                noise = posterior_noise(
+                    zs, hess, group["ess"], group["weight_decay"], bucket.foreach
+                )
+                means.append([p.detach().clone() for p in params])
+                self._perturb(params, noise, bucket.foreach)
                 noises.append(noise)
-                if self.state[param].get("master") is not None:  # θ = m + ε from the fp32 m
-                    param.copy_(self._mean(param) + noise)
-                else:
-                    param.add_(noise.to(param.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
-                for param, mean in zip(params, means, strict=True):
-                    param.copy_(mean)
+                for bucket, saved in zip(buckets, means, strict=True):
+                    if bucket.foreach:
+                        torch._foreach_copy_(bucket.params, saved)
+                        continue
+                    for param, mean in zip(bucket.params, saved, strict=True):
+                        param.copy_(mean)
         if train:
-            self._record(params, states, noises)
+            for bucket, noise in zip(buckets, noises, strict=True):
+                self._record(bucket.params, noise, bucket.foreach)
+
+    def _perturb(
+        self, params: list[nn.Parameter], noise: list[torch.Tensor], foreach: bool
+    ) -> None:
+        """θ = m + ε in place; from the fp32 master m where a weight has one."""
+        if foreach and not any("master" in self.state[p] for p in params):
+            torch._foreach_add_(params, [n.to(p.dtype) for p, n in zip(params, noise, strict=True)])
+            return
+        for param, eps in zip(params, noise, strict=True):
+            if self.state[param].get("master") is not None:
+                param.copy_(self._mean(param) + eps)
+            else:
+                param.add_(eps.to(param.dtype))
 
     @torch.no_grad()
-    def _record(
-        self, params: list[nn.Parameter], states: list[dict[str, Any]], noises: list[torch.Tensor]
-    ) -> None:
-        """Add one draw's gradient (and ε⊙g or g²) to the step's sums."""
-        sums = _SAMPLE_SUMS[self.hess_approx]
-        for param, state, noise in zip(params, states, noises, strict=True):
+    def _record(self, params: list[nn.Parameter], noise: list[torch.Tensor], foreach: bool) -> None:
+        """Add one draw's gradient (and ε⊙g or g²) to the step's sums, made at its first draw."""
+        key = _SAMPLE_SUMS[self.hess_approx]
+        grads, noises, grad_sums, sums = [], [], [], []
+        for param, eps in zip(params, noise, strict=True):
+            state = self.state[param]
+            if "samples" not in state:
+                state["samples"] = 0
+                for name in ("grad_sum", key):
+                    state[name] = torch.zeros_like(state["hess"])
             state["samples"] += 1
-            if param.grad is None:
-                continue
-            grad = param.grad.float()
-            state["grad_sum"].add_(grad)
-            if self.hess_approx == "price":
-                state[sums].addcmul_(noise, grad)
-            else:
-                state[sums].addcmul_(grad, grad)
+            if param.grad is not None:
+                grads.append(param.grad.float())
+                noises.append(eps)
+                grad_sums.append(state["grad_sum"])
+                sums.append(state[key])
+        if not grads:
+            return
+        factors = noises if self.hess_approx == "price" else grads
+        if foreach:
+            torch._foreach_add_(grad_sums, grads)
+            torch._foreach_addcmul_(sums, factors, grads)
+            return
+        for grad_sum, total, factor, grad in zip(grad_sums, sums, factors, grads, strict=True):
+            grad_sum.add_(grad)
+            total.addcmul_(factor, grad)
 
     # -----------------------------------------------------------------------------------------
     # The update
@@ -321,6 +400,8 @@ class IVON(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Update m, h and the momentum from the samples recorded since the last step.
+
+        The step's sample sums are dropped afterwards: they are rebuilt at the next sample.
 
         Args:
             closure: called ``mc_samples`` times (with gradients on) before the update, each
@@ -336,28 +417,50 @@ class IVON(torch.optim.Optimizer):
                 with torch.enable_grad():
                     losses.append(closure())
             loss = sum(losses) / self.mc_samples
-        entries = [(g, p, self._param_state(p, g)) for g, p in self._params()]
-        if not entries:
+        buckets = self._buckets()
+        states = [self.state[p] for bucket in buckets for p in bucket.params]
+        if not states:
             return loss
-        if any(state["samples"] == 0 for _, _, state in entries):
+        if any(state.get("samples", 0) == 0 for state in states):
             raise TrainingError(
                 "IVON step() found no gradient sample; run every micro-batch's forward and "
                 "backward inside optimizer.sampled_params(train=True) before calling step()."
             )
-        sums = _SAMPLE_SUMS[self.hess_approx]
-        for _, _, state in entries:  # the sums become means in place: no extra copy
-            state["grad_sum"].div_(state["samples"])
-            state[sums].div_(state["samples"])
+        key = _SAMPLE_SUMS[self.hess_approx]
+        for bucket in buckets:  # the sums become means in place
+            self._average(bucket.params, key, bucket.foreach)
+        sums = [state[name] for state in states for name in ("grad_sum", key)]
         if self.sync and dist.is_available() and dist.is_initialized():
-            _all_reduce_mean([state[key] for _, _, state in entries for key in ("grad_sum", sums)])
-        for group, param, state in entries:
-            self._update(group, param, state, state["grad_sum"], state[sums])
-            state["grad_sum"].zero_()
-            state[sums].zero_()
-            state["samples"] = 0
+            all_reduce_mean(sums)
+        for bucket in buckets:
+            group, params = bucket.group, bucket.params
+            bucket_states = [self.state[p] for p in params]
+            grads = [state["grad_sum"] for state in bucket_states]
+            curvs = [state[key] for state in bucket_states]
+            if bucket.foreach:
+                self._update_foreach(group, params, bucket_states, grads, curvs)
+                continue
+            for param, state, grad, curv in zip(params, bucket_states, grads, curvs, strict=True):
+                self._update(group, param, state, grad, curv)
+        for state in states:
+            for name in _STEP_KEYS:
+                state.pop(name, None)
         for group in self.param_groups:
             group["step"] += 1
         return loss
+
+    def _average(self, params: list[nn.Parameter], key: str, foreach: bool) -> None:
+        """Divide the step's sums of ``params`` by their sample count, in place."""
+        states = [self.state[p] for p in params]
+        counts = {state["samples"] for state in states}
+        if foreach and len(counts) == 1:
+            if counts != {1}:
+                count = scalar(counts.pop(), params[0].device)
+                torch._foreach_div_([s[name] for s in states for name in ("grad_sum", key)], count)
+            return
+        for state in states:
+            state["grad_sum"].div_(state["samples"])
+            state[key].div_(state["samples"])
 
     def _update(
         self,
@@ -378,13 +481,66 @@ class IVON(torch.optim.Optimizer):
         correction = (hess - hess_sample).square_().div_(hess + decay)
         hess.mul_(beta2).add_(hess_sample, alpha=1.0 - beta2)
         hess.add_(correction, alpha=0.5 * (1.0 - beta2) ** 2)
-        lr = group["lr"] * (group["hess_init"] + decay) if self.rescale_lr else group["lr"]
-        debias = 1.0 - beta1 ** (group["step"] + 1) if self.debias else 1.0
+        lr, debias = self._lr_and_debias(group)
         mean = self._mean(param)
         direction = (momentum / debias + decay * mean) / (hess + decay)
         radius = group["clip_radius"]
         mean.sub_(direction.clamp_(-radius, radius), alpha=lr)
         param.copy_(mean)
+
+    def _update_foreach(
+        self,
+        group: dict[str, Any],
+        params: list[nn.Parameter],
+        states: list[dict[str, Any]],
+        grads: list[torch.Tensor],
+        curvs: list[torch.Tensor],
+    ) -> None:
+        """:meth:`_update` of parameters sharing a device and dtype, op for op with foreach ops.
+
+        ``curvs`` (the step's own buffers) are overwritten with ĥ.
+        """
+        device = params[0].device
+        ess, decay = scalar(group["ess"], device), scalar(group["weight_decay"], device)
+        beta1, beta2 = group["beta1"], group["beta2"]
+        hess = [state["hess"] for state in states]
+        momentum = [state["momentum"] for state in states]
+        hess_decay = torch._foreach_add(hess, decay)
+        if self.hess_approx == "price":
+            torch._foreach_mul_(curvs, torch._foreach_mul(hess_decay, ess))
+        else:
+            torch._foreach_mul_(curvs, ess)
+        torch._foreach_mul_(momentum, scalar(beta1, device))
+        torch._foreach_add_(momentum, grads, alpha=1.0 - beta1)
+        correction = torch._foreach_sub(hess, curvs)
+        torch._foreach_mul_(correction, correction)
+        torch._foreach_div_(correction, hess_decay)
+        torch._foreach_mul_(hess, scalar(beta2, device))
+        torch._foreach_add_(hess, curvs, alpha=1.0 - beta2)
+        torch._foreach_add_(hess, correction, alpha=0.5 * (1.0 - beta2) ** 2)
+        lr, debias = self._lr_and_debias(group)
+        means = [self._mean(param) for param in params]
+        direction = torch._foreach_div(momentum, scalar(debias, device))
+        torch._foreach_add_(direction, torch._foreach_mul(means, decay))
+        torch._foreach_div_(direction, torch._foreach_add(hess, decay))
+        radius = group["clip_radius"]
+        if radius < math.inf:
+            torch._foreach_clamp_min_(direction, -radius)
+            torch._foreach_clamp_max_(direction, radius)
+        torch._foreach_sub_(means, direction, alpha=lr)
+        for param, mean in zip(params, means, strict=True):
+            if mean.data_ptr() != param.data_ptr():  # a master or an upcast copy
+                param.copy_(mean)
+
+    def _lr_and_debias(self, group: dict[str, Any]) -> tuple[float, float]:
+        """The step size α' and the momentum's debiasing divisor d of this step."""
+        lr = (
+            group["lr"] * (group["hess_init"] + group["weight_decay"])
+            if self.rescale_lr
+            else group["lr"]
+        )
+        debias = 1.0 - group["beta1"] ** (group["step"] + 1) if self.debias else 1.0
+        return lr, debias
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -413,17 +569,3 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
-
-
-def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over the processes: one all-reduce per device."""
-    world = dist.get_world_size()
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_device.setdefault(tensor.device, []).append(tensor)
-    for group in by_device.values():
-        flat = torch.cat([t.flatten() for t in group])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
-            tensor.copy_(part.view_as(tensor))

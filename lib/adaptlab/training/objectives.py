@@ -263,15 +263,15 @@ class LinearHead(nn.Module):
 
     Args:
         hidden_size: H, the model's hidden size.
-        n_classes: C.
+        n_classes: C, or 1 for a regression head (STS-B: its one output is the score).
     """
 
     def __init__(self, hidden_size: int, n_classes: int) -> None:
         super().__init__()
-        if hidden_size < 1 or n_classes < 2:
+        if hidden_size < 1 or n_classes < 1:
             raise TrainingError(
                 f"LinearHead({hidden_size}, {n_classes}) needs a positive hidden size and at "
-                "least 2 classes."
+                "least 1 output."
             )
         self.linear = nn.Linear(hidden_size, n_classes)
 
@@ -475,7 +475,9 @@ def linear_head_objective(
     """Loss of a :class:`LinearHead` on the last hidden states (batch: ``class_labels``).
 
     The head is ``head`` or the one attached to the model; it reads ``batch["positions"]``,
-    else the first attended token.
+    else the first attended token. A one-output head is a regression head (STS-B): its loss is
+    always the squared error of its output to ``batch["target_scores"]``, the unscaled score
+    (0-5 for STS-B, as GLUE's regression heads), whatever ``loss`` says.
     """
     head = head if head is not None else find_linear_head(model)
     if head is None:
@@ -489,7 +491,11 @@ def linear_head_objective(
     if positions is None and batch.get("attention_mask") is not None:
         positions = first_token_positions(batch["attention_mask"])
     scores = head(hidden, positions)
-    per_example = class_loss(scores, batch["class_labels"], loss)
+    if scores.shape[-1] == 1:
+        _require(batch, ("target_scores",), "linear_head (regression)")
+        per_example = (scores[:, 0].float() - batch["target_scores"].float()).pow(2)
+    else:
+        per_example = class_loss(scores, batch["class_labels"], loss)
     total = weighted_mean(per_example, batch.get("weights"), batch.get("weight_norm"))
     return ObjectiveOutput(total, per_example, scores)
 

@@ -1,4 +1,5 @@
-"""Per-process training state of sharded runs: FSDP2 ``DTensor`` slices and ZeRO partitions.
+"""Per-process training state of sharded runs: FSDP2 ``DTensor`` slices and ZeRO partitions,
+and the share of the weights and optimiser state each rank holds (recorded in ``result.json``).
 
 Each process writes its own slice of the trainable weights and of the optimiser state to
 ``shard_rank{r}.safetensors`` (``adaptlab.training.checkpoint.save_state``) and reads it back on
@@ -14,10 +15,55 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
+from adaptlab.distributed import local_parameter_fraction
 from adaptlab.training.errors import ResumeError
 from adaptlab.training.optim import unwrap_optimizer
-from adaptlab.training.parallel import zero_partitions
+from adaptlab.training.parallel import _trainable, is_deepspeed
+
+# ---------------------------------------------------------------------------------------------
+# What each rank holds
+
+
+def param_fraction(model: nn.Module) -> float:
+    """Fraction of all parameter entries stored on this rank (ZeRO-3 partitions included)."""
+    if not is_deepspeed(model):
+        return local_parameter_fraction(model)
+    local = total = 0
+    for param in model.module.parameters():
+        total += getattr(param, "ds_numel", param.numel())
+        local += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    return local / max(total, 1)
+
+
+def zero_partitions(engine: nn.Module) -> list[torch.Tensor]:
+    """The flat fp32 master-weight partitions this rank's ZeRO optimiser steps, per group."""
+    zero = engine.optimizer
+    groups = getattr(zero, "single_partition_of_fp32_groups", None)
+    if groups is None:  # stage 3
+        groups = zero.fp32_partitioned_groups_flat
+    return list(groups)
+
+
+def optimizer_state_fraction(model: nn.Module) -> float:
+    """Fraction of the trainable parameters whose optimiser state lives on this rank.
+
+    Data parallel: 1.0. FSDP: the local share of the ``DTensor`` states. ZeRO: the share of
+    the flat fp32 partition the engine's optimiser steps.
+    """
+    trainable = model.module if is_deepspeed(model) else model
+    total = sum(getattr(p, "ds_numel", p.numel()) for _, p in _trainable(trainable))
+    if is_deepspeed(model):
+        return sum(g.numel() for g in zero_partitions(model)) / max(total, 1)
+    local = 0
+    for _, param in _trainable(trainable):
+        local += param.to_local().numel() if hasattr(param, "to_local") else param.numel()
+    return local / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading the shards
 
 _PARAM = "param/"
 _OPTIM = "optimizer/"
