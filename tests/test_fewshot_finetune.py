@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from adaptlab.data import collate_prompts, encode_examples, label_word_ids, load_task
 from adaptlab.models import load_tokenizer
-from adaptlab.training.loop import read_metrics
+from adaptlab.training.loop import BatchPlan, read_metrics
 from tests.conftest import load_script
 
 finetune = load_script("finetune")
@@ -82,7 +82,7 @@ def test_fewshot_sgd_run_trains_on_label_words(
 
     # the first step's loss is the CE over the label words of the pretrained model
     base = auto.from_pretrained(model_dir).eval()
-    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    plan = BatchPlan(16, 4, 2, 1, 0, 42)
     first = [train[i] for i in plan.global_indices(0)]
     scores = label_word_scores(base, first, tokenizer, ids)
     expected = F.cross_entropy(scores, torch.tensor([ex["label"] for ex in first]))
@@ -118,7 +118,7 @@ def test_first_sgd_step_matches_a_hand_step(tiny_model_dir, sst2_dir, tmp_path):
     ids = label_word_ids(splits.task, tokenizer)
     train = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    plan = BatchPlan(16, 4, 2, 1, 0, 42)
     batch = collate_prompts([train[i] for i in plan.global_indices(0)], tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     rows = torch.arange(4)
@@ -224,7 +224,7 @@ def test_l2_loss_is_the_squared_error_to_one_hot(tiny_model_dir, sst2_dir, tmp_p
     ids = label_word_ids(splits.task, tokenizer)
     train = encode_examples(splits.train, splits.task, tokenizer, kind="causal")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    plan = BatchPlan(16, 4, 2, 1, 0, 42)
     first = [train[i] for i in plan.global_indices(0)]
     scores = label_word_scores(base, first, tokenizer, ids)
     one_hot = F.one_hot(torch.tensor([ex["label"] for ex in first]), 2).float()

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from adaptlab import assets
 from adaptlab.data import bbc, load_headlines
 from adaptlab.models.tiny import tiny_tokenizer
+from adaptlab.training import finetune_run
 from adaptlab.training.answer_only import collate_answer_only
 from adaptlab.training.generation import encode_headline
 from adaptlab.training.loop import read_metrics
@@ -216,7 +217,7 @@ def test_bad_headline_options_get_one_sentence(
 ):
     out = tmp_path / "out"
     argv = headline_args(tiny_model_dir, out, *(a.format(bert=tiny_bert_dir) for a in extra))
-    monkeypatch.setattr(finetune, "load_model", tripwire)
+    monkeypatch.setattr(finetune_run, "load_model", tripwire)  # where load() reads weights
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(argv)
     err = capfd.readouterr().err

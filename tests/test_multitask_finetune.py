@@ -12,7 +12,7 @@ from transformers import AutoModelForMaskedLM
 
 from adaptlab.data import encode_examples, label_word_ids, load_task, split_tasks
 from adaptlab.models import load_tokenizer
-from adaptlab.training.loop import read_metrics
+from adaptlab.training.loop import BatchPlan, read_metrics
 from tests.conftest import load_script, write_mrpc_kshot, write_sst2_kshot
 
 finetune = load_script("finetune")
@@ -71,7 +71,7 @@ def test_multitask_run_uses_each_tasks_label_words(tiny_bert_dir, two_tasks_dir,
 
     # step 1's loss: the mean of per-example CEs, each over its own task's label words
     base = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).eval()
-    plan = finetune.BatchPlan(32, 16, 8, 1, 0, 42)
+    plan = BatchPlan(32, 16, 8, 1, 0, 42)
     first = [train[i] for i in plan.global_indices(0)]
     assert len({tuple(ids) for _, ids in first}) == 2  # the batch mixes the tasks
     expected = [

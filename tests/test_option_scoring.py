@@ -21,7 +21,7 @@ from adaptlab.data import (
 from adaptlab.models import load_tokenizer
 from adaptlab.models.tiny import tiny_llama, tiny_tokenizer
 from adaptlab.training.fewshot import collate_options, prepare_fewshot, scoring_parts
-from adaptlab.training.loop import read_metrics
+from adaptlab.training.loop import BatchPlan, read_metrics
 from adaptlab.training.objectives import (
     OBJECTIVES,
     label_words_objective,
@@ -170,7 +170,7 @@ def test_finetune_with_option_scoring_trains(tiny_model_dir, sst2_dir, tmp_path)
 
     # step 1's loss is the CE over the pretrained model's option log-probabilities
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    plan = finetune.BatchPlan(16, 4, 2, 1, 0, 42)
+    plan = BatchPlan(16, 4, 2, 1, 0, 42)
     first = [train[i] for i in plan.global_indices(0)]
     expected = F.cross_entropy(
         loop_scores(base, first, options), torch.tensor([ex["label"] for ex in first])
@@ -209,7 +209,7 @@ def test_multitask_run_scores_each_tasks_options(tiny_model_dir, sst2_dir, tmp_p
 
     # step 1's loss: the mean of per-example CEs, each over its own task's options
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    plan = finetune.BatchPlan(len(train), 8, 4, 1, 0, 42)
+    plan = BatchPlan(len(train), 8, 4, 1, 0, 42)
     first = [train[i] for i in plan.global_indices(0)]
     assert len({str(options) for _, options in first}) == 2  # the batch mixes the tasks
     expected = torch.stack([

@@ -23,7 +23,7 @@ from adaptlab.data import (
 )
 from adaptlab.models import load_tokenizer
 from adaptlab.training.fewshot import fit_regression_head, prepare_fewshot
-from adaptlab.training.loop import read_metrics
+from adaptlab.training.loop import BatchPlan, read_metrics
 from tests.conftest import load_script
 
 finetune = load_script("finetune")
@@ -172,7 +172,7 @@ def test_stsb_run_trains_a_one_output_head_on_the_squared_error(tiny_bert_dir, s
     base = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).eval()
     head = load_linear_head(still / "final")
     assert head.linear.weight.shape == (1, base.config.hidden_size)
-    first = [train[i] for i in finetune.BatchPlan(16, 4, 2, 1, 0, 42).global_indices(0)]
+    first = [train[i] for i in BatchPlan(16, 4, 2, 1, 0, 42).global_indices(0)]
     gold = torch.tensor([ex["score"] for ex in first], dtype=torch.float64)
     mse = float(((head_predictions(base, head, first) - gold) ** 2).mean())  # scores unscaled
     losses = {r["step"]: r["train/loss"] for r in read_metrics(still) if "train/loss" in r}
