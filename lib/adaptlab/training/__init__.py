@@ -9,8 +9,13 @@
 - :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws;
 - :mod:`~adaptlab.training.ivon_hessian`: IVON's h saved at the end of a run (and sliced to
   AdaLoRA's final ranks), loaded to start another;
+- :mod:`~adaptlab.training.vilora`: ViLoRA's posterior criteria and rank allocator for AdaLoRA
+  (fields in :mod:`~adaptlab.training.posterior_settings`); :mod:`~adaptlab.training.vilora_study`:
+  the offline study's config and statistics;
 - :mod:`~adaptlab.training.schedules`: linear / cosine-to-floor / constant with warmup, and
   ViLoRA's clr;
+- :mod:`~adaptlab.training.finetune_run`: the setup and load stages of ``scripts/finetune.py``;
+  :mod:`~adaptlab.training.extra_tests`: extra test tasks scored at the end (MNLI mismatched);
 - :mod:`~adaptlab.training.objectives`: answer-only causal LM loss (weighted), label-word loss,
   linear head on the first token;
 - :mod:`~adaptlab.training.packing`: several examples per row, no attention across them;
