@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -326,7 +327,13 @@ def test_scripts_pass_the_flag_to_the_loader(
         load_model(*args, **kwargs)  # the real load must accept the pickle weights
         raise _Stop("seen")
 
-    monkeypatch.setattr(module, "load_model", spy)
+    # finetune's load stage lives in adaptlab.training.finetune_run: patch where it is called
+    target = (
+        importlib.import_module("adaptlab.training.finetune_run")
+        if script == "finetune"
+        else module
+    )
+    monkeypatch.setattr(target, "load_model", spy)
     args = script_args(script, folder, tmp_path / "out")
     with pytest.raises(SystemExit):
         module.main([*args, *FLAG.split()])
