@@ -57,7 +57,8 @@ evaluations the later one is kept in ``best/``).
 An IVON run writes its Hessian diagonal h to ``ivon_hessian.safetensors`` (AdaLoRA: also
 ``ivon_hessian_resized.safetensors``, cut to the final rank pattern), which ``--ivon_hessian_from``
 loads into a later run; ``--ivon_infer_mc_samples S`` evaluates with the logits averaged over S
-seeded posterior draws (0: at the mean).
+seeded posterior draws (0: at the mean): a prompt's LM logits, or under ``--head linear`` the
+head's logits (STS-B: its predicted scores), each draw perturbing the adapter and the head.
 
 Launch:
     # laptop / CPU: a short LoRA run of the embedded SmolLM2-135M (~3 minutes)

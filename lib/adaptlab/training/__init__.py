@@ -6,7 +6,8 @@
   ivon-opt package, a test dependency kept for comparisons);
 - :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state
   (an fp32 mean for bf16 weights), the same posterior draws on every process;
-- :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws;
+- :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws
+  (an LM's, or a linear head's);
 - :mod:`~adaptlab.training.ivon_hessian`: IVON's h saved at the end of a run (and sliced to
   AdaLoRA's final ranks), loaded to start another;
 - :mod:`~adaptlab.training.vilora`: ViLoRA's posterior criteria and rank allocator for AdaLoRA

@@ -8,6 +8,20 @@ average of logits, not of softmax probabilities, as the ViLoRA/IVON code does
     with mc_averaged_logits(model, optimizer, samples=8, seed=cfg.seed):
         metrics = evaluate(model, accelerator)   # every model(...) call is averaged
 
+What is averaged, by scoring (then read as without averaging):
+
+| scoring | averaged over the S draws |
+|---|---|
+| label words, options, MMLU | the LM logits ``[B, T, V]`` |
+| ``head=linear``, C classes | the head's logits ``[B, T, C]`` at every token, not the LM's |
+| ``head=linear``, one output (STS-B) | the head's output ``[B, T, 1]``: the predicted score |
+
+A draw covers every weight IVON trains, the adapter's and the linear head's alike. The head
+scores hidden states after the model's forward, so with a head attached each draw also runs the
+head on that draw's last hidden states (encoder and head both at θ_s), and the objective reads
+the mean at its positions. Accuracy, ECE (softmax of the mean logits), correlations and the loss
+are then taken on the averaged scores, as on a prompt's averaged LM logits.
+
 Draw s of an evaluation is the same for every batch and depends only on (seed, optimiser step,
 s), so an evaluation is reproducible, also after a resume, and independent of the batch size and
 the number of processes. The draws come from their own generators (adaptlab's IVON) or a forked
@@ -27,6 +41,7 @@ import torch
 from torch import nn
 
 from adaptlab.training.ivon import IVON
+from adaptlab.training.objectives import HEAD_LOGITS, LinearHead, find_linear_head
 from adaptlab.training.optim import ivon_step_context, unwrap_optimizer, uses_ivon
 
 
@@ -60,6 +75,21 @@ def _seeded_ivon_opt_draw(optimizer: torch.optim.Optimizer, draw: int, seed: int
             yield
 
 
+def _draw_logits(output: Any, head: LinearHead | None) -> dict[str, torch.Tensor]:
+    """The fp32 logits of one draw's output to average, by output field.
+
+    With a head attached and hidden states returned: :data:`HEAD_LOGITS`, the head's logits at
+    every token of the last hidden states (the LM logits, which it never reads, are left out
+    of the average: a ``[B, T, V]`` buffer less). Else ``logits``: the tensor output itself or
+    its ``logits`` field.
+    """
+    if head is not None and not isinstance(output, torch.Tensor):
+        hidden = output.get("hidden_states")
+        if hidden is not None:
+            return {HEAD_LOGITS: head.every_token(hidden[-1]).float()}
+    return {"logits": _logits(output).float()}
+
+
 def _logits(output: Any) -> torch.Tensor:
     """The logits of a model output: the tensor itself or its ``logits`` field."""
     return output if isinstance(output, torch.Tensor) else output["logits"]
@@ -72,8 +102,12 @@ def mc_averaged_logits(
     """Inside, ``model(...)`` returns logits averaged over ``samples`` posterior draws.
 
     The output of the first draw is returned with its ``logits`` (a tensor output: itself)
-    replaced by the mean of the S draws' logits; its other fields (hidden states, cache) are
-    the first draw's. Nothing changes for ``samples == 0`` or an optimiser other than IVON.
+    replaced by the mean of the S draws' logits. With a linear head attached
+    (``objectives.attach_linear_head``) and hidden states asked for, it carries ``head_logits``
+    ``[B, T, C]`` instead: the mean over the draws of the head's logits at every token, each
+    draw's head (its weights at θ_s too) on that draw's last hidden states; its ``logits`` then
+    stay the first draw's. Its other fields (hidden states, cache) are the first draw's.
+    Nothing changes for ``samples == 0`` or an optimiser other than IVON.
 
     Args:
         model: the model evaluated (plain, PEFT-, DDP- or FSDP-wrapped).
@@ -85,20 +119,24 @@ def mc_averaged_logits(
         yield
         return
     forward = model.forward
+    head = find_linear_head(model)
 
     def averaged_forward(*args: Any, **kwargs: Any) -> Any:
-        total = None  # a running fp32 sum: one [B, T, V] buffer whatever S is
+        totals: dict[str, torch.Tensor] = {}  # running fp32 sums: one buffer each whatever S is
         for draw in range(samples):
             with posterior_draw(optimizer, draw, seed):
                 output = forward(*args, **kwargs)
-            if total is None:
-                first, total = output, _logits(output).float()
+                logits = _draw_logits(output, head)  # the head at this draw's weights too
+            if draw == 0:
+                first, totals = output, logits
             else:
-                total += _logits(output).float()
-        mean = (total / samples).to(_logits(first).dtype)
+                for name, value in logits.items():
+                    totals[name] += value
         if isinstance(first, torch.Tensor):
-            return mean
-        first["logits"] = mean  # a ModelOutput sets the attribute too
+            return (totals["logits"] / samples).to(first.dtype)
+        for name, total in totals.items():  # a ModelOutput sets the attribute too
+            dtype = first[name].dtype if name == "logits" else total.dtype
+            first[name] = (total / samples).to(dtype)
         return first
 
     own = model.__dict__.get("forward")  # accelerate may have set an instance forward

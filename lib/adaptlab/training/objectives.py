@@ -282,15 +282,29 @@ class LinearHead(nn.Module):
             hidden_states: last-layer states.
             positions: ``[B]`` token to read per row; ``None`` reads position 0.
         """
-        if positions is None:
-            first = hidden_states[:, 0]
-        else:
-            rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-            first = hidden_states[rows, positions.to(hidden_states.device)]
+        first = at_positions(hidden_states, positions)
         return self.linear(first.to(self.linear.weight.dtype))
+
+    def every_token(self, hidden_states: Tensor) -> Tensor:
+        """Class logits ``[B, T, C]`` at every token of ``hidden_states`` ``[B, T, H]``: what
+        IVON's Monte Carlo averaging computes under each draw (the batch's positions are not
+        known inside the model's forward), to be read at the positions afterwards."""
+        return self.linear(hidden_states.to(self.linear.weight.dtype))
+
+
+def at_positions(states: Tensor, positions: Tensor | None = None) -> Tensor:
+    """``[B, ...]`` row b of ``states`` ``[B, T, ...]`` at token ``positions[b]`` (``None``: 0)."""
+    if positions is None:
+        return states[:, 0]
+    rows = torch.arange(states.shape[0], device=states.device)
+    return states[rows, positions.to(states.device)]
 
 
 HEAD_ATTRIBUTE = "linear_head"
+HEAD_LOGITS = "head_logits"
+"""Model output field that IVON's Monte Carlo averaging (``ivon_predict.mc_averaged_logits``)
+adds when a linear head is attached: the head's ``[B, T, C]`` logits at every token, averaged
+over the posterior draws; :func:`linear_head_objective` reads its scores from it."""
 
 
 def attach_linear_head(model: nn.Module, head: LinearHead) -> None:
@@ -477,7 +491,9 @@ def linear_head_objective(
     The head is ``head`` or the one attached to the model; it reads ``batch["positions"]``,
     else the first attended token. A one-output head is a regression head (STS-B): its loss is
     always the squared error of its output to ``batch["target_scores"]``, the unscaled score
-    (0-5 for STS-B, as GLUE's regression heads), whatever ``loss`` says.
+    (0-5 for STS-B, as GLUE's regression heads), whatever ``loss`` says. Inside IVON's Monte
+    Carlo averaging the scores are the head's logits (regression: predicted scores) averaged
+    over the posterior draws (:data:`HEAD_LOGITS`), and the loss is taken on that average.
     """
     head = head if head is not None else find_linear_head(model)
     if head is None:
@@ -486,11 +502,15 @@ def linear_head_objective(
             "or attach one with attach_linear_head(model, head)."
         )
     _require(batch, ("input_ids", "class_labels"), "linear_head")
-    hidden = _forward(model, batch, output_hidden_states=True).hidden_states[-1]
+    output = _forward(model, batch, output_hidden_states=True)
     positions = batch.get("positions")
     if positions is None and batch.get("attention_mask") is not None:
         positions = first_token_positions(batch["attention_mask"])
-    scores = head(hidden, positions)
+    averaged = getattr(output, HEAD_LOGITS, None)  # set by IVON's MC averaging only
+    if averaged is None:
+        scores = head(output.hidden_states[-1], positions)
+    else:
+        scores = at_positions(averaged, positions)
     if scores.shape[-1] == 1:
         _require(batch, ("target_scores",), "linear_head (regression)")
         per_example = (scores[:, 0].float() - batch["target_scores"].float()).pow(2)

@@ -105,9 +105,10 @@ class IvonSettings:
         ivon_hess_approx: IVON Hessian estimator, ``price`` or ``gradsq``.
         ivon_infer_mc_samples: posterior draws whose LOGITS (not probabilities) every
             evaluation averages (dev, test, MMLU, few-shot tasks; 0: the posterior mean, one
-            forward pass; upstream ``--ivon_infer_mc_samples``); seeded by ``seed`` and the
-            step, so evaluations are reproducible; generation tasks and ``head=linear`` refuse
-            it.
+            forward pass; upstream ``--ivon_infer_mc_samples``): the LM logits of a prompt, or
+            with ``head=linear`` the head's logits (STS-B: its predicted score), each draw
+            perturbing the adapter and the head alike; seeded by ``seed`` and the step, so
+            evaluations are reproducible; generation tasks refuse it.
         ivon_hessian_from: an ``ivon_hessian.safetensors`` saved by an earlier IVON run to start
             IVON's Hessian h from instead of ``ivon_hess_init`` (by parameter name; this run's
             ess and weight decay apply); its tensors must have the shapes of this run's
@@ -158,12 +159,6 @@ class IvonSettings:
             (
                 self.ivon_infer_mc_samples >= 0,
                 f"ivon_infer_mc_samples={self.ivon_infer_mc_samples} must be 0 (the mean) or more.",
-            ),
-            (
-                self.ivon_infer_mc_samples == 0 or getattr(self, "head", "prompt") != "linear",
-                "ivon_infer_mc_samples averages the model's logits, but head=linear scores the "
-                "classes from hidden states outside the model's forward; use head=prompt or "
-                "ivon_infer_mc_samples=0.",
             ),
             (
                 self.ivon_hessian_from is None
