@@ -28,7 +28,7 @@ from adaptlab.training.objectives import (
 )
 from adaptlab.training.optim import build_optimizer, unwrap_optimizer
 from tests.conftest import load_script
-from tests.test_fewshot_finetune import fewshot_args
+from tests.test_fewshot_finetune import fewshot_args, whole_and_killed_runs
 from tests.test_stsb import stsb_args, write_stsb_kshot
 
 finetune = load_script("finetune")
@@ -55,14 +55,15 @@ def head_batch(n_outputs: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def ivon_head_model(n_outputs: int, adapter: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A tiny BERT with a linear head (and LoRA on query/value), after one IVON step on the
-    head objective: IVON trains the head and the adapter, so both are in its posterior."""
-    model = tiny_bert()
-    if adapter:
-        model = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"]))
-    else:
+def ivon_head_model(n_outputs: int, trained: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A tiny BERT with a linear head, after one IVON step on the head objective. ``trained``:
+    ``lora`` (LoRA on query/value and the head, both in IVON's posterior), ``head`` (the head
+    alone) or ``bare`` (LoRA on a bare encoder, no LM head and so no LM logits)."""
+    model = tiny_bert().bert if trained == "bare" else tiny_bert()
+    if trained == "head":
         model.requires_grad_(False)
+    else:
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"]))
     attach_linear_head(model, LinearHead(model.config.hidden_size, n_outputs))
     optimizer = build_optimizer("ivon", model, lr=0.1, ivon_ess=50, ivon_beta2=0.5, ivon_seed=3)
     with torch.enable_grad(), optimizer.sampled_params(train=True):
@@ -73,11 +74,13 @@ def ivon_head_model(n_outputs: int, adapter: bool) -> tuple[torch.nn.Module, tor
 
 
 @pytest.mark.parametrize(
-    ("n_outputs", "adapter"), [(3, True), (1, True), (3, False)], ids=["3-classes", "score", "head"]
+    ("n_outputs", "trained"),
+    [(3, "lora"), (1, "lora"), (3, "head"), (1, "bare")],
+    ids=["3-classes", "score", "head-only", "bare-encoder"],
 )
 @torch.no_grad()
-def test_mc_averaged_head_logits_equal_a_hand_loop_of_posterior_draws(n_outputs, adapter):
-    model, optimizer = ivon_head_model(n_outputs, adapter)
+def test_mc_averaged_head_logits_equal_a_hand_loop_of_posterior_draws(n_outputs, trained):
+    model, optimizer = ivon_head_model(n_outputs, trained)
     head, batch, samples = find_linear_head(model), head_batch(n_outputs), 3
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     at_mean = linear_head_objective(model, batch)
@@ -182,3 +185,19 @@ def test_stsb_run_reports_correlations_of_the_averaged_scores(tiny_bert_dir, tmp
     assert metrics["pearson"] == pytest.approx(pearsonr(predicted, scores)[0], rel=1e-4)
     assert metrics["spearman"] == pytest.approx(spearmanr(predicted, scores)[0], rel=1e-4)
     assert metrics["loss"] == pytest.approx(float(np.mean((predicted - scores) ** 2)), rel=1e-4)
+
+
+def test_averaged_evaluations_are_the_same_after_a_resume(
+    tiny_bert_dir, sst2_dir, tmp_path, monkeypatch, capsys
+):
+    """Killed after step 2 and resumed, a run evaluates with the same draws as a whole run."""
+    extra = ("--head", "linear", "--method", "lora", "--target_modules", "[query,value]",
+             "--lora_r", "2", "--save_state_every", "1", *IVON_FLAGS)  # fmt: skip
+    whole, killed = whole_and_killed_runs(tiny_bert_dir, sst2_dir, tmp_path, extra, monkeypatch,
+                                          capsys)  # fmt: skip
+    a, b = (json.loads((run / "result.json").read_text())["metrics"] for run in (whole, killed))
+    assert [e["step"] for e in a["evals"]] == [e["step"] for e in b["evals"]] == [0, 2, 4]
+    pairs = [*zip(a["evals"], b["evals"], strict=True), (a["test_final"], b["test_final"])]
+    for first, second in pairs:  # the evaluation at step 4 ran after the resume
+        for key in ("accuracy", "loss", "ece"):
+            assert second[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key
