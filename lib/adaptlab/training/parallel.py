@@ -9,7 +9,8 @@
 | ``zero3``| partitioned         | partitioned      | partitioned     | exact  |
 
 IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp``, and under ``fsdp`` with whole
-trainable weights on every rank (only the frozen base sharded), not under ZeRO.
+trainable weights on every rank (only the frozen base sharded). Under ZeRO, only ``ivon`` does,
+its posterior partitioned like the master weights (:mod:`adaptlab.training.ivon_zero`).
 
 Resume states are this package's safetensors per rank, not DeepSpeed's pickles, resumed with
 the same number of processes (``adaptlab.training.sharded_state``).
@@ -53,10 +54,15 @@ from adaptlab.distributed import (
     shard_fsdp2,
 )
 from adaptlab.extract.points import decoder_layers, unwrap
+from adaptlab.training.ivon_zero import ZeroIVON
 from adaptlab.training.loop import StepResult
 from adaptlab.training.methods import METHODS, Method
 from adaptlab.training.objectives import Objective, find_linear_head
-from adaptlab.training.optim import WHOLE_TRAINABLE_OPTIMIZERS, TrainingError
+from adaptlab.training.optim import (
+    WHOLE_TRAINABLE_OPTIMIZERS,
+    TrainingError,
+    unwrap_optimizer,
+)
 
 # Optimisers and methods that need whole trainable weights and gradients on every rank, as
 # their registries declare them (IVON, AdaLoRA). FSDP then shards only the frozen weights; ZeRO
@@ -171,18 +177,28 @@ def check_strategy(
     method: str,
     from_linearhead: bool,
     l1_to_init: float = 0.0,
+    ivon_mc_samples: int = 1,
 ) -> None:
     """Refuse, before loading, what ``strategy`` cannot run.
 
     Raises:
         TrainingError: IVON with ``method=full`` under FSDP or ZeRO (every base weight would
-            be trainable, and IVON needs the weights it updates whole), IVON or AdaLoRA under
-            ZeRO (they need whole trainable weights and gradients on every rank),
+            be trainable, and IVON needs the weights it updates whole or, under ZeRO, draws
+            their noise whole on every process), ivon-opt or AdaLoRA
+            under ZeRO (they need whole trainable weights and gradients on every rank), IVON
+            with ``ivon_mc_samples`` other than 1 under ZeRO (one draw per step there),
             ``from_linearhead`` under ZeRO-3 (the head is fitted on features of the whole
             model, which ZeRO-3 partitions while loading), or
             ``l1_to_init`` under ZeRO (its gradient goes into the gradients between backward
             and clipping, which the engine keeps in its own partitioned buffers).
     """
+    if optimizer == "ivon" and method == "full" and strategy.zero_stage is not None:
+        raise TrainingError(
+            f"optimizer=ivon with method=full under {strategy.name} would draw the posterior "
+            "noise of every base weight whole on every process at every step; train LoRA "
+            "adapters (IVON then steps the engine's partitions of the adapter), or use data "
+            "parallelism."
+        )
     if optimizer in WHOLE_TRAINABLE_OPTIMIZERS and method == "full" and strategy.name != "ddp":
         raise TrainingError(
             f"optimizer={optimizer} with method=full under {strategy.name} would need every "
@@ -191,8 +207,14 @@ def check_strategy(
             "adapters, whose parameters stay replicated while the frozen base is sharded, or "
             "drop the sharding."
         )
-    for name in (optimizer, method):
-        if name in REPLICATED_TRAINABLE and strategy.zero_stage is not None:
+    if strategy.zero_stage is not None and optimizer == "ivon" and ivon_mc_samples != 1:
+        raise TrainingError(
+            f"ivon_mc_samples={ivon_mc_samples} under {strategy.name}: the engine hands IVON "
+            "only the gradient summed over a step, so a step has one posterior draw; use "
+            "ivon_mc_samples=1, or FSDP (fsdp=true) or data parallelism."
+        )
+    for name in (optimizer, method):  # (ZeroIVON steps the engine's partitions)
+        if name in REPLICATED_TRAINABLE - {"ivon"} and strategy.zero_stage is not None:
             raise TrainingError(
                 f"{name} needs whole, replicated trainable weights and gradients, which "
                 f"{strategy.name} partitions; use FSDP (fsdp=true: it then shards only the "
@@ -233,9 +255,8 @@ def shard_fsdp(
     With ``replicate_trainable`` only the frozen weights are sharded: the trainable ones (an
     adapter) stay whole on every rank, FSDP ignores them, and their gradients are averaged by
     :func:`~adaptlab.distributed.average_replicated_gradients` (IVON all-reduces its own
-    samples instead). This is what IVON (one flat posterior over whole weights) and AdaLoRA
-    (rank allocation from whole gradients) need; the optimiser state is then replicated too,
-    which for an adapter is small.
+    samples instead), as IVON and AdaLoRA (rank allocation from whole gradients) need; the
+    optimiser state is then replicated too, which for an adapter is small.
 
     Settings an accelerate FSDP config exports are honoured: ``fsdp_activation_checkpointing``
     (``FSDP_ACTIVATION_CHECKPOINTING``), ``fsdp_reshard_after_forward``
@@ -471,6 +492,8 @@ def zero_train_step(
     ``engine.backward`` divides each micro-batch loss by the engine's accumulation steps and
     ``engine.step`` after every micro-batch reduces, clips and steps at the last one, so the
     update is the one ``train_step`` makes; the engine clips to its ``gradient_clipping``.
+    With IVON (:class:`~adaptlab.training.ivon_zero.ZeroIVON`) the micro-batches run at the
+    step's one posterior draw.
 
     Raises:
         TrainingError: the engine accumulates over another number of micro-batches.
@@ -484,13 +507,17 @@ def zero_train_step(
     lr = float(optimizer.param_groups[0]["lr"])
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
-    for batch in micro_batches:
-        out = objective(engine, batch)
-        extra = method.regularizer(engine)
-        engine.backward(out.loss if extra is None else out.loss + extra)
-        engine.step()
-        loss_sum += out.loss.detach().float() / len(micro_batches)
-        tokens += int(batch["attention_mask"].sum())
+    inner = unwrap_optimizer(optimizer)
+    zero_ivon = isinstance(inner, ZeroIVON)
+    draw = inner.sampled_params(train=True) if zero_ivon else contextlib.nullcontext()
+    with draw:  # IVON: the step's one posterior draw, consumed by the last engine.step()
+        for batch in micro_batches:
+            out = objective(engine, batch)
+            extra = method.regularizer(engine)
+            engine.backward(out.loss if extra is None else out.loss + extra)
+            engine.step()
+            loss_sum += out.loss.detach().float() / len(micro_batches)
+            tokens += int(batch["attention_mask"].sum())
     scheduler.step()
     method.after_step(engine, step, optimizer)
     grad_norm = None if max_grad_norm is None else float(engine.get_global_grad_norm())
