@@ -197,10 +197,8 @@ from adaptlab.training.loop import (
     train_step,
 )
 from adaptlab.training.optim import hess_summary, uses_ivon
-from adaptlab.training.parallel import (
-    zero_train_step,
-)
 from adaptlab.training.sharded_state import optimizer_state_fraction, param_fraction
+from adaptlab.training.zero import zero_train_step
 
 
 def save_weights(job: Job, run: Run, name: str) -> None:

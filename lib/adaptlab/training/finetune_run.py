@@ -72,16 +72,14 @@ from adaptlab.training.parallel import (
     REPLICATED_TRAINABLE,
     Strategy,
     check_strategy,
-    deepspeed_engine,
-    fill_deepspeed_config,
     hidden_from_accelerate,
     requested_strategy,
     resolve_strategy,
     shard_fsdp,
     trainable_as_on_rank0,
-    zero3_loading,
 )
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
+from adaptlab.training.zero import deepspeed_engine, fill_deepspeed_config, zero3_loading
 
 
 @dataclass
@@ -190,6 +188,7 @@ def setup(cfg: FinetuneConfig) -> Job:
         cfg.from_linearhead,
         cfg.l1_to_init,
         cfg.ivon_mc_samples,
+        cfg.vilora_criterion,
     )
     model_ref = resolve_model(cfg.model)
     # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)

@@ -68,6 +68,7 @@ class _Layout:
     groups: list[list[nn.Parameter]]  # the parameters of each IVON group, in the client's order
     spans: dict[nn.Parameter, list[_Span]] = field(default_factory=dict)
     publish: Callable[[list[torch.Tensor]], None] | None = None  # values -> model weights
+    bit16: Callable[[int], torch.Tensor] | None = None  # the model's weights of partition i
 
 
 def _full_shape(param: nn.Parameter) -> torch.Size:
@@ -103,7 +104,12 @@ def _stage2_layout(zero: Any, groups: list[list[nn.Parameter]]) -> _Layout:
             allgather_bucket_size=zero.allgather_bucket_size,
         )
 
-    layout.publish = publish
+    def bit16(i: int) -> torch.Tensor:
+        return zero.parallel_partitioned_bit16_groups[i][
+            dist.get_rank(zero.real_dp_process_group[i])
+        ]
+
+    layout.publish, layout.bit16 = publish, bit16
     return layout
 
 
@@ -146,6 +152,7 @@ def _stage3_layout(zero: Any, groups: list[list[nn.Parameter]]) -> _Layout:
             gathered[0].all_gather(param_list=gathered)
 
     layout.publish = publish
+    layout.bit16 = lambda i: zero.fp16_partitioned_groups_flat[order[i]]
     return layout
 
 
@@ -293,6 +300,17 @@ class ZeroIVON(IVON):
                 self._param_state(flat, group)
                 self._record([flat], [noise], False)
         return super().step()
+
+    @torch.no_grad()
+    def pull_weight_changes(self) -> None:
+        """Take into m what changed in the model's weights since the last step (AdaLoRA's rank
+        masking writes zeros into ``lora_E``): entries where the weight the model computes with
+        differs from m rounded to its dtype. Call it after the method's after-step hook."""
+        layout = self._zero_layout()
+        for i, flat in enumerate(layout.flats):
+            weights = layout.bit16(i)
+            stale = flat.to(weights.dtype) != weights
+            flat[stale] = weights[stale].float()
 
     # -----------------------------------------------------------------------------------------
     # Whole-model views of h (collectives: every process calls them)
