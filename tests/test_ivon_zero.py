@@ -36,3 +36,4 @@ def test_zero_ivon_over_two_processes_equals_plain_ivon(stage, tmp_path):
     assert report["hess"] < 1e-6, report  # h, gathered whole from the partitions
     assert report["draw"] < 1e-6, report  # a prediction draw published through the engine
     assert report["mean_after_draw"] < 1e-6, report  # and the mean restored after it
+    assert report["hess_loaded"] == 0.0, report  # whole h -> partitions -> whole h

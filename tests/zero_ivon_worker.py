@@ -9,8 +9,9 @@ it that sees the whole batch in one process. Five steps of each run at one poste
 step; the engine gets half of the batch on each rank. After step 2 a "rank mask" zeroes a row
 of the first weight in both models (the ZeRO model's weights written as AdaLoRA writes them,
 then ``pull_weight_changes``). Under ZeRO-3 every parameter persists (stays gathered between
-steps), the case where a stale gathered copy would hide the published draw. Rank 0 writes the
-largest differences (weights, h, prediction-draw outputs) to OUT.json.
+steps), the case where a stale gathered copy would hide the published draw. At the end a whole
+h is scattered into the partitions and gathered back (``ivon_hessian_from``). Rank 0 writes the
+largest differences to OUT.json.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main(stage: int, out: str) -> None:
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     optimizer.attach(engine)
-    report = {"weights": 0.0, "hess": 0.0, "draw": 0.0, "mean_after_draw": 0.0}
+    report = dict.fromkeys(["weights", "hess", "draw", "mean_after_draw", "hess_loaded"], 0.0)
 
     def diff(key: str, got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
         for g, e in zip(got, expected, strict=True):
@@ -101,6 +102,10 @@ def main(stage: int, out: str) -> None:
             got = engine(x)
         diff("draw", [got], [expected])
         diff("mean_after_draw", [engine(x)], [reference(x)])
+    # ivon_hessian_from: whole tensors scattered into the partitions and gathered back
+    doubled = {p: 2 * h for p, h in optimizer.whole_hessians()}
+    optimizer.load_whole_hessians(doubled)
+    diff("hess_loaded", [h for _, h in optimizer.whole_hessians()], list(doubled.values()))
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(report, handle)
