@@ -198,10 +198,8 @@ from adaptlab.training.loop import (
     train_step,
 )
 from adaptlab.training.optim import hess_summary, uses_ivon
-from adaptlab.training.parallel import (
-    zero_train_step,
-)
 from adaptlab.training.sharded_state import optimizer_state_fraction, param_fraction
+from adaptlab.training.zero import zero_train_step
 
 
 def save_weights(job: Job, run: Run, name: str) -> None:
@@ -404,6 +402,8 @@ def finalize(job: Job, run: Run) -> dict:
             getattr(module, "gradient_checkpointing", False) for module in run.model.modules()
         ),
     }
+    if uses_ivon(run.optimizer):  # h for a later run's ivon_hessian_from (ZeRO: gathered)
+        save_run_hessian(job.out, acc.unwrap_model(run.model), run.optimizer, acc.is_main_process)
     result = {}
     if acc.is_main_process:
         total_seconds = time.perf_counter() - job.started
@@ -456,8 +456,6 @@ def finalize(job: Job, run: Run) -> dict:
             "hardware": hardware(),
             "created": now(),
         }
-        if uses_ivon(run.optimizer):  # h for a later run's ivon_hessian_from
-            save_run_hessian(job.out, acc.unwrap_model(run.model), run.optimizer)
         write_json(job.out / ckpt.RESULT_FILE, result)
         ckpt.remove(job.out / ckpt.STATE)
         sweep_temporaries(job.out)

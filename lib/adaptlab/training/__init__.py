@@ -28,7 +28,10 @@
 - :mod:`~adaptlab.training.l1_to_init`: the penalty λ·Σ|θ − θ_init|, added to the gradients
   once per step (accumulation, DDP and FSDP2 shards alike);
 - :mod:`~adaptlab.training.parallel`: data parallel, FSDP2 or DeepSpeed ZeRO over the
-  processes of a run, whole state dicts from shards, the ZeRO training step.
+  processes of a run, whole state dicts from shards;
+- :mod:`~adaptlab.training.zero`: the DeepSpeed config, engine and training step;
+- :mod:`~adaptlab.training.ivon_zero`: IVON as a ZeRO engine's optimiser (the posterior
+  partitioned like the master weights).
 
 A training step with gradient accumulation, correct for every optimiser::
 

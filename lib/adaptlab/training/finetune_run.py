@@ -58,6 +58,7 @@ from adaptlab.training.generation import (
     generation_data,
 )
 from adaptlab.training.ivon_hessian import load_hessian
+from adaptlab.training.ivon_zero import ZeroIVON
 from adaptlab.training.l1_to_init import L1ToInit
 from adaptlab.training.loop import (
     BatchPlan,
@@ -71,16 +72,14 @@ from adaptlab.training.parallel import (
     REPLICATED_TRAINABLE,
     Strategy,
     check_strategy,
-    deepspeed_engine,
-    fill_deepspeed_config,
     hidden_from_accelerate,
     requested_strategy,
     resolve_strategy,
     shard_fsdp,
     trainable_as_on_rank0,
-    zero3_loading,
 )
 from adaptlab.training.schedules import build_scheduler, resolve_warmup_steps
+from adaptlab.training.zero import deepspeed_engine, fill_deepspeed_config, zero3_loading
 
 
 @dataclass
@@ -182,7 +181,15 @@ def setup(cfg: FinetuneConfig) -> Job:
     )
     strategy = resolve_strategy(requested, accelerator.num_processes)
     check_reporter(cfg.report_to)
-    check_strategy(strategy, cfg.optimizer, cfg.method, cfg.from_linearhead, cfg.l1_to_init)
+    check_strategy(
+        strategy,
+        cfg.optimizer,
+        cfg.method,
+        cfg.from_linearhead,
+        cfg.l1_to_init,
+        cfg.ivon_mc_samples,
+        cfg.vilora_criterion,
+    )
     model_ref = resolve_model(cfg.model)
     # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)
     info = DistInfo(accelerator.process_index, accelerator.num_processes, accelerator.device)
@@ -359,6 +366,7 @@ def load(job: Job) -> Run:
         ivon_hess_approx=cfg.ivon_hess_approx,
         ivon_sync=acc.num_processes > 1,
         ivon_seed=cfg.seed,  # ivon: the same posterior draws on every process
+        ivon_zero=strategy.zero_stage is not None,  # ivon: steps the engine's partitions
     )
     scheduler = build_scheduler(
         cfg.schedule,
@@ -369,10 +377,14 @@ def load(job: Job) -> Run:
         cfg.min_lr_ratio,
         clr=cfg.clr_shape(),
     )
+    if strategy.zero_stage is not None:
+        engine = deepspeed_engine(model, optimizer, job.deepspeed_config)
+        if isinstance(optimizer, ZeroIVON):  # h and the momentum on the engine's partitions
+            optimizer.attach(engine)
     if cfg.ivon_hessian_from is not None:  # a resume then restores the run's own h
         load_hessian(Path(cfg.ivon_hessian_from), model, optimizer)
     if strategy.zero_stage is not None:
-        model = deepspeed_engine(model, optimizer, job.deepspeed_config)
+        model = engine
     elif strategy.name == "ddp":
         model, optimizer = acc.prepare(model, optimizer)
     prepare_output(job)

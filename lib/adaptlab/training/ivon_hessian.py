@@ -25,6 +25,7 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
+from adaptlab.training.ivon_zero import ZeroIVON
 from adaptlab.training.optim import unwrap_optimizer
 
 HESSIAN_FILE = "ivon_hessian.safetensors"
@@ -43,6 +44,8 @@ def _named_trainable(model: nn.Module) -> dict[nn.Parameter, str]:
 def _ivon_hessians(optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """``(parameter, h)`` for every parameter IVON updates; h is a view of the live state."""
     inner = unwrap_optimizer(optimizer)
+    if isinstance(inner, ZeroIVON) and inner.attached:  # partitioned: gathered whole
+        return inner.whole_hessians()
     pairs = []
     for group in inner.param_groups:
         if isinstance(inner, IVON):
@@ -128,20 +131,27 @@ def save_hessian(
     os.replace(tmp, path)
 
 
-def save_run_hessian(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def save_run_hessian(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, write: bool = True
+) -> list[str]:
     """Write :data:`HESSIAN_FILE` into ``folder``, and for an AdaLoRA model whose final rank
     pattern is set also :data:`RESIZED_HESSIAN_FILE`; ess and weight decay are IVON's own.
+
+    Every process calls it (under ZeRO h is gathered from the partitions); one writes.
 
     Args:
         folder: the run folder.
         model: the trained model, unwrapped (a PEFT AdaLoRA model for the resized file).
         optimizer: adaptlab's IVON or ivon-opt's.
+        write: whether this process writes the files (the main process).
 
     Returns:
-        The names of the files written.
+        The names of the files written (none where ``write`` is False).
     """
     group = unwrap_optimizer(optimizer).param_groups[0]
     tensors = hessian_tensors(model, optimizer)
+    if not write:
+        return []
     save_hessian(folder / HESSIAN_FILE, tensors, group["ess"], group["weight_decay"])
     written = [HESSIAN_FILE]
     for adapter, config in (getattr(model, "peft_config", None) or {}).items():
@@ -210,5 +220,9 @@ def load_hessian(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
             f"ivon_hessian_from={path} holds {extra[0]}, which is no trainable parameter of "
             "this run; load a file saved by a run with the same trainable parameters."
         )
+    inner = unwrap_optimizer(optimizer)
+    if isinstance(inner, ZeroIVON) and inner.attached:  # h lives in the engine's partitions
+        inner.load_whole_hessians({param: tensors[name] for param, name in names.items()})
+        return
     for name, hess in pairs:
         hess.copy_(tensors[name].to(hess.device, hess.dtype))

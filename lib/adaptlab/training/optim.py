@@ -45,6 +45,7 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
+from adaptlab.training.ivon_zero import ZeroIVON
 
 IVON_MISSING = (
     "optimizer=ivon_opt needs the ivon-opt package, which is GPL-3.0-or-later and so only a "
@@ -300,6 +301,8 @@ class OptimizerSettings:
         ivon_hess_approx: ``"price"`` or ``"gradsq"``.
         ivon_sync: all-reduce the gradient samples across processes (DDP).
         ivon_seed: seed of ``ivon``'s posterior draws (equal on every process).
+        ivon_zero: build ``ivon`` as :class:`~adaptlab.training.ivon_zero.ZeroIVON`, the
+            optimiser of a DeepSpeed ZeRO engine.
     """
 
     lr: float
@@ -315,6 +318,7 @@ class OptimizerSettings:
     ivon_hess_approx: str = "price"
     ivon_sync: bool = False
     ivon_seed: int = 0
+    ivon_zero: bool = False
 
 
 def _adamw(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -383,7 +387,8 @@ def _ivon_opt(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
 
 def _ivon(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
     params, arguments = _ivon_arguments(model, s)
-    return IVON(params, **arguments, seed=s.ivon_seed)
+    kind = ZeroIVON if s.ivon_zero else IVON
+    return kind(params, **arguments, seed=s.ivon_seed)
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module, OptimizerSettings], torch.optim.Optimizer]] = {
@@ -398,7 +403,9 @@ IVON_OPTIMIZERS = frozenset({"ivon", "ivon_opt"})
 gradient sample themselves."""
 WHOLE_TRAINABLE_OPTIMIZERS = IVON_OPTIMIZERS
 """Optimisers that need the whole trainable weights and gradients on every rank (IVON samples
-whole weights, and its noise of a parameter is drawn whole): never ZeRO- or FSDP-sharded."""
+whole weights, and its noise of a parameter is drawn whole): never FSDP-sharded. Under DeepSpeed
+ZeRO, ``ivon`` runs as :class:`~adaptlab.training.ivon_zero.ZeroIVON` on the engine's
+partitions; ``ivon_opt`` cannot run there."""
 
 
 def build_optimizer(
@@ -417,6 +424,7 @@ def build_optimizer(
     ivon_hess_approx: str = "price",
     ivon_sync: bool = False,
     ivon_seed: int = 0,
+    ivon_zero: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimiser ``name`` over the trainable parameters of ``model``.
 
@@ -431,7 +439,8 @@ def build_optimizer(
     Returns:
         ``torch.optim.AdamW``, ``torch.optim.SGD``, :class:`SignSGD`,
         :class:`~adaptlab.training.ivon_optim.CheckedIVON` or
-        :class:`~adaptlab.training.ivon.IVON`.
+        :class:`~adaptlab.training.ivon.IVON` (:class:`~adaptlab.training.ivon_zero.ZeroIVON`
+        with ``ivon_zero``).
 
     Raises:
         TrainingError: unknown name, negative lr or weight decay, IVON without ``ivon_ess``,
@@ -457,5 +466,6 @@ def build_optimizer(
         ivon_hess_approx=ivon_hess_approx,
         ivon_sync=ivon_sync,
         ivon_seed=ivon_seed,
+        ivon_zero=ivon_zero,
     )
     return OPTIMIZERS[name](model, settings)

@@ -9,7 +9,9 @@
 | ``zero3``| partitioned         | partitioned      | partitioned     | exact  |
 
 IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp``, and under ``fsdp`` with whole
-trainable weights on every rank (only the frozen base sharded), not under ZeRO.
+trainable weights on every rank (only the frozen base sharded). Under ZeRO, ``ivon`` runs with
+its posterior partitioned like the master weights (:mod:`adaptlab.training.ivon_zero`), and
+AdaLoRA only as ViLoRA (``ivon`` with a posterior criterion) under ZeRO-1/2.
 
 Resume states are this package's safetensors per rank, not DeepSpeed's pickles, resumed with
 the same number of processes (``adaptlab.training.sharded_state``).
@@ -30,7 +32,7 @@ same code as a GPU cluster::
 
 FSDP2 (``fully_shard``) keeps the module objects, so PEFT, the hooks and the optimiser see the
 same modules; parameters become ``DTensor`` shards. The DeepSpeed engine is driven directly
-(:func:`zero_train_step`: ``engine.backward`` and ``engine.step`` per micro-batch).
+(:mod:`adaptlab.training.zero`: ``engine.backward`` and ``engine.step`` per micro-batch).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,12 @@ from adaptlab.distributed import (
     shard_fsdp2,
 )
 from adaptlab.extract.points import decoder_layers, unwrap
-from adaptlab.training.loop import StepResult
-from adaptlab.training.methods import METHODS, Method
-from adaptlab.training.objectives import Objective, find_linear_head
-from adaptlab.training.optim import WHOLE_TRAINABLE_OPTIMIZERS, TrainingError
+from adaptlab.training.methods import METHODS
+from adaptlab.training.objectives import find_linear_head
+from adaptlab.training.optim import (
+    WHOLE_TRAINABLE_OPTIMIZERS,
+    TrainingError,
+)
 
 # Optimisers and methods that need whole trainable weights and gradients on every rank, as
 # their registries declare them (IVON, AdaLoRA). FSDP then shards only the frozen weights; ZeRO
@@ -171,18 +175,30 @@ def check_strategy(
     method: str,
     from_linearhead: bool,
     l1_to_init: float = 0.0,
+    ivon_mc_samples: int = 1,
+    vilora_criterion: str = "sensitivity",
 ) -> None:
     """Refuse, before loading, what ``strategy`` cannot run.
 
     Raises:
         TrainingError: IVON with ``method=full`` under FSDP or ZeRO (every base weight would
-            be trainable, and IVON needs the weights it updates whole), IVON or AdaLoRA under
-            ZeRO (they need whole trainable weights and gradients on every rank),
+            be trainable, and IVON needs the weights it updates whole or, under ZeRO, draws
+            their noise whole on every process), ivon-opt or AdaLoRA
+            under ZeRO (they need whole trainable weights and gradients on every rank; but
+            ViLoRA, AdaLoRA + IVON with a posterior criterion, runs under ZeRO-1/2), IVON
+            with ``ivon_mc_samples`` other than 1 under ZeRO (one draw per step there),
             ``from_linearhead`` under ZeRO-3 (the head is fitted on features of the whole
             model, which ZeRO-3 partitions while loading), or
             ``l1_to_init`` under ZeRO (its gradient goes into the gradients between backward
             and clipping, which the engine keeps in its own partitioned buffers).
     """
+    if optimizer == "ivon" and method == "full" and strategy.zero_stage is not None:
+        raise TrainingError(
+            f"optimizer=ivon with method=full under {strategy.name} would draw the posterior "
+            "noise of every base weight whole on every process at every step; train LoRA "
+            "adapters (IVON then steps the engine's partitions of the adapter), or use data "
+            "parallelism."
+        )
     if optimizer in WHOLE_TRAINABLE_OPTIMIZERS and method == "full" and strategy.name != "ddp":
         raise TrainingError(
             f"optimizer={optimizer} with method=full under {strategy.name} would need every "
@@ -191,8 +207,24 @@ def check_strategy(
             "adapters, whose parameters stay replicated while the frozen base is sharded, or "
             "drop the sharding."
         )
+    if strategy.zero_stage is not None and optimizer == "ivon" and ivon_mc_samples != 1:
+        raise TrainingError(
+            f"ivon_mc_samples={ivon_mc_samples} under {strategy.name}: the engine hands IVON "
+            "only the gradient summed over a step, so a step has one posterior draw; use "
+            "ivon_mc_samples=1, or FSDP (fsdp=true) or data parallelism."
+        )
+    # ZeroIVON steps the engine's partitions; ViLoRA reads its posterior and masks weights that
+    # ZeRO-1/2 keep whole on every process
+    vilora = method == "adalora" and optimizer == "ivon" and vilora_criterion != "sensitivity"
+    if vilora and strategy.zero_stage == 3:
+        raise TrainingError(
+            "ViLoRA (method=adalora, optimizer=ivon) under zero3: its orthogonality penalty and "
+            "rank masks read every adapter matrix whole, which ZeRO-3 partitions; use ZeRO-2 "
+            "(deepspeed_zero2.json), FSDP or data parallelism."
+        )
     for name in (optimizer, method):
-        if name in REPLICATED_TRAINABLE and strategy.zero_stage is not None:
+        allowed = {"ivon", "adalora"} if vilora else {"ivon"}
+        if name in REPLICATED_TRAINABLE - allowed and strategy.zero_stage is not None:
             raise TrainingError(
                 f"{name} needs whole, replicated trainable weights and gradients, which "
                 f"{strategy.name} partitions; use FSDP (fsdp=true: it then shards only the "
@@ -233,9 +265,8 @@ def shard_fsdp(
     With ``replicate_trainable`` only the frozen weights are sharded: the trainable ones (an
     adapter) stay whole on every rank, FSDP ignores them, and their gradients are averaged by
     :func:`~adaptlab.distributed.average_replicated_gradients` (IVON all-reduces its own
-    samples instead). This is what IVON (one flat posterior over whole weights) and AdaLoRA
-    (rank allocation from whole gradients) need; the optimiser state is then replicated too,
-    which for an adapter is small.
+    samples instead), as IVON and AdaLoRA (rank allocation from whole gradients) need; the
+    optimiser state is then replicated too, which for an adapter is small.
 
     Settings an accelerate FSDP config exports are honoured: ``fsdp_activation_checkpointing``
     (``FSDP_ACTIVATION_CHECKPOINTING``), ``fsdp_reshard_after_forward``
@@ -332,171 +363,6 @@ def is_fsdp(model: nn.Module) -> bool:
 
 def is_deepspeed(model: nn.Module) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
-
-
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO
-
-
-def fill_deepspeed_config(
-    config: Mapping[str, Any],
-    *,
-    micro_batch_size: int,
-    accumulation: int,
-    world: int,
-    max_grad_norm: float | None,
-    bf16: bool,
-    hidden_size: int,
-) -> dict[str, Any]:
-    """A copy of ``config`` with its ``"auto"`` entries set from the run.
-
-    Batch sizes come from the batch plan, ``gradient_clipping`` from ``max_grad_norm`` (0: none),
-    ``bf16.enabled`` from ``mixed_precision``; ZeRO bucket sizes follow the hidden size as in
-    the transformers integration. ZeRO-3 always gathers weights for saving.
-
-    Raises:
-        TrainingError: a set value that disagrees with the run, or an ``"auto"`` left that
-            nothing fills.
-    """
-    filled = json.loads(json.dumps(config))
-    run = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro_batch_size * accumulation * world,
-        "gradient_clipping": float(max_grad_norm or 0.0),
-    }
-    for key, value in run.items():
-        given = filled.get(key, "auto")
-        if given != "auto" and given != value:
-            raise TrainingError(
-                f"The DeepSpeed config sets {key}={given} but the run needs {value}; set it to "
-                '"auto".'
-            )
-        filled[key] = value
-    filled.setdefault("bf16", {})
-    if filled["bf16"].get("enabled", "auto") == "auto":
-        filled["bf16"]["enabled"] = bf16
-    filled["fp16"] = {"enabled": False}
-    filled.setdefault("zero_allow_untested_optimizer", True)  # SGD / SignGD are plain torch
-    zero = filled["zero_optimization"]
-    sizes = {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    for key, value in sizes.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    if zero["stage"] == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    left = [key for key, value in _flat_items(filled) if value == "auto"]
-    if left:
-        raise TrainingError(
-            f'The DeepSpeed config leaves {left[0]}="auto", which this script does not fill; '
-            "give a value."
-        )
-    return filled
-
-
-def _flat_items(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            items += _flat_items(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
-
-
-def _join_deepspeed() -> None:
-    """Point DeepSpeed's communicator at the process group accelerate created."""
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-
-
-def deepspeed_engine(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
-) -> nn.Module:
-    """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine over the existing process group.
-
-    The optimiser stays the caller's (its ``param_groups`` keep the learning rate the
-    scheduler sets); ZeRO partitions its state and, with stage 3, the parameters.
-    """
-    import deepspeed
-
-    keep_4bit_packing(model)
-    _join_deepspeed()
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=dict(config), dist_init_required=False
-    )
-    return engine
-
-
-@contextlib.contextmanager
-def zero3_loading(config: Mapping[str, Any] | None) -> Iterator[None]:
-    """While open, ``from_pretrained`` loads every weight straight into its ZeRO-3 partition.
-
-    No process ever holds the whole model (transformers' ``HfDeepSpeedConfig``, which it and
-    PEFT read through a weak reference; PEFT then gathers the weights an adapter's
-    initialisation reads). A no-op without a ZeRO-3 ``config``.
-    """
-    if config is None or config["zero_optimization"]["stage"] != 3:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-
-    _join_deepspeed()  # zero.Init reads the world size from DeepSpeed's own communicator
-    keep = HfDeepSpeedConfig(dict(config))
-    try:
-        yield
-    finally:
-        del keep
-
-
-def zero_train_step(
-    engine: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    micro_batches: Sequence[Mapping[str, Any]],
-    objective: Objective,
-    accelerator: Any,
-    method: Method,
-    step: int,
-    max_grad_norm: float | None = None,
-) -> StepResult:
-    """One optimiser step through a DeepSpeed engine (same arguments as ``loop.train_step``).
-
-    ``engine.backward`` divides each micro-batch loss by the engine's accumulation steps and
-    ``engine.step`` after every micro-batch reduces, clips and steps at the last one, so the
-    update is the one ``train_step`` makes; the engine clips to its ``gradient_clipping``.
-
-    Raises:
-        TrainingError: the engine accumulates over another number of micro-batches.
-    """
-    if engine.gradient_accumulation_steps() != len(micro_batches):
-        raise TrainingError(
-            f"The DeepSpeed engine accumulates {engine.gradient_accumulation_steps()} "
-            f"micro-batches but the step has {len(micro_batches)}; report this bug."
-        )
-    engine.train()
-    lr = float(optimizer.param_groups[0]["lr"])
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = 0
-    for batch in micro_batches:
-        out = objective(engine, batch)
-        extra = method.regularizer(engine)
-        engine.backward(out.loss if extra is None else out.loss + extra)
-        engine.step()
-        loss_sum += out.loss.detach().float() / len(micro_batches)
-        tokens += int(batch["attention_mask"].sum())
-    scheduler.step()
-    method.after_step(engine, step, optimizer)
-    grad_norm = None if max_grad_norm is None else float(engine.get_global_grad_norm())
-    loss_mean = accelerator.reduce(loss_sum, reduction="mean")
-    token_total = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
-    return StepResult(float(loss_mean), int(token_total), lr, grad_norm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
+from adaptlab.training.ivon_zero import ZeroIVON
 from adaptlab.training.optim import unwrap_optimizer, uses_ivon
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,7 +129,9 @@ def posterior_sigmas(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor
         optimizer: adaptlab's :class:`~adaptlab.training.ivon.IVON` (h from
             ``optimizer.state[p]["hess"]``, ``hess_init`` before its first step) or ivon-opt's
             ``IVON`` (h sliced from each group's flat ``hess`` buffer in the group's parameter
-            order), plain or wrapped by accelerate.
+            order), plain or wrapped by accelerate; under DeepSpeed ZeRO h is gathered from
+            the partitions (:class:`~adaptlab.training.ivon_zero.ZeroIVON`: every process
+            calls it).
 
     Returns:
         ``{id(parameter): σ}``, σ [parameter's shape], fp64 on the parameter's device; ess and
@@ -139,6 +142,11 @@ def posterior_sigmas(optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor
     """
     inner = unwrap_optimizer(optimizer)
     sigmas: dict[int, torch.Tensor] = {}
+    if isinstance(inner, ZeroIVON) and inner.attached:  # h gathered from the partitions
+        group = inner.param_groups[0]
+        for param, hess in inner.whole_hessians():
+            sigmas[id(param)] = _sigma(hess, group["ess"], group["weight_decay"])
+        return sigmas
     if isinstance(inner, IVON):
         for group in inner.param_groups:
             for param in group["params"]:
