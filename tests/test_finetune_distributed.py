@@ -368,6 +368,13 @@ def test_linear_head_trains_over_two_processes_like_one(fsdp, tiny_model_dir, ss
     got, expected = (load_file(r / "final" / "linear_head.safetensors") for r in (two, one))
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-6, msg=name)
+    # the per-example test file (written by the main process) is the one process's, in order
+    files = [r / result(r)["metrics"]["test_final"]["predictions"] for r in (two, one)]
+    records = [[json.loads(line) for line in f.open()] for f in files]
+    pairs = [[(r["index"], r["label"]) for r in rs] for rs in records]
+    assert pairs[0] == pairs[1] and [i for i, _ in pairs[1]] == list(range(12))
+    logits = [torch.tensor([r["logits"] for r in rs], dtype=torch.float64) for rs in records]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
 
 
 ADALORA = [
