@@ -6,7 +6,10 @@ training examples and the train, dev and test examples (f = the label-word logit
 logit_1 - logit_0 with ``binary``), with the ``sgd``, ``signgd`` or ``asymmetric_signgd``
 formula over all parameters or a subset (no embeddings, no head, biases, LoRA), then solves
 it (lstsq, logistic, SVR/SVC, the asymmetric LS-SVM) over a grid of solver settings, keeps
-the best dev setting per seed and reports test accuracy mean (std) over seeds.
+the best dev setting per seed and reports test accuracy mean (std) over seeds. The test logits
+of each seed's best setting per solver go to ``predictions/{solver}_seed{seed}.jsonl``, one
+``{"index", "label", "logits", "prediction"}`` per test example in test-split order, named in
+``sweep.json`` (``by_solver[solver].best[i].predictions``); binary kernels write ``[-f, f]``.
 
 Kernels are saved in the upstream format (``{split}_kernels_{task}.pt`` holding
 ``(kernel [N, C, M, C] float64, targets)``; ``[2, N, C, M, C]`` for A-SignGD) next to a
@@ -70,7 +73,7 @@ from adaptlab.config import parse_config, to_dict
 from adaptlab.data import DataError, load_task
 from adaptlab.distributed import DistInfo, all_gather_object, dist_info, shutdown
 from adaptlab.errors import report_user_errors
-from adaptlab.io import read_json, sweep_temporaries, write_json
+from adaptlab.io import read_json, sweep_temporaries, write_json, write_jsonl
 from adaptlab.models import (
     ModelNotFoundError,
     check_weights,
@@ -92,15 +95,17 @@ from adaptlab.training.fewshot import (
     model_kind,
     prepare_fewshot,
 )
+from adaptlab.training.metrics import prediction_records
 
 MANIFEST = "manifest.json"
-SWEEP, RESULT = "sweep.json", "result.json"
+SWEEP, RESULT, PREDICTIONS = "sweep.json", "result.json", "predictions"
 LAYOUT = Layout(
     "kernel",
     markers=(SWEEP, f"*-*/{MANIFEST}", "*-*/*_kernels_*.pt"),
-    owned=(SWEEP, RESULT, "*-*"),
+    owned=(SWEEP, RESULT, PREDICTIONS, "*-*"),
 )
-"""What this recipe writes into ``output_dir``: one ``{K}-{seed}`` folder per seed, the sweep."""
+"""What this recipe writes into ``output_dir``: one ``{K}-{seed}`` folder per seed, the sweep
+and the best settings' test predictions."""
 IDENTITY_FIELDS = (
     "model",
     "task",
@@ -473,6 +478,24 @@ def kernel_task_name(folder: Path, task: str) -> str:
     )
 
 
+def write_predictions(out: Path, solver: str, result: ntk.SolveResult, best: dict) -> str:
+    """Write the test predictions of one seed's best-dev setting of ``solver`` to
+    ``predictions/{solver}_seed{seed}.jsonl``: one ``{"index", "label", "logits", "prediction"}``
+    per test example in test-split order. A binary kernel's scalar f is written as the logits
+    ``[-f, f]`` that its accuracy counts (label ``-1`` -> class 0, ``+1`` -> 1; f = 0 -> 0).
+
+    Returns:
+        The file's path relative to ``out`` (what ``sweep.json`` records).
+    """
+    path = f"{PREDICTIONS}/{solver}_seed{best['seed']}.jsonl"
+    records = prediction_records(result.logits, result.labels.tolist())
+    hits = sum(r["prediction"] == r["label"] for r in records)
+    if hits / len(records) != best["test"]["accuracy"]:  # a guard on the bookkeeping above
+        raise KernelError(f"The kept test logits of {path} do not give the sweep's accuracy.")
+    write_jsonl(out / path, records)
+    return path
+
+
 def solve(job: Job, manifests: dict[int, dict]) -> dict:
     """Sweep the solver grid on every seed's kernels; write sweep.json and result.json."""
     cfg = job.cfg
@@ -483,18 +506,24 @@ def solve(job: Job, manifests: dict[int, dict]) -> dict:
         kernels[seed] = ntk.KernelSet.load(
             folder, kernel_task_name(folder, cfg.task), logits=cfg.adjust_for_init or None
         )
-    sweep = ntk.run_sweep(kernels, cfg.grid, progress=cfg.progress)
+    tested = {}  # (seed, grid point) -> its test SolveResult, for the best ones' predictions
+
+    def keep_test(seed: int, point: int, results: dict[str, ntk.SolveResult]) -> None:
+        tested[seed, point] = results["test"]
+
+    sweep = ntk.run_sweep(kernels, cfg.grid, progress=cfg.progress, on_solve=keep_test)
+    job.out.mkdir(parents=True, exist_ok=True)
     by_solver = {}
     for name in cfg.solvers:
-        trials = [t for t in sweep["trials"] if t["settings"]["solver"] == name]
-        by_solver[name] = ntk.gather(trials)["summary"] | {
-            "best": [
-                {k: b[k] for k in ("seed", "settings", "dev", "test")}
-                for b in ntk.gather(trials)["best"]
-            ]
-        }
+        gathered = ntk.gather([t for t in sweep["trials"] if t["settings"]["solver"] == name])
+        best = []
+        for b in gathered["best"]:  # per seed: the best dev setting, its test file beside it
+            path = write_predictions(job.out, name, tested[b["seed"], b["point"]], b)
+            best.append(
+                {k: b[k] for k in ("seed", "settings", "dev", "test")} | {"predictions": path}
+            )
+        by_solver[name] = gathered["summary"] | {"best": best}
     sweep["by_solver"] = by_solver
-    job.out.mkdir(parents=True, exist_ok=True)
     ntk.write_sweep(job.out / SWEEP, sweep)
     result = {
         "format": "adaptlab.kernel_result/1",

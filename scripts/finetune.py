@@ -20,6 +20,10 @@ split (``shots`` per label, ``data_seed``) with cross-entropy over the label-wor
 mask (masked LMs) or the last prompt token (causal LMs), keeps the best dev-accuracy weights
 and evaluates the test split at the end and at every new best (``metrics.test_at_best``, the
 upstream protocol): the fine-tuning the eNTK of ``scripts/compute_kernel.py`` predicts.
+Evaluations report accuracy, ``macro_f1``, the task's F1/MCC, ECE and loss; every test evaluation
+also writes ``predictions/test_step_{step}.jsonl``, one ``{"index", "label", "logits",
+"prediction"}`` per test example in test-set order (the logits accuracy and ECE were computed
+from), which the test metrics name under ``predictions``.
 ``--extra_test_tasks [mnli-mm]`` scores other tasks' test splits the same way, with the run's
 prompt (``metrics.extra_tests``, ``adaptlab.training.extra_tests``).
 ``--scoring options`` (causal LMs) scores each class by its whole option instead, the summed
@@ -237,13 +241,20 @@ def log_metrics(job: Job, run: Run, metrics: dict, prefix: str) -> None:
 
 def scores(job: Job, run: Run, split: str) -> dict:
     """Metrics of the evaluation (``dev``), ``test`` or an extra task's test split at the current
-    step; a generation task's predictions go to ``predictions/{split}_step_{step}.jsonl``."""
+    step. Per-example predictions go to ``predictions/{split}_step_{step}.jsonl``: a generation
+    task's generated texts of every split, a few-shot classification task's test logits
+    (``{"index", "label", "logits", "prediction"}`` per test example, in test-set order); a
+    test split's metrics then name that file under ``predictions``."""
     evaluate = {"dev": job.data.evaluate, "test": job.data.test, **job.data.extra_tests}[split]
     cfg = job.cfg  # IVON: logits averaged over ivon_infer_mc_samples draws (0: the mean)
+    # a few-shot task's test splits keep their per-example logits (generation: every split)
+    keep = {"keep": True} if split != "dev" and job.data.fewshot is not None else {}
     with mc_averaged_logits(run.model, run.optimizer, cfg.ivon_infer_mc_samples, cfg.seed):
-        metrics = evaluate(run.model, job.accelerator)
-    path = job.out / ckpt.PREDICTIONS / f"{split}_step_{run.state.step}.jsonl"
-    return keep_predictions(metrics, path, job.accelerator.is_main_process)
+        metrics = evaluate(run.model, job.accelerator, **keep)
+    name = f"{ckpt.PREDICTIONS}/{split}_step_{run.state.step}.jsonl"
+    named = split != "dev" and "predictions" in metrics
+    metrics = keep_predictions(metrics, job.out / name, job.accelerator.is_main_process)
+    return {**metrics, "predictions": name} if named else metrics
 
 
 def evaluate_and_keep(job: Job, run: Run) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,10 @@ def test_binary_asymmetric_kernels_have_the_upstream_layout(tiny_model_dir, sst2
     torch.testing.assert_close(kernel[0, :, 0, :, 0], expected, rtol=1e-7, atol=1e-7 * scale)
     test_kernel, _ = load_kernel(out / "8-42" / "test_kernels_SST-2.pt")
     assert test_kernel.shape == (2, 16, 1, 12, 1)
+    # one scalar f per example, written as the two logits [-f, f] its accuracy counts
+    gold = [int(ex.label) for ex in load_task("sst-2", sst2_dir, k=8, seed=42).test]
+    for logits in check_best_predictions(out, ("asym", "lstsq"), gold).values():
+        np.testing.assert_array_equal(logits[:, 0], -logits[:, 1])
 
 
 @pytest.mark.multiprocess
@@ -222,3 +227,39 @@ def test_projected_kernel_approaches_the_exact_one(kernel_run, tiny_model_dir, s
         assert projected.shape == exact.shape
         errors.append(float((projected - exact).norm() / exact.norm()))
     assert errors[1] < 0.5 * errors[0] and errors[1] < 0.3, errors  # error ~ 1/sqrt(d)
+
+
+def check_best_predictions(run, solvers, gold) -> dict[str, np.ndarray]:
+    """Each solver's best-dev test file: one record per test example in order, whose
+    predictions give the test accuracy sweep.json reports. Returns the files' logits."""
+    sweep = json.loads((run / "sweep.json").read_text())
+    logits = {}
+    for name in solvers:
+        (best,) = sweep["by_solver"][name]["best"]  # one seed
+        assert best["predictions"] == f"predictions/{name}_seed42.jsonl"
+        records = [json.loads(line) for line in (run / best["predictions"]).open()]
+        assert [r["index"] for r in records] == list(range(len(gold)))
+        assert [r["label"] for r in records] == gold
+        logits[name] = np.array([r["logits"] for r in records])
+        predictions = np.array([r["prediction"] for r in records])
+        assert logits[name].shape == (len(gold), 2)
+        assert (logits[name].argmax(1) == predictions).all()
+        accuracy = float((predictions == np.array(gold)).mean())
+        assert best["test"]["accuracy"] == accuracy
+        assert sweep["by_solver"][name]["test_mean"] == pytest.approx(100 * accuracy)
+    return logits
+
+
+def test_best_settings_write_their_test_predictions(kernel_run, sst2_dir):
+    gold = [int(ex.label) for ex in load_task("sst-2", sst2_dir, k=8, seed=42).test]
+    logits = check_best_predictions(kernel_run, ("lstsq", "logistic"), gold)
+    # lstsq by hand on the saved kernels: α = (K + r σ_max I)⁺ Y, test logits K_testᵀ α
+    sweep = json.loads((kernel_run / "sweep.json").read_text())
+    ridge = sweep["by_solver"]["lstsq"]["best"][0]["settings"]["regularization"]
+    train, targets = torch.load(kernel_run / "8-42" / "train_kernels_SST-2.pt", weights_only=True)
+    test, _ = torch.load(kernel_run / "8-42" / "test_kernels_SST-2.pt", weights_only=True)
+    k = train.reshape(32, 32).numpy()
+    k_reg = k + ridge * np.linalg.svd(k, compute_uv=False)[0] * np.eye(32)
+    alpha = np.linalg.lstsq(k_reg, np.eye(2)[targets.numpy()].reshape(-1), rcond=None)[0]
+    expected = (test.reshape(32, 24).numpy().T @ alpha).reshape(12, 2)
+    np.testing.assert_allclose(logits["lstsq"], expected, rtol=1e-6, atol=1e-8)

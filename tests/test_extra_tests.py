@@ -83,6 +83,13 @@ def test_extra_task_scores_equal_a_hand_evaluation(head, tiny_bert_dir, data_dir
             float((scores.argmax(1) == labels).double().mean())
         )
         assert metrics["loss"] == pytest.approx(float(F.cross_entropy(scores, labels)), rel=1e-4)
+        # the extra task's per-example test logits sit beside the run's own
+        step = 8 if name == "final" else result["metrics"]["best"]["step"]
+        assert metrics["predictions"] == f"predictions/cr_step_{step}.jsonl"
+        records = [json.loads(line) for line in (out / metrics["predictions"]).open()]
+        assert [r["label"] for r in records] == labels.tolist()
+        logits = torch.tensor([r["logits"] for r in records], dtype=torch.float64)
+        torch.testing.assert_close(logits, scores.double(), rtol=1e-4, atol=1e-5)
     # the best dev step is not the last one, so best/ and final/ are other weights
     assert 0 < result["metrics"]["best"]["step"] < 8
     assert extra["cr"]["at_best"]["loss"] != extra["cr"]["final"]["loss"]

@@ -196,6 +196,8 @@ def test_stsb_run_trains_a_one_output_head_on_the_squared_error(tiny_bert_dir, s
     assert metrics["corr"] == pytest.approx((metrics["pearson"] + metrics["spearman"]) / 2)
     assert metrics["loss"] == pytest.approx(float(np.mean((predictions - scores) ** 2)), rel=1e-4)
     assert "accuracy" not in metrics
+    # a regression task keeps no per-example classification predictions
+    assert "predictions" not in metrics and not (out / "predictions").exists()
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,14 @@ def write_json(path: str | Path, data: Any) -> None:
         handle.write("\n")
 
 
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> None:
+    """Write one JSON object per line, atomically (the parent folder is made if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON in ``path``; a file that is not valid JSON is a :class:`CorruptFileError`."""
     try:

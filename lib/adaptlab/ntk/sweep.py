@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from adaptlab.io import write_json
 from adaptlab.ntk.errors import KernelError
 from adaptlab.ntk.io import KernelSet
-from adaptlab.ntk.solvers import SolverSettings, check_request
+from adaptlab.ntk.solvers import SolveResult, SolverSettings, check_request
 
 GRID_KEYS = tuple(f.name for f in fields(SolverSettings))
 DEFAULT_SOLVER = "logistic"  # upstream's --kernel_solver default
@@ -144,6 +144,7 @@ def run_sweep(
     test_split: str = "test",
     metric: str = "accuracy",
     progress: bool = True,
+    on_solve: Callable[[Any, int, Mapping[str, SolveResult]], None] | None = None,
 ) -> dict[str, Any]:
     """Solve every grid point on every seed's kernels and gather the results.
 
@@ -156,6 +157,8 @@ def run_sweep(
         test_split: split that is reported.
         metric: a :class:`~adaptlab.ntk.solvers.SolveResult` summary key, e.g. ``accuracy``.
         progress: show a progress bar.
+        on_solve: called after each solve with ``(seed, point index, {split: SolveResult})``,
+            e.g. to keep the per-example logits the JSON record leaves out.
 
     Returns:
         A JSON-ready record: ``points`` (the grid), ``trials`` (every seed × point with dev and
@@ -193,6 +196,8 @@ def run_sweep(
         for seed, kernels in kernels_by_seed.items():
             for index, point in enumerate(points):
                 results = kernels.solve(point.solver, point, splits=(dev_split, test_split))
+                if on_solve is not None:
+                    on_solve(seed, index, results)
                 trials.append(
                     {
                         "seed": seed,

@@ -30,6 +30,7 @@ from adaptlab.training.fewshot import (
     tag_task,
 )
 from adaptlab.training.loop import TRAIN_DATA, evaluate
+from adaptlab.training.metrics import prediction_records
 from adaptlab.training.objectives import OBJECTIVES
 
 
@@ -41,6 +42,8 @@ class Data:
     collate: Callable  # (items, pad_token_id) -> batch
     evaluate: Callable  # (model, accelerator) -> metrics of the evaluation (dev) set
     test: Callable | None  # (model, accelerator) -> test metrics, few-shot tasks only
+    # single-task few-shot runs (``fewshot`` set): ``test`` and ``extra_tests`` also take
+    # ``keep=True``, adding the per-example ``predictions`` (:func:`task_scores`)
     objective: Callable  # (model, batch) -> ObjectiveOutput
     identity: dict  # the rows and dataset that make a run this run
     record: dict  # what was loaded, for result.json
@@ -191,8 +194,14 @@ def task_scores(
     examples: list,
     model: torch.nn.Module,
     acc: Accelerator,
+    keep: bool = False,
 ) -> dict:
-    """Metrics of ``examples`` of one task, scored with that task's label words or options."""
+    """Metrics of ``examples`` of one task, scored with that task's label words or options.
+
+    With ``keep`` a classification task's metrics also carry ``predictions``, one record per
+    example in input order (:func:`~adaptlab.training.metrics.prediction_records`), for the
+    recipe to write to disk; the regression task (STS-B) keeps none.
+    """
     metrics = evaluate_classification(
         model,
         examples,
@@ -203,7 +212,9 @@ def task_scores(
         objective,
         progress=cfg.progress and acc.is_main_process,
     )
-    metrics.pop("logits")
+    logits = metrics.pop("logits")
+    if keep and data.task.regression is None:
+        metrics["predictions"] = prediction_records(logits, [ex["label"] for ex in examples])
     return metrics
 
 

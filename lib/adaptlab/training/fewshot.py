@@ -22,8 +22,9 @@ and collate function a prepared task needs, whichever its scoring::
     out = objective(model, collate(data.train[:4], tokenizer.pad_token_id))  # out.scores [4, C]
 
 Evaluation scores every example's C label words (or options): accuracy (argmax over the C
-scores), the task's extra metrics (F1 for MRPC/QQP, MCC for CoLA), the expected calibration
-error of the softmax over the scores and the mean cross-entropy (``loss``).
+scores), the task's extra metrics (F1 for MRPC/QQP, MCC for CoLA), the macro-F1 over classes,
+the expected calibration error of the softmax over the scores and the mean cross-entropy
+(``loss``).
 """
 
 from __future__ import annotations
@@ -352,7 +353,8 @@ def evaluate_classification(
         progress: show a progress bar of this process's examples (examples/s).
 
     Returns:
-        ``accuracy``, the task's other metrics, ``ece`` (of the softmax over the scores),
+        ``accuracy``, the task's other metrics, ``macro_f1`` (sklearn's ``f1_score`` with
+        ``average="macro"``), ``ece`` (of the softmax over the scores),
         ``loss`` (the objective's mean loss), ``n`` and ``logits`` (``[M, C]`` scores in input
         order, as nested lists). Regression: ``pearson``, ``spearman``, ``corr``
         (:func:`~adaptlab.data.regression_metrics` of the predicted scores, ``logits``
@@ -399,10 +401,16 @@ def evaluate_classification(
         metrics = regression_metrics(scores[:, 0].tolist(), table[:, 2].tolist())
         metrics.update(loss=float(table[:, 3].mean()), n=len(table), logits=scores.tolist())
         return metrics
+    from sklearn.metrics import f1_score
+
     labels = table[:, 2].long()
     predictions = scores.argmax(1)
     metrics = task_metrics(data.task, predictions.tolist(), labels.tolist())
     metrics["accuracy"] = metrics.pop("acc", float((predictions == labels).double().mean()))
+    # the mean F1 over the classes that occur in the gold or the predicted labels
+    metrics["macro_f1"] = float(
+        f1_score(labels.tolist(), predictions.tolist(), average="macro", zero_division=0)
+    )
     metrics["ece"] = expected_calibration_error(torch.softmax(scores, 1), labels.tolist())
     metrics["loss"] = float(table[:, 3].mean())
     metrics["n"] = len(labels)

@@ -378,7 +378,9 @@ def load(job: Job) -> Run:
         clr=cfg.clr_shape(),
     )
     if strategy.zero_stage is not None:
-        engine = deepspeed_engine(model, optimizer, job.deepspeed_config)
+        # ViLoRA's penalty and rank masks read the adapter whole: ZeRO-3 keeps it gathered
+        vilora = cfg.method == "adalora" and isinstance(optimizer, ZeroIVON)
+        engine = deepspeed_engine(model, optimizer, job.deepspeed_config, vilora)
         if isinstance(optimizer, ZeroIVON):  # h and the momentum on the engine's partitions
             optimizer.attach(engine)
     if cfg.ivon_hessian_from is not None:  # a resume then restores the run's own h

@@ -48,7 +48,6 @@ Example (the tiny tokenizer; the title and EOS carry the labels)::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -65,7 +64,7 @@ from adaptlab.data import load_headlines
 from adaptlab.data.nlg_hub import load_hub_generation
 from adaptlab.extract.points import unwrap
 from adaptlab.extract.runner import pad_batch
-from adaptlab.io import atomic_open
+from adaptlab.io import write_jsonl
 from adaptlab.training.answer_only import _leading_special_ids, collate_answer_only
 from adaptlab.training.data import Data
 from adaptlab.training.fewshot import model_kind
@@ -335,17 +334,16 @@ def split_scores(
 
 
 def keep_predictions(metrics: dict[str, Any], path: Path, write: bool) -> dict[str, Any]:
-    """Take a generation task's ``predictions`` out of ``metrics`` and write them to ``path``
-    (one JSON record per line, atomically) when ``write``; other metrics pass unchanged.
+    """Take the per-example ``predictions`` out of ``metrics`` (a generation task's texts, a
+    classification test split's logits) and write them to ``path`` (one JSON record per line,
+    atomically) when ``write``; other metrics pass unchanged.
 
     Returns:
         The metrics without ``predictions``.
     """
     records = metrics.pop("predictions", None)
     if records is not None and write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_jsonl(path, records)
     return metrics
 
 

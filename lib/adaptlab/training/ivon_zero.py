@@ -69,6 +69,7 @@ class _Layout:
     spans: dict[nn.Parameter, list[_Span]] = field(default_factory=dict)
     publish: Callable[[list[torch.Tensor]], None] | None = None  # values -> model weights
     bit16: Callable[[int], torch.Tensor] | None = None  # the model's weights of partition i
+    gather: Callable[[], None] = lambda: None  # ZeRO-3: gather the trainable weights released
 
 
 def _full_shape(param: nn.Parameter) -> torch.Size:
@@ -151,8 +152,28 @@ def _stage3_layout(zero: Any, groups: list[list[nn.Parameter]]) -> _Layout:
             gathered[0].partition(param_list=gathered, has_been_updated=False)
             gathered[0].all_gather(param_list=gathered)
 
-    layout.publish = publish
-    layout.bit16 = lambda i: zero.fp16_partitioned_groups_flat[order[i]]
+    def bit16(i: int) -> torch.Tensor:
+        """Partition ``i`` of the weights, with what was written into gathered copies
+        (persistent parameters) since the last step copied in first."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for param in zero.fp16_groups[order[i]]:
+            if param.ds_status != ZeroParamStatus.AVAILABLE:
+                continue
+            chunk = param.ds_tensor
+            first = rank * chunk.numel()
+            length = max(0, min(chunk.numel(), param.ds_numel - first))
+            chunk.data[:length].copy_(param.data.flatten()[first : first + length])
+        return zero.fp16_partitioned_groups_flat[order[i]]
+
+    def gather() -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        released = [p for p in trainable if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if released:
+            released[0].all_gather(param_list=released)
+
+    layout.publish, layout.bit16, layout.gather = publish, bit16, gather
     return layout
 
 
@@ -300,6 +321,13 @@ class ZeroIVON(IVON):
                 self._param_state(flat, group)
                 self._record([flat], [noise], False)
         return super().step()
+
+    def gather_trainable(self) -> None:
+        """ZeRO-3: gather every trainable weight DeepSpeed has released, so code outside the
+        modules' forward (AdaLoRA's orthogonality penalty and rank masks) reads it whole. The
+        adapter is then kept gathered as a persistent parameter (see
+        :func:`adaptlab.training.zero.deepspeed_engine`). A no-op under ZeRO-1/2."""
+        self._zero_layout().gather()
 
     @torch.no_grad()
     def pull_weight_changes(self) -> None:

@@ -138,6 +138,33 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 10) -> flo
     return float(np.sum(bins.count[full] / bins.count.sum() * gaps))
 
 
+def prediction_records(logits: Any, labels: Sequence[int]) -> list[dict[str, Any]]:
+    """One JSON-ready record per evaluated example, in input order: what a study compares
+    example by example (agreement of two methods, correlation of their logits).
+
+    Args:
+        logits: ``[M, C]`` class scores, exactly those accuracy and ECE were computed from.
+        labels: ``[M]`` gold class indices.
+
+    Returns:
+        ``[M]`` dicts ``{"index": i, "label": y, "logits": [C floats], "prediction": argmax}``;
+        ties go to the first class, as ``torch.argmax`` counts them for accuracy.
+    """
+    scores = torch.as_tensor(logits, dtype=torch.float64)
+    if scores.ndim != 2 or len(scores) != len(labels):
+        raise TrainingError(
+            f"prediction_records got logits of shape {tuple(scores.shape)} and {len(labels)} "
+            "labels; pass [M, C] scores and one label per example."
+        )
+    predictions = scores.argmax(1).tolist()
+    return [
+        {"index": i, "label": int(label), "logits": row, "prediction": prediction}
+        for i, (label, row, prediction) in enumerate(
+            zip(labels, scores.tolist(), predictions, strict=True)
+        )
+    ]
+
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 

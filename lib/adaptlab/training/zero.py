@@ -105,19 +105,39 @@ def _join_deepspeed() -> None:
 
 
 def deepspeed_engine(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Mapping[str, Any],
+    gathered_trainable: bool = False,
 ) -> nn.Module:
     """Wrap ``model`` and ``optimizer`` in a DeepSpeed engine over the existing process group.
 
     The optimiser stays the caller's (its ``param_groups`` keep the learning rate the
     scheduler sets); ZeRO partitions its state and, with stage 3, the parameters.
+
+    Args:
+        model: the (PEFT-wrapped) model.
+        optimizer: its optimiser.
+        config: the filled DeepSpeed config.
+        gathered_trainable: under ZeRO-3, keep every trainable parameter gathered on every
+            process between steps (DeepSpeed's persistent parameters: the persistence
+            threshold is raised to the largest trainable tensor), as ViLoRA needs for its
+            orthogonality penalty and rank masks; the frozen base stays partitioned but for
+            the tensors under that threshold (norms, biases).
     """
     import deepspeed
 
+    config = json.loads(json.dumps(config))
+    if gathered_trainable and config["zero_optimization"]["stage"] == 3:
+        zero = config["zero_optimization"]
+        largest = max(p.numel() for p in model.parameters() if p.requires_grad)
+        zero["stage3_param_persistence_threshold"] = max(
+            int(zero.get("stage3_param_persistence_threshold", 0)), largest
+        )
     keep_4bit_packing(model)
     _join_deepspeed()
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=dict(config), dist_init_required=False
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
     )
     return engine
 
@@ -180,12 +200,16 @@ def zero_train_step(
     with draw:  # IVON: the step's one posterior draw, consumed by the last engine.step()
         for batch in micro_batches:
             out = objective(engine, batch)
+            if zero_ivon:  # ZeRO-3: the penalty reads the adapter outside the forward
+                inner.gather_trainable()
             extra = method.regularizer(engine)
             engine.backward(out.loss if extra is None else out.loss + extra)
             engine.step()
             loss_sum += out.loss.detach().float() / len(micro_batches)
             tokens += int(batch["attention_mask"].sum())
     scheduler.step()
+    if zero_ivon:  # ZeRO-3: the rank masks write into the adapter
+        inner.gather_trainable()
     method.after_step(engine, step, optimizer)
     if zero_ivon:  # AdaLoRA masked ranks in the model's weights: into IVON's m too
         inner.pull_weight_changes()
