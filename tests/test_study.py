@@ -137,7 +137,7 @@ def test_rerun_skips_finished_stages_and_refuses_or_reruns_a_changed_one(
     "extra, message",
     [
         (["--methods", "[lora,lorax]"], "Unknown study method 'lorax'; choose from full, lora"),
-        (["--method_flags", '{"inducer": ["--lr", "1"]}'], "method_flags names 'inducer'"),
+        (["--method_flags", '{"inductor": ["--lr", "1"]}'], "names 'inductor', which is no study"),
         (["--task", "sts-b"], "task=sts-b is a regression task"),
         (
             ["--method_flags", '{"lora": ["--target_modules", "[w_nowhere]"]}'],

@@ -121,20 +121,19 @@ def check_methods(cfg: StudyConfig) -> list[str]:
     """The methods to run, in :data:`METHODS` order, with the ones they need added.
 
     Raises:
-        UserError: an unknown method name, or a ``method_flags`` entry for a method the study
-            does not run.
+        UserError: an unknown method name, in ``methods`` or ``method_flags``.
     """
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise UserError(f"Unknown study method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
+    stray = sorted(set(cfg.method_flags) - set(METHODS))
+    if stray:  # flags of a method not run this time are kept for later; a typo is not
+        raise UserError(
+            f"method_flags names {stray[0]!r}, which is no study method; choose from "
+            f"{', '.join(METHODS)}."
+        )
     wanted = set(cfg.methods)
     wanted |= {METHODS[m].needs for m in cfg.methods if METHODS[m].needs}
-    stray = sorted(set(cfg.method_flags) - wanted)
-    if stray:
-        raise UserError(
-            f"method_flags names {stray[0]!r}, which this study does not run; add it to methods "
-            "or drop its flags."
-        )
     return [m for m in METHODS if m in wanted]
 
 
