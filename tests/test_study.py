@@ -105,7 +105,8 @@ def test_numbers_are_the_stages_own(finished):
         assert entry["agreement"]["lora"]["identical"]["mean"] == pytest.approx(same)
     report = (finished / "report.md").read_text()
     assert "| lora |" in report and "Stage times" in report
-    assert (finished / "figures" / "reliability.png").stat().st_size > 0
+    for figure in ("reliability", "spread"):
+        assert (finished / "figures" / f"{figure}.png").stat().st_size > 0
 
 
 def test_rerun_skips_finished_stages_and_refuses_or_reruns_a_changed_one(
