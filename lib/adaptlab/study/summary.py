@@ -5,7 +5,7 @@
     {"config": ..., "stages": {name: {"seconds", "hash", "folder"}},
      "methods": {method: {metric: {"mean", "std", "n", "values": {seed: value}}},
                  ... "reliability": {"confidence", "accuracy", "count"} (pooled over seeds)},
-     "kernel": {solver: {"accuracy": spread,
+     "kernel": {solver: {"accuracy": spread, "settings": {"formula", "lora", "head"},
                          "agreement": {method: {"identical": spread, "logit_corr": spread}}}}}
 
 with metrics ``accuracy``, ``macro_f1``, ``ece``, ``trainable_parameters``, ``train_seconds``.
@@ -74,7 +74,8 @@ def summarise(
                     for key in ("identical", "logit_corr")
                 }
             accuracy = spread({s: r.metrics["accuracy"] for s, r in by_seed.items()})
-            kernel[solver] = {"accuracy": accuracy, "agreement": agree}
+            settings = {k: kernel_stage.config.get(k) for k in ("formula", "lora", "head")}
+            kernel[solver] = {"accuracy": accuracy, "agreement": agree, "settings": settings}
     stage_times = {
         name: {"seconds": entry["seconds"], "hash": entry["hash"], "folder": entry["folder"]}
         for name, entry in recorded.items()
@@ -119,10 +120,11 @@ def report_markdown(record: dict[str, Any]) -> str:
         "grafts. Reliability curves: figures/reliability.png; every seed: figures/spread.png."
     )
     for solver, entry in record["kernel"].items():
+        kind = "LoRA" if entry["settings"]["lora"] else "full"
         lines += [
             "",
-            f"## eNTK of the pretrained model, {solver} solver: test accuracy "
-            f"{_cell(entry['accuracy'])}",
+            f"## eNTK of the pretrained model ({entry['settings']['formula']} kernel of {kind} "
+            f"fine-tuning), {solver} solver: test accuracy {_cell(entry['accuracy'])}",
             "",
             "| method | identical predictions | logit correlation |",
             "|---|---|---|",
