@@ -17,7 +17,11 @@ from typing import Any
 import torch
 
 CHUNK = 1 << 15
-"""Entries of the update computed at a time, so that its operands stay in cache between ops."""
+"""Entries of the update computed at a time on the CPU, so that its operands (8 of 128 KiB)
+stay in cache from op to op: about a quarter less time than whole-buffer ops on SmolLM2's
+adapters."""
+DEVICE_CHUNK = 1 << 24
+"""The same elsewhere (a GPU): only bounds each temporary of the update to 64 MiB."""
 
 
 class FlatBuffers:
@@ -30,16 +34,20 @@ class FlatBuffers:
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self.shapes = [param.shape for param in params]
-        self.numels = [param.numel() for param in params]
-        self.numel = sum(self.numels)
+        self.strides = [torch.empty(shape, device="meta").stride() for shape in self.shapes]
+        self.offsets, self.numel = [], 0
+        for param in params:
+            self.offsets.append(self.numel)
+            self.numel += param.numel()
         self._views: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def split(self, flat: torch.Tensor, name: str | None = None) -> list[torch.Tensor]:
         """Views of ``flat`` ``[n]`` in the parameters' shapes; under ``name``, remembered so
         that :meth:`join` gives ``flat`` back for exactly these views."""
+        start = flat.storage_offset()  # as_strided: one op a view, half of split and view
         views = [
-            part.view(shape)
-            for part, shape in zip(flat.split(self.numels), self.shapes, strict=True)
+            flat.as_strided(shape, stride, start + offset)
+            for shape, stride, offset in zip(self.shapes, self.strides, self.offsets, strict=True)
         ]
         if name is not None:
             self._views[name] = (flat, views)
@@ -125,10 +133,11 @@ def flat_update(
     """
     ess, decay = group["ess"], group["weight_decay"]
     beta1, beta2, radius = group["beta1"], group["beta2"], group["clip_radius"]
-    total = buffers["hess"].numel()
-    for start in range(0, total, CHUNK):
+    total, device = buffers["hess"].numel(), buffers["hess"].device
+    chunk = CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    for start in range(0, total, chunk):
         hess, momentum, mean, grad, curv = (
-            buffers[name][start : start + CHUNK]
+            buffers[name][start : start + chunk]
             for name in ("hess", "momentum", "mean", "grad", "curv")
         )
         hess_decay = hess + decay
