@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptlab.training.errors import TrainingError
-from adaptlab.training.ivon_flat import FlatBuffers, add_sample, flat_update, sync_master
+from adaptlab.training.ivon_flat import FlatBuffers, add_sample, flat_key, flat_update, sync_master
 from adaptlab.training.ivon_ops import all_reduce_mean, check_hyperparameters, posterior_noise
 
 HessApprox = Literal["price", "gradsq"]
@@ -163,7 +163,7 @@ class IVON(torch.optim.Optimizer):
         self.seed = seed
         self.foreach = foreach
         self._prediction_draws = 0  # draws with train=False, for a fresh seed each time
-        self._flat_buffers: dict[tuple[int, ...], FlatBuffers] = {}  # by the params' ids
+        self._flat_buffers: dict[tuple, FlatBuffers] = {}  # by flat_key of the bucket
 
     # -----------------------------------------------------------------------------------------
     # State
@@ -208,7 +208,7 @@ class IVON(torch.optim.Optimizer):
 
     def _flat(self, params: list[nn.Parameter]) -> FlatBuffers:
         """The flat buffers of the bucket ``params`` (made at its first use)."""
-        key = tuple(id(param) for param in params)
+        key = flat_key(params)
         if key not in self._flat_buffers:
             self._flat_buffers[key] = FlatBuffers(params)
         return self._flat_buffers[key]
@@ -359,7 +359,7 @@ class IVON(torch.optim.Optimizer):
                 group, params = bucket.group, bucket.params
                 zs = [draws[bucket.group_index][i] for i in bucket.positions]
                 if bucket.foreach:
-                    mean, noise = self._perturb_flat(bucket, zs)
+                    mean, noise = self._perturb_flat(bucket, zs, train)
                     means.append(mean)
                     noises.append(noise)
                     continue
@@ -384,9 +384,10 @@ class IVON(torch.optim.Optimizer):
                 self._record(bucket.params, noise, bucket.foreach)
 
     def _perturb_flat(
-        self, bucket: _Bucket, zs: list[torch.Tensor]
+        self, bucket: _Bucket, zs: list[torch.Tensor], train: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """:meth:`_perturb` of a bucket on flat buffers, from its standard normals ``zs``.
+        """:meth:`_perturb` of a bucket on flat buffers, from its standard normals ``zs``; with
+        ``train`` the noise's buffer is kept for :meth:`_record`.
 
         Returns:
             The weights before the draw ``[n]`` (their dtype) and the noise ε, views of one
@@ -408,7 +409,7 @@ class IVON(torch.optim.Optimizer):
         else:
             drawn = weights + noise.to(weights.dtype)
         torch._foreach_copy_(params, flat.split(drawn))
-        return weights, flat.split(noise, "noise")
+        return weights, flat.split(noise, "noise" if train else None)
 
     def _perturb(self, params: list[nn.Parameter], noise: list[torch.Tensor]) -> None:
         """θ = m + ε in place; from the fp32 master m where a weight has one."""
@@ -459,12 +460,8 @@ class IVON(torch.optim.Optimizer):
         counts = {state.get("samples", 0) for state in states}
         if len(counts) != 1 or all(param.grad is None for param in params):
             return False
-        flat = self._flat(params)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        grad = flat.join(grads).float()
-        factor = flat.join(noise, "noise") if self.hess_approx == "price" else grad
-        flat.forget("noise")
-        add_sample(flat, states, grad, factor, key)
+        add_sample(self._flat(params), states, grads, noise, key, self.hess_approx == "price")
         return True
 
     # -----------------------------------------------------------------------------------------
@@ -516,6 +513,8 @@ class IVON(torch.optim.Optimizer):
         for state in states:
             for name in _STEP_KEYS:
                 state.pop(name, None)
+        live = {flat_key(bucket.params) for bucket in buckets if bucket.foreach}
+        self._flat_buffers = {k: v for k, v in self._flat_buffers.items() if k in live}
         for group in self.param_groups:
             group["step"] += 1
         return loss

@@ -84,16 +84,26 @@ class FlatBuffers:
         self._views.pop(name, None)
 
 
+def flat_key(params: Sequence[torch.Tensor]) -> tuple[tuple[int, torch.Size], ...]:
+    """The key of a bucket's :class:`FlatBuffers`: its parameters' ids and shapes (an id freed
+    and reused for a tensor of another shape must not find the old views)."""
+    return tuple((id(param), param.shape) for param in params)
+
+
 def add_sample(
     flat: FlatBuffers,
     states: Sequence[dict[str, Any]],
-    grad: torch.Tensor,
-    factor: torch.Tensor,
+    grads: Sequence[torch.Tensor],
+    noise: Sequence[torch.Tensor],
     key: str,
+    price: bool,
 ) -> None:
-    """Add one sample's gradient ``grad`` ``[n]`` and ``factor ⊙ grad`` (ε⊙g or g²) to the
-    step's flat sums ``grad_sum`` and ``key`` of ``states`` (all at the same sample count),
-    made from this sample's terms at the step's first sample; ``grad`` may become a sum."""
+    """Add one sample to the step's flat sums of ``states`` (all at the same sample count):
+    ``grad_sum`` += g and ``key`` += ε ⊙ g (``price``) or g², g the ``grads`` and ε the
+    ``noise`` (per parameter); at the step's first sample the sums are made from its terms."""
+    grad = flat.join(grads).float()  # a new buffer [n]: it may become the sum
+    factor = flat.join(noise, "noise") if price else grad
+    flat.forget("noise")
     if "samples" not in states[0]:
         for name, total in (("grad_sum", grad), (key, factor * grad)):
             for state, view in zip(states, flat.split(total, name), strict=True):
