@@ -585,7 +585,7 @@ class IVON(torch.optim.Optimizer):
         lr, debias = self._lr_and_debias(bucket.group)
         flat_update(bucket.group, buffers, self.hess_approx == "price", lr, debias)
         torch._foreach_copy_(bucket.params, flat.split(buffers["mean"]))
-        for name in ("grad_sum", key):
+        for name in ("grad_sum", key, "noise"):  # "noise": a draw whose body raised
             flat.forget(name)
 
     def _lr_and_debias(self, group: dict[str, Any]) -> tuple[float, float]:
