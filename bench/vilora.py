@@ -136,19 +136,20 @@ def allocator_bytes(model: nn.Module) -> int:
 
 
 def optimizer_steps(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """IVON's and AdamW's ``step()`` alone on the same parameters and random gradients."""
+    """IVON's and AdamW's ``step()`` alone on the same parameters and random gradients, taking
+    turns step by step, so that a change of machine load hits them alike."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = ["adamw", "ivon"] + (["ivon_opt"] if importlib.util.find_spec("ivon") else [])
-    rows = {}
+    runs = {}
     for name in names:
         copies = [nn.Parameter(p.detach().clone()) for p in params]
         holder = nn.ParameterList(copies)
         optimizer = build_optimizer(name, holder, lr=0.1, weight_decay=1e-8, ivon_ess=1e4)
-        inner = unwrap_optimizer(optimizer)
         generator = torch.Generator(device=args.device).manual_seed(0)
-        times = []
-        for i in range(args.warmup + args.opt_steps):
-            sampling = getattr(inner, "sampled_params", None)
+        runs[name] = (copies, optimizer, generator, [])
+    for i in range(args.warmup + args.opt_steps):
+        for copies, optimizer, generator, times in runs.values():
+            sampling = getattr(unwrap_optimizer(optimizer), "sampled_params", None)
             with sampling(train=True) if sampling else contextlib.nullcontext():
                 for p in copies:
                     p.grad = torch.randn(p.shape, generator=generator, device=args.device)
@@ -158,10 +159,10 @@ def optimizer_steps(args: argparse.Namespace, model: nn.Module) -> dict[str, Any
             sync(torch.device(args.device))
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
-        rows[name] = {
-            "step_ms": 1e3 * statistics.median(times),
-            "state_bytes": state_bytes(optimizer),
-        }
+    rows: dict[str, Any] = {
+        name: {"step_ms": 1e3 * statistics.median(times), "state_bytes": state_bytes(optimizer)}
+        for name, (_, optimizer, _, times) in runs.items()
+    }
     rows["numel"] = sum(p.numel() for p in params)
     return rows
 

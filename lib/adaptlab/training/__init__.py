@@ -5,7 +5,9 @@
   adaptlab's own; ``ivon_opt``, in :mod:`~adaptlab.training.ivon_optim`, is the GPL-licensed
   ivon-opt package, a test dependency kept for comparisons);
 - :mod:`~adaptlab.training.ivon`: IVON written from the paper, per-parameter fp32 state
-  (an fp32 mean for bf16 weights), the same posterior draws on every process;
+  (an fp32 mean for bf16 weights), the same posterior draws on every process; the state of
+  parameters sharing a group, device and dtype lives in flat buffers
+  (:mod:`~adaptlab.training.ivon_flat`), its helpers in :mod:`~adaptlab.training.ivon_ops`;
 - :mod:`~adaptlab.training.ivon_predict`: test-time logits averaged over posterior draws
   (an LM's, or a linear head's);
 - :mod:`~adaptlab.training.ivon_hessian`: IVON's h saved at the end of a run (and sliced to

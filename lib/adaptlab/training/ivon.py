@@ -20,9 +20,13 @@ code written for that package switches by changing the import. Unlike it:
   ``state_dict()`` resumes a run exactly. The step's sample sums exist only from its first
   sample to ``step()``, so between steps the state is two fp32 copies of the weights, as
   ivon-opt's flat buffers;
-- ``step()`` and ``sampled_params`` work on all the parameters of a group that share a device
-  and dtype at once (``torch._foreach_*`` ops), one parameter at a time only for tensors those
-  ops cannot mix with plain ones (a ``DTensor``) or with ``foreach=False``;
+- the parameters of a group that share a device and dtype form a bucket whose state tensors
+  (``hess``, ``momentum``, ``master``, ``grad_sum``, ``nxg_sum``/``gsq_sum``) are views of one
+  contiguous fp32 buffer ``[n]`` per key, n the bucket's entries parameter after parameter
+  (:mod:`adaptlab.training.ivon_flat`), so ``step()`` and ``sampled_params`` run a handful of
+  ops on whole buffers. A state tensor replaced from outside (or loaded) goes back into a
+  buffer at its next use. A ``DTensor``, or every parameter with ``foreach=False``, is updated
+  one tensor at a time, with the same numbers;
 - a bf16 or fp16 parameter's mean m is kept in fp32 (``state[p]["master"]``) and written back
   rounded after each step: a bf16 weight cannot hold an update of 1e-4 of its size (its spacing
   is 2^-8 ≈ 4e-3 relative), so without the copy small steps would be rounded away;
@@ -47,7 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptlab.training.errors import TrainingError
-from adaptlab.training.ivon_ops import all_reduce_mean, posterior_noise, scalar
+from adaptlab.training.ivon_flat import FlatBuffers, add_sample, flat_key, flat_update, sync_master
+from adaptlab.training.ivon_ops import all_reduce_mean, check_hyperparameters, posterior_noise
 
 HessApprox = Literal["price", "gradsq"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -56,12 +61,12 @@ _SAMPLE_SUMS = {"price": "nxg_sum", "gradsq": "gsq_sum"}
 """The state key of each estimator's per-step sum: Σ_s ε_s ⊙ g_s (Price) or Σ_s g_s²."""
 _STEP_KEYS = ("samples", "grad_sum", *_SAMPLE_SUMS.values())
 """State keys that live from a step's first sample to its ``step()`` only."""
-_FOREACH_TYPES = (torch.Tensor, nn.Parameter)
-"""Tensor types ``torch._foreach_*`` ops take together (a subclass such as DTensor goes alone)."""
+_FLAT_TYPES = (torch.Tensor, nn.Parameter)
+"""Tensor types whose state shares a flat buffer (a subclass such as DTensor goes alone)."""
 
 
 class _Bucket(NamedTuple):
-    """Parameters of one group that foreach ops update together (or one updated alone)."""
+    """Parameters of one group updated together on flat buffers (or one updated alone)."""
 
     group_index: int
     group: dict[str, Any]
@@ -100,9 +105,9 @@ class IVON(torch.optim.Optimizer):
         debias: divide the momentum by 1 − β1^t.
         rescale_lr: multiply the learning rate by h0 + δ.
         seed: seed of the posterior draws (non-negative); equal seeds give equal draws.
-        foreach: update the parameters of a group that share a device and dtype together with
-            ``torch._foreach_*`` ops (the same numbers, fewer kernel launches); False: one
-            parameter at a time.
+        foreach: update the parameters of a group that share a device and dtype together, on
+            flat state buffers (the same numbers, far fewer ops); False: one parameter at a
+            time.
 
     Raises:
         TrainingError: a setting outside its range (each named with the range).
@@ -146,10 +151,10 @@ class IVON(torch.optim.Optimizer):
             clip_radius=clip_radius,
             step=0,
         )
-        _check_hyperparameters(defaults)
+        check_hyperparameters(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            _check_hyperparameters(group)
+            check_hyperparameters(group)
         self.mc_samples = mc_samples
         self.hess_approx = hess_approx
         self.sync = sync
@@ -158,6 +163,7 @@ class IVON(torch.optim.Optimizer):
         self.seed = seed
         self.foreach = foreach
         self._prediction_draws = 0  # draws with train=False, for a fresh seed each time
+        self._flat_buffers: dict[tuple, FlatBuffers] = {}  # by flat_key of the bucket
 
     # -----------------------------------------------------------------------------------------
     # State
@@ -171,14 +177,14 @@ class IVON(torch.optim.Optimizer):
     def _buckets(self) -> list[_Bucket]:
         """Each group's parameters split by device and dtype, as torch.optim's foreach paths do.
 
-        A parameter that foreach ops cannot take with plain tensors (a ``DTensor``), or every
+        A parameter that cannot share a flat buffer with plain tensors (a ``DTensor``), or every
         parameter with ``foreach=False``, is a bucket of its own, updated one tensor at a time.
         """
         buckets = []
         for index, group in enumerate(self.param_groups):
             shared: dict[tuple[torch.device, torch.dtype], list[int]] = {}
             for position, param in enumerate(group["params"]):
-                if self.foreach and type(param) in _FOREACH_TYPES:
+                if self.foreach and type(param) in _FLAT_TYPES:
                     shared.setdefault((param.device, param.dtype), []).append(position)
                 else:
                     buckets.append(_Bucket(index, group, [position], [param], False))
@@ -199,6 +205,24 @@ class IVON(torch.optim.Optimizer):
             if param.dtype in _LOW_PRECISION:
                 state["master"] = param.detach().float()
         return state
+
+    def _flat(self, params: list[nn.Parameter]) -> FlatBuffers:
+        """The flat buffers of the bucket ``params`` (made at its first use)."""
+        key = flat_key(params)
+        if key not in self._flat_buffers:
+            self._flat_buffers[key] = FlatBuffers(params)
+        return self._flat_buffers[key]
+
+    def _flat_state(self, bucket: _Bucket) -> tuple[FlatBuffers, dict[str, torch.Tensor]]:
+        """The bucket's buffers and its ``hess``, ``momentum`` (and ``master``) as ``[n]``."""
+        flat = self._flat(bucket.params)
+        states = [self._param_state(param, bucket.group) for param in bucket.params]
+        keys: tuple[str, ...] = ("hess", "momentum")
+        if bucket.params[0].dtype in _LOW_PRECISION:
+            for param, state in zip(bucket.params, states, strict=True):
+                state.setdefault("master", param.detach().float())
+            keys += ("master",)
+        return flat, {key: flat.state(states, key) for key in keys}
 
     def _hess(self, param: nn.Parameter, group: dict[str, Any]) -> torch.Tensor:
         """h of ``param``: its state's, or ``hess_init`` before the first use (state untouched)."""
@@ -242,9 +266,11 @@ class IVON(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would
         round a bf16 model's Hessian and momentum to bf16. A state dict saved between steps by
-        an older adaptlab holds zero sample sums; they are dropped.
+        an older adaptlab holds zero sample sums; they are dropped. The loaded tensors go back
+        into flat buffers at their bucket's next use.
         """
         super().load_state_dict(state_dict)
+        self._flat_buffers.clear()
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for (_, param), saved_id in zip(self._params(), saved_ids, strict=True):
             if saved_id in state_dict["state"]:
@@ -331,13 +357,16 @@ class IVON(torch.optim.Optimizer):
         with torch.no_grad():
             for bucket in buckets:
                 group, params = bucket.group, bucket.params
-                hess = [self._hess(p, group) for p in params]
                 zs = [draws[bucket.group_index][i] for i in bucket.positions]
-                noise = posterior_noise(
-                    zs, hess, group["ess"], group["weight_decay"], bucket.foreach
-                )
+                if bucket.foreach:
+                    mean, noise = self._perturb_flat(bucket, zs, train)
+                    means.append(mean)
+                    noises.append(noise)
+                    continue
+                hess = [self._hess(p, group) for p in params]
+                noise = posterior_noise(zs, hess, group["ess"], group["weight_decay"])
                 means.append([p.detach().clone() for p in params])
-                self._perturb(params, noise, bucket.foreach)
+                self._perturb(params, noise)
                 noises.append(noise)
         try:
             yield
@@ -345,6 +374,7 @@ class IVON(torch.optim.Optimizer):
             with torch.no_grad():
                 for bucket, saved in zip(buckets, means, strict=True):
                     if bucket.foreach:
+                        saved = self._flat(bucket.params).split(saved)
                         torch._foreach_copy_(bucket.params, saved)
                         continue
                     for param, mean in zip(bucket.params, saved, strict=True):
@@ -353,13 +383,36 @@ class IVON(torch.optim.Optimizer):
             for bucket, noise in zip(buckets, noises, strict=True):
                 self._record(bucket.params, noise, bucket.foreach)
 
-    def _perturb(
-        self, params: list[nn.Parameter], noise: list[torch.Tensor], foreach: bool
-    ) -> None:
+    def _perturb_flat(
+        self, bucket: _Bucket, zs: list[torch.Tensor], train: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`_perturb` of a bucket on flat buffers, from its standard normals ``zs``; with
+        ``train`` the noise's buffer is kept for :meth:`_record`.
+
+        Returns:
+            The weights before the draw ``[n]`` (their dtype) and the noise ε, views of one
+            fp32 buffer ``[n]`` in the parameters' shapes.
+        """
+        group, params = bucket.group, bucket.params
+        flat = self._flat(params)
+        states = [self.state[param] for param in params]
+        if all("hess" in state for state in states):
+            hess = flat.state(states, "hess")
+        else:  # a prediction before the first sample: h0, the state untouched
+            hess = flat.join([self._hess(param, group) for param in params])
+        noise = flat.join(zs) / (group["ess"] * (hess + group["weight_decay"])).sqrt()
+        weights = flat.join(params)
+        if all("master" in state for state in states):
+            master = flat.state(states, "master")
+            sync_master(master, weights)
+            drawn = master + noise
+        else:
+            drawn = weights + noise.to(weights.dtype)
+        torch._foreach_copy_(params, flat.split(drawn))
+        return weights, flat.split(noise, "noise" if train else None)
+
+    def _perturb(self, params: list[nn.Parameter], noise: list[torch.Tensor]) -> None:
         """θ = m + ε in place; from the fp32 master m where a weight has one."""
-        if foreach and not any("master" in self.state[p] for p in params):
-            torch._foreach_add_(params, [n.to(p.dtype) for p, n in zip(params, noise, strict=True)])
-            return
         for param, eps in zip(params, noise, strict=True):
             if self.state[param].get("master") is not None:
                 param.copy_(self._mean(param) + eps)
@@ -368,8 +421,14 @@ class IVON(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _record(self, params: list[nn.Parameter], noise: list[torch.Tensor], foreach: bool) -> None:
-        """Add one draw's gradient (and ε⊙g or g²) to the step's sums, made at its first draw."""
+        """Add one draw's gradient (and ε⊙g or g²) to the step's sums, made at its first draw.
+
+        With ``foreach``, ``params`` (plain tensors of one device and dtype, at the same sample
+        count) share flat sum buffers, else each parameter gets its own.
+        """
         key = _SAMPLE_SUMS[self.hess_approx]
+        if foreach and self._record_flat(params, noise, key):
+            return
         grads, noises, grad_sums, sums = [], [], [], []
         for param, eps in zip(params, noise, strict=True):
             state = self.state[param]
@@ -393,6 +452,17 @@ class IVON(torch.optim.Optimizer):
         for grad_sum, total, factor, grad in zip(grad_sums, sums, factors, grads, strict=True):
             grad_sum.add_(grad)
             total.addcmul_(factor, grad)
+
+    def _record_flat(self, params: list[nn.Parameter], noise: list[torch.Tensor], key: str) -> bool:
+        """:meth:`_record` into flat sums ``[n]``; False (nothing done) where it cannot: no
+        gradient at all, or parameters at different sample counts."""
+        states = [self.state[param] for param in params]
+        counts = {state.get("samples", 0) for state in states}
+        if len(counts) != 1 or all(param.grad is None for param in params):
+            return False
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        add_sample(self._flat(params), states, grads, noise, key, self.hess_approx == "price")
+        return True
 
     # -----------------------------------------------------------------------------------------
     # The update
@@ -427,40 +497,51 @@ class IVON(torch.optim.Optimizer):
                 "backward inside optimizer.sampled_params(train=True) before calling step()."
             )
         key = _SAMPLE_SUMS[self.hess_approx]
+        sums = []
         for bucket in buckets:  # the sums become means in place
-            self._average(bucket.params, key, bucket.foreach)
-        sums = [state[name] for state in states for name in ("grad_sum", key)]
+            sums += self._average(bucket.params, key, bucket.foreach)
         if self.sync and dist.is_available() and dist.is_initialized():
             all_reduce_mean(sums)
         for bucket in buckets:
             group, params = bucket.group, bucket.params
-            bucket_states = [self.state[p] for p in params]
-            grads = [state["grad_sum"] for state in bucket_states]
-            curvs = [state[key] for state in bucket_states]
             if bucket.foreach:
-                self._update_foreach(group, params, bucket_states, grads, curvs)
+                self._update_flat(bucket, key)
                 continue
-            for param, state, grad, curv in zip(params, bucket_states, grads, curvs, strict=True):
-                self._update(group, param, state, grad, curv)
+            for param in params:
+                state = self.state[param]
+                self._update(group, param, state, state["grad_sum"], state[key])
         for state in states:
             for name in _STEP_KEYS:
                 state.pop(name, None)
+        live = {flat_key(bucket.params) for bucket in buckets if bucket.foreach}
+        self._flat_buffers = {k: v for k, v in self._flat_buffers.items() if k in live}
         for group in self.param_groups:
             group["step"] += 1
         return loss
 
-    def _average(self, params: list[nn.Parameter], key: str, foreach: bool) -> None:
-        """Divide the step's sums of ``params`` by their sample count, in place."""
+    def _average(self, params: list[nn.Parameter], key: str, foreach: bool) -> list[torch.Tensor]:
+        """Divide the step's sums of ``params`` by their sample count, in place.
+
+        Returns:
+            The sums: with ``foreach`` the flat ``[n]`` buffers, else the parameters' own.
+        """
         states = [self.state[p] for p in params]
-        counts = {state["samples"] for state in states}
-        if foreach and len(counts) == 1:
-            if counts != {1}:
-                count = scalar(counts.pop(), params[0].device)
-                torch._foreach_div_([s[name] for s in states for name in ("grad_sum", key)], count)
-            return
+        if foreach:
+            flat = self._flat(params)
+            sums = [flat.state(states, name) for name in ("grad_sum", key)]
+            counts = {state["samples"] for state in states}
+            if len(counts) == 1:
+                count = counts.pop()
+                if count != 1:
+                    for total in sums:
+                        total.div_(count)
+                return sums
+        else:
+            sums = [state[name] for state in states for name in ("grad_sum", key)]
         for state in states:
             state["grad_sum"].div_(state["samples"])
             state[key].div_(state["samples"])
+        return sums
 
     def _update(
         self,
@@ -488,49 +569,24 @@ class IVON(torch.optim.Optimizer):
         mean.sub_(direction.clamp_(-radius, radius), alpha=lr)
         param.copy_(mean)
 
-    def _update_foreach(
-        self,
-        group: dict[str, Any],
-        params: list[nn.Parameter],
-        states: list[dict[str, Any]],
-        grads: list[torch.Tensor],
-        curvs: list[torch.Tensor],
-    ) -> None:
-        """:meth:`_update` of parameters sharing a device and dtype, op for op with foreach ops.
-
-        ``curvs`` (the step's own buffers) are overwritten with ĥ.
-        """
-        device = params[0].device
-        ess, decay = scalar(group["ess"], device), scalar(group["weight_decay"], device)
-        beta1, beta2 = group["beta1"], group["beta2"]
-        hess = [state["hess"] for state in states]
-        momentum = [state["momentum"] for state in states]
-        hess_decay = torch._foreach_add(hess, decay)
-        if self.hess_approx == "price":
-            torch._foreach_mul_(curvs, torch._foreach_mul(hess_decay, ess))
+    def _update_flat(self, bucket: _Bucket, key: str) -> None:
+        """:meth:`_update` of a bucket, op for op on its flat buffers ``[n]``; the step's
+        ``key`` sum (its own buffer) is overwritten with ĥ."""
+        flat, buffers = self._flat_state(bucket)
+        states = [self.state[param] for param in bucket.params]
+        buffers["grad"] = flat.state(states, "grad_sum")
+        buffers["curv"] = flat.state(states, key)
+        weights = flat.join(bucket.params)
+        if "master" in buffers:
+            sync_master(buffers["master"], weights)
+            buffers["mean"] = buffers.pop("master")
         else:
-            torch._foreach_mul_(curvs, ess)
-        torch._foreach_mul_(momentum, scalar(beta1, device))
-        torch._foreach_add_(momentum, grads, alpha=1.0 - beta1)
-        correction = torch._foreach_sub(hess, curvs)
-        torch._foreach_mul_(correction, correction)
-        torch._foreach_div_(correction, hess_decay)
-        torch._foreach_mul_(hess, scalar(beta2, device))
-        torch._foreach_add_(hess, curvs, alpha=1.0 - beta2)
-        torch._foreach_add_(hess, correction, alpha=0.5 * (1.0 - beta2) ** 2)
-        lr, debias = self._lr_and_debias(group)
-        means = [self._mean(param) for param in params]
-        direction = torch._foreach_div(momentum, scalar(debias, device))
-        torch._foreach_add_(direction, torch._foreach_mul(means, decay))
-        torch._foreach_div_(direction, torch._foreach_add(hess, decay))
-        radius = group["clip_radius"]
-        if radius < math.inf:
-            torch._foreach_clamp_min_(direction, -radius)
-            torch._foreach_clamp_max_(direction, radius)
-        torch._foreach_sub_(means, direction, alpha=lr)
-        for param, mean in zip(params, means, strict=True):
-            if mean.data_ptr() != param.data_ptr():  # a master or an upcast copy
-                param.copy_(mean)
+            buffers["mean"] = weights.float()
+        lr, debias = self._lr_and_debias(bucket.group)
+        flat_update(bucket.group, buffers, self.hess_approx == "price", lr, debias)
+        torch._foreach_copy_(bucket.params, flat.split(buffers["mean"]))
+        for name in ("grad_sum", key, "noise"):  # "noise": a draw whose body raised
+            flat.forget(name)
 
     def _lr_and_debias(self, group: dict[str, Any]) -> tuple[float, float]:
         """The step size α' and the momentum's debiasing divisor d of this step."""
@@ -541,31 +597,3 @@ class IVON(torch.optim.Optimizer):
         )
         debias = 1.0 - group["beta1"] ** (group["step"] + 1) if self.debias else 1.0
         return lr, debias
-
-
-def _check_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise :class:`TrainingError` for the first setting of ``group`` outside its range."""
-    checks = [
-        (group["lr"] > 0, f"IVON lr={group['lr']} must be positive (O(0.1-1) for IVON)."),
-        (
-            group["ess"] > 0,
-            f"IVON ess={group['ess']} must be positive; pass the number of training examples.",
-        ),
-        (
-            group["hess_init"] > 0,
-            f"IVON hess_init={group['hess_init']} must be positive (ViLoRA uses 1.0).",
-        ),
-        (0 <= group["beta1"] < 1, f"IVON beta1={group['beta1']} is outside [0, 1); try 0.9."),
-        (0 <= group["beta2"] < 1, f"IVON beta2={group['beta2']} is outside [0, 1); try 0.99999."),
-        (
-            group["weight_decay"] >= 0,
-            f"IVON weight_decay={group['weight_decay']} is negative; use 0 or more.",
-        ),
-        (
-            group["clip_radius"] > 0,
-            f"IVON clip_radius={group['clip_radius']} must be positive (inf: no clipping).",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise TrainingError(message)

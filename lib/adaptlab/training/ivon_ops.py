@@ -1,33 +1,22 @@
-"""Tensor-list operations of adaptlab's IVON (:mod:`adaptlab.training.ivon`): the posterior
-noise, foreach scalars and the data-parallel average of its per-step sums."""
+"""Helpers of adaptlab's IVON (:mod:`adaptlab.training.ivon`): the range checks of its
+settings, the posterior noise of its per-parameter path and the data-parallel average of its
+per-step sums."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from adaptlab.training.errors import TrainingError
+
 
 def posterior_noise(
-    zs: list[torch.Tensor], hess: list[torch.Tensor], ess: float, decay: float, foreach: bool
+    zs: list[torch.Tensor], hess: list[torch.Tensor], ess: float, decay: float
 ) -> list[torch.Tensor]:
-    """ε = z / √(λ(h + δ)) for standard normals ``zs`` (left unchanged)."""
-    if not foreach:
-        return [z / (ess * (h + decay)).sqrt() for z, h in zip(zs, hess, strict=True)]
-    scale = torch._foreach_add(hess, scalar(decay, zs[0].device))
-    torch._foreach_mul_(scale, scalar(ess, zs[0].device))
-    torch._foreach_sqrt_(scale)
-    return torch._foreach_div(zs, scale)
-
-
-def scalar(value: float, device: torch.device) -> float | torch.Tensor:
-    """``value`` as a foreach op's scalar operand on ``device``.
-
-    On the CPU a 0-dim fp32 tensor: a Python number would be wrapped into a tensor once per
-    list entry, which triples the cost of an op on small tensors. The result is the same: the
-    kernel reads the number as fp32 either way. Elsewhere the number itself (no copy to the
-    device).
-    """
-    return torch.tensor(value, dtype=torch.float32) if device.type == "cpu" else value
+    """ε = z / √(λ(h + δ)) for standard normals ``zs`` (left unchanged), each of its h's shape."""
+    return [z / (ess * (h + decay)).sqrt() for z, h in zip(zs, hess, strict=True)]
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
@@ -42,3 +31,31 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
         flat.div_(world)
         for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
             tensor.copy_(part.view_as(tensor))
+
+
+def check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise :class:`TrainingError` for the first setting of ``group`` outside its range."""
+    checks = [
+        (group["lr"] > 0, f"IVON lr={group['lr']} must be positive (O(0.1-1) for IVON)."),
+        (
+            group["ess"] > 0,
+            f"IVON ess={group['ess']} must be positive; pass the number of training examples.",
+        ),
+        (
+            group["hess_init"] > 0,
+            f"IVON hess_init={group['hess_init']} must be positive (ViLoRA uses 1.0).",
+        ),
+        (0 <= group["beta1"] < 1, f"IVON beta1={group['beta1']} is outside [0, 1); try 0.9."),
+        (0 <= group["beta2"] < 1, f"IVON beta2={group['beta2']} is outside [0, 1); try 0.99999."),
+        (
+            group["weight_decay"] >= 0,
+            f"IVON weight_decay={group['weight_decay']} is negative; use 0 or more.",
+        ),
+        (
+            group["clip_radius"] > 0,
+            f"IVON clip_radius={group['clip_radius']} must be positive (inf: no clipping).",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)

@@ -285,7 +285,7 @@ class ZeroIVON(IVON):
         with torch.no_grad():
             hess = [self._flat_hess(i) for i in range(len(layout.flats))]
             group = self._flat_group(0)
-            noise = posterior_noise(zs, hess, group["ess"], group["weight_decay"], False)
+            noise = posterior_noise(zs, hess, group["ess"], group["weight_decay"])
             layout.publish([flat + eps for flat, eps in zip(layout.flats, noise, strict=True)])
         if train:
             self._pending = {id(flat): eps for flat, eps in zip(layout.flats, noise, strict=True)}
