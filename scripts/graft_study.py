@@ -45,9 +45,7 @@ more model folder.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +66,7 @@ from adaptlab.io import read_json, write_json
 from adaptlab.models import load_model, load_tokenizer, resolve_model
 from adaptlab.plotting.graft import plot_accuracy_vs_size, plot_overlap_heatmap
 from adaptlab.plotting.report import write_graft_report
+from adaptlab.recipes import load_recipe
 from adaptlab.rundir import RunLock, lock_output
 from adaptlab.telemetry import now
 from adaptlab.training.config import FinetuneConfig
@@ -79,13 +78,7 @@ COPIED = ("result.json", "reliability.json", "reliability.png")  # the reference
 
 def recipe(name: str):
     """``scripts/<name>.py`` as a module (loaded once; scripts are not a package)."""
-    module_name = f"scripts_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return load_recipe(SCRIPTS, name)
 
 
 @dataclass

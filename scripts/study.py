@@ -27,13 +27,12 @@ Launch:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
 from adaptlab.config import parse_config, to_dict
 from adaptlab.errors import UserError, report_user_errors
+from adaptlab.recipes import load_recipe
 from adaptlab.rundir import lock_output
 from adaptlab.study import StudyConfig, plan
 from adaptlab.study.preflight import check_stages, check_task
@@ -45,13 +44,7 @@ SCRIPTS = Path(__file__).resolve().parent
 
 def recipe(name: str):
     """``scripts/<name>.py`` as a module (loaded once; scripts are not a package)."""
-    module_name = f"scripts_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return load_recipe(SCRIPTS, name)
 
 
 def run_recipe(name: str, argv: list[str]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from adaptlab.io import atomic_open
+from adaptlab.plotting.save import save_figure
 from adaptlab.training.metrics import ReliabilityBins, reliability_bins
 
 KINDS = {
@@ -24,15 +24,6 @@ KINDS = {
     "top_delta": "top-|Δ| mask",
     "top_delta_matched": "top-|Δ| mask, the learned mask's size",
 }
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    return path
 
 
 def as_bins(curve: ReliabilityBins | tuple[Any, Any], n_bins: int = 10) -> ReliabilityBins:
@@ -96,7 +87,7 @@ def plot_reliability(
         ax.set_title(f"{name}: ECE {bins_ece(bins):.3f} (n={int(bins.count.sum())})", fontsize=9)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(frameon=False, fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_overlap_heatmap(overlap: Mapping[str, Any], path: str | Path) -> Path:
@@ -143,7 +134,7 @@ def plot_overlap_heatmap(overlap: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("task i")
     ax.set_title("|g_i ∩ g_j| / |g_j|", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_size(
@@ -202,4 +193,4 @@ def plot_accuracy_vs_size(
     ax.set_xlabel("graft size (fraction of eligible parameters)")
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -139,61 +139,10 @@ def report_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_reliability(record: dict[str, Any], path: Path) -> None:
-    """One reliability curve per method (pooled over seeds) and the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    for method, entry in record["methods"].items():
-        points = [
-            (c, a)
-            for c, a in zip(
-                entry["reliability"]["confidence"], entry["reliability"]["accuracy"], strict=True
-            )
-            if c is not None
-        ]
-        if points:
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-    axis.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    tmp.replace(path)
-
-
-def draw_spread(record: dict[str, Any], path: Path) -> None:
-    """Accuracy, macro-F1 and ECE per method: every seed a dot, the mean ± std a bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(record["methods"])
-    figure, axes = plt.subplots(1, 3, figsize=(3.2 * 3, 3.2), sharex=True)
-    for axis, metric in zip(axes, ("accuracy", "macro_f1", "ece"), strict=True):
-        for x, name in enumerate(names):
-            entry = record["methods"][name][metric]
-            values = list(entry["values"].values())
-            axis.scatter([x] * len(values), values, s=12, color="grey", zorder=2)
-            axis.errorbar(x, entry["mean"], yerr=entry["std"], fmt="o", color="C0", capsize=4)
-        axis.set(title=metric.replace("_", "-"), xticks=range(len(names)))
-        axis.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    tmp.replace(path)
-
-
 def write_outputs(record: dict[str, Any], out: Path) -> None:
     """``study.json``, ``report.md`` and ``figures/{reliability,spread}.png``, atomically."""
     from adaptlab.io import atomic_open
+    from adaptlab.plotting.study import draw_reliability, draw_spread
 
     draw_reliability(record, out / "figures" / "reliability.png")
     draw_spread(record, out / "figures" / "spread.png")

@@ -52,7 +52,12 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon_flat import FlatBuffers, add_sample, flat_key, flat_update, sync_master
-from adaptlab.training.ivon_ops import all_reduce_mean, check_hyperparameters, posterior_noise
+from adaptlab.training.ivon_ops import (
+    all_reduce_mean,
+    check_hyperparameters,
+    posterior_noise,
+    summary_stats,
+)
 
 HessApprox = Literal["price", "gradsq"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -252,14 +257,7 @@ class IVON(torch.optim.Optimizer):
         if not hess:
             raise TrainingError("IVON has no parameter, so no Hessian to summarise.")
         device = hess[0].device
-        values = torch.cat([h.to(device) for h in hess])
-        return {
-            "mean": float(values.mean()),
-            "std": float(values.std(correction=0)),
-            "min": float(values.min()),
-            "median": float(values.median()),
-            "max": float(values.max()),
-        }
+        return summary_stats(torch.cat([h.to(device) for h in hess]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, keeping the state fp32 (and a copy) whatever the weights.

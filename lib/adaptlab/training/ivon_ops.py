@@ -59,3 +59,15 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
+
+
+def summary_stats(values: torch.Tensor) -> dict[str, float]:
+    """``mean``, ``std`` (population), ``min``, ``median`` (the lower middle value for an even
+    count) and ``max`` of a 1-D tensor, as floats (IVON's Hessian summary)."""
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(correction=0)),
+        "min": float(values.min()),
+        "median": float(values.median()),
+        "max": float(values.max()),
+    }

@@ -45,7 +45,7 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
-from adaptlab.training.ivon_ops import posterior_noise
+from adaptlab.training.ivon_ops import posterior_noise, summary_stats
 
 
 @dataclass(frozen=True)
@@ -365,14 +365,7 @@ class ZeroIVON(IVON):
         """IVON's summary of h over every trainable entry (padding left out)."""
         if self._layout is None:
             return super().hess_stats()
-        values = torch.cat([h.flatten() for _, h in self.whole_hessians()])
-        return {
-            "mean": float(values.mean()),
-            "std": float(values.std(correction=0)),
-            "min": float(values.min()),
-            "median": float(values.median()),
-            "max": float(values.max()),
-        }
+        return summary_stats(torch.cat([h.flatten() for _, h in self.whole_hessians()]))
 
     @torch.no_grad()
     def load_whole_hessians(self, values: Mapping[nn.Parameter, torch.Tensor]) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 
 from adaptlab.training.errors import TrainingError
 from adaptlab.training.ivon import IVON
+from adaptlab.training.ivon_ops import summary_stats
 from adaptlab.training.ivon_zero import ZeroIVON
 
 IVON_MISSING = (
@@ -206,13 +207,7 @@ def hess_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         stats = inner.hess_stats()
     else:
         values = torch.cat([g["hess"].detach().float().flatten() for g in inner.param_groups])
-        stats = {
-            "mean": float(values.mean()),
-            "std": float(values.std(correction=0)),
-            "min": float(values.min()),
-            "median": float(values.median()),
-            "max": float(values.max()),
-        }
+        stats = summary_stats(values)
     return {f"hess_{key}": value for key, value in stats.items()}
 
 
