@@ -316,10 +316,10 @@ def test_strategies_refuse_what_they_cannot_run():
         check_strategy(zero3, "ivon", "lora", from_linearhead=False, ivon_mc_samples=2)
     with pytest.raises(TrainingError, match="optimizer=ivon with method=full under zero2"):
         check_strategy(zero2, "ivon", "full", from_linearhead=False)
-    for strategy in (zero2, zero3):  # ViLoRA
-        check_strategy(strategy, "ivon", "adalora", False, vilora_criterion="SNR")
+    for strategy in (zero2, zero3):  # AdaLoRA trained by IVON (ViLoRA or sensitivity)
+        check_strategy(strategy, "ivon", "adalora", from_linearhead=False)
     with pytest.raises(TrainingError, match="adalora needs .* which zero2 partitions"):
-        check_strategy(zero2, "ivon", "adalora", False)  # sensitivity reads whole gradients
+        check_strategy(zero2, "adamw", "adalora", from_linearhead=False)
     with pytest.raises(TrainingError, match="adalora needs .* which zero3 partitions; use FSDP"):
         check_strategy(zero3, "sgd", "adalora", from_linearhead=False)
     with pytest.raises(TrainingError, match="from_linearhead .* ZeRO-3"):
@@ -521,30 +521,44 @@ def test_ivon_over_two_processes_is_one_process_as_it_is(
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-VILORA = [*IVON, *ADALORA, "--vilora_criterion", "SNR_mean_abs"]
+# criterion, ZeRO stage
+IVON_ADALORA = {"vilora-zero2": ("SNR_mean_abs", 2), "vilora-zero3": ("SNR_mean_abs", 3),
+                "sensitivity-zero2": ("sensitivity", 2)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def vilora_one_process(tiny_model_dir, mmlu_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vilora") / "one"
-    finetune.main(args_for(tiny_model_dir, mmlu_file, out, *VILORA, "--micro_batch_size", "4"))
-    return out
+def ivon_adalora_one_process(tiny_model_dir, mmlu_file, tmp_path_factory):
+    """One-process IVON AdaLoRA runs, by criterion, made when first asked for."""
+    runs = {}
+
+    def run(criterion: str) -> Path:
+        if criterion not in runs:
+            out = tmp_path_factory.mktemp(criterion) / "one"
+            flags = [*IVON, *ADALORA, "--vilora_criterion", criterion, "--micro_batch_size", "4"]
+            finetune.main(args_for(tiny_model_dir, mmlu_file, out, *flags))
+            runs[criterion] = out
+        return runs[criterion]
+
+    return run
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [2, 3])
-def test_vilora_over_zero_is_one_process(
-    stage, vilora_one_process, tiny_model_dir, mmlu_file, tmp_path
+@pytest.mark.parametrize("case", IVON_ADALORA)
+def test_ivon_adalora_over_zero_is_one_process(
+    case, ivon_adalora_one_process, tiny_model_dir, mmlu_file, tmp_path
 ):
-    """ViLoRA under ZeRO-2/3: the ranks come from the posterior gathered whole from the
-    partitions (ZeRO-3 keeps the adapter gathered for the penalty and the masks), and the run
+    """AdaLoRA trained by IVON under ZeRO: ViLoRA's ranks come from the posterior gathered
+    whole from the partitions, the sensitivity allocator reads the engine's averaged gradient
+    gathered whole, ZeRO-3 keeps the adapter gathered for the penalty and the masks; the run
     (losses, evaluations, adapter, final rank pattern, saved h and h resized to it) equals one
     process. (That the masks reach IVON's partitioned mean is shown in tests/test_ivon_zero.py:
     here the masked entries are too small to move a loss.)"""
     pytest.importorskip("deepspeed")
-    one, two = vilora_one_process, tmp_path / "two"
+    criterion, stage = IVON_ADALORA[case]
+    one, two = ivon_adalora_one_process(criterion), tmp_path / "two"
     zero = ["--deepspeed", str(CONFIGS / f"deepspeed_zero{stage}.json")]
-    args = args_for(tiny_model_dir, mmlu_file, two, *VILORA, "--micro_batch_size", "2", *zero)
+    flags = [*IVON, *ADALORA, "--vilora_criterion", criterion, "--micro_batch_size", "2", *zero]
+    args = args_for(tiny_model_dir, mmlu_file, two, *flags)
     run = launch(accelerate("cpu_2proc.yaml"), SCRIPT, args)
     assert run.returncode == 0, run.stderr[-4000:]
     assert result(two)["parallel"]["strategy"] == f"zero{stage}"

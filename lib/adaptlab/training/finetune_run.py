@@ -188,7 +188,6 @@ def setup(cfg: FinetuneConfig) -> Job:
         cfg.from_linearhead,
         cfg.l1_to_init,
         cfg.ivon_mc_samples,
-        cfg.vilora_criterion,
     )
     model_ref = resolve_model(cfg.model)
     # one process reads the weight headers (under FSDP only rank 0 may open the checkpoint)
@@ -378,11 +377,14 @@ def load(job: Job) -> Run:
         clr=cfg.clr_shape(),
     )
     if strategy.zero_stage is not None:
-        # ViLoRA's penalty and rank masks read the adapter whole: ZeRO-3 keeps it gathered
-        vilora = cfg.method == "adalora" and isinstance(optimizer, ZeroIVON)
-        engine = deepspeed_engine(model, optimizer, job.deepspeed_config, vilora)
+        # AdaLoRA's penalty and rank masks read the adapter whole: ZeRO-3 keeps it gathered
+        adalora = cfg.method == "adalora" and isinstance(optimizer, ZeroIVON)
+        vilora = adalora and cfg.vilora_criterion != "sensitivity"
+        engine = deepspeed_engine(model, optimizer, job.deepspeed_config, adalora)
         if isinstance(optimizer, ZeroIVON):  # h and the momentum on the engine's partitions
             optimizer.attach(engine)
+            # AdaLoRA's sensitivity allocator reads each step's whole averaged gradient
+            optimizer.keep_gradients = cfg.method == "adalora" and not vilora
     if cfg.ivon_hessian_from is not None:  # a resume then restores the run's own h
         load_hessian(Path(cfg.ivon_hessian_from), model, optimizer)
     if strategy.zero_stage is not None:

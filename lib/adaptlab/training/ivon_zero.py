@@ -17,7 +17,9 @@ momentum of its partition only (``optimizer.state[partition]``) and:
   (Price: ε ⊙ ĝ) and updates m and h; DeepSpeed then writes m back into the model.
 
 So a step over P processes equals one process over the whole batch with the same draw, and h,
-the momentum and the resume state are split P ways like Adam's moments. What differs from
+the momentum and the resume state are split P ways like Adam's moments. For AdaLoRA trained
+by IVON it also gathers what the rank allocator reads whole: h (ViLoRA's σ) and, with
+``keep_gradients``, the step's averaged gradient (the sensitivity criterion). What differs from
 data parallelism: the micro-batches of a step share the step's one draw (the gradient reaches
 the optimiser only summed over them), so ``mc_samples`` must be 1; a Hessian summary, the saved
 ``ivon_hessian.safetensors`` and ``ivon_hessian_from`` gather or scatter h over the processes
@@ -199,6 +201,8 @@ class ZeroIVON(IVON):
         self._client_groups = [list(group["params"]) for group in self.param_groups]
         self._layout: _Layout | None = None
         self._pending: dict[int, torch.Tensor] = {}  # id(partition) -> the step's ε
+        self.keep_gradients = False  # keep each step's averaged gradient (AdaLoRA sensitivity)
+        self._gradients: dict[int, torch.Tensor] = {}  # id(partition) -> the last step's
 
     def attach(self, engine: nn.Module) -> None:
         """Read where the engine put each trainable entry; call it right after
@@ -320,7 +324,45 @@ class ZeroIVON(IVON):
                     )
                 self._param_state(flat, group)
                 self._record([flat], [noise], False)
+                if self.keep_gradients:
+                    self._gradients[id(flat)] = flat.grad.detach().float().clone()
         return super().step()
+
+    @torch.no_grad()
+    def _whole(self, parts: list[torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(parameter, values)`` of every trainable parameter, whole, from per-partition
+        ``parts`` (each entry lives on exactly one process: one all-reduce of the sum)."""
+        layout = self._zero_layout()
+        params = [p for group in layout.groups for p in group]
+        sizes = [_full_shape(p).numel() for p in params]
+        whole = torch.zeros(sum(sizes), device=layout.flats[0].device)
+        for param, part in zip(params, whole.split(sizes), strict=True):
+            for span in layout.spans.get(param, []):
+                values = parts[span.flat][span.offset : span.offset + span.length]
+                part[span.start : span.start + span.length] = values
+        dist.all_reduce(whole)
+        return [
+            (p, part.view(_full_shape(p)))
+            for p, part in zip(params, whole.split(sizes), strict=True)
+        ]
+
+    def set_whole_gradients(self) -> None:
+        """Give every trainable parameter its whole ``.grad``: the gradient the engine averaged
+        for the last step (kept with ``keep_gradients``), gathered from the partitions, as
+        AdaLoRA's sensitivity allocator reads it after the step. Every process calls it.
+
+        Raises:
+            TrainingError: ``keep_gradients`` is off or no step has run.
+        """
+        layout = self._zero_layout()
+        if not self.keep_gradients or len(self._gradients) != len(layout.flats):
+            raise TrainingError(
+                "ZeroIVON keeps no gradient of the last step; set keep_gradients before it."
+            )
+        grads = [self._gradients[id(flat)] for flat in layout.flats]
+        for param, grad in self._whole(grads):
+            if param.data.shape == grad.shape:  # ZeRO-3: a gathered (persistent) parameter
+                param.grad = grad.to(param.dtype)
 
     def gather_trainable(self) -> None:
         """ZeRO-3: gather every trainable weight DeepSpeed has released, so code outside the
@@ -343,23 +385,9 @@ class ZeroIVON(IVON):
     # -----------------------------------------------------------------------------------------
     # Whole-model views of h (collectives: every process calls them)
 
-    @torch.no_grad()
     def whole_hessians(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(parameter, h)`` of every trainable parameter, whole (fp32), on every process."""
-        layout = self._zero_layout()
-        params = [p for group in layout.groups for p in group]
-        sizes = [_full_shape(p).numel() for p in params]
-        whole = torch.zeros(sum(sizes), device=layout.flats[0].device)
-        hess = [self._flat_hess(i) for i in range(len(layout.flats))]
-        for param, part in zip(params, whole.split(sizes), strict=True):
-            for span in layout.spans.get(param, []):
-                values = hess[span.flat][span.offset : span.offset + span.length]
-                part[span.start : span.start + span.length] = values
-        dist.all_reduce(whole)  # each entry lives on exactly one process
-        return [
-            (p, part.view(_full_shape(p)))
-            for p, part in zip(params, whole.split(sizes), strict=True)
-        ]
+        return self._whole([self._flat_hess(i) for i in range(len(self._zero_layout().flats))])
 
     def hess_stats(self) -> dict[str, float]:
         """IVON's summary of h over every trainable entry (padding left out)."""

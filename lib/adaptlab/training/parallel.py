@@ -11,7 +11,7 @@
 IVON and AdaLoRA (:data:`REPLICATED_TRAINABLE`) run under ``ddp``, and under ``fsdp`` with whole
 trainable weights on every rank (only the frozen base sharded). Under ZeRO, ``ivon`` runs with
 its posterior partitioned like the master weights (:mod:`adaptlab.training.ivon_zero`), and
-AdaLoRA only as ViLoRA (``ivon`` with a posterior criterion; ZeRO-3 keeps its adapter gathered).
+AdaLoRA only when trained by ``ivon`` (any criterion; ZeRO-3 keeps its adapter gathered).
 
 Resume states are this package's safetensors per rank, not DeepSpeed's pickles, resumed with
 the same number of processes (``adaptlab.training.sharded_state``).
@@ -176,7 +176,6 @@ def check_strategy(
     from_linearhead: bool,
     l1_to_init: float = 0.0,
     ivon_mc_samples: int = 1,
-    vilora_criterion: str = "sensitivity",
 ) -> None:
     """Refuse, before loading, what ``strategy`` cannot run.
 
@@ -185,7 +184,7 @@ def check_strategy(
             be trainable, and IVON needs the weights it updates whole or, under ZeRO, draws
             their noise whole on every process), ivon-opt or AdaLoRA
             under ZeRO (they need whole trainable weights and gradients on every rank; but
-            ViLoRA, AdaLoRA + IVON with a posterior criterion, runs under ZeRO), IVON
+            AdaLoRA trained by adaptlab's IVON runs under ZeRO), IVON
             with ``ivon_mc_samples`` other than 1 under ZeRO (one draw per step there),
             ``from_linearhead`` under ZeRO-3 (the head is fitted on features of the whole
             model, which ZeRO-3 partitions while loading), or
@@ -213,11 +212,11 @@ def check_strategy(
             "only the gradient summed over a step, so a step has one posterior draw; use "
             "ivon_mc_samples=1, or FSDP (fsdp=true) or data parallelism."
         )
-    # ZeroIVON steps the engine's partitions; ViLoRA reads its posterior and masks the adapter,
-    # which ZeRO-1/2 keep whole on every process and ZeRO-3 keeps gathered (persistent)
-    vilora = method == "adalora" and optimizer == "ivon" and vilora_criterion != "sensitivity"
+    # ZeroIVON steps the engine's partitions and gives AdaLoRA trained by it what it reads whole
+    # (σ, the averaged gradient; ZeRO-3 keeps the adapter gathered)
+    ivon_adalora = method == "adalora" and optimizer == "ivon"
     for name in (optimizer, method):
-        allowed = {"ivon", "adalora"} if vilora else {"ivon"}
+        allowed = {"ivon", "adalora"} if ivon_adalora else {"ivon"}
         if name in REPLICATED_TRAINABLE - allowed and strategy.zero_stage is not None:
             raise TrainingError(
                 f"{name} needs whole, replicated trainable weights and gradients, which "

@@ -210,7 +210,12 @@ def zero_train_step(
     scheduler.step()
     if zero_ivon:  # ZeRO-3: the rank masks write into the adapter
         inner.gather_trainable()
+        if inner.keep_gradients:  # AdaLoRA's sensitivity reads whole gradients
+            inner.set_whole_gradients()
     method.after_step(engine, step, optimizer)
+    if zero_ivon and inner.keep_gradients:
+        for param in engine.module.parameters():
+            param.grad = None
     if zero_ivon:  # AdaLoRA masked ranks in the model's weights: into IVON's m too
         inner.pull_weight_changes()
     grad_norm = None if max_grad_norm is None else float(engine.get_global_grad_norm())
