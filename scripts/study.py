@@ -4,13 +4,18 @@ one model and task, and how far the eNTK of the pretrained model predicts them.
 Every number comes from an existing recipe run exactly as a user would run it (this script
 calls their ``main(argv)``): ``scripts/finetune.py`` once per method and seed (full
 fine-tuning, LoRA, AdaLoRA, ViLoRA, inducer-tuning, Kernel-mix), ``scripts/graft.py`` on each
-full fine-tuning run, ``scripts/compute_kernel.py`` once for all seeds. Each stage's folder is
-``stages/<recipe>/<method>/seed<s>`` (the kernel: ``stages/kernel``); a record holds the
+full fine-tuning run, ``scripts/compute_kernel.py`` once for all seeds, and on the base task
+``scripts/extract_repr.py`` (MMLU, 0-shot) of the pretrained model and of every run, then
+``scripts/analyze_repr.py`` over those extractions. Each stage's folder is
+``stages/<recipe>/<method>/seed<s>`` (the kernel: ``stages/kernel``; ``stages/extract/<run>``,
+``stages/analysis``); a record holds the
 hash of the config that made it (``records/<stage>.json``), so a rerun after a crash or with one
 more method or seed runs only what is missing, and a stage whose config changed stops the study
 before anything runs (``--rerun_changed true`` reruns it). ``study.json`` holds every number
 (mean ± std over the seeds, and each seed's value as the recipe reported it), ``report.md`` the
-tables and the stage times, ``figures/reliability.png`` a reliability curve per method.
+tables and the stage times, ``figures/`` a reliability curve per method, each seed's numbers,
+and MMLU's intrinsic dimension, ARI with the subjects and overlap with the pretrained model
+against depth, a line per method.
 
 Launch:
     # laptop / CPU: the embedded SmolLM2-135M on the offline tweet-sentiment task

@@ -30,6 +30,22 @@ mask_steps: 2
 batch_size: 4
 learning_rate: 1.0e9
 """
+EXTRACT = """\
+points: [norm1]
+batch_size: 8
+"""
+ANALYZE = """\
+point: norm1
+skip_layers: [0]           # the last token is the same word in every prompt
+include_final: false
+metrics:
+  maxk: 20
+  gride_range_max: 16
+  id_scale: 4
+  density_k: 4
+  overlap_k: 5
+  probe: false
+"""
 KERNEL = """\
 row_batch_size: 3
 col_batch_size: 5
@@ -42,26 +58,35 @@ regularization: [0.0, 0.01]
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("presets")
-    for name, text in (("finetune", FINETUNE), ("graft", GRAFT), ("kernel", KERNEL)):
+    texts = {"finetune": FINETUNE, "graft": GRAFT, "kernel": KERNEL, "extract": EXTRACT}
+    for name, text in {**texts, "analyze": ANALYZE}.items():
         (folder / f"{name}.yaml").write_text(text)
     return folder
 
 
+@pytest.fixture(scope="module")
+def data(sst2_dir, mmlu_file):
+    return sst2_dir, mmlu_file
+
+
 def study_args(model, data, presets, out, *extra):
+    kshot, mmlu = data
     return [
-        "--model", str(model), "--task", "sst-2", "--task_dir", str(data), "--shots", "8",
+        "--model", str(model), "--task", "sst-2", "--task_dir", str(kshot), "--shots", "8",
         "--seeds", "[42]", "--test_limit", "null", "--methods", "[lora,graft]",
         "--finetune_preset", str(presets / "finetune.yaml"),
         "--graft_preset", str(presets / "graft.yaml"),
         "--kernel_preset", str(presets / "kernel.yaml"),
+        "--extract_preset", str(presets / "extract.yaml"),
+        "--analyze_preset", str(presets / "analyze.yaml"), "--mmlu_path", str(mmlu),
         "--method_flags", '{"lora": ["--lr", "5e-3"]}', "--output_dir", str(out), *extra,
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_model_dir, sst2_dir, presets, tmp_path_factory):
+def finished(tiny_model_dir, data, presets, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "study"
-    study.main(study_args(tiny_model_dir, sst2_dir, presets, out))
+    study.main(study_args(tiny_model_dir, data, presets, out))
     return out
 
 
@@ -103,31 +128,53 @@ def test_numbers_are_the_stages_own(finished):
         assert (labels == lora_labels).all()
         same = np.mean(kernel_logits.argmax(1) == lora_logits.argmax(1))
         assert entry["agreement"]["lora"]["identical"]["mean"] == pytest.approx(same)
+
+    # the base task: MMLU accuracy of each run's extraction, and the analysis' layer metrics
+    def mmlu(name):
+        manifest = json.loads((finished / f"stages/extract/{name}/manifest.json").read_text())
+        return manifest["accuracy"]["constrained_micro"]
+
+    assert record["base_task"]["pretrained"] == mmlu("pretrained")
+    for method in ("full", "lora", "graft"):
+        got = record["methods"][method]
+        assert got["base_accuracy"]["mean"] == mmlu(f"{method}-seed42")
+        assert got["forgetting"]["mean"] == pytest.approx(
+            mmlu("pretrained") - mmlu(f"{method}-seed42")
+        )
+    rows = json.loads((finished / "stages/analysis/metrics.json").read_text())
+    lora_rows = {r["layer"]: r for r in rows if r["run"] == "lora-seed42"}
+    layers = record["layers"]["lora"]
+    assert set(layers["id"]) == {str(layer) for layer in lora_rows}
+    for layer, row in lora_rows.items():
+        assert layers["id"][str(layer)]["mean"] == row["id_gride"]
+        assert layers["ari"][str(layer)]["mean"] == row["ari_subjects"]
+        assert layers["overlap"][str(layer)]["mean"] == row["overlap_reference"]
     report = (finished / "report.md").read_text()
     assert "| lora |" in report and "Stage times" in report
-    for figure in ("reliability", "spread"):
+    for figure in ("reliability", "spread", "layers_id", "layers_ari", "layers_overlap"):
         assert (finished / "figures" / f"{figure}.png").stat().st_size > 0
 
 
 def test_rerun_skips_finished_stages_and_refuses_or_reruns_a_changed_one(
-    finished, tiny_model_dir, sst2_dir, presets, monkeypatch
+    finished, tiny_model_dir, data, presets, monkeypatch
 ):
     calls = []
     real = study.run_recipe
     monkeypatch.setattr(study, "run_recipe", lambda name, argv: calls.append((name, argv)))
-    study.main(study_args(tiny_model_dir, sst2_dir, presets, finished))
+    study.main(study_args(tiny_model_dir, data, presets, finished))
     assert calls == []  # everything cached
     changed = ["--method_flags", '{"lora": ["--lr", "2e-3"]}']
     with pytest.raises(SystemExit):
-        study.main(study_args(tiny_model_dir, sst2_dir, presets, finished, *changed))
+        study.main(study_args(tiny_model_dir, data, presets, finished, *changed))
     before = json.loads((finished / "study.json").read_text())
     monkeypatch.setattr(
         study, "run_recipe", lambda name, argv: (calls.append(name), real(name, argv))
     )
     study.main(
-        study_args(tiny_model_dir, sst2_dir, presets, finished, *changed, "--rerun_changed", "true")
+        study_args(tiny_model_dir, data, presets, finished, *changed, "--rerun_changed", "true")
     )
-    assert calls == ["finetune"]  # only the LoRA stage ran again
+    # the LoRA run again, and what reads it: its MMLU extraction and the analysis
+    assert calls == ["finetune", "extract_repr", "analyze_repr"]
     after = json.loads((finished / "study.json").read_text())
     assert after["methods"]["full"] == before["methods"]["full"]
     record = json.loads((finished / "records/finetune/lora/seed42.json").read_text())
@@ -148,18 +195,18 @@ def test_rerun_skips_finished_stages_and_refuses_or_reruns_a_changed_one(
     ids=["unknown-method", "stray-flags", "regression-task", "unsupported-method"],
 )
 def test_bad_inputs_stop_before_any_stage(
-    extra, message, tiny_model_dir, sst2_dir, presets, tmp_path, monkeypatch, capsys
+    extra, message, tiny_model_dir, data, presets, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(study, "run_recipe", lambda name, argv: pytest.fail("a stage ran"))
     out = tmp_path / "study"
     with pytest.raises(SystemExit):
-        study.main(study_args(tiny_model_dir, sst2_dir, presets, out, *extra))
+        study.main(study_args(tiny_model_dir, data, presets, out, *extra))
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_slurm_script_submits_the_stages_in_dependency_order(
-    tiny_model_dir, sst2_dir, presets, tmp_path
+    tiny_model_dir, data, presets, tmp_path
 ):
     """slurm/submit_study: a fine-tuning array, the kernel, the grafts after the fine-tuning
     and the report after all; a stage job runs the study on its one stage."""
@@ -179,7 +226,7 @@ def test_slurm_script_submits_the_stages_in_dependency_order(
     for tool in fake.iterdir():
         tool.chmod(0o755)
     preset = tmp_path / "study.yaml"
-    args = study_args(tiny_model_dir, sst2_dir, presets, tmp_path / "out")
+    args = study_args(tiny_model_dir, data, presets, tmp_path / "out")
     lines = [f"{args[i][2:]}: {args[i + 1]}" for i in range(0, len(args), 2)]
     preset.write_text("\n".join(lines) + "\n")
     env = {
@@ -192,11 +239,21 @@ def test_slurm_script_submits_the_stages_in_dependency_order(
     done = subprocess.run(["bash", script, str(preset)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     submitted = calls.read_text().splitlines()
-    assert len(submitted) == 4
-    assert "--array=0-1" in submitted[0] and "STUDY_PHASE=finetune/" in submitted[0]
-    assert "STUDY_PHASE=kernel" in submitted[1]
-    assert "--array=0-0 --dependency=afterok:1 " in submitted[2]
-    assert "--dependency=afterok:1:2:3 " in submitted[3] and "STUDY_PHASE=report" in submitted[3]
+    expected = [  # (array, dependency, phase) of each sbatch call, in order
+        ("--array=0-1 ", None, "finetune/"),
+        ("--array=0-0 ", None, "kernel"),
+        ("--array=0-0 ", "--dependency=afterok:1 ", "graft/"),
+        ("--array=0-3 ", "--dependency=afterok:1:3 ", "extract/"),  # pretrained + 3 runs
+        ("--array=0-0 ", "--dependency=afterok:4 ", "analysis"),
+        ("", "--dependency=afterok:1:2:3:4:5 ", "report"),
+    ]
+    assert len(submitted) == len(expected)
+    for call, (array, dependency, phase) in zip(submitted, expected, strict=True):
+        assert array in call and f"STUDY_PHASE={phase} " in call
+        if dependency:
+            assert dependency in call
+        else:
+            assert "--dependency" not in call
     calls.unlink()
     job = {**env, "STUDY_PHASE": "finetune/", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "7"}
     done = subprocess.run(["bash", script, str(preset)], env=job, capture_output=True, text=True)

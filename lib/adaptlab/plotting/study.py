@@ -45,3 +45,35 @@ def draw_spread(record: dict[str, Any], path: Path) -> None:
         axis.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     save_figure(figure, path)
     plt.close(figure)
+
+
+LAYER_TITLES = {
+    "id": "intrinsic dimension (Gride)",
+    "ari": "ARI with the MMLU subjects",
+    "overlap": "neighbourhood overlap with the pretrained model",
+}
+
+
+def draw_layers(record: dict[str, Any], folder: Path) -> list[Path]:
+    """``layers_{id,ari,overlap}.png``: a quantity against depth, a line per method (mean over
+    seeds, ± std shaded) and the pretrained model dashed."""
+    paths = []
+    for quantity, title in LAYER_TITLES.items():
+        figure, axis = plt.subplots(figsize=(5.5, 3.6))
+        for method, by_quantity in record["layers"].items():
+            points = sorted((int(layer), v) for layer, v in by_quantity[quantity].items())
+            if not points:
+                continue
+            layers = [layer for layer, _ in points]
+            mean = [v["mean"] for _, v in points]
+            std = [v["std"] for _, v in points]
+            style = {"linestyle": "--", "color": "black"} if method == "pretrained" else {}
+            (line,) = axis.plot(layers, mean, label=method, **style)
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            axis.fill_between(layers, low, high, color=line.get_color(), alpha=0.15)
+        axis.set(xlabel="layer", title=title)
+        axis.legend(fontsize=7, ncol=2)
+        paths.append(save_figure(figure, folder / f"layers_{quantity}.png"))
+        plt.close(figure)
+    return paths

@@ -10,6 +10,10 @@ Per method and seed, the test numbers are the ones the recipe reported (never re
   and the per-example class probabilities (their log as logits) from ``reliability.json``
   ``grafted``, ``n_grafted`` entries as its size, ``timings.total_seconds`` (without the run it
   grafts) as its time;
+- base task (MMLU, 0-shot): each run's accuracy over the four letters from its extraction's
+  ``manifest.json`` (forgetting = the pretrained model's minus the run's), and per layer the
+  intrinsic dimension (``id_gride``), ARI with the subjects and neighbourhood overlap with the
+  pretrained model's representation from the analysis' ``metrics.json``;
 - eNTK, per solver: the test accuracy of the best dev setting per seed from ``sweep.json``
   ``by_solver.{solver}.best`` and the per-example logits from the ``predictions`` file it names.
 
@@ -106,6 +110,29 @@ def kernel_scored(folder: Path) -> dict[str, dict[int, Scored]]:
             metrics = {"accuracy": float(best["test"]["accuracy"])}
             solvers.setdefault(solver, {})[int(best["seed"])] = Scored(metrics, labels, logits)
     return solvers
+
+
+LAYER_QUANTITIES = {"id": "id_gride", "ari": "ari_subjects", "overlap": "overlap_reference"}
+"""Per-layer quantities of the base-task analysis: the study's name -> ``metrics.json`` key."""
+
+
+def base_accuracy(folder: Path) -> float:
+    """A model's 0-shot MMLU accuracy over the four letters, as its extraction reported it
+    (``manifest.json`` ``accuracy.constrained_micro``)."""
+    return float(read_json(folder / "manifest.json")["accuracy"]["constrained_micro"])
+
+
+def layer_metrics(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """``{run: {quantity: {layer: value}}}`` of the analysis' ``metrics.json`` (quantities of
+    :data:`LAYER_QUANTITIES`; the reference run has no overlap with itself)."""
+    layers: dict[str, dict[str, dict[int, float]]] = {}
+    for record in read_json(folder / "metrics.json"):
+        run = layers.setdefault(record["run"], {name: {} for name in LAYER_QUANTITIES})
+        for name, key in LAYER_QUANTITIES.items():
+            value = record.get(key)
+            if isinstance(value, int | float):
+                run[name][int(record["layer"])] = float(value)
+    return layers
 
 
 def agreement(a: Scored, b: Scored, what: str) -> dict[str, float]:

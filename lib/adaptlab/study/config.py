@@ -36,6 +36,15 @@ class StudyConfig:
         kernel: compute the eNTK of the pretrained model (``scripts/compute_kernel.py``) and
             compare its predictions with every fine-tuning method.
         kernel_preset: YAML preset of ``scripts/compute_kernel.py``.
+        base_task: forgetting and representations on the base task: the pretrained model and
+            every method's run (its weights at the reported test step; a graft's mask) are
+            extracted 0-shot on MMLU (``scripts/extract_repr.py``, ``extract_preset``) and
+            analysed layer by layer against the pretrained run (``scripts/analyze_repr.py``,
+            ``analyze_preset``): MMLU accuracy and its drop, intrinsic dimension, ARI with the
+            subjects and neighbourhood overlap with the pretrained representation per layer.
+        extract_preset: YAML preset of ``scripts/extract_repr.py`` (subjects, sample, points).
+        analyze_preset: YAML preset of ``scripts/analyze_repr.py`` (point, layers, metrics).
+        mmlu_path: MMLU as a local file for the extractions (None: the embedded MMLU test set).
         output_dir: the study folder: ``stages/`` holds each recipe's own output folder,
             ``records/`` what made each, and ``study.json`` / ``report.md`` the results.
         rerun_changed: rerun a stage whose cached output was made by another config (its
@@ -59,6 +68,10 @@ class StudyConfig:
     graft_preset: str = "scripts/configs/graft_demo.yaml"
     kernel: bool = True
     kernel_preset: str = "scripts/configs/kernel_demo.yaml"
+    base_task: bool = True
+    extract_preset: str = "scripts/configs/extract_demo.yaml"
+    analyze_preset: str = "scripts/configs/analyze_demo.yaml"
+    mmlu_path: str | None = None
     output_dir: str = "results/study"
     rerun_changed: bool = False
     progress: bool = False
@@ -74,6 +87,7 @@ class StudyConfig:
             raise ValueError(f"test_limit={self.test_limit} must be at least 1 (or null: all).")
         presets = [self.finetune_preset, self.graft_preset]
         presets += [self.kernel_preset] if self.kernel else []
+        presets += [self.extract_preset, self.analyze_preset] if self.base_task else []
         for preset in presets:
             if not Path(preset).is_file():
                 raise ValueError(f"The preset {preset} does not exist; pass an existing YAML.")

@@ -58,8 +58,31 @@ RECIPE_CONFIGS = {
     "finetune": ("adaptlab.training.config", "FinetuneConfig"),
     "graft": ("adaptlab.graft.config", "GraftConfig"),
     "compute_kernel": ("adaptlab.ntk.config", "KernelConfig"),
+    "extract_repr": ("adaptlab.extract.config", "ExtractConfig"),
+    "analyze_repr": ("adaptlab.geometry.study", "AnalyzeConfig"),
 }
 """Each recipe's config class (module, name): the stage hash is taken over its parsed fields."""
+
+DONE_MARKERS = {
+    "finetune": "result.json",
+    "graft": "result.json",
+    "compute_kernel": "result.json",
+    "extract_repr": "manifest.json",
+    "analyze_repr": "analysis_manifest.json",
+}
+"""The file each recipe writes last: its run has finished when it exists."""
+
+OVERWRITE_FLAGS = {
+    "finetune": "--overwrite",
+    "graft": "--overwrite",
+    "compute_kernel": "--overwrite_kernels",
+    "extract_repr": "--overwrite",
+}
+"""The flag that makes a recipe replace an earlier run in its folder (analysis always does)."""
+
+UPSTREAM_FIELDS = {"graft": "finetuned", "extract_repr": "model", "analyze_repr": "runs"}
+"""Config fields naming another stage's folder: left out of the hash (the stage's own hash
+stands for it), so moving the study folder keeps every stage cached."""
 
 DISPLAY_FIELDS = frozenset(
     {"output_dir", "overwrite", "progress", "report_to", "run_name", "wandb_project", "log_every"}
@@ -72,8 +95,9 @@ class Stage:
     """One recipe call.
 
     Attributes:
-        name: ``{kind}/{method}/seed{seed}`` or ``kernel``; also its folder under ``stages/``.
-        recipe: ``finetune``, ``graft`` or ``compute_kernel``.
+        name: ``{kind}/{method}/seed{seed}``, ``kernel``, ``extract/{run}`` or ``analysis``;
+            also its folder under ``stages/``.
+        recipe: a key of :data:`RECIPE_CONFIGS`.
         argv: the recipe's arguments, the output folder last.
         folder: the recipe's output folder.
         config: the recipe's parsed config (JSON-ready), without :data:`DISPLAY_FIELDS`.
@@ -172,14 +196,49 @@ def plan(cfg: StudyConfig, out: Path) -> list[Stage]:
         argv += [] if cfg.task_dir is None else ["--task_dir", cfg.task_dir]
         argv += ["--progress", str(cfg.progress).lower(), "--output_dir", str(folder)]
         stages["kernel"] = Stage("kernel", "compute_kernel", argv, folder, {}, [], None, None)
+    if cfg.base_task:
+        _base_task_stages(cfg, out, stages)
     for stage in stages.values():
         stage.config = _identity(stage.recipe, stage.argv)
-        if stage.recipe == "graft":
-            stage.config.pop("finetuned", None)  # the upstream stage's hash stands for it
+        if stage.needs:  # the upstream stages' hashes stand for their folders
+            stage.config.pop(UPSTREAM_FIELDS[stage.recipe], None)
         identity = {"recipe": stage.recipe, "config": stage.config}
         identity["needs"] = [stages[n].hash for n in stage.needs]
         stage.hash = fingerprint(identity)
     return list(stages.values())
+
+
+def _base_task_stages(cfg: StudyConfig, out: Path, stages: dict[str, Stage]) -> None:
+    """Add the MMLU extraction of the pretrained model and of every run (fine-tuning at its
+    reported test step, graft as its mask), then their analysis against the pretrained one."""
+    runs = [s for s in stages.values() if s.recipe in ("finetune", "graft")]
+    extracts = []
+    for source in [None, *runs]:
+        name = "pretrained" if source is None else f"{source.method}-seed{source.seed}"
+        folder = out / "stages" / "extract" / name
+        if source is None:
+            model, needs = cfg.model, []
+        elif source.recipe == "graft":
+            model, needs = str(source.folder / "mask"), [source.name]
+        else:  # the weights whose test numbers the study reports
+            evaluated = parsed_config("finetune", source.argv).eval_points > 0
+            model = str(source.folder / ("best" if evaluated else "final"))
+            needs = [source.name]
+        argv = ["--config", cfg.extract_preset, "--model", model, "--num_shots", "0"]
+        argv += [] if cfg.mmlu_path is None else ["--dataset_path", cfg.mmlu_path]
+        argv += ["--output_dir", str(folder)]
+        method = None if source is None else source.method
+        seed = None if source is None else source.seed
+        stage = Stage(f"extract/{name}", "extract_repr", argv, folder, {}, needs, method, seed)
+        stages[stage.name] = stage
+        extracts.append(stage)
+    folder = out / "stages" / "analysis"
+    runs_flag = "[" + ",".join(str(stage.folder) for stage in extracts) + "]"
+    argv = ["--config", cfg.analyze_preset, "--runs", runs_flag, "--reference", "pretrained"]
+    argv += ["--plot", "false", "--progress", str(cfg.progress).lower()]
+    argv += ["--output_dir", str(folder)]
+    needs = [stage.name for stage in extracts]
+    stages["analysis"] = Stage("analysis", "analyze_repr", argv, folder, {}, needs, None, None)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -189,7 +248,9 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def replace_folder(stage: Stage) -> Stage:
     """``stage`` with the flag that makes its recipe replace the folder's old run instead of
-    refusing it (``--overwrite``; the kernel recipe: ``--overwrite_kernels``)."""
-    flag = "--overwrite_kernels" if stage.recipe == "compute_kernel" else "--overwrite"
+    refusing it (:data:`OVERWRITE_FLAGS`; the analysis always replaces its own)."""
+    flag = OVERWRITE_FLAGS.get(stage.recipe)
+    if flag is None:
+        return stage
     argv = [*stage.argv[:-2], flag, "true", *stage.argv[-2:]]
     return dataclasses.replace(stage, argv=argv)

@@ -2,11 +2,11 @@
 folder (the recipe, its argv, the config hash, the config, its seconds). One file per stage, so
 stages run as separate jobs (a SLURM array) never write the same file.
 
-A stage whose recorded hash equals its planned hash and whose recipe finished (its
-``result.json`` exists) is skipped. One that was made by another config stops the study before
-anything runs (naming the stage and the changed keys), unless ``rerun_changed``: then its recipe
-replaces the folder. A stage that never finished is run again and resumes where its recipe
-left it (each recipe resumes its own runs).
+A stage whose recorded hash equals its planned hash and whose recipe finished (the file it
+writes last exists: ``plan.DONE_MARKERS``) is skipped. One that was made by another config
+stops the study before anything runs (naming the stage and the changed keys), unless
+``rerun_changed``: then its recipe replaces the folder. A stage that never finished is run
+again and resumes where its recipe left it (each recipe resumes its own runs).
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from typing import Any
 
 from adaptlab.errors import UserError
 from adaptlab.io import read_json, write_json
-from adaptlab.study.plan import Stage, changed_keys, replace_folder
+from adaptlab.study.plan import DONE_MARKERS, Stage, changed_keys, replace_folder
 from adaptlab.telemetry import now
 
 RECORDS = "records"
-DONE_MARKER = "result.json"
-"""The file every stage recipe writes last (finetune, graft and compute_kernel alike)."""
 
 Runner = Callable[[str, list[str]], None]
 """``(recipe name, argv)``: runs ``scripts/<recipe>.py`` with ``argv``."""
@@ -63,7 +61,9 @@ def is_cached(stage: Stage, recorded: dict[str, dict[str, Any]]) -> bool:
     """Whether ``stage`` finished with its planned config."""
     entry = recorded.get(stage.name)
     return (
-        entry is not None and entry["hash"] == stage.hash and (stage.folder / DONE_MARKER).is_file()
+        entry is not None
+        and entry["hash"] == stage.hash
+        and (stage.folder / DONE_MARKERS[stage.recipe]).is_file()
     )
 
 
@@ -99,10 +99,11 @@ def run_stages(
                     f"status {stop.code}; its message is above. Fix that and run the study "
                     "again: finished stages are reused."
                 ) from None
-        if not (stage.folder / DONE_MARKER).is_file():
+        marker = DONE_MARKERS[stage.recipe]
+        if not (stage.folder / marker).is_file():
             raise UserError(
-                f"The stage {stage.name} ended without its {DONE_MARKER}; run the study again "
-                "to resume it."
+                f"The stage {stage.name} ended without its {marker}; run the study again to "
+                "resume it."
             )
         record = {
             "recipe": stage.recipe,

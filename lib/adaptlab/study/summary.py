@@ -21,11 +21,14 @@ import numpy as np
 
 from adaptlab.io import write_json
 from adaptlab.study.collect import (
+    LAYER_QUANTITIES,
     Scored,
     agreement,
+    base_accuracy,
     finetune_scored,
     graft_scored,
     kernel_scored,
+    layer_metrics,
     softmax,
     spread,
 )
@@ -76,6 +79,32 @@ def summarise(
             accuracy = spread({s: r.metrics["accuracy"] for s, r in by_seed.items()})
             settings = {k: kernel_stage.config.get(k) for k in ("formula", "lora", "head")}
             kernel[solver] = {"accuracy": accuracy, "agreement": agree, "settings": settings}
+    layers: dict[str, Any] = {}
+    base: dict[str, Any] = {}
+    by_name = {stage.name: stage for stage in stages}
+    if "analysis" in by_name:
+        pretrained = base_accuracy(by_name["extract/pretrained"].folder)
+        base["pretrained"] = pretrained
+        per_run = layer_metrics(by_name["analysis"].folder)
+        layers["pretrained"] = {
+            q: {
+                str(layer): {"mean": v, "std": 0.0, "n": 1, "values": {}} for layer, v in by.items()
+            }
+            for q, by in per_run["pretrained"].items()
+        }
+        for method in methods:
+            extracts = [s for s in stages if s.recipe == "extract_repr" and s.method == method]
+            accuracy = {s.seed: base_accuracy(s.folder) for s in extracts}
+            methods[method]["base_accuracy"] = spread(accuracy)
+            methods[method]["forgetting"] = spread({k: pretrained - v for k, v in accuracy.items()})
+            runs = {s.seed: per_run[s.folder.name] for s in extracts}
+            layers[method] = {
+                quantity: {
+                    str(layer): spread({seed: run[quantity][layer] for seed, run in runs.items()})
+                    for layer in sorted(next(iter(runs.values()))[quantity])
+                }
+                for quantity in LAYER_QUANTITIES
+            }
     stage_times = {
         name: {"seconds": entry["seconds"], "hash": entry["hash"], "folder": entry["folder"]}
         for name, entry in recorded.items()
@@ -87,6 +116,8 @@ def summarise(
         "stages": stage_times,
         "methods": methods,
         "kernel": kernel,
+        "base_task": base,
+        "layers": layers,
         "created": now(),
     }
 
@@ -106,15 +137,26 @@ def report_markdown(record: dict[str, Any]) -> str:
         f"{cfg['shots']} examples per class, seeds {cfg['seeds']}, test sample "
         f"{cfg['test_limit'] or 'all'}; mean ± std over seeds (sample std).",
         "",
-        "| method | accuracy | macro-F1 | ECE | trainable parameters | train s |",
-        "|---|---|---|---|---|---|",
+        "| method | accuracy | macro-F1 | ECE | trainable parameters | train s | MMLU "
+        "| forgetting |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, entry in record["methods"].items():
         size = f"{entry['trainable_parameters']['mean']:,.0f}"
+        base = [_cell(entry[k]) if k in entry else "—" for k in ("base_accuracy", "forgetting")]
         lines.append(
             f"| {method} | {_cell(entry['accuracy'])} | {_cell(entry['macro_f1'])} | "
-            f"{_cell(entry['ece'])} | {size} | {_cell(entry['train_seconds'], 1)} |"
+            f"{_cell(entry['ece'])} | {size} | {_cell(entry['train_seconds'], 1)} | "
+            f"{base[0]} | {base[1]} |"
         )
+    if record["base_task"]:
+        lines += [
+            "",
+            f"MMLU: 0-shot accuracy over the four letters of each run (pretrained "
+            f"{record['base_task']['pretrained']:.3f}); forgetting = pretrained minus run. Per "
+            "layer (figures/layers_{id,ari,overlap}.png): intrinsic dimension, ARI with the "
+            "subjects, neighbourhood overlap with the pretrained model's representation.",
+        ]
     lines += ["", "graft: trainable parameters = grafted entries; its time excludes the run it "]
     lines[-1] += (
         "grafts. Reliability curves: figures/reliability.png; every seed: figures/spread.png."
@@ -140,12 +182,15 @@ def report_markdown(record: dict[str, Any]) -> str:
 
 
 def write_outputs(record: dict[str, Any], out: Path) -> None:
-    """``study.json``, ``report.md`` and ``figures/{reliability,spread}.png``, atomically."""
+    """``study.json``, ``report.md`` and ``figures/`` (reliability, spread, per-layer), each
+    atomically."""
     from adaptlab.io import atomic_open
-    from adaptlab.plotting.study import draw_reliability, draw_spread
+    from adaptlab.plotting.study import draw_layers, draw_reliability, draw_spread
 
     draw_reliability(record, out / "figures" / "reliability.png")
     draw_spread(record, out / "figures" / "spread.png")
+    if record["layers"]:
+        draw_layers(record, out / "figures")
     with atomic_open(out / "report.md") as handle:
         handle.write(report_markdown(record))
     write_json(out / "study.json", record)
