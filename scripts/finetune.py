@@ -156,9 +156,10 @@ model into CPU memory and the other ranks receive their shards from it (QLoRA an
 bases load on every rank); ZeRO-2 shards only the optimiser state and gradients (no extra
 traffic), ZeRO-3 also the weights, loaded straight into partitions; every strategy resumes
 exactly with the same number of processes (FSDP and ZeRO write one state shard per process);
-IVON and AdaLoRA need whole trainable weights on every rank: data parallel, or FSDP sharding
-only the frozen base (the adapter and its optimiser state replicated), not ZeRO; IVON needs
-lr O(0.1-1) and no gradient clipping.
+IVON and AdaLoRA keep the adapter whole on every rank under FSDP (only the frozen base sharded,
+the adapter and its optimiser state replicated); under ZeRO, IVON's posterior is partitioned
+like the master weights (one posterior draw per step) and AdaLoRA runs when IVON trains it;
+IVON needs lr O(0.1-1) and no gradient clipping.
 """
 
 from __future__ import annotations
