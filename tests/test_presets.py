@@ -15,6 +15,7 @@ from adaptlab.geometry.study import AnalyzeConfig
 from adaptlab.graft.config import GraftConfig
 from adaptlab.graft.study import GraftStudyConfig
 from adaptlab.ntk.config import KernelConfig
+from adaptlab.study import StudyConfig
 from adaptlab.training.config import FinetuneConfig
 from adaptlab.training.vilora_study import ViLoRAStudyConfig
 
@@ -28,6 +29,7 @@ CONFIG_CLASSES = {
     "graft_study": GraftStudyConfig,
     "kernel": KernelConfig,
     "prepare": PrepareConfig,
+    "study": StudyConfig,
     "vilora_study": ViLoRAStudyConfig,
 }
 
