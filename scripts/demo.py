@@ -27,7 +27,9 @@
    of MMLU accuracy), a few minutes (methods/method_comparison.{json,md});
 8. writes a one-page report, results/demo/report.md, with a table per run and the figures.
 
-Each step is the recipe a user runs by hand. Runs on 2 CPU cores in about 37 minutes (21
+Each step is the recipe a user runs by hand, called through its ``main(argv)`` in this process
+(one import of torch for the whole demo; the method comparison and the kernel plot keep their
+own processes). Runs on 2 CPU cores in about 37 minutes (21
 measured before the grafting stage, which measured alone takes 11.7: the fine-tuning 1 minute,
 9 grafts about 65 s each; the method comparison 3.3); a rerun reuses finished extractions and
 runs.
@@ -57,19 +59,23 @@ from adaptlab.ntk.compare import compare_kernel_finetune
 from adaptlab.ntk.config import KernelConfig
 from adaptlab.plotting.landscape import draw_shot_controls
 from adaptlab.plotting.report import graft_study_section, write_report
+from adaptlab.recipes import load_recipe
 from adaptlab.rundir import lock_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str) -> None:
-    """Run one recipe as a user would; its failure stops the demo with one line after its own."""
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args])
-    if done.returncode != 0:
-        raise UserError(
-            f"the demo step scripts/{name} failed (exit status {done.returncode}); its message "
-            "is above. Fix that and run the demo again: finished steps are reused."
-        )
+    """Run one recipe as a user would (its ``main(argv)``, in this process: one import of torch
+    for the whole demo); its failure stops the demo with one line after its own."""
+    try:
+        load_recipe(ROOT / "scripts", name.removesuffix(".py")).main(list(args))
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise UserError(
+                f"the demo step scripts/{name} failed (exit status {stop.code}); its message "
+                "is above. Fix that and run the demo again: finished steps are reused."
+            ) from None
 
 
 def extract(cfg: DemoConfig, model: str, shots: int, out: Path, rule: str = "fixed") -> Path:
