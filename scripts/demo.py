@@ -59,7 +59,7 @@ from adaptlab.ntk.compare import compare_kernel_finetune
 from adaptlab.ntk.config import KernelConfig
 from adaptlab.plotting.landscape import draw_shot_controls
 from adaptlab.plotting.report import graft_study_section, write_report
-from adaptlab.recipes import load_recipe
+from adaptlab.recipes import run_recipe
 from adaptlab.rundir import lock_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def run_script(name: str, *args: str) -> None:
     """Run one recipe as a user would (its ``main(argv)``, in this process: one import of torch
     for the whole demo); its failure stops the demo with one line after its own."""
     try:
-        load_recipe(ROOT / "scripts", name.removesuffix(".py")).main(list(args))
+        run_recipe(ROOT / "scripts", name.removesuffix(".py"), list(args))
     except SystemExit as stop:
         if stop.code not in (None, 0):
             raise UserError(

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from adaptlab.config import parse_config, to_dict
 from adaptlab.errors import UserError, report_user_errors
-from adaptlab.recipes import load_recipe
+from adaptlab.recipes import run_recipe as run_in_process
 from adaptlab.rundir import lock_output
 from adaptlab.study import StudyConfig, plan
 from adaptlab.study.preflight import check_stages, check_task
@@ -47,14 +47,9 @@ from adaptlab.study.summary import summarise, write_outputs
 SCRIPTS = Path(__file__).resolve().parent
 
 
-def recipe(name: str):
-    """``scripts/<name>.py`` as a module (loaded once; scripts are not a package)."""
-    return load_recipe(SCRIPTS, name)
-
-
 def run_recipe(name: str, argv: list[str]) -> None:
     """Run ``scripts/<name>.py`` in this process, as ``python scripts/<name>.py ARGV`` would."""
-    recipe(name).main(argv)
+    run_in_process(SCRIPTS, name, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

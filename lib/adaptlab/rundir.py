@@ -202,9 +202,10 @@ class RunLock:
 
 
 def release_all() -> None:
-    """Release every lock this process holds (a run ended by an error; see ``errors``)."""
-    for lock in list(_HELD.values()):
-        lock.release()
+    """Release every lock this process holds (a run ended by an error; see ``errors``), the
+    deepest folder first, so a recipe run in-process inside another's folder (the demo's, the
+    study's) leaves the outer folder empty enough to be removed when its lock made it."""
+    release_locks_since(set())
 
 
 on_user_error(release_all)  # a run refused with one sentence leaves no lock behind
@@ -225,6 +226,18 @@ def _read_holder(fd: int) -> str:
     if not record:
         return "holder unknown"
     return f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}"
+
+
+def held_locks() -> set[str]:
+    """The lock files this process holds now (absolute paths)."""
+    return set(_HELD)
+
+
+def release_locks_since(before: set[str]) -> None:
+    """Release the locks taken since :func:`held_locks` returned ``before``, the deepest folder
+    first, as the end of the process that took them would (a recipe run in-process)."""
+    for key in sorted(set(_HELD) - before, key=len, reverse=True):
+        _HELD[key].release()
 
 
 def lock_output(
